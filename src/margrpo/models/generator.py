@@ -1,0 +1,140 @@
+"""A MAR model packaged with what turns prompts into conditions and tokens into images.
+
+`MARGenerator` = MAR transformer + diffusion head + tokenizer (pixels or KL-16) + optional text
+encoder. It saves to and loads from a folder: `config.json` (architecture, tokenizer and text-encoder
+specs, format version) and `model.safetensors` (all weights, prefixed `mar.` / `text_encoder.`).
+No pickle is involved in either direction.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from margrpo.models.conditioning import Condition, HashedTextEncoder, TextEncoder
+from margrpo.models.mar import MAR, MARConfig
+from margrpo.models.tokenizers import PixelTokenizer
+
+FORMAT = "margrpo-generator"
+FORMAT_VERSION = 1
+
+
+class MARGenerator(nn.Module):
+    def __init__(self, mar: MAR, tokenizer: nn.Module | None = None, text_encoder: TextEncoder | None = None):
+        super().__init__()
+        self.mar = mar
+        self.tokenizer = tokenizer if tokenizer is not None else PixelTokenizer()
+        self.text_encoder = text_encoder
+        if mar.config.condition == "text" and text_encoder is None:
+            raise ValueError("a text-conditional MAR needs a text encoder")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.mar.parameters()).device
+
+    def encode_prompts(self, prompts: list[str] | list[int] | torch.Tensor | None) -> Condition | None:
+        """Strings through the text encoder, or class labels; None = unconditional."""
+        if prompts is None:
+            return None
+        dev = self.device
+        if self.mar.config.condition == "class":
+            labels = prompts if isinstance(prompts, torch.Tensor) else torch.tensor([int(p) for p in prompts])
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.mar.config.class_num):
+                raise ValueError(f"class labels must be in [0, {self.mar.config.class_num}), got {labels.tolist()}")
+            return Condition(labels=labels.to(dev))
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise TypeError(f"a text-conditional model takes string prompts; got {bad[:3]}")
+        return self.text_encoder.encode(list(prompts), dev)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, L, C] -> images [B, 3, H, W] in [-1, 1]."""
+        return self.tokenizer.decode(self.mar.unpatchify(tokens))
+
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> tokens [B, L, C]."""
+        return self.mar.patchify(self.tokenizer.encode(images, generator=generator))
+
+    # ------------------------------------------------------------------ persistence
+    def spec(self) -> dict:
+        te = self.text_encoder
+        te_spec = None
+        if isinstance(te, HashedTextEncoder):
+            te_spec = {"type": "hashed", "vocab": te.vocab, "dim": te.dim, "max_len": te.max_len,
+                       "depth": len(te.encoder.layers), "num_heads": te.encoder.layers[0].self_attn.num_heads}
+        elif te is not None:
+            te_spec = {"type": type(te).__name__, "max_len": te.max_len}
+        tok_spec = self.tokenizer.spec() if hasattr(self.tokenizer, "spec") else {"type": type(self.tokenizer).__name__}
+        return {"format": FORMAT, "version": FORMAT_VERSION, "mar": self.mar.config.to_dict(),
+                "tokenizer": tok_spec, "text_encoder": te_spec}
+
+    def save_pretrained(self, path: str | Path, metadata: dict | None = None) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        spec = self.spec()
+        if metadata:
+            spec["metadata"] = metadata
+        tensors = {f"mar.{k}": v.detach().contiguous().cpu() for k, v in self.mar.state_dict().items()}
+        if isinstance(self.text_encoder, HashedTextEncoder):
+            tensors.update({f"text_encoder.{k}": v.detach().contiguous().cpu()
+                            for k, v in self.text_encoder.state_dict().items()})
+        tmp = path / "model.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        tmp.replace(path / "model.safetensors")
+        (path / "config.json.tmp").write_text(json.dumps(spec, indent=2))
+        (path / "config.json.tmp").replace(path / "config.json")
+        return path
+
+    @classmethod
+    def load_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> MARGenerator:
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{cfg_file}: no generator config here (expected config.json + model.safetensors)")
+        spec = json.loads(cfg_file.read_text())
+        if spec.get("format") != FORMAT:
+            raise ValueError(f"{cfg_file}: format {spec.get('format')!r} is not {FORMAT!r}")
+        if int(spec.get("version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"{cfg_file}: format version {spec['version']} is newer than this margrpo "
+                             f"understands ({FORMAT_VERSION}); upgrade margrpo")
+        try:
+            mar = MAR(MARConfig(**spec["mar"]))
+        except TypeError as e:
+            raise ValueError(f"{cfg_file}: key 'mar' has an unknown field ({e})") from e
+        te = None
+        te_spec = spec.get("text_encoder")
+        if te_spec is not None:
+            if te_spec["type"] != "hashed":
+                raise ValueError(f"{cfg_file}: text_encoder type {te_spec['type']!r} cannot be rebuilt from "
+                                 "config; valid: 'hashed'")
+            te = HashedTextEncoder(te_spec["vocab"], te_spec["dim"], te_spec["max_len"], te_spec["depth"],
+                                   te_spec["num_heads"])
+        tok_spec = spec.get("tokenizer", {"type": "pixels"})
+        if tok_spec["type"] != "pixels":
+            raise ValueError(f"{cfg_file}: tokenizer {tok_spec['type']!r} is not stored in the folder; "
+                             "valid here: 'pixels'")
+        tensors = load_file(str(path / "model.safetensors"))
+        _load_prefixed(mar, tensors, "mar.", path)
+        if te is not None:
+            _load_prefixed(te, tensors, "text_encoder.", path)
+        gen = cls(mar, PixelTokenizer(), te)
+        return gen.to(device)
+
+
+def _load_prefixed(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
+    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    bad = [f"{prefix}{k}: expected {tuple(own[k].shape)}, found {tuple(sd[k].shape)}"
+           for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or bad:
+        raise ValueError(f"{path / 'model.safetensors'}: weights do not fit the config: "
+                         f"missing {[prefix + k for k in missing[:5]]}, "
+                         f"unexpected {[prefix + k for k in unexpected[:5]]}, "
+                         f"mismatched {bad[:5]}")
+    module.load_state_dict(sd)

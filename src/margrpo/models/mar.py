@@ -1,0 +1,342 @@
+"""The masked autoregressive transformer (MAR, Li et al. 2024) with a per-token diffusion head.
+
+Parameter names, tensor layouts and forward math follow LTH14/mar `models/mar.py` so that its released
+checkpoints load without renaming: `class_emb`, `fake_latent`, `z_proj`, `z_proj_ln`,
+`encoder_pos_embed_learned`, `encoder_blocks.*`, `encoder_norm`, `decoder_embed`, `mask_token`,
+`decoder_pos_embed_learned`, `decoder_blocks.*`, `decoder_norm`, `diffusion_pos_embed_learned`,
+`diffloss.net.*`. Conventions: raster token order; patchify layout (channel, patch row, patch
+column); mask = 1 for masked; the encoder sees only the known tokens plus `buffer_size` condition
+tokens; the decoder fills masked positions with `mask_token`.
+
+Extensions for text-to-image: `condition="text"` projects text-token embeddings into the buffer
+tokens (`condition_mode="buffer"`) or adds cross-attention to them in every block
+(`condition_mode="cross_attention"`). A flow-matching head can replace the DDPM head.
+
+The public surface used by the sampler and the trainer is small: `condition(tokens, mask, cond)`
+returns z [B, L, D] for the head; `head` is the diffusion head; `patchify`/`unpatchify` convert
+between latent images and tokens; `pretrain_loss` is MAR's training objective.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from margrpo.models.conditioning import Condition
+from margrpo.models.heads import DdpmHead, DiffusionHead, FlowHead
+from margrpo.models.transformer import Block
+
+
+@dataclass
+class MARConfig:
+    """Architecture of a MAR model; field names are LTH14/mar's constructor arguments where they exist."""
+
+    img_size: int = 256
+    vae_stride: int = 16
+    patch_size: int = 1
+    vae_embed_dim: int = 16
+    encoder_embed_dim: int = 1024
+    encoder_depth: int = 16
+    encoder_num_heads: int = 16
+    decoder_embed_dim: int = 1024
+    decoder_depth: int = 16
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    mask_ratio_min: float = 0.7
+    label_drop_prob: float = 0.1
+    class_num: int = 1000
+    attn_dropout: float = 0.1
+    proj_dropout: float = 0.1
+    buffer_size: int = 64
+    diffloss_d: int = 3
+    diffloss_w: int = 1024
+    num_sampling_steps: str = "100"
+    diffusion_batch_mul: int = 4
+    grad_checkpointing: bool = False
+    # --- margrpo extensions (defaults reproduce LTH14/mar) ---
+    condition: str = "class"  # "class" | "text"
+    condition_mode: str = "buffer"  # "buffer" | "cross_attention" (text only)
+    text_dim: int = 0
+    head: str = "ddpm"  # "ddpm" | "flow"
+    clip_denoised: bool = False  # DDPM: clamp predicted x0 to [-1, 1] (pixel tokens)
+    noise_schedule: str = "cosine"
+    flow_noise_level: float = 0.7
+    flow_shift: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.condition not in ("class", "text"):
+            raise ValueError(f"condition={self.condition!r}; valid: 'class', 'text'")
+        if self.condition_mode not in ("buffer", "cross_attention"):
+            raise ValueError(f"condition_mode={self.condition_mode!r}; valid: 'buffer', 'cross_attention'")
+        if self.condition == "text" and self.text_dim <= 0:
+            raise ValueError("condition='text' needs text_dim > 0 (the text encoder's embedding size)")
+        if self.condition_mode == "cross_attention" and self.condition != "text":
+            raise ValueError("condition_mode='cross_attention' is only for condition='text'")
+        if self.head not in ("ddpm", "flow"):
+            raise ValueError(f"head={self.head!r}; valid: 'ddpm', 'flow'")
+        if self.img_size % (self.vae_stride * self.patch_size):
+            raise ValueError(f"img_size {self.img_size} is not divisible by vae_stride*patch_size "
+                             f"{self.vae_stride * self.patch_size}")
+
+    @property
+    def seq_h(self) -> int:
+        return self.img_size // self.vae_stride // self.patch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.seq_h**2
+
+    @property
+    def token_dim(self) -> int:
+        return self.vae_embed_dim * self.patch_size**2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _truncnorm_sample(n: int, lo: float, hi: float, loc: float, scale: float,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """Inverse-CDF sample of N(loc, scale^2) truncated to [lo, hi] (MAR's mask-ratio law)."""
+    a = torch.tensor((lo - loc) / scale, dtype=torch.float64)
+    b = torch.tensor((hi - loc) / scale, dtype=torch.float64)
+    cdf = torch.special.ndtr
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    x = torch.special.ndtri(cdf(a) + u * (cdf(b) - cdf(a)))
+    return (loc + scale * x).clamp(lo, hi)
+
+
+class MAR(nn.Module):
+    def __init__(self, config: MARConfig | None = None, **kwargs):
+        super().__init__()
+        if config is None:
+            config = MARConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a MARConfig or keyword arguments, not both")
+        self.config = cfg = config
+        self.seq_len = cfg.seq_len
+        self.token_embed_dim = cfg.token_dim
+        self.buffer_size = cfg.buffer_size
+        d_enc, d_dec = cfg.encoder_embed_dim, cfg.decoder_embed_dim
+        cross_dim = d_enc if cfg.condition_mode == "cross_attention" else None
+
+        if cfg.condition == "class":
+            self.class_emb = nn.Embedding(cfg.class_num, d_enc)
+        else:
+            self.text_proj = nn.Linear(cfg.text_dim, d_enc)
+            if cross_dim is not None:
+                self.null_text = nn.Parameter(torch.zeros(1, 1, d_enc))
+        self.fake_latent = nn.Parameter(torch.zeros(1, d_enc))
+
+        self.z_proj = nn.Linear(cfg.token_dim, d_enc, bias=True)
+        self.z_proj_ln = nn.LayerNorm(d_enc, eps=1e-6)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, cfg.seq_len + cfg.buffer_size, d_enc))
+        self.encoder_blocks = nn.ModuleList([
+            Block(d_enc, cfg.encoder_num_heads, cfg.mlp_ratio, qkv_bias=True, proj_drop=cfg.proj_dropout,
+                  attn_drop=cfg.attn_dropout, cross_attn_dim=cross_dim)
+            for _ in range(cfg.encoder_depth)
+        ])
+        self.encoder_norm = nn.LayerNorm(d_enc, eps=1e-6)
+
+        self.decoder_embed = nn.Linear(d_enc, d_dec, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d_dec))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, cfg.seq_len + cfg.buffer_size, d_dec))
+        self.decoder_blocks = nn.ModuleList([
+            Block(d_dec, cfg.decoder_num_heads, cfg.mlp_ratio, qkv_bias=True, proj_drop=cfg.proj_dropout,
+                  attn_drop=cfg.attn_dropout, cross_attn_dim=cross_dim)
+            for _ in range(cfg.decoder_depth)
+        ])
+        self.decoder_norm = nn.LayerNorm(d_dec, eps=1e-6)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, cfg.seq_len, d_dec))
+        self._init_weights()
+
+        if cfg.head == "ddpm":
+            self.diffloss: DiffusionHead = DdpmHead(
+                cfg.token_dim, d_dec, cfg.diffloss_w, cfg.diffloss_d, cfg.num_sampling_steps,
+                cfg.noise_schedule, cfg.clip_denoised, cfg.grad_checkpointing)
+        else:
+            self.diffloss = FlowHead(cfg.token_dim, d_dec, cfg.diffloss_w, cfg.diffloss_d,
+                                     int(cfg.num_sampling_steps), cfg.flow_noise_level, cfg.flow_shift,
+                                     cfg.grad_checkpointing)
+
+    @property
+    def head(self) -> DiffusionHead:
+        """The per-token diffusion head (stored as `diffloss` to keep LTH14's parameter names)."""
+        return self.diffloss
+
+    def _init_weights(self) -> None:
+        for p in (self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
+                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+            nn.init.normal_(p, std=0.02)
+        if hasattr(self, "class_emb"):
+            nn.init.normal_(self.class_emb.weight, std=0.02)
+        if hasattr(self, "null_text"):
+            nn.init.normal_(self.null_text, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.constant_(m.bias, 0)
+                nn.init.constant_(m.weight, 1.0)
+
+    # ------------------------------------------------------------------ token layout
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] latent image -> [B, L, C*p*p] tokens (raster order; channel, row, col inside)."""
+        b, c, h, w = x.shape
+        p = self.config.patch_size
+        x = x.reshape(b, c, h // p, p, w // p, p)
+        x = torch.einsum("nchpwq->nhwcpq", x)
+        return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        p = self.config.patch_size
+        c = self.config.vae_embed_dim
+        h = w = self.config.seq_h
+        x = x.reshape(b, h, w, c, p, p)
+        x = torch.einsum("nhwcpq->nchpwq", x)
+        return x.reshape(b, c, h * p, w * p)
+
+    # ------------------------------------------------------------------ conditioning
+    def _condition_embeddings(self, cond: Condition | torch.Tensor | None, bsz: int,
+                              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Buffer-token values [B, buffer, D] and (cross-attention mode) condition tokens + mask."""
+        cfg = self.config
+        d = cfg.encoder_embed_dim
+        fake = self.fake_latent.to(dtype)
+        if isinstance(cond, torch.Tensor):
+            cond = Condition(labels=cond)
+        if cond is None:
+            buffer = fake.unsqueeze(1).expand(bsz, cfg.buffer_size, d)
+            if cfg.condition_mode == "cross_attention":
+                null = self.null_text.to(dtype).expand(bsz, 1, d)
+                return buffer, null, torch.ones(bsz, 1, dtype=torch.bool, device=null.device)
+            return buffer, None, None
+        if len(cond) != bsz:
+            raise ValueError(f"condition batch {len(cond)} does not match token batch {bsz}")
+        if cond.labels is not None:
+            if cfg.condition != "class":
+                raise ValueError("this model is text-conditional; got class labels")
+            return self.class_emb(cond.labels).to(dtype).unsqueeze(1).expand(bsz, cfg.buffer_size, d), None, None
+        if cfg.condition != "text":
+            raise ValueError("this model is class-conditional; got a text condition")
+        text = self.text_proj(cond.text.to(self.text_proj.weight.dtype)).to(dtype)
+        mask = cond.text_mask.bool()
+        if cfg.condition_mode == "cross_attention":
+            denom = mask.sum(1, keepdim=True).clamp(min=1)
+            pooled = (text * mask.unsqueeze(-1)).sum(1) / denom
+            return pooled.unsqueeze(1).expand(bsz, cfg.buffer_size, d), text, mask
+        t = text.shape[1]
+        if t > cfg.buffer_size:
+            raise ValueError(f"text has {t} tokens but buffer_size is {cfg.buffer_size}; "
+                             "shorten the text encoder's max_len or enlarge buffer_size")
+        buffer = fake.unsqueeze(1).expand(bsz, cfg.buffer_size, d).clone()
+        buffer[:, :t] = torch.where(mask.unsqueeze(-1), text, buffer[:, :t])
+        return buffer, None, None
+
+    def drop_condition(self, cond: Condition | torch.Tensor | None, generator: torch.Generator | None,
+                       device: torch.device) -> torch.Tensor:
+        """Rows whose condition is replaced by the unconditional one during training (CFG dropout)."""
+        n = len(cond) if isinstance(cond, Condition) else cond.shape[0]
+        return torch.rand(n, generator=generator, device=device) < self.config.label_drop_prob
+
+    # ------------------------------------------------------------------ encoder / decoder
+    def forward_mae_encoder(self, x: torch.Tensor, mask: torch.Tensor, buffer: torch.Tensor,
+                            ctx: torch.Tensor | None = None, ctx_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.z_proj(x)
+        bsz, _, d = x.shape
+        x = torch.cat([buffer.to(x.dtype), x], dim=1)
+        mask_with_buffer = torch.cat([torch.zeros(bsz, self.buffer_size, device=x.device), mask.float()], dim=1)
+        x = x + self.encoder_pos_embed_learned
+        x = self.z_proj_ln(x)
+        keep = (1 - mask_with_buffer).bool()
+        counts = keep.sum(1)
+        if not bool((counts == counts[0]).all()):
+            raise ValueError("every row of a batch must have the same number of known tokens "
+                             f"(got {counts.tolist()}); MAR drops masked tokens by reshaping")
+        x = x[keep].reshape(bsz, -1, d)
+        for blk in self.encoder_blocks:
+            if self.config.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, ctx, ctx_mask, use_reentrant=False)
+            else:
+                x = blk(x, ctx, ctx_mask)
+        return self.encoder_norm(x)
+
+    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor, ctx: torch.Tensor | None = None,
+                            ctx_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.decoder_embed(x)
+        bsz = x.shape[0]
+        mask_with_buffer = torch.cat([torch.zeros(bsz, self.buffer_size, device=x.device), mask.float()], dim=1)
+        padded = self.mask_token.to(x.dtype).expand(bsz, mask_with_buffer.shape[1], -1).clone()
+        padded[(1 - mask_with_buffer).bool()] = x.reshape(-1, x.shape[2])
+        x = padded + self.decoder_pos_embed_learned
+        for blk in self.decoder_blocks:
+            if self.config.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, ctx, ctx_mask, use_reentrant=False)
+            else:
+                x = blk(x, ctx, ctx_mask)
+        x = self.decoder_norm(x)
+        x = x[:, self.buffer_size:]
+        return x + self.diffusion_pos_embed_learned
+
+    def condition(self, tokens: torch.Tensor, mask: torch.Tensor,
+                  cond: Condition | torch.Tensor | None = None,
+                  drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token head conditions z [B, L, D] for a canvas `tokens` [B, L, C] and `mask` [B, L] (1 = masked).
+
+        `cond` is class labels, a text Condition, or None for the unconditional branch (the learned
+        fake latent, as upstream). `drop` [B] bool replaces those rows by the unconditional branch
+        (classifier-free-guidance training).
+        """
+        bsz = tokens.shape[0]
+        buffer, ctx, ctx_mask = self._condition_embeddings(cond, bsz, tokens.dtype)
+        if drop is not None:
+            ubuf, uctx, umask = self._condition_embeddings(None, bsz, tokens.dtype)
+            buffer = torch.where(drop[:, None, None], ubuf, buffer)
+            if ctx is not None:
+                uctx = uctx.expand(bsz, ctx.shape[1], -1) if uctx.shape[1] != ctx.shape[1] else uctx
+                umask_full = torch.zeros_like(ctx_mask)
+                umask_full[:, 0] = True
+                ctx = torch.where(drop[:, None, None], uctx, ctx)
+                ctx_mask = torch.where(drop[:, None], umask_full, ctx_mask)
+        x = self.forward_mae_encoder(tokens, mask, buffer, ctx, ctx_mask)
+        return self.forward_mae_decoder(x, mask, ctx, ctx_mask)
+
+    # ------------------------------------------------------------------ pretraining
+    def sample_orders(self, bsz: int, generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+        """A random generation order per image: [B, L] permutations of the positions."""
+        return torch.rand(bsz, self.seq_len, generator=generator, device=device).argsort(dim=1)
+
+    def pretrain_loss(self, tokens: torch.Tensor, cond: Condition | torch.Tensor | None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """MAR's objective: random order, mask ratio ~ truncated N(1, 0.25) on [min, 1], diffusion loss on masked."""
+        bsz, seq_len, _ = tokens.shape
+        dev = tokens.device
+        orders = self.sample_orders(bsz, generator, dev)
+        rate = float(_truncnorm_sample(1, self.config.mask_ratio_min, 1.0, 1.0, 0.25, generator)[0])
+        num_masked = int(math.ceil(seq_len * rate))
+        mask = torch.zeros(bsz, seq_len, device=dev)
+        mask.scatter_(1, orders[:, :num_masked], 1.0)
+        drop = self.drop_condition(cond, generator, dev) if (self.training and cond is not None) else None
+        z = self.condition(tokens, mask, cond, drop)
+        return self.masked_diffusion_loss(tokens, z, mask, generator)
+
+    def masked_diffusion_loss(self, tokens: torch.Tensor, z: torch.Tensor, mask: torch.Tensor,
+                              generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+                              noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Upstream `forward_loss`: each token repeated `diffusion_batch_mul` times, loss averaged over masked ones."""
+        bsz, seq_len, _ = tokens.shape
+        mul = self.config.diffusion_batch_mul
+        target = tokens.reshape(bsz * seq_len, -1).repeat(mul, 1)
+        z = z.reshape(bsz * seq_len, -1).repeat(mul, 1)
+        m = mask.reshape(bsz * seq_len).repeat(mul)
+        loss = self.head.loss(target, z, generator=generator, t=t, noise=noise)
+        return (loss * m).sum() / m.sum()
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,214 @@
+"""`margrpo pretrain CONFIG`: MAR pretraining of a text-to-image model on the shapes world, rendered on the fly.
+
+Data: every batch is rendered from `numpy_rng(seed, "data", batch_index)`, so the data stream is a pure
+function of the seed and the batch index: a resumed run sees exactly the batches an uninterrupted one
+would. Rendering runs in a DataLoader worker process, overlapping with the training step (on a 2-core
+machine rendering and training each take about one core).
+
+The model is trained with MAR's objective (random order, masked-token diffusion loss, condition dropout
+for classifier-free guidance); an exponential moving average of the weights is kept and is what gets
+evaluated and exported (as upstream MAR evaluates `model_ema`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from margrpo.evaluate import balanced_subset, evaluate, format_summary
+from margrpo.models.factory import ModelSpec, build_generator
+from margrpo.models.generator import MARGenerator
+from margrpo.sampling.sampler import SamplerConfig
+from margrpo.utils.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_state_from_tensors,
+    optimizer_state_to_tensors,
+    save_checkpoint,
+)
+from margrpo.utils.config import save_config
+from margrpo.utils.images import make_grid, save_png, to_pil
+from margrpo.utils.metrics import MetricsWriter
+from margrpo.utils.rng import generator_state, make_generator, numpy_rng, set_generator_state
+from margrpo.worlds import shapes
+
+
+@dataclass
+class EvalSpec:
+    num_prompts: int = field(default=128, metadata={"range": (1, 100000)})
+    ar_steps: int = field(default=16, metadata={"range": (1, 4096)})
+    cfg: float = field(default=3.0, metadata={"range": (1.0, 50.0)})
+    cfg_schedule: str = field(default="linear", metadata={"choices": ("linear", "constant")})
+    temperature: float = field(default=1.0, metadata={"range": (0.01, 10.0)})
+
+    def sampler(self) -> SamplerConfig:
+        return SamplerConfig(num_ar_steps=self.ar_steps, cfg=self.cfg, cfg_schedule=self.cfg_schedule,
+                             temperature=self.temperature, record=False)
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    out_dir: str = "runs/pretrain"
+    seed: int = 0
+    steps: int = field(default=4000, metadata={"range": (1, 10_000_000)})
+    batch_size: int = field(default=64, metadata={"range": (1, 65536)})
+    lr: float = field(default=1e-3, metadata={"range": (0.0, 1.0)})
+    weight_decay: float = field(default=0.02, metadata={"range": (0.0, 10.0)})
+    warmup_steps: int = field(default=200, metadata={"range": (0, 10_000_000)})
+    min_lr_ratio: float = field(default=0.1, metadata={"range": (0.0, 1.0)})
+    grad_clip: float = field(default=1.0, metadata={"range": (0.0, None)})
+    ema_decay: float = field(default=0.999, metadata={"range": (0.0, 1.0)})
+    category_weights: dict[str, float] = field(
+        default_factory=lambda: {"single": 1.0, "colour_attr": 1.0, "counting": 1.0, "position": 1.0},
+        metadata={"range": (0.0, None)})
+    log_every: int = field(default=50, metadata={"range": (1, None)})
+    eval_every: int = field(default=1000, metadata={"range": (1, None)})
+    checkpoint_every: int = field(default=500, metadata={"range": (1, None)})
+    keep_checkpoints: int = field(default=2, metadata={"range": (1, None)})
+    data_workers: int = field(default=1, metadata={"range": (0, 64)})
+    threads: int = field(default=1, metadata={"range": (0, 256)})
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.category_weights) - set(shapes.CATEGORIES)
+        if unknown:
+            raise ValueError(f"category_weights has unknown categories {sorted(unknown)}; valid: {shapes.CATEGORIES}")
+        if sum(self.category_weights.values()) <= 0:
+            raise ValueError("category_weights must have a positive sum")
+
+
+def vocabulary() -> list[str]:
+    """Every word of the shapes grammar (train and held-out prompts: held-out combos, not held-out words)."""
+    import re
+
+    words = set()
+    for p in shapes.all_prompts():
+        words.update(re.findall(r"[a-z]+", p.lower()))
+    return sorted(words)
+
+
+class ShapesBatches(torch.utils.data.IterableDataset):
+    """Batch k = (uint8 images [B, 32, 32, 3], prompts) rendered from numpy_rng(seed, "data", k)."""
+
+    def __init__(self, seed: int, batch_size: int, start: int, size: int, category_weights: dict[str, float]):
+        super().__init__()
+        self.seed, self.batch_size, self.start, self.size = seed, batch_size, start, size
+        cats = [c for c in shapes.CATEGORIES if category_weights.get(c, 0) > 0]
+        w = np.array([category_weights[c] for c in cats], dtype=np.float64)
+        self.cats, self.probs = cats, w / w.sum()
+        self.prompts = {c: shapes.train_prompts(c) for c in cats}
+
+    def batch(self, k: int) -> tuple[np.ndarray, list[str]]:
+        rng = numpy_rng(self.seed, "data", k)
+        cats = rng.choice(len(self.cats), size=self.batch_size, p=self.probs)
+        prompts = [self.prompts[self.cats[c]][rng.integers(len(self.prompts[self.cats[c]]))] for c in cats]
+        imgs = np.stack([np.asarray(shapes.render_scene(p, rng, self.size)) for p in prompts])
+        return imgs, prompts
+
+    def __iter__(self):
+        k = self.start
+        while True:
+            yield self.batch(k)
+            k += 1
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up then cosine decay to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> MARGenerator:
+    """Train; returns the EMA generator. Writes config, metrics, samples, checkpoints and `model/` under out_dir."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    dev = torch.device(cfg.device)
+    gen = build_generator(cfg.model, vocabulary()).to(dev)
+    ema = copy.deepcopy(gen).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    decay, no_decay = [], []
+    for name, p in gen.named_parameters():
+        (no_decay if p.ndim < 2 or "pos_embed" in name or "fake_latent" in name or "mask_token" in name
+         else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    torch_gen = make_generator(cfg.seed, "pretrain", device=dev)
+    start = 0
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        tensors, state = load_checkpoint(ckpt, device=dev)
+        gen.load_state_dict(tensors["model"])
+        ema.load_state_dict(tensors["ema"])
+        opt.load_state_dict(optimizer_state_from_tensors(tensors["optimizer"], state["optimizer"]))
+        set_generator_state(torch_gen, state["torch_generator"])
+        start = int(state["step"])
+    elif resume:
+        raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    writer = MetricsWriter(out, resume_step=start if ckpt is not None else None, overwrite=ckpt is None)
+    data = ShapesBatches(cfg.seed, cfg.batch_size, start, cfg.model.img_size, cfg.category_weights)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.data_workers,
+                                         prefetch_factor=4 if cfg.data_workers else None)
+    eval_prompts = balanced_subset(shapes.heldout_prompts(), cfg.eval.num_prompts)
+    gen.train()
+    t0 = time.perf_counter()
+    it = iter(loader)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretrain", disable=not progress)
+    losses: list[float] = []
+    for step in bar:
+        imgs, prompts = next(it)
+        images = torch.as_tensor(imgs).to(dev).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        cond = gen.encode_prompts(list(prompts))
+        tokens = gen.encode_images(images)
+        loss = gen.mar.pretrain_loss(tokens, cond, torch_gen)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        opt.step()
+        with torch.no_grad():
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), gen.parameters(), strict=True):
+                pe.lerp_(p, 1 - d)
+        losses.append(loss.item())
+        done = step + 1
+        if done % cfg.log_every == 0:
+            rec = {"loss": float(np.mean(losses)), "grad_norm": float(gnorm), "lr": lr_at(step, cfg),
+                   "steps_per_s": cfg.log_every / max(1e-9, time.perf_counter() - t0)}
+            writer.log(done, rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            losses, t0 = [], time.perf_counter()
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            res = evaluate(ema, eval_prompts, cfg.eval.sampler(), seed=cfg.seed, progress=False)
+            writer.log(done, {f"eval/{c}/strict": v["strict"] for c, v in res.summary.items()})
+            grid = make_grid(to_pil(res.images[:32]), nrow=8, labels=eval_prompts[:32], upscale=3)
+            save_png(grid, out / "samples" / f"step-{done}.png")
+            (out / "eval.json").write_text(json.dumps({"step": done, "summary": res.summary}, indent=2))
+            tqdm.write(f"step {done}: held-out strict accuracy\n{format_summary(res.summary)}")
+            t0 = time.perf_counter()
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            tens, meta = optimizer_state_to_tensors(opt.state_dict())
+            save_checkpoint(out, done, {"model": gen.state_dict(), "ema": ema.state_dict(), "optimizer": tens},
+                            {"optimizer": meta, "torch_generator": generator_state(torch_gen)},
+                            keep_last=cfg.keep_checkpoints)
+    writer.close()
+    ema.save_pretrained(out / "model", metadata={"pretrain_steps": cfg.steps, "seed": cfg.seed})
+    return ema

@@ -1,0 +1,99 @@
+"""Recompute conditions and head log-probabilities from a Rollout, exactly as the sampler computed them.
+
+The trainer calls these with gradients on (policy) and off (reference). They reuse the sampler's own
+`compute_conditions` and `head_transition`, with the same batch layout, so that before any update the
+recomputed log-probabilities equal the recorded ones (the PPO ratio is exactly 1).
+
+`guidance="rollout"` scores transitions under the guided prediction the sampler used;
+`guidance="cond_only"` scores them under the conditional branch alone, as the MAR-GRPO reference code
+does (a different density from the one that sampled, see reference-algorithm.md section 12.3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from margrpo.models.heads import DiffusionHead, gaussian_log_prob
+from margrpo.sampling.rollout import Rollout
+from margrpo.sampling.sampler import compute_conditions, head_transition
+
+GUIDANCE_MODES = ("rollout", "cond_only")
+
+
+@dataclass
+class StepConditions:
+    """Recomputed conditions of one AR step, restricted to its diffused tokens ([N, D])."""
+
+    z: torch.Tensor
+    z_uncond: torch.Tensor | None
+    guidance: float
+    z_full: torch.Tensor  # [B, L, D]
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off as at sampling, whatever mode the trainer keeps the model in; gradients still flow."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def step_conditions(model: torch.nn.Module, rollout: Rollout, step: int, guidance: str = "rollout") -> StepConditions:
+    """z for AR step `step` from its recorded canvas and known set, in eval mode as at sampling."""
+    if guidance not in GUIDANCE_MODES:
+        raise ValueError(f"guidance={guidance!r}; valid: {GUIDANCE_MODES}")
+    if step not in rollout.steps:
+        raise KeyError(f"AR step {step} was not recorded; recorded steps: {sorted(rollout.steps)}")
+    rec = rollout.steps[step]
+    guided = rollout.cfg != 1.0 and guidance == "rollout"
+    with eval_mode(model):
+        z_c, z_u = compute_conditions(model, rec.canvas, rec.mask, rollout.cond, guided)
+    sel = rec.diffused
+    return StepConditions(z=z_c[sel], z_uncond=z_u[sel] if z_u is not None else None,
+                          guidance=rec.guidance if guided else 1.0, z_full=z_c)
+
+
+@dataclass
+class ScoredTransitions:
+    """Per-element mean/std/log-prob of recorded transitions at head steps `js`: each [J, N, C] float32."""
+
+    js: list[int]
+    mean: torch.Tensor
+    std: torch.Tensor
+    logp: torch.Tensor
+
+
+def score_transitions(head: DiffusionHead, x: torch.Tensor, js: Sequence[int], cond: StepConditions,
+                      temperature: float, tokens: torch.Tensor | None = None) -> ScoredTransitions:
+    """Log-probability of x[j] -> x[j+1] for each j in `js` under `cond`.
+
+    `x` is a trajectory stack [T+1, N, C]; `tokens` optionally restricts to a subset of the N tokens
+    (an index tensor), in which case the result is [J, n, C].
+    """
+    z, zu = cond.z, cond.z_uncond
+    if tokens is not None:
+        z = z[tokens]
+        zu = zu[tokens] if zu is not None else None
+        x = x[:, tokens]
+    means, stds, logps = [], [], []
+    for j in js:
+        if not head.is_stochastic(j):
+            raise ValueError(f"head step {j} is deterministic and has no log-probability")
+        tr = head_transition(head, x[j], j, z, zu, cond.guidance, temperature)
+        means.append(tr.mean)
+        stds.append(tr.std)
+        logps.append(gaussian_log_prob(x[j + 1], tr.mean, tr.std))
+    return ScoredTransitions(js=list(js), mean=torch.stack(means), std=torch.stack(stds), logp=torch.stack(logps))
+
+
+def check_head_steps(model: torch.nn.Module, rollout: Rollout) -> None:
+    if model.head.num_steps != rollout.head_steps:
+        raise ValueError(f"the head samples {model.head.num_steps} steps but the rollout recorded "
+                         f"{rollout.head_steps}; call head.set_sampling_steps({rollout.head_steps})")

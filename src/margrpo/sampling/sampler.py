@@ -1,0 +1,212 @@
+"""The MAR sampling loop that records rollouts.
+
+One loop serves every model family: it only needs `model.condition(tokens, mask, cond, drop)`,
+`model.head` (a `DiffusionHead`) and `model.sample_orders`. The functions `compute_conditions` and
+`head_transition` are shared with `replay.py`, which recomputes the same quantities for the trainer:
+using the same code (same batch layout for guidance) is what makes the recomputed log-probabilities
+equal to the recorded ones.
+
+All randomness comes from explicit `torch.Generator`s: `generator` for the orders and the main
+head noise, `mte_generator` for the extra multi-trajectory-expectation chains (so that switching
+MTE on does not change the images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from margrpo.models.conditioning import Condition
+from margrpo.models.heads import DiffusionHead, Transition, gaussian_log_prob
+from margrpo.models.schedules import guidance_at_step, mask_len_after_step, mask_schedule
+from margrpo.sampling.rollout import ARStepRecord, Rollout
+
+DIFFUSE_MODES = ("to_predict", "all_unknown")
+MTE_SOURCES = ("commit", "scored")
+
+
+@dataclass
+class SamplerConfig:
+    """How to sample. `num_diffusion_steps=None` keeps the head's configured step count."""
+
+    num_ar_steps: int = 16
+    num_diffusion_steps: int | None = None
+    cfg: float = 1.0
+    cfg_schedule: str = "linear"
+    temperature: float = 1.0
+    diffuse: str = "to_predict"
+    record: bool = True
+    record_steps: tuple[int, ...] | None = None  # None = every AR step
+    record_z: bool = True
+    mte_k: int = 0
+    mte_source: str = "commit"
+
+    def __post_init__(self) -> None:
+        if self.diffuse not in DIFFUSE_MODES:
+            raise ValueError(f"diffuse={self.diffuse!r}; valid: {DIFFUSE_MODES}")
+        if self.mte_source not in MTE_SOURCES:
+            raise ValueError(f"mte_source={self.mte_source!r}; valid: {MTE_SOURCES}")
+        if self.cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"cfg_schedule={self.cfg_schedule!r}; valid: 'linear', 'constant'")
+        if self.num_ar_steps < 1:
+            raise ValueError(f"num_ar_steps must be >= 1, got {self.num_ar_steps}")
+        if self.mte_k < 0:
+            raise ValueError(f"mte_k must be >= 0, got {self.mte_k}")
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg != 1.0
+
+
+def compute_conditions(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
+                       cond: Condition | None, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """z for the conditional branch and (when guided) the unconditional one, in one batched call.
+
+    The unconditional rows use the same canvas and mask as the conditional ones (upstream duplicates
+    the batch), selected through `drop` so that both branches share one forward pass.
+    """
+    if not guided:
+        return model.condition(tokens, mask, cond), None
+    b = tokens.shape[0]
+    if cond is None:
+        z = model.condition(tokens, mask, None)
+        return z, z
+    drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(tokens.device)
+    z = model.condition(torch.cat([tokens, tokens]), torch.cat([mask, mask]), Condition.cat([cond, cond]), drop)
+    return z[:b], z[b:]
+
+
+def head_transition(head: DiffusionHead, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None,
+                    guidance: float, temperature: float) -> Transition:
+    """One head step, guided when an unconditional condition is given."""
+    return head.transition(x, j, z, z_uncond, guidance if z_uncond is not None else 1.0, temperature)
+
+
+def run_chain(head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | None, guidance: float,
+              temperature: float, generator: torch.Generator | None, record: bool
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Full head chain for N tokens. Returns the final x [N, C] and, if `record`, x/mean/std/logp stacks."""
+    t_steps = head.num_steps
+    x = head.init_noise((z.shape[0], head.token_dim), generator, z.device)
+    xs, means, stds, logps = [x], [], [], []
+    for j in range(t_steps):
+        tr = head_transition(head, x, j, z, z_uncond, guidance, temperature)
+        x = head.sample_step(tr, j, generator)
+        if record:
+            xs.append(x)
+            means.append(tr.mean)
+            stds.append(tr.std)
+            if head.is_stochastic(j):
+                logps.append(gaussian_log_prob(x, tr.mean, tr.std))
+            else:
+                logps.append(torch.zeros_like(x))
+    if not torch.isfinite(x).all() or (record and not all(torch.isfinite(lp).all() for lp in logps)):
+        raise FloatingPointError("the diffusion head produced non-finite values (tokens or log-probabilities); "
+                                 "the model weights or the sampling settings are broken")
+    if not record:
+        return x, None
+    return x, {"x": torch.stack(xs), "mean": torch.stack(means), "std": torch.stack(stds),
+               "logp": torch.stack(logps)}
+
+
+def _mask_by_order(mask_len: int, orders: torch.Tensor) -> torch.Tensor:
+    """Keep the first `mask_len` positions of each order masked (LTH14 `mask_by_order`)."""
+    out = torch.zeros(orders.shape, dtype=torch.bool, device=orders.device)
+    out.scatter_(1, orders[:, :mask_len], True)
+    return out
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, cond: Condition | None, batch_size: int, config: SamplerConfig,
+           generator: torch.Generator | None = None, mte_generator: torch.Generator | None = None,
+           progress: bool = False) -> Rollout:
+    """Generate `batch_size` token canvases (one per row of `cond`) and record the rollout.
+
+    The model is put in eval mode for the duration (dropout off), as the trainer's recomputation is.
+    """
+    if cond is not None and len(cond) != batch_size:
+        raise ValueError(f"condition batch {len(cond)} != batch_size {batch_size}")
+    was_training = model.training
+    model.eval()
+    head: DiffusionHead = model.head
+    if config.num_diffusion_steps is not None and config.num_diffusion_steps != head.num_steps:
+        head.set_sampling_steps(config.num_diffusion_steps)
+    device = next(model.parameters()).device
+    seq_len, c = model.seq_len, model.token_embed_dim
+    counts = mask_schedule(config.num_ar_steps, seq_len)
+    orders = model.sample_orders(batch_size, generator, device)
+    tokens = torch.zeros(batch_size, seq_len, c, device=device)
+    known = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
+    record_steps = set(range(config.num_ar_steps) if config.record_steps is None else config.record_steps)
+    steps: dict[int, ARStepRecord] = {}
+    need_commit_z = config.mte_k > 0 and config.mte_source == "commit"
+    z_commit = z_u_commit = guidance_commit = None
+    if need_commit_z:
+        guidance_commit = torch.ones(batch_size, seq_len, 1, device=device)
+
+    still = seq_len
+    for i in tqdm(range(config.num_ar_steps), desc="AR steps", disable=not progress, leave=False):
+        mask = (~known).float()
+        mask_len = mask_len_after_step(i, config.num_ar_steps, seq_len, still)
+        if i == config.num_ar_steps - 1:
+            to_pred = ~known
+        else:
+            to_pred = ~known & ~_mask_by_order(mask_len, orders)
+        guidance = guidance_at_step(config.cfg, config.cfg_schedule, seq_len, mask_len) if config.guided else 1.0
+        z_c, z_u = compute_conditions(model, tokens, mask, cond, config.guided)
+        diffused = to_pred if config.diffuse == "to_predict" else ~known
+        zc_sel = z_c[diffused]
+        zu_sel = z_u[diffused] if z_u is not None else None
+        rec = config.record and i in record_steps
+        x_final, traj = run_chain(head, zc_sel, zu_sel, guidance, config.temperature, generator, rec)
+        committed = to_pred[diffused]
+        canvas_before = tokens.clone() if rec else None
+        tokens[to_pred] = x_final[committed].to(tokens.dtype)
+        if need_commit_z:
+            if z_commit is None:
+                z_commit = torch.zeros_like(z_c)
+                z_u_commit = torch.zeros_like(z_c) if z_u is not None else None
+            z_commit[to_pred] = z_c[to_pred]
+            if z_u is not None:
+                z_u_commit[to_pred] = z_u[to_pred]
+            guidance_commit[to_pred] = guidance
+        if rec:
+            mte_x = None
+            if config.mte_k > 0 and config.mte_source == "scored":
+                mte_x = torch.stack([run_chain(head, zc_sel, zu_sel, guidance, config.temperature, mte_generator,
+                                               True)[1]["x"] for _ in range(config.mte_k)])
+            steps[i] = ARStepRecord(
+                step=i, known=known.clone(), to_pred=to_pred.clone(), diffused=diffused.clone(),
+                canvas=canvas_before, guidance=float(guidance), x=traj["x"], mean=traj["mean"], std=traj["std"],
+                logp=traj["logp"], z=z_c.clone() if config.record_z else None,
+                z_uncond=z_u.clone() if (config.record_z and z_u is not None) else None, mte_x=mte_x)
+        known = known | to_pred
+        still -= counts[i]
+
+    mte_x = None
+    if need_commit_z:
+        mte_x = sample_commit_mte(head, z_commit, z_u_commit, guidance_commit, config, mte_generator)
+    if was_training:
+        model.train()
+    return Rollout(cond=cond, orders=orders, counts=counts, tokens=tokens, steps=steps, head_steps=head.num_steps,
+                   cfg=config.cfg, cfg_schedule=config.cfg_schedule, temperature=config.temperature,
+                   diffuse=config.diffuse, mte_x=mte_x, mte_source=config.mte_source if config.mte_k else None)
+
+
+def sample_commit_mte(head: DiffusionHead, z_commit: torch.Tensor, z_u_commit: torch.Tensor | None,
+                      guidance_commit: torch.Tensor, config: SamplerConfig,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """K extra chains per token under the condition of the step that committed it (reference-code MTE).
+
+    Returns [K, T+1, B*L, C]. The guidance of each token is the one used at its committing step.
+    """
+    b, seq_len, d = z_commit.shape
+    z = z_commit.reshape(b * seq_len, d)
+    zu = z_u_commit.reshape(b * seq_len, d) if z_u_commit is not None else None
+    g = guidance_commit.reshape(b * seq_len, 1)
+    chains = []
+    for _ in range(config.mte_k):
+        chains.append(run_chain(head, z, zu, g, config.temperature, generator, True)[1]["x"])
+    return torch.stack(chains)

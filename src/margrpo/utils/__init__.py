@@ -1,0 +1,1 @@
+"""Infrastructure shared by every command: configs, checkpoints, metrics, images, plots, RNG."""

@@ -1,0 +1,511 @@
+"""Atomic, pickle-free checkpoints in a run directory.
+
+Layout::
+
+    run_dir/checkpoints/
+        step-100/            policy.safetensors, optimizer.safetensors, ..., state.json
+        step-200/
+        latest               text file: "step-200"
+
+Why it is built this way:
+
+- **Atomic.** A run killed while saving (pre-emption, OOM, Ctrl-C) must leave the previous
+  checkpoint usable and ``latest`` pointing at it. Each checkpoint is written into a hidden
+  temporary sibling (``.tmp-step-N-*``), every file and the directory are fsync'ed, and only then
+  is it renamed to ``step-N``; the ``latest`` pointer is replaced with ``os.replace`` afterwards.
+  A ``step-*`` directory therefore either is complete or does not exist.
+- **No pickle.** Tensors go into safetensors files; everything else (step, RNG states, data
+  position, optimizer hyper-parameters) into ``state.json``. Loading one of our checkpoints never
+  executes code. Foreign ``.pth`` files are read only through :func:`safe_torch_load`.
+- **Optimizer state without pickle.** :func:`optimizer_state_to_tensors` splits a
+  ``state_dict()`` into tensors and a JSON description that restore it exactly.
+
+One writer per run directory is assumed (rank 0): a save removes stale ``.tmp-*`` directories
+left by earlier crashed saves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "prune_checkpoints",
+    "optimizer_state_to_tensors",
+    "optimizer_state_from_tensors",
+    "state_to_tensors",
+    "state_from_tensors",
+    "safe_torch_load",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+STATE_FILE = "state.json"
+FORMAT = "margrpo-checkpoint/1"
+_STEP_RE = re.compile(r"step-(\d+)")
+_GROUP_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_TMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small filesystem helpers.
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _checkpoints_root(path: Path) -> Path:
+    """``run_dir/checkpoints`` for a run dir; ``path`` itself when it already is that folder."""
+    if not (path / CHECKPOINTS_DIR).is_dir() and path.name == CHECKPOINTS_DIR:
+        return path
+    return path / CHECKPOINTS_DIR
+
+
+def _is_complete(d: Path) -> bool:
+    return d.is_dir() and (d / STATE_FILE).is_file()
+
+
+def _remove_dir(d: Path) -> None:
+    """Rename first, then delete: a half-deleted ``step-N`` must never look like a checkpoint."""
+    trash = d.parent / f"{_TRASH_PREFIX}{d.name}-{uuid.uuid4().hex[:8]}"
+    os.rename(d, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing.
+
+
+def _prepare_group(group_name: str, group: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors that own their storage (safetensors refuses shared or strided ones)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in group.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"checkpoint group '{group_name}': tensor name {name!r} is not a str")
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(
+                f"checkpoint group '{group_name}': '{name}' is {type(t).__name__}, not a tensor "
+                "(put non-tensor values into `state`)"
+            )
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        elif (
+            not t.is_contiguous()
+            or t.storage_offset() != 0
+            or t.untyped_storage().nbytes() != t.numel() * t.element_size()
+        ):
+            t = t.clone(memory_format=torch.contiguous_format)
+        out[name] = t.contiguous()
+    # Tied weights (two names, one storage) must become two copies.
+    seen: set[int] = set()
+    for name, t in out.items():
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            out[name] = t.clone()
+        seen.add(ptr)
+    return out
+
+
+def _write_group(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write one safetensors file and fsync it. (Tests patch this to simulate a crash mid-save.)"""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    _fsync_file(path)
+
+
+def _find_bad_json(obj: Any, path: str) -> str | None:
+    """The dotted key of the first value in ``obj`` that strict JSON cannot hold."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return None
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else f"{path} (= {obj!r}; JSON has no nan/inf)"
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                return f"{path}.{k!r} (key of type {type(k).__name__}; JSON keys must be str)"
+            bad = _find_bad_json(v, f"{path}.{k}" if path else k)
+            if bad:
+                return bad
+        return None
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            bad = _find_bad_json(v, f"{path}[{i}]")
+            if bad:
+                return bad
+        return None
+    return f"{path} (type {type(obj).__name__})"
+
+
+def _state_json(step: int, groups: list[str], state: Mapping[str, Any]) -> str:
+    if "_checkpoint" in state:
+        raise CheckpointError("state key '_checkpoint' is reserved")
+    if "step" in state and state["step"] != step:
+        raise CheckpointError(f"state['step'] = {state['step']!r} disagrees with step={step}")
+    payload = {"step": step, **{k: v for k, v in state.items() if k != "step"}}
+    payload["_checkpoint"] = {"format": FORMAT, "groups": groups}
+    bad = _find_bad_json(payload, "")
+    if bad:
+        raise CheckpointError(f"checkpoint state is not JSON-serialisable at key {bad}")
+    return json.dumps(payload, allow_nan=False)
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / f".{LATEST_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    _write_text(tmp, name + "\n")
+    os.replace(tmp, root / LATEST_FILE)
+    _fsync_dir(root)
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    state: Mapping[str, Any] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Atomically write ``run_dir/checkpoints/step-<step>/`` and point ``latest`` at it.
+
+    ``tensors`` maps a group name (``"policy"``, ``"optimizer"``) to a flat dict of tensors, one
+    safetensors file per group. ``state`` is any JSON-able dict (RNG states, data position, the
+    optimizer's JSON half); it is stored in ``state.json`` together with ``step``. Re-saving an
+    existing step replaces it. ``keep_last=k`` then deletes all but the k newest checkpoints.
+    Returns the checkpoint directory.
+    """
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise CheckpointError(f"step must be a non-negative int, got {step!r}")
+    step = int(step)
+    if keep_last is not None and keep_last < 1:
+        raise CheckpointError(f"keep_last must be >= 1 or None, got {keep_last}")
+    state = dict(state or {})
+    groups = list(tensors)
+    for g in groups:
+        if not isinstance(g, str) or not _GROUP_RE.fullmatch(g) or g == Path(STATE_FILE).stem:
+            raise CheckpointError(
+                f"invalid checkpoint group name {g!r}: use letters, digits, '_', '.', '-' (and not 'state')"
+            )
+    state_text = _state_json(step, groups, state)  # fail before touching the disk
+
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"{_TMP_PREFIX}*"):  # crashed earlier saves (single writer per run)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}step-{step}-", dir=root))
+    old: Path | None = None
+    try:
+        for g in groups:
+            _write_group(tmp / f"{g}.safetensors", _prepare_group(g, tensors[g]))
+        _write_text(tmp / STATE_FILE, state_text)
+        _fsync_dir(tmp)
+        if final.exists():
+            old = root / f"{_TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not final.exists():
+            os.rename(old, final)  # put the previous copy of this step back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _write_latest(root, final.name)
+    if keep_last is not None:
+        prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def _list_complete(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_RE.fullmatch(d.name)
+        if m and _is_complete(d):
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete ``step-*`` checkpoint directories, oldest first (temporary and partial ones skipped)."""
+    return _list_complete(_checkpoints_root(Path(run_dir)))
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` newest checkpoints (never the one ``latest`` names).
+
+    Also removes leftovers of interrupted deletions. Returns the deleted directories.
+    """
+    if keep_last < 1:
+        raise CheckpointError(f"keep_last must be >= 1, got {keep_last}")
+    root = _checkpoints_root(Path(run_dir))
+    ckpts = list_checkpoints(run_dir)
+    protected = latest_checkpoint(run_dir)
+    removed = []
+    for d in ckpts[: max(0, len(ckpts) - keep_last)]:
+        if protected is not None and d.resolve() == protected.resolve():
+            continue
+        _remove_dir(d)
+        removed.append(d)
+    for trash in root.glob(f"{_TRASH_PREFIX}*"):
+        shutil.rmtree(trash, ignore_errors=True)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# Reading.
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from, or None.
+
+    Follows ``checkpoints/latest``; if that file is missing or names something gone or incomplete,
+    falls back to the highest complete ``step-*``. Temporary ``.tmp-*`` directories are ignored.
+    Accepts the run directory or its ``checkpoints`` folder.
+    """
+    root = _checkpoints_root(Path(run_dir))
+    if not root.is_dir():
+        return None
+    pointer = root / LATEST_FILE
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        cand = root / name
+        if _STEP_RE.fullmatch(name) and _is_complete(cand):
+            return cand
+        log.warning("%s names %r, which is not a complete checkpoint; scanning step-* instead", pointer, name)
+    ckpts = _list_complete(root)
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(
+    path: str | os.PathLike, groups: Iterable[str] | None = None, device: str | torch.device = "cpu"
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Load ``(tensors, state)`` from a checkpoint directory, or the latest one of a run directory.
+
+    ``tensors[group][name]`` are on ``device``; ``state`` is the saved state dict with ``step``.
+    ``groups`` restricts which safetensors files are read.
+    """
+    p = Path(path)
+    if _is_complete(p):
+        d = p
+    else:
+        found = latest_checkpoint(p)
+        if found is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {p}: expected {p}/{STATE_FILE} "
+                f"or {p}/{CHECKPOINTS_DIR}/step-*/{STATE_FILE}"
+            )
+        d = found
+    state_path = d / STATE_FILE
+    try:
+        payload = json.loads(state_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{state_path}: corrupt state file: {e}") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{state_path}: expected a JSON object, got {type(payload).__name__}")
+    meta = payload.pop("_checkpoint", {})
+    available = list(meta.get("groups") or sorted(f.stem for f in d.glob("*.safetensors")))
+    wanted = available if groups is None else list(groups)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for g in wanted:
+        if g not in available:
+            raise CheckpointError(f"{d}: no tensor group '{g}' (available: {', '.join(available) or 'none'})")
+        f = d / f"{g}.safetensors"
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from checkpoint (state.json lists group '{g}')")
+        try:
+            out[g] = load_file(str(f), device=str(device))
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read safetensors file: {e}") from e
+    return out, payload
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer (and other state_dict) <-> tensors + JSON.
+
+_T = "__tensor__"
+_TUPLE = "__tuple__"
+_ITEMS = "__items__"
+_FLOAT = "__float__"
+_STATE_FORMAT = "margrpo-state/1"
+
+
+def state_to_tensors(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a nested state (dicts, lists, tuples, scalars, tensors) into tensors + a JSON description.
+
+    Tensors are replaced by references into the returned flat dict; tuples, non-str dict keys and
+    nan/inf floats are tagged so :func:`state_from_tensors` rebuilds the exact same structure.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def sub(key: str, k: Any) -> str:
+        return f"{key}.{k}" if key else str(k)
+
+    def enc(x: Any, key: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            if key in tensors:
+                raise CheckpointError(f"state entry '{key}' would be stored twice; rename the keys")
+            tensors[key] = x.detach()
+            return {_T: key}
+        if x is None or isinstance(x, (bool, int, str)):
+            return x
+        if isinstance(x, float):
+            return x if math.isfinite(x) else {_FLOAT: repr(x)}
+        if isinstance(x, tuple):
+            return {_TUPLE: [enc(v, sub(key, i)) for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [enc(v, sub(key, i)) for i, v in enumerate(x)]
+        if isinstance(x, Mapping):
+            tags = (_T, _TUPLE, _ITEMS, _FLOAT)
+            plain = all(isinstance(k, str) and k not in tags for k in x)
+            if plain:
+                return {k: enc(v, sub(key, k)) for k, v in x.items()}
+            items = []
+            for k, v in x.items():
+                if isinstance(k, bool) or not isinstance(k, (int, str)):
+                    raise CheckpointError(f"state entry '{key}' has a key of type {type(k).__name__}")
+                items.append([k, enc(v, sub(key, k))])
+            return {_ITEMS: items}
+        raise CheckpointError(f"state entry '{key}' has unsupported type {type(x).__name__}")
+
+    desc = enc(obj, "")
+    return tensors, {"format": _STATE_FORMAT, "data": desc}
+
+
+def state_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Any:
+    """Inverse of :func:`state_to_tensors` (``meta`` may have been through JSON)."""
+    if not isinstance(meta, Mapping) or meta.get("format") != _STATE_FORMAT:
+        raise CheckpointError(f"not a {_STATE_FORMAT} description: {str(meta)[:100]!r}")
+
+    def dec(x: Any) -> Any:
+        if isinstance(x, list):
+            return [dec(v) for v in x]
+        if isinstance(x, dict):
+            if set(x) == {_T}:
+                key = x[_T]
+                if key not in tensors:
+                    raise CheckpointError(f"tensor '{key}' named in the state is missing from the tensors")
+                return tensors[key]
+            if set(x) == {_TUPLE}:
+                return tuple(dec(v) for v in x[_TUPLE])
+            if set(x) == {_FLOAT}:
+                return float(x[_FLOAT])
+            if set(x) == {_ITEMS}:
+                return {k: dec(v) for k, v in x[_ITEMS]}
+            return {k: dec(v) for k, v in x.items()}
+        return x
+
+    return dec(meta["data"])
+
+
+def optimizer_state_to_tensors(
+    state_dict: Mapping[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``opt.state_dict()`` -> (tensors for a safetensors group, JSON-able meta for ``state.json``).
+
+    Round-trips AdamW (and any torch optimizer) exactly, without pickle. Tensor names look like
+    ``state.0.exp_avg``.
+    """
+    return state_to_tensors(dict(state_dict))
+
+
+def optimizer_state_from_tensors(
+    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Rebuild the dict for ``opt.load_state_dict`` from :func:`optimizer_state_to_tensors` output."""
+    return state_from_tensors(tensors, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Foreign .pth files.
+
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def safe_torch_load(
+    path: str | os.PathLike, allow: Iterable[Any] | None = None, map_location: Any = "cpu"
+) -> Any:
+    """``torch.load(path, weights_only=True)`` with an explicit allow-list of extra globals.
+
+    Old checkpoints (e.g. LTH14/mar ``checkpoint-last.pth``) pickle objects such as
+    ``argparse.Namespace``; pass those classes in ``allow``. Anything else is refused, and the
+    error names the file and the global that would have been unpickled.
+    """
+    path = Path(path)
+    allow = list(allow or [])
+    try:
+        with torch.serialization.safe_globals(allow):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        names: list[str] = []
+        try:
+            names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:
+            pass
+        if not names:
+            names = _GLOBAL_RE.findall(str(e))
+        allowed = {f"{getattr(a, '__module__', '')}.{getattr(a, '__qualname__', a)}" for a in allow}
+        names = [n for n in names if n not in allowed] or names
+        if not names:  # not a disallowed global: a corrupt or unusual file; quote torch (minus ANSI codes)
+            lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
+            reason = next((ln for ln in lines if "Unsupported" in ln or "GLOBAL" in ln), lines[-1])
+            raise CheckpointError(f"{path}: torch.load(weights_only=True) failed: {reason}") from e
+        raise CheckpointError(
+            f"{path}: torch.load(weights_only=True) refused to unpickle the global(s) {', '.join(names)}. "
+            "If you trust this file, pass those classes in allow=[...] to safe_torch_load."
+        ) from e
+    except RuntimeError as e:  # e.g. a truncated zip archive; torch's message does not name the file
+        raise CheckpointError(f"{path}: cannot be loaded: {e}") from e

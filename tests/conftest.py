@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny models sized for a 2-core CPU, and one thread so tests are quick and deterministic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def tiny_mar_kwargs(**over) -> dict:
+    """A MAR small enough to run many times per test (32x32 pixels as 4x4 patches: 64 tokens x 48 dims)."""
+    kw = dict(img_size=32, vae_stride=1, patch_size=4, vae_embed_dim=3, encoder_embed_dim=32, encoder_depth=2,
+              encoder_num_heads=4, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4, buffer_size=4,
+              diffloss_d=2, diffloss_w=32, class_num=10, num_sampling_steps="8", clip_denoised=True)
+    kw.update(over)
+    return kw
+
+
+def randomize(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial weights everywhere (upstream zero-inits the head's output layer, which would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture
+def tiny_kwargs():
+    return tiny_mar_kwargs

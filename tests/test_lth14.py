@@ -1,0 +1,119 @@
+"""LTH14/mar checkpoint loading: upstream's on-disk format, architecture inference, clear errors."""
+
+import argparse
+
+import pytest
+import torch
+
+from margrpo.compat import lth14
+from margrpo.models.mar import MAR
+
+from conftest import randomize, tiny_mar_kwargs
+
+UPSTREAM_KW = dict(img_size=64, vae_stride=16, patch_size=1, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=1,
+                   decoder_embed_dim=64, decoder_depth=3, decoder_num_heads=1, vae_embed_dim=16, buffer_size=8,
+                   diffloss_d=2, diffloss_w=48, class_num=1000, num_sampling_steps="10")
+
+
+def upstream_args(**over) -> argparse.Namespace:
+    """The Namespace that LTH14's main_mar.py stores under 'args' (a subset of its fields)."""
+    a = dict(model="mar_tiny", img_size=64, vae_stride=16, patch_size=1, vae_embed_dim=16, mask_ratio_min=0.7,
+             label_drop_prob=0.1, class_num=1000, attn_dropout=0.1, proj_dropout=0.1, buffer_size=8,
+             diffloss_d=2, diffloss_w=48, num_sampling_steps="10", diffusion_batch_mul=4, grad_checkpointing=False,
+             lr=None, blr=1e-4, output_dir="./output", cfg=1.0, temperature=1.0, seed=1)
+    a.update(over)
+    return argparse.Namespace(**a)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = randomize(MAR(**UPSTREAM_KW), seed=1)
+    ema = randomize(MAR(**UPSTREAM_KW), seed=2)
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": model.state_dict(), "model_ema": ema.state_dict(), "epoch": 3,
+                "args": upstream_args()}, path)
+    return path, model, ema
+
+
+def test_loads_upstream_checkpoint_with_namespace(checkpoint):
+    path, model, ema = checkpoint
+    loaded = lth14.load_checkpoint(path, ema=True)
+    assert not loaded.training
+    for k, v in ema.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    raw = lth14.load_checkpoint(path, ema=False)
+    assert torch.equal(raw.state_dict()["z_proj.weight"], model.state_dict()["z_proj.weight"])
+    cfg = loaded.config
+    assert (cfg.encoder_depth, cfg.decoder_depth, cfg.buffer_size, cfg.diffloss_w, cfg.diffloss_d) == (2, 3, 8, 48, 2)
+    assert cfg.seq_len == 16 and cfg.token_dim == 16 and cfg.num_sampling_steps == "10"
+
+
+def test_loaded_model_computes_what_the_original_does(checkpoint):
+    path, _, ema = checkpoint
+    loaded = lth14.load_checkpoint(path)
+    ema.eval()
+    tokens, mask = torch.randn(2, 16, 16), torch.zeros(2, 16)
+    mask[:, :10] = 1
+    labels = torch.tensor([3, 999])
+    with torch.no_grad():
+        assert torch.equal(loaded.condition(tokens, mask, labels), ema.condition(tokens, mask, labels))
+        z = ema.condition(tokens, mask, None)
+        t = torch.tensor([5] * 32)
+        assert torch.equal(loaded.head.net(tokens.reshape(32, 16), t, z.reshape(32, -1)),
+                           ema.head.net(tokens.reshape(32, 16), t, z.reshape(32, -1)))
+
+
+def test_from_state_dict_with_upstream_kwargs():
+    model = randomize(MAR(**tiny_mar_kwargs(class_num=1000, clip_denoised=False)))
+    kw = {k: v for k, v in tiny_mar_kwargs(class_num=1000).items() if k != "clip_denoised"}
+    loaded = lth14.from_state_dict(model.state_dict(), **kw)
+    assert loaded.config.encoder_num_heads == 4 and loaded.config.seq_len == 64
+    with pytest.raises(TypeError, match="unknown MAR argument"):
+        lth14.from_state_dict(model.state_dict(), encoder_width=3)
+
+
+def test_mismatched_geometry_is_reported():
+    model = MAR(**UPSTREAM_KW)
+    with pytest.raises(lth14.CheckpointError, match="tokens"):
+        lth14.from_state_dict(model.state_dict(), img_size=128)
+
+
+def test_missing_unexpected_and_mismatched_keys_are_named(tmp_path):
+    sd = MAR(**UPSTREAM_KW).state_dict()
+    sd.pop("decoder_norm.weight")
+    sd["extra.thing"] = torch.zeros(1)
+    sd["class_emb.weight"] = torch.zeros(1000, 64)
+    sd["encoder_blocks.1.mlp.fc2.bias"] = torch.zeros(5)
+    path = tmp_path / "bad.pth"
+    torch.save({"model_ema": sd, "args": upstream_args()}, path)
+    with pytest.raises(lth14.CheckpointError) as e:
+        lth14.load_checkpoint(path)
+    msg = str(e.value)
+    assert str(path) in msg and "decoder_norm.weight" in msg and "extra.thing" in msg
+    assert "encoder_blocks.1.mlp.fc2.bias" in msg and "(5,)" in msg
+
+
+def test_missing_ema_entry_is_explained(tmp_path):
+    path = tmp_path / "no_ema.pth"
+    torch.save({"model": MAR(**UPSTREAM_KW).state_dict(), "args": upstream_args()}, path)
+    with pytest.raises(lth14.CheckpointError, match="ema=False"):
+        lth14.load_checkpoint(path)
+    assert lth14.load_checkpoint(path, ema=False).config.decoder_depth == 3
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_refuses_arbitrary_pickled_objects(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": MAR(**UPSTREAM_KW).state_dict(), "args": Evil()}, path)
+    with pytest.raises(Exception, match="refused|weights_only|Unsupported"):
+        lth14.load_checkpoint(path, ema=False)
+
+
+def test_preset_name_sets_heads():
+    sd = MAR(**{**UPSTREAM_KW, "encoder_embed_dim": 64, "decoder_embed_dim": 64}).state_dict()
+    cfg = lth14.infer_config(sd, {"model": "mar_huge"})
+    assert cfg.encoder_num_heads == 16
