@@ -17,13 +17,9 @@ def _set_threads(n: int | None) -> None:
 
 
 def _load_generator(path: str | None, device: str):
-    from margrpo.models.generator import MARGenerator
+    from margrpo.rl.trainer import load_model
 
-    if path is None:
-        from margrpo.worlds.shapes.model import shipped_model_path
-
-        path = str(shipped_model_path())
-    return MARGenerator.load_pretrained(path, device=device)
+    return load_model(path or "shipped:shapes-base", device)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -100,11 +96,118 @@ def add_pretrain_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_pretrain)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from margrpo.rl.config import TrainConfig
+    from margrpo.rl.trainer import Trainer
+    from margrpo.utils.config import load_config
+
+    if args.resume:
+        run = Path(args.resume)
+        cfg_path = run / "config.yaml"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"--resume {run}: no config.yaml in that run directory")
+        overrides = list(args.overrides)
+        if args.config is not None:  # argparse puts the first override in the CONFIG slot
+            if "=" not in args.config:
+                raise ValueError(f"--resume takes the config from {cfg_path}; got an extra CONFIG {args.config!r}")
+            overrides.insert(0, args.config)
+        cfg = load_config(TrainConfig, cfg_path, [*overrides, f"out_dir={run}"])
+    else:
+        if args.config is None:
+            raise ValueError("margrpo train needs a CONFIG file (see configs/) or --resume RUN_DIR")
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+    metrics = Trainer(cfg, progress=not args.quiet).run(resume=bool(args.resume))
+    last = metrics[-1] if metrics else {}
+    print(f"done: {cfg.out_dir} (step {last.get('step')}, reward {last.get('reward/mean', float('nan')):.4f})")
+    return 0
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="GRPO / MAR-GRPO fine-tuning")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=20 algorithm.mte_k=0")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from margrpo.evaluate import eval_prompt_set, evaluate, format_summary
+    from margrpo.sampling.sampler import SamplerConfig
+
+    _set_threads(args.threads)
+    gen = _load_generator(args.checkpoint, args.device)
+    prompts = eval_prompt_set(args.images_per_prompt)
+    cfg = SamplerConfig(num_ar_steps=args.ar_steps, num_diffusion_steps=args.diffusion_steps, cfg=args.cfg,
+                        temperature=args.temperature, record=False)
+    res = evaluate(gen, prompts, cfg, seed=args.seed, progress=not args.quiet)
+    print(format_summary(res.summary))
+    print(f"{len(prompts)} images in {res.seconds:.1f}s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint or "shipped:shapes-base",
+                                               "sampler": cfg.__dict__, "seed": args.seed,
+                                               "summary": res.summary}, indent=2, default=str))
+    return 0
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score a model on the held-out shapes prompts with the verifier")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="generator folder (a run's model/), or shipped:NAME (default: the shipped base)")
+    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--ar-steps", type=int, default=16)
+    p.add_argument("--diffusion-steps", type=int, default=None)
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from margrpo.compare import run_compare
+
+    _set_threads(args.threads)
+    run_compare(args.config, Path(args.out), args.methods, args.seeds, args.overrides, args.control_steps,
+                quiet=args.quiet)
+    return 0
+
+
+def add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="grpo vs mar-grpo with the same seeds and budget, plus a positive control")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: the demo config)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    p.add_argument("--methods", nargs="+", default=["grpo", "mar-grpo"], help="presets to compare")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--control-steps", type=int, default=20, help="steps of the positive-control run per method")
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+
+def add_serve_reward_parser(sub: argparse._SubParsersAction) -> None:
+    from margrpo.rewards.cli import add_serve_reward_parser as add
+    from margrpo.rewards.cli import run_serve_reward
+
+    add(sub).set_defaults(func=run_serve_reward)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="margrpo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_sample_parser(sub)
     add_pretrain_parser(sub)
+    add_train_parser(sub)
+    add_eval_parser(sub)
+    add_compare_parser(sub)
+    add_serve_reward_parser(sub)
     add_demo_parser(sub)
     return parser
 
@@ -114,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
         print(f"margrpo {args.command}: error: {e}", file=sys.stderr)
         return 2
 

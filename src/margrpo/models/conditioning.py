@@ -48,6 +48,9 @@ class Condition:
     def index(self, idx: torch.Tensor | slice) -> Condition:
         return self._map(lambda t: t[idx])
 
+    def detach(self) -> Condition:
+        return self._map(lambda t: t.detach())
+
     def to(self, device: torch.device | str) -> Condition:
         return self._map(lambda t: t.to(device))
 

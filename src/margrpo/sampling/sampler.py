@@ -128,6 +128,7 @@ def sample(model: torch.nn.Module, cond: Condition | None, batch_size: int, conf
     """
     if cond is not None and len(cond) != batch_size:
         raise ValueError(f"condition batch {len(cond)} != batch_size {batch_size}")
+    cond = cond.detach() if cond is not None else None  # the rollout stores data, never an autograd graph
     was_training = model.training
     model.eval()
     head: DiffusionHead = model.head

@@ -1,0 +1,51 @@
+"""`colour_fraction`: the share of pixels close to one colour, a dense and easy reward for positive controls.
+
+A trainer that cannot raise this within a few minutes has a broken estimator; no other result counts
+until it can (DESIGN.md section 4, lesson 4). Any image model can satisfy it by painting more of the
+colour, so it also works on untrained or unrelated models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .base import Reward, ScoreResult, register_reward
+
+__all__ = ["ColourFraction"]
+
+
+@register_reward("colour_fraction")
+class ColourFraction(Reward):
+    """Fraction of pixels within `tolerance` (RGB Euclidean, 0..255 scale) of `colour`.
+
+    Args:
+        colour: target RGB triple (default the shapes world's red).
+        tolerance: RGB distance that still counts as the colour.
+    """
+
+    def __init__(self, *, colour: tuple[int, int, int] | list[int] = (220, 30, 30), tolerance: float = 80.0,
+                 **kwargs: Any) -> None:
+        kwargs.pop("dtype", None)
+        super().__init__(**kwargs)
+        if len(colour) != 3 or any(not 0 <= int(c) <= 255 for c in colour):
+            raise ValueError(f"colour_fraction: colour must be an RGB triple in 0..255, got {colour!r}")
+        if tolerance <= 0:
+            raise ValueError(f"colour_fraction: tolerance must be > 0, got {tolerance}")
+        self.colour = np.asarray([int(c) for c in colour], dtype=np.float32)
+        self.tolerance = float(tolerance)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "colour": self.colour.astype(int).tolist(), "tolerance": self.tolerance}
+
+    def score_batch(self, images: list[Image.Image], prompts: list[str],
+                    metadata: list[dict[str, Any]]) -> ScoreResult:
+        out = []
+        for im in images:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32)
+            dist = np.linalg.norm(arr - self.colour, axis=-1)
+            out.append(float((dist <= self.tolerance).mean()))
+        return torch.tensor(out, dtype=torch.float32)

@@ -1,0 +1,128 @@
+"""Training configuration: YAML + dotted overrides, validated by `margrpo.utils.config`.
+
+Presets are YAML files (`configs/presets/grpo.yaml`, `configs/presets/mar-grpo.yaml`) that set the
+stabiliser switches; a run config names one with `base:`. Plain GRPO and MAR-GRPO therefore run
+through exactly the same code with different values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from margrpo.rl.objective import ObjectiveConfig
+from margrpo.sampling.sampler import SamplerConfig
+
+
+@dataclass
+class SamplingSection:
+    """How rollouts are drawn (fewer AR and head steps and no CFG make rollouts cheap)."""
+
+    ar_steps: int = field(default=8, metadata={"range": (1, 4096)})
+    diffusion_steps: int = field(default=10, metadata={"range": (1, 1000)})
+    cfg: float = field(default=1.0, metadata={"range": (1.0, 50.0)})
+    cfg_schedule: str = field(default="linear", metadata={"choices": ("linear", "constant")})
+    temperature: float = field(default=1.0, metadata={"range": (0.01, 10.0)})
+
+
+@dataclass
+class AlgorithmSection:
+    group_size: int = field(default=8, metadata={"range": (2, 4096)})
+    prompts_per_step: int = field(default=4, metadata={"range": (1, 4096)})
+    advantage_std: str = field(default="group", metadata={"choices": ("group", "batch", "none")})
+    advantage_eps: float = field(default=1e-4, metadata={"range": (0.0, 1.0)})
+    ar_step_fraction: float = field(default=0.5, metadata={"range": (0.0, 1.0)})
+    ar_step_count: int | None = field(default=None, metadata={"range": (1, 4096)})
+    head_steps_per_ar_step: int | None = field(default=None, metadata={"range": (1, 1000)})
+    head_step_max_fraction: float = field(default=1.0, metadata={"range": (0.01, 1.0)})
+    head_step_weighting: str = field(default="none", metadata={"choices": ("none", "std")})
+    guidance: str = field(default="rollout", metadata={"choices": ("rollout", "cond_only")})
+    clip_eps: float = field(default=0.2, metadata={"range": (0.0, 10.0)})
+    ppo_epochs: int = field(default=1, metadata={"range": (1, 100)})
+    beta: float = field(default=0.01, metadata={"range": (0.0, 1e6)})
+    kl: str = field(default="gaussian", metadata={"choices": ("gaussian", "reference")})
+    normalize: str = field(default="element", metadata={"choices": ("element", "token")})
+    train: str = field(default="ar", metadata={"choices": ("ar", "head", "both")})
+    policy_tokens: str = field(default="unknown", metadata={"choices": ("committed", "unknown")})
+    mte_k: int = field(default=4, metadata={"range": (0, 64)})
+    mte_top_fraction: float = field(default=0.3, metadata={"range": (0.0, 1.0)})
+    mte_source: str = field(default="commit", metadata={"choices": ("commit", "scored")})
+    consistency: bool = True
+    consistency_start: int = field(default=1, metadata={"range": (0, 4096)})
+    consistency_tau: float = field(default=0.0, metadata={"range": (-2.0, 2.0)})
+    update: str = field(default="rollout", metadata={"choices": ("rollout", "ar_step")})
+
+    def __post_init__(self) -> None:
+        if self.mte_k == 1:
+            raise ValueError("algorithm.mte_k=1 cannot estimate uncertainty; use 0 (off) or >= 2")
+        if self.consistency and self.policy_tokens != "unknown":
+            raise ValueError("algorithm.consistency filters still-unknown tokens, so it needs "
+                             "algorithm.policy_tokens='unknown' (or set consistency=false)")
+
+    def objective(self) -> ObjectiveConfig:
+        return ObjectiveConfig(clip_eps=self.clip_eps, beta=self.beta, kl=self.kl, normalize=self.normalize,
+                               guidance=self.guidance, head_step_weighting=self.head_step_weighting,
+                               mte_top_fraction=self.mte_top_fraction if self.mte_k else 0.0,
+                               consistency=self.consistency, consistency_start=self.consistency_start,
+                               consistency_tau=self.consistency_tau)
+
+
+@dataclass
+class OptimSection:
+    lr: float = field(default=1e-4, metadata={"range": (0.0, 1.0)})
+    weight_decay: float = field(default=0.0, metadata={"range": (0.0, 10.0)})
+    beta1: float = field(default=0.9, metadata={"range": (0.0, 1.0)})
+    beta2: float = field(default=0.999, metadata={"range": (0.0, 1.0)})
+    grad_clip: float = field(default=1.0, metadata={"range": (0.0, None)})
+    warmup_steps: int = field(default=0, metadata={"range": (0, None)})
+    schedule: str = field(default="constant", metadata={"choices": ("constant", "cosine")})
+
+
+@dataclass
+class PromptSection:
+    """Where training prompts come from: the shapes world's train split, or a prompt file."""
+
+    source: str = "shapes"  # "shapes" or a path to a prompt file (GenEval metadata, T2I-R1, text)
+    categories: list[str] | None = None  # restrict the shapes world to these categories
+    fixed: list[str] | None = None  # train on exactly these prompts (positive controls, debugging)
+
+
+@dataclass
+class LogSection:
+    log_every: int = field(default=1, metadata={"range": (1, None)})
+    sample_every: int = field(default=10, metadata={"range": (1, None)})
+    checkpoint_every: int = field(default=10, metadata={"range": (1, None)})
+    keep_checkpoints: int = field(default=2, metadata={"range": (1, None)})
+    eval_every: int | None = field(default=None, metadata={"range": (1, None)})
+    eval_prompts: int = field(default=64, metadata={"range": (1, None)})
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: str = "shipped:shapes-base"  # a generator folder, or "shipped:NAME"
+    out_dir: str = "runs/train"
+    seed: int = 0
+    steps: int = field(default=50, metadata={"range": (1, 10_000_000)})
+    rewards: dict[str, float] = field(default_factory=lambda: {"shapes": 1.0})
+    reward_options: dict[str, dict] = field(default_factory=dict)
+    max_reward_failure_fraction: float = field(default=0.1, metadata={"range": (0.0, 1.0)})
+    prompts: PromptSection = field(default_factory=PromptSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    log: LogSection = field(default_factory=LogSection)
+    device: str = "cpu"
+    autocast: str = field(default="none", metadata={"choices": ("none", "bf16", "fp16")})
+    threads: int = field(default=1, metadata={"range": (0, 256)})
+
+    def __post_init__(self) -> None:
+        if not self.rewards:
+            raise ValueError("rewards: at least one reward is needed, e.g. {shapes: 1.0}")
+
+    def sampler(self, record_steps: tuple[int, ...] | None) -> SamplerConfig:
+        a, s = self.algorithm, self.sampling
+        return SamplerConfig(num_ar_steps=s.ar_steps, num_diffusion_steps=s.diffusion_steps, cfg=s.cfg,
+                             cfg_schedule=s.cfg_schedule, temperature=s.temperature,
+                             diffuse="all_unknown" if a.policy_tokens == "unknown" else "to_predict",
+                             record=True, record_steps=record_steps, record_z=False, mte_k=a.mte_k,
+                             mte_source=a.mte_source)

@@ -1,0 +1,184 @@
+"""The loss of one scored AR step: PPO surrogate (+ MTE on uncertain tokens, consistency filter) + beta * KL.
+
+Per scored element (token x channel x head step j), with rho = exp(logp_theta - logp_old):
+
+    L_pg = -min(rho A, clip(rho, 1-eps, 1+eps) A)
+    L    = reduce(L_pg over kept policy elements) + beta * reduce(KL(pi_theta || pi_ref) over all elements)
+
+* MTE: on the top-k% most uncertain tokens, L_pg is the average over the K extra trajectories of the
+  per-trajectory term, scored under this step's condition; elsewhere it is the main trajectory's term.
+* Consistency: for AR steps i > i0, still-unknown tokens are kept only if their step-i head output moved
+  closer to the final token than the step-(i-1) output did; committed tokens are always kept. The KL is
+  never filtered and always uses the main trajectory.
+* `reduce` is a mean over kept elements (`normalize="element"`) or a sum over channels and a mean over
+  kept (token, step) pairs (`normalize="token"`, the Harmon reference convention).
+* Old log-probabilities: the rollout's own for the main trajectory under the rollout's guidance. Where
+  the rollout recorded none (MTE trajectories, or `guidance="cond_only"`), the first evaluation in the
+  rollout's first PPO epoch provides them (detached); with one optimizer step per rollout that is exactly
+  the sampling policy, so rho = 1 before the first update in every configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from margrpo.rl.losses import clipped_surrogate, gaussian_kl, reference_code_kl
+from margrpo.rl.masks import consistency_mask, token_uncertainty, top_fraction_mask
+from margrpo.sampling.replay import ScoredTransitions, score_transitions, step_conditions
+from margrpo.sampling.rollout import Rollout
+
+
+@dataclass
+class ObjectiveConfig:
+    clip_eps: float = 0.2
+    beta: float = 0.01
+    kl: str = "gaussian"  # "gaussian" | "reference"
+    normalize: str = "element"  # "element" | "token"
+    guidance: str = "rollout"  # "rollout" | "cond_only"
+    head_step_weighting: str = "none"  # "none" | "std"
+    mte_top_fraction: float = 0.3
+    consistency: bool = True
+    consistency_start: int = 1
+    consistency_tau: float = 0.0
+
+
+@dataclass
+class StepLoss:
+    loss: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def _reduce(values: torch.Tensor, token_mask: torch.Tensor, normalize: str) -> tuple[torch.Tensor, float]:
+    """values [J, N, C], token_mask [N] float -> scalar mean over kept elements (or kept tokens x steps)."""
+    j, _, c = values.shape
+    num = (values * token_mask[None, :, None]).sum()
+    count = token_mask.sum() * j * (c if normalize == "element" else 1)
+    if float(count) == 0:
+        return values.sum() * 0.0, 0.0
+    return num / count, float(count)
+
+
+def _mte_trajectories(rollout: Rollout, step: int) -> torch.Tensor | None:
+    """[K, T+1, N, C] extra trajectories aligned with this step's diffused tokens, or None."""
+    rec = rollout.steps[step]
+    if rec.mte_x is not None:
+        return rec.mte_x
+    if rollout.mte_x is None:
+        return None
+    flat = rec.diffused.reshape(-1).nonzero().flatten()
+    return rollout.mte_x[:, :, flat]
+
+
+def uncertain_tokens(rollout: Rollout, step: int, fraction: float) -> torch.Tensor | None:
+    """[N] bool over this step's diffused tokens: the top `fraction` most uncertain per image."""
+    rec = rollout.steps[step]
+    b = rollout.batch_size
+    if rollout.mte_x is not None and rec.mte_x is None:  # committing-condition chains: per image over all L
+        u = token_uncertainty(rollout.mte_x[:, -1]).reshape(b, -1)
+        return top_fraction_mask(u, fraction)[rec.diffused]
+    traj = _mte_trajectories(rollout, step)
+    if traj is None:
+        return None
+    u = token_uncertainty(traj[:, -1]).reshape(b, -1)  # per image over its diffused tokens
+    return top_fraction_mask(u, fraction).reshape(-1)
+
+
+def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rollout: Rollout, step: int,
+                 head_steps: list[int], advantages: torch.Tensor, use: torch.Tensor, cfg: ObjectiveConfig,
+                 old_cache: dict, first_epoch: bool) -> StepLoss:
+    """Loss of AR step `step` of `rollout` at head steps `head_steps` (see the module docstring).
+
+    `advantages` [B] and `use` [B] (valid and informative samples) are per image. `old_cache` keeps the
+    old log-probabilities that the rollout did not record, across PPO epochs.
+    """
+    rec = rollout.steps[step]
+    b = rollout.batch_size
+    dev = rec.x.device
+    n_tok = int(rec.diffused.sum())
+    per_image = n_tok // b
+    img = torch.arange(b, device=dev).repeat_interleave(per_image)
+    committed = rec.committed_in_diffused()
+    temperature = rollout.temperature
+    js = list(head_steps)
+
+    sc = step_conditions(policy, rollout, step, cfg.guidance)
+    main = score_transitions(policy.head, rec.x, js, sc, temperature)
+    key = ("main", step, tuple(js))
+    if cfg.guidance == "rollout":
+        old = rec.logp[js]
+    else:
+        if first_epoch and key not in old_cache:
+            old_cache[key] = main.logp.detach()
+        old = old_cache[key]
+    adv = advantages.to(dev).float()[img][None, :, None]
+    pg, ratio = clipped_surrogate(main.logp, old, adv, cfg.clip_eps)
+    stats: dict[str, float] = {}
+
+    # ---------------- multi-trajectory expectation on the uncertain tokens
+    traj = _mte_trajectories(rollout, step)
+    if traj is not None and cfg.mte_top_fraction > 0:
+        unc_mask = uncertain_tokens(rollout, step, cfg.mte_top_fraction)
+        idx = unc_mask.nonzero().flatten()
+        stats["mte/token_fraction"] = float(unc_mask.float().mean())
+        stats["mte/uncertainty_mean"] = float(token_uncertainty(traj[:, -1]).mean())
+        if len(idx):
+            terms = []
+            for k in range(traj.shape[0]):
+                st_k = score_transitions(policy.head, traj[k], js, sc, temperature, tokens=idx)
+                key_k = ("mte", step, k, tuple(js))
+                if first_epoch and key_k not in old_cache:
+                    old_cache[key_k] = st_k.logp.detach()
+                pg_k, _ = clipped_surrogate(st_k.logp, old_cache[key_k], adv[:, idx], cfg.clip_eps)
+                terms.append(pg_k)
+            pg_mte = torch.stack(terms).mean(0)
+            sel = torch.zeros(n_tok, dtype=torch.bool, device=dev)
+            sel[idx] = True
+            pg = pg.clone()
+            pg[:, idx] = pg_mte
+
+    # ---------------- which tokens enter the policy term
+    keep = use.to(dev)[img].clone()
+    if cfg.consistency and step > cfg.consistency_start and (step - 1) in rollout.steps:
+        prev = rollout.steps[step - 1]
+        prev_vals = prev.final_values()[rec.diffused]
+        final = rollout.tokens[rec.diffused]
+        cons = consistency_mask(rec.x[-1], prev_vals, final, committed, cfg.consistency_tau)
+        stats["mask/consistency_kept"] = float(cons.float().mean())
+        keep &= cons
+    stats["mask/policy_tokens"] = float(keep.float().mean())
+
+    if cfg.head_step_weighting == "std":
+        s = main.std.detach().mean(dim=(1, 2))
+        pg = pg * (s / s.mean())[:, None, None]
+    policy_loss, n_el = _reduce(pg, keep.float(), cfg.normalize)
+
+    # ---------------- KL to the reference (main trajectory, all tokens)
+    kl_loss = torch.zeros((), device=dev)
+    if reference is not None and cfg.beta > 0:
+        with torch.no_grad():
+            ref = score_transitions(reference.head, rec.x, js,
+                                    step_conditions(reference, rollout, step, cfg.guidance), temperature)
+        kl = kl_terms(main, ref, cfg.kl)
+        kl_loss, _ = _reduce(kl, torch.ones(n_tok, device=dev), cfg.normalize)
+    loss = policy_loss + cfg.beta * kl_loss
+
+    with torch.no_grad():
+        kept = keep[None, :, None].expand_as(ratio)
+        r = ratio[kept] if bool(kept.any()) else ratio.reshape(-1)
+        stats.update({
+            "loss/policy": float(policy_loss), "loss/kl": float(kl_loss), "ratio/mean": float(r.mean()),
+            "ratio/max": float(r.max()), "ratio/min": float(r.min()),
+            "clip_fraction": float(((r - 1).abs() > cfg.clip_eps).float().mean()) if cfg.clip_eps > 0 else 0.0,
+            "elements": n_el,
+        })
+    return StepLoss(loss=loss, stats=stats)
+
+
+def kl_terms(policy: ScoredTransitions, ref: ScoredTransitions, mode: str) -> torch.Tensor:
+    if mode == "gaussian":
+        return gaussian_kl(policy.mean, policy.std, ref.mean, ref.std)
+    if mode == "reference":
+        return reference_code_kl(policy.mean, ref.mean)
+    raise ValueError(f"kl={mode!r}; valid: 'gaussian', 'reference'")

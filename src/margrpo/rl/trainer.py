@@ -1,0 +1,344 @@
+"""The GRPO / MAR-GRPO training loop: prompts -> rollout -> rewards -> advantages -> losses -> update.
+
+Every stage is a function of explicit inputs; the loop only wires them, logs, and checkpoints. All
+randomness per step comes from generators derived from (seed, stream, step), so a run resumed from a
+checkpoint continues exactly as the uninterrupted run would have.
+
+Run directory (`out_dir`): `config.yaml`, `metrics.jsonl` + TensorBoard events, `checkpoints/step-N/`
+(trainable weights, optimizer, step; the frozen reference and head are not duplicated: they come from
+the base model), `samples/step-N.png`, `report.png`, and `model/` (the final generator).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from margrpo.models.generator import MARGenerator
+from margrpo.rl.advantages import group_advantages
+from margrpo.rl.config import TrainConfig
+from margrpo.rl.objective import ar_step_loss
+from margrpo.sampling.rollout import Rollout
+from margrpo.sampling.sampler import sample
+from margrpo.utils.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_state_from_tensors,
+    optimizer_state_to_tensors,
+    save_checkpoint,
+)
+from margrpo.utils.config import save_config
+from margrpo.utils.images import make_grid, save_png
+from margrpo.utils.metrics import MetricsWriter, StepTimer, read_metrics
+from margrpo.utils.rng import make_generator, numpy_rng
+
+REPORT_KEYS = ["reward/mean", "accuracy/strict", "loss/kl", "grad_norm", "ratio/max", "zero_signal_fraction"]
+
+
+def load_model(spec: str, device: str | torch.device) -> MARGenerator:
+    """A generator folder, or `shipped:NAME` for a model that ships inside the package."""
+    if spec.startswith("shipped:"):
+        from margrpo.assets import shipped_model_path
+
+        return MARGenerator.load_pretrained(shipped_model_path(spec[len("shipped:"):]), device=device)
+    return MARGenerator.load_pretrained(spec, device=device)
+
+
+def trainable_parameters(gen: MARGenerator, which: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """Freeze everything, then unfreeze the AR transformer ("ar"), the head ("head") or both.
+
+    The text encoder stays frozen: conditions are computed once per rollout and stored in it.
+    """
+    for p in gen.parameters():
+        p.requires_grad_(False)
+    out = []
+    for name, p in gen.mar.named_parameters():
+        is_head = name.startswith("diffloss.")
+        if which == "both" or (which == "head") == is_head:
+            p.requires_grad_(True)
+            out.append((f"mar.{name}", p))
+    return out
+
+
+class PromptSource:
+    """Training prompts for step k, a pure function of (seed, k)."""
+
+    def __init__(self, cfg: TrainConfig):
+        p = cfg.prompts
+        self.fixed = list(p.fixed) if p.fixed else None
+        self.prompts: list[str]
+        self.metadata: list[dict]
+        if self.fixed:
+            self.prompts, self.metadata = self.fixed, [{} for _ in self.fixed]
+        elif p.source == "shapes":
+            from margrpo.worlds import shapes
+
+            cats = p.categories or list(shapes.CATEGORIES)
+            unknown = set(cats) - set(shapes.CATEGORIES)
+            if unknown:
+                raise ValueError(f"prompts.categories: unknown {sorted(unknown)}; valid: {shapes.CATEGORIES}")
+            self.prompts = [q for c in cats for q in shapes.train_prompts(c)]
+            self.metadata = [{} for _ in self.prompts]
+        else:
+            from margrpo.data.prompt_files import load_prompt_file
+
+            recs = load_prompt_file(p.source)
+            self.prompts = [r.prompt for r in recs]
+            self.metadata = [dict(r.metadata, category=r.category) for r in recs]
+        if not self.prompts:
+            raise ValueError(f"prompts: the source {p.source!r} gave no prompts")
+        self.seed = cfg.seed
+
+    def batch(self, step: int, n: int) -> tuple[list[str], list[dict]]:
+        rng = numpy_rng(self.seed, "prompts", step)
+        idx = rng.choice(len(self.prompts), size=n, replace=len(self.prompts) < n)
+        return [self.prompts[i] for i in idx], [self.metadata[i] for i in idx]
+
+
+def select_steps(cfg: TrainConfig, head, step: int) -> tuple[list[int], dict[int, list[int]], tuple[int, ...]]:
+    """AR steps to score, head steps per AR step, and the AR steps the sampler must record."""
+    a = cfg.algorithm
+    n_ar = cfg.sampling.ar_steps
+    g = make_generator(cfg.seed, "select", step)
+    count = a.ar_step_count if a.ar_step_count is not None else max(1, round(a.ar_step_fraction * n_ar))
+    count = min(count, n_ar)
+    ar = sorted(torch.randperm(n_ar, generator=g)[:count].tolist())
+    eligible_max = max(1, math.ceil(a.head_step_max_fraction * head.num_steps))
+    eligible = [j for j in range(eligible_max) if head.is_stochastic(j)]
+    if not eligible:
+        raise ValueError("no stochastic head step is eligible for scoring; raise algorithm.head_step_max_fraction")
+    per = len(eligible) if a.head_steps_per_ar_step is None else min(a.head_steps_per_ar_step, len(eligible))
+    head_steps = {i: sorted(eligible[k] for k in torch.randperm(len(eligible), generator=g)[:per].tolist())
+                  for i in ar}
+    record = set(ar)
+    if a.consistency:
+        record |= {i - 1 for i in ar if i > a.consistency_start}
+    return ar, head_steps, tuple(sorted(record))
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = torch.device(cfg.device)
+        self.out = Path(cfg.out_dir)
+        self.gen = load_model(cfg.model, self.device)
+        self.gen.mar.head.set_sampling_steps(cfg.sampling.diffusion_steps)
+        self.params = trainable_parameters(self.gen, cfg.algorithm.train)
+        self.reference = None
+        if cfg.algorithm.beta > 0:
+            self.reference = copy.deepcopy(self.gen.mar).eval()
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+        o = cfg.optim
+        self.opt = torch.optim.AdamW([p for _, p in self.params], lr=o.lr, betas=(o.beta1, o.beta2),
+                                     weight_decay=o.weight_decay)
+        from margrpo.rewards import RewardFailureGuard, build_rewards
+
+        self.reward = build_rewards(cfg.rewards, cfg.reward_options, device=cfg.device)
+        self.guard = RewardFailureGuard(cfg.max_reward_failure_fraction, min_samples=64)
+        self.prompts = PromptSource(cfg)
+        self.state = TrainState()
+        self.sample_prompts = self._sample_prompts()
+
+    def _sample_prompts(self) -> list[str]:
+        if self.cfg.prompts.fixed:
+            return list(self.cfg.prompts.fixed)[:8]
+        if self.cfg.prompts.source == "shapes":
+            from margrpo.worlds import shapes
+
+            return list(shapes.DEMO_PROMPTS)
+        return self.prompts.prompts[:8]
+
+    # ------------------------------------------------------------------ schedule
+    def lr_at(self, step: int) -> float:
+        o = self.cfg.optim
+        if step < o.warmup_steps:
+            return o.lr * (step + 1) / o.warmup_steps
+        if o.schedule == "cosine":
+            prog = (step - o.warmup_steps) / max(1, self.cfg.steps - o.warmup_steps)
+            return o.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+        return o.lr
+
+    # ------------------------------------------------------------------ one step
+    def rollout(self, step: int) -> tuple[Rollout, list[str], list[dict], list[int], dict[int, list[int]]]:
+        a = self.cfg.algorithm
+        prompts, meta = self.prompts.batch(step, a.prompts_per_step)
+        ar, head_steps, record = select_steps(self.cfg, self.gen.mar.head, step)
+        cond = self.gen.encode_prompts(prompts)
+        cond = cond.repeat_interleave(a.group_size) if cond is not None else None
+        n = a.prompts_per_step * a.group_size
+        with self._autocast():
+            r = sample(self.gen.mar, cond, n, self.cfg.sampler(record),
+                       make_generator(self.cfg.seed, "rollout", step, device=self.device),
+                       make_generator(self.cfg.seed, "mte", step, device=self.device))
+        r.prompts = [p for p in prompts for _ in range(a.group_size)]
+        r.group = torch.arange(a.prompts_per_step).repeat_interleave(a.group_size)
+        metas = [m for m in meta for _ in range(a.group_size)]
+        return r, r.prompts, metas, ar, head_steps
+
+    def _autocast(self):
+        if self.cfg.autocast == "none":
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.cfg.autocast == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        a = self.cfg.algorithm
+        timer = StepTimer()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with timer("rollout"):
+            rollout, prompts, metas, ar_steps, head_steps = self.rollout(step)
+            images = self.gen.decode(rollout.tokens).float()
+        with timer("reward"):
+            out = self.reward(images, prompts, metas)
+            self.guard.update(out)
+            adv = group_advantages(torch.nan_to_num(out.scores), rollout.group, out.valid, a.advantage_std,
+                                   a.advantage_eps)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(step)
+        stats: dict[str, list[float]] = {}
+        grad_norms = []
+        with timer("update"):
+            old_cache: dict = {}
+            for epoch in range(a.ppo_epochs):
+                self.opt.zero_grad(set_to_none=True)
+                for i in ar_steps:
+                    with self._autocast():
+                        sl = ar_step_loss(self.gen.mar, self.reference, rollout, i, head_steps[i], adv.values,
+                                          adv.use, a.objective(), old_cache, first_epoch=epoch == 0)
+                    if not torch.isfinite(sl.loss):
+                        raise FloatingPointError(f"non-finite loss {sl.loss.item()} at step {step}, AR step {i}")
+                    scale = 1.0 if a.update == "ar_step" else 1.0 / len(ar_steps)
+                    (sl.loss * scale).backward()
+                    for k, v in sl.stats.items():
+                        stats.setdefault(k, []).append(v)
+                    if a.update == "ar_step":
+                        grad_norms.append(self._optimizer_step())
+                if a.update == "rollout":
+                    grad_norms.append(self._optimizer_step())
+        rec: dict[str, float] = {k: float(np.mean(v)) for k, v in stats.items() if k not in ("ratio/max", "ratio/min")}
+        if "ratio/max" in stats:
+            rec["ratio/max"] = float(np.max(stats["ratio/max"]))
+            rec["ratio/min"] = float(np.min(stats["ratio/min"]))
+        rec.update(out.summary("reward"))
+        valid = out.valid
+        if "shapes/strict" in out.components or any(k.endswith("/strict") for k in out.components):
+            key = next(k for k in out.components if k.endswith("/strict"))
+            rec["accuracy/strict"] = float(out.components[key][valid].float().mean()) if bool(valid.any()) else 0.0
+        rec.update({
+            "advantage/mean": float(adv.values[adv.use].mean()) if bool(adv.use.any()) else 0.0,
+            "advantage/std": float(adv.values[adv.use].std()) if int(adv.use.sum()) > 1 else 0.0,
+            "advantage/abs_max": float(adv.values.abs().max()),
+            "zero_signal_fraction": adv.zero_signal_fraction, "reward/invalid": float(adv.invalid),
+            "grad_norm": float(np.mean(grad_norms)), "grad_norm/max": float(np.max(grad_norms)),
+            "lr": self.lr_at(step), "rollout/mbytes": rollout.nbytes() / 2**20,
+        })
+        rec.update(timer.summary(prefix="time/"))
+        if self.device.type == "cuda":
+            rec["memory/peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            import resource
+
+            rec["memory/peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return rec
+
+    def _optimizer_step(self) -> float:
+        clip = self.cfg.optim.grad_clip
+        params = [p for _, p in self.params]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if not torch.isfinite(norm):
+            raise FloatingPointError(f"non-finite gradient norm {float(norm)}")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, step: int) -> Path:
+        tens, meta = optimizer_state_to_tensors(self.opt.state_dict())
+        return save_checkpoint(self.out, step, {"policy": {n: p.detach() for n, p in self.params}, "optimizer": tens},
+                               {"optimizer": meta, "model": self.cfg.model, "reward_guard": {
+                                   "total": self.guard.total, "invalid": self.guard.invalid}},
+                               keep_last=self.cfg.log.keep_checkpoints)
+
+    def restore(self) -> int:
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
+        tensors, state = load_checkpoint(ckpt, device=self.device)
+        named = dict(self.params)
+        missing = set(named) - set(tensors["policy"])
+        if missing:
+            raise ValueError(f"{ckpt}: checkpoint lacks trainable tensors {sorted(missing)[:5]} "
+                             "(was it written with another algorithm.train setting?)")
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(tensors["policy"][n])
+        self.opt.load_state_dict(optimizer_state_from_tensors(tensors["optimizer"], state["optimizer"]))
+        self.guard.total = int(state["reward_guard"]["total"])
+        self.guard.invalid = int(state["reward_guard"]["invalid"])
+        return int(state["step"])
+
+    def save_samples(self, step: int) -> None:
+        from margrpo.sampling.pipeline import MARPipeline
+
+        pipe = MARPipeline(self.gen, self.cfg.sampler(None))
+        imgs = pipe(self.sample_prompts, num_images_per_prompt=4, seed=self.cfg.seed)
+        labels = [p for p in self.sample_prompts for _ in range(4)]
+        save_png(make_grid(imgs, nrow=8, labels=labels, upscale=3), self.out / "samples" / f"step-{step}.png")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, resume: bool = False) -> list[dict]:
+        from margrpo.rewards import RewardFailure
+        from margrpo.utils.plots import plot_report
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        start = self.restore() if resume else 0
+        if not resume:
+            save_config(self.cfg, self.out / "config.yaml")
+        writer = MetricsWriter(self.out, tensorboard=self.cfg.log.tensorboard,
+                               resume_step=start if resume else None, overwrite=not resume)
+        if start == 0:
+            self.save_samples(0)
+        bar = tqdm(range(start, self.cfg.steps), initial=start, total=self.cfg.steps, desc="train",
+                   disable=not self.progress)
+        try:
+            for step in bar:
+                t0 = time.perf_counter()
+                rec = self.train_step(step)
+                rec["time/step"] = time.perf_counter() - t0
+                done = step + 1
+                if done % self.cfg.log.log_every == 0 or done == self.cfg.steps:
+                    writer.log(done, rec)
+                bar.set_postfix(reward=f"{rec.get('reward/mean', float('nan')):.3f}",
+                                kl=f"{rec.get('loss/kl', 0):.2e}")
+                if done % self.cfg.log.sample_every == 0 or done == self.cfg.steps:
+                    self.save_samples(done)
+                if done % self.cfg.log.checkpoint_every == 0 or done == self.cfg.steps:
+                    self.save(done)
+        except RewardFailure:
+            self.save(step)
+            writer.close()
+            raise
+        writer.close()
+        metrics = read_metrics(self.out)
+        plot_report(metrics, REPORT_KEYS, self.out / "report.png", title=f"{self.out.name}", smoothing=0.6)
+        self.gen.save_pretrained(self.out / "model", metadata={"trained_from": self.cfg.model,
+                                                               "steps": self.cfg.steps})
+        return metrics

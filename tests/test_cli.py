@@ -1,0 +1,65 @@
+"""The command line end to end on a tiny model: sample, eval, train, resume, and clear errors."""
+
+import json
+
+import pytest
+
+from margrpo.cli import main
+from margrpo.models.factory import ModelSpec, build_generator
+from margrpo.pretrain import vocabulary
+
+TINY = ModelSpec(width=32, depth=1, num_heads=2, head_width=32, head_depth=1, diffusion_steps=4, text_dim=16)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "gen"
+    build_generator(TINY, vocabulary()).save_pretrained(path)
+    return path
+
+
+def test_sample_writes_a_grid(model_dir, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    rc = main(["sample", "--model", str(model_dir), "--prompt", "a red circle", "--prompt", "two blue squares",
+               "-n", "2", "--ar-steps", "4", "--out", str(out), "--quiet"])
+    assert rc == 0 and out.is_file()
+    assert "images/s" in capsys.readouterr().out
+
+
+def test_eval_prints_a_table_and_writes_json(model_dir, tmp_path, capsys, monkeypatch):
+    import margrpo.evaluate as ev
+
+    monkeypatch.setattr(ev, "eval_prompt_set", lambda n=1: ["a red circle", "two blue squares"])
+    import margrpo.cli as cli_mod  # noqa: F401  (the command imports eval_prompt_set at call time)
+
+    out = tmp_path / "eval.json"
+    rc = main(["eval", str(model_dir), "--ar-steps", "4", "--json", str(out), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| overall |" in text
+    assert "overall" in json.loads(out.read_text())["summary"]
+
+
+def test_train_and_resume(model_dir, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+model: {model_dir}
+out_dir: {tmp_path / 'run'}
+steps: 2
+rewards: {{colour_fraction: 1.0}}
+sampling: {{ar_steps: 4, diffusion_steps: 4}}
+algorithm: {{prompts_per_step: 2, group_size: 2, head_steps_per_ar_step: 1}}
+log: {{checkpoint_every: 1, sample_every: 100, tensorboard: false}}
+""")
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "run"), "steps=3", "--quiet"]) == 0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+
+
+def test_bad_config_key_is_a_clear_error(model_dir, tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"model: {model_dir}\nalgorithm:\n  mte_kk: 3\n")
+    assert main(["train", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "mte_kk" in err and "bad.yaml:3" in err and "did you mean 'algorithm.mte_k'" in err

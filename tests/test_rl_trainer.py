@@ -1,0 +1,115 @@
+"""The RL objective and trainer: ratio is 1 before the first update, frozen head, end-to-end run and resume."""
+
+import copy
+
+import pytest
+import torch
+
+from margrpo.models.factory import ModelSpec, build_generator
+from margrpo.pretrain import vocabulary
+from margrpo.rl.advantages import group_advantages
+from margrpo.rl.config import TrainConfig
+from margrpo.rl.objective import ObjectiveConfig, ar_step_loss
+from margrpo.rl.trainer import Trainer, select_steps, trainable_parameters
+from margrpo.sampling.sampler import SamplerConfig, sample
+from margrpo.utils.config import load_config
+from margrpo.utils.metrics import read_metrics
+
+TINY = ModelSpec(width=32, depth=1, num_heads=2, head_width=32, head_depth=1, diffusion_steps=6, text_dim=16)
+
+
+def tiny_generator(seed: int = 0):
+    """A tiny text-to-image generator whose zero-initialised head layers are perturbed (so z matters)."""
+    torch.manual_seed(seed)  # only the module initialisers; the code under test never touches this RNG
+    gen = build_generator(TINY, vocabulary())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in gen.mar.diffloss.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return gen
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "gen"
+    tiny_generator().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("cfg_scale,guidance,mte_source,policy_tokens", [
+    (1.0, "rollout", "commit", "unknown"),
+    (2.0, "rollout", "scored", "unknown"),
+    (2.0, "cond_only", "commit", "committed"),
+    (1.0, "rollout", "scored", "committed"),
+])
+def test_ratio_is_one_before_the_first_update(cfg_scale, guidance, mte_source, policy_tokens):
+    gen = tiny_generator()
+    prompts = ["a red circle", "two blue squares"]
+    cond = gen.encode_prompts(prompts).repeat_interleave(3)
+    scfg = SamplerConfig(num_ar_steps=4, cfg=cfg_scale, diffuse="all_unknown" if policy_tokens == "unknown"
+                         else "to_predict", mte_k=3, mte_source=mte_source, record_z=False)
+    r = sample(gen.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
+    ocfg = ObjectiveConfig(guidance=guidance, beta=0.1, consistency=policy_tokens == "unknown", mte_top_fraction=0.3)
+    gen.mar.train()
+    ref = copy.deepcopy(gen.mar).eval()
+    cache: dict = {}
+    for i in range(4):
+        sl = ar_step_loss(gen.mar, ref, r, i, [0, 2, 4], adv.values, adv.use, ocfg, cache, first_epoch=True)
+        assert abs(sl.stats["ratio/max"] - 1) < 1e-5 and abs(sl.stats["ratio/min"] - 1) < 1e-5
+        assert sl.stats["loss/kl"] == pytest.approx(0.0, abs=1e-10)  # policy == reference before any update
+        sl.loss.backward()
+    assert gen.mar.z_proj.weight.grad.abs().sum() > 0
+
+
+def test_frozen_head_gets_no_gradient_and_does_not_change(tiny_model_dir, tmp_path):
+    cfg = load_config(TrainConfig, None, [
+        f"model={tiny_model_dir}", f"out_dir={tmp_path / 'run'}", "steps=2", "rewards={colour_fraction: 1.0}",
+        "algorithm.prompts_per_step=2", "algorithm.group_size=4", "sampling.ar_steps=4", "sampling.diffusion_steps=6",
+        "algorithm.head_steps_per_ar_step=2", "optim.lr=1e-2", "log.tensorboard=false"])
+    tr = Trainer(cfg, progress=False)
+    head_before = {k: v.clone() for k, v in tr.gen.mar.diffloss.state_dict().items()}
+    body_before = tr.gen.mar.z_proj.weight.clone()
+    tr.run()
+    assert all(torch.equal(head_before[k], v) for k, v in tr.gen.mar.diffloss.state_dict().items())
+    assert all(p.grad is None for p in tr.gen.mar.diffloss.parameters())
+    assert not torch.equal(body_before, tr.gen.mar.z_proj.weight)
+    names = [n for n, _ in trainable_parameters(tr.gen, "head")]
+    assert names and all(n.startswith("mar.diffloss.") for n in names)
+
+
+def _cfg(model_dir, out, steps, extra=()):
+    return load_config(TrainConfig, None, [
+        f"model={model_dir}", f"out_dir={out}", f"steps={steps}", "rewards={colour_fraction: 1.0}",
+        "algorithm.prompts_per_step=2", "algorithm.group_size=4", "sampling.ar_steps=4", "sampling.diffusion_steps=6",
+        "algorithm.head_steps_per_ar_step=2", "algorithm.ppo_epochs=2", "log.checkpoint_every=2",
+        "log.sample_every=100", "log.tensorboard=false", "optim.lr=3e-3", *extra])
+
+
+def test_end_to_end_run_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
+    full = Trainer(_cfg(tiny_model_dir, tmp_path / "full", 4), progress=False)
+    m_full = full.run()
+    assert len(m_full) == 4 and all(torch.isfinite(torch.tensor(r["loss/policy"])) for r in m_full)
+    assert (tmp_path / "full" / "report.png").is_file() and (tmp_path / "full" / "model" / "config.json").is_file()
+    assert (tmp_path / "full" / "samples" / "step-0.png").is_file()
+    # "crash" after step 2: run a 2-step job, then resume it to 4 steps
+    Trainer(_cfg(tiny_model_dir, tmp_path / "crash", 2), progress=False).run()
+    resumed = Trainer(_cfg(tiny_model_dir, tmp_path / "crash", 4), progress=False)
+    m_res = resumed.run(resume=True)
+    for a, b in zip(full.gen.mar.parameters(), resumed.gen.mar.parameters(), strict=True):
+        assert torch.equal(a, b)
+    drop = ("time/", "memory/")
+    clean = [{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_metrics(tmp_path / "crash")]
+    assert clean == [{k: v for k, v in r.items() if not k.startswith(drop)} for r in m_full]
+    assert len(m_res) == 4
+
+
+def test_step_selection_is_reproducible_and_records_predecessors(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path / "x", 1, ["sampling.ar_steps=8", "algorithm.ar_step_count=3"])
+    gen = tiny_generator()
+    a = select_steps(cfg, gen.mar.head, 5)
+    assert a == select_steps(cfg, gen.mar.head, 5)
+    ar, head_steps, record = a
+    assert len(ar) == 3 and all(i in record for i in ar)
+    assert all(i - 1 in record for i in ar if i > cfg.algorithm.consistency_start)
+    assert all(len(v) == 2 and all(gen.mar.head.is_stochastic(j) for j in v) for v in head_steps.values())
