@@ -247,11 +247,24 @@ def test_shapes_reward_wraps_verifier(monkeypatch):
 
 def test_shapes_reward_with_real_world():
     world = pytest.importorskip("margrpo.worlds.shapes", reason="shapes world not landed yet")
-    if not hasattr(world, "score"):
-        pytest.skip("margrpo.worlds.shapes has no score() yet")
-    imgs = [Image.new("RGB", (32, 32), (255, 255, 255)) for _ in range(2)]
-    out = build_reward("shapes")(imgs, ["a red circle", "two blue squares"])
-    assert out.scores.shape == (2,) and out.scores.dtype == torch.float32
+    if not hasattr(world, "score") or not hasattr(world, "render_scene"):
+        pytest.skip("margrpo.worlds.shapes has no score()/render_scene() yet")
+    prompt = "a red circle left of a blue square"
+    good = world.render_scene(prompt, np.random.default_rng(0))
+    blank = Image.new("RGB", good.size, (255, 255, 255))
+    out = build_reward("shapes")([good, blank, good], [prompt, prompt, "a purple unicorn"])
+    assert out.scores.shape == (3,) and out.scores.dtype == torch.float32
+    assert out.scores[0] == 1.0 and out.components["strict"][0] == 1.0
+    assert 0.0 <= float(out.scores[1]) < 1.0 and out.components["strict"][1] == 0.0
+    assert out.valid.tolist() == [True, True, False]  # only the out-of-grammar prompt is lost
     assert set(out.components) == {"strict", "partial"} and out.categories is not None
-    v = out.scores[out.valid]
-    assert ((v >= 0) & (v <= 1)).all()
+
+
+def test_importing_rewards_is_cheap_and_empty_batches_work():
+    import subprocess
+
+    code = ("import sys, margrpo.rewards; bad = [m for m in ('transformers', 'open_clip', 'torchvision') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    out = build_reward("jpeg_compressibility")([], [])
+    assert len(out) == 0 and out.summary()["reward/invalid_count"] == 0

@@ -9,8 +9,8 @@ The main CLI (``margrpo.cli``) calls :func:`add_serve_reward_parser` and dispatc
 
 ``--config`` reads a YAML/JSON file with a ``rewards:`` mapping in the training-config format (and an
 optional ``reward_options:``); every entry is hosted under its label (weights are ignored: the
-client's config weighs them). The token is read from an environment variable or a file, never from
-the command line, where other users of the machine could read it in the process list.
+client's config weighs them). The token is best read from an environment variable or a file: `--token T`
+exists for convenience, but a token on the command line can be read by other local users in the process list.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ def add_serve_reward_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--token-env", default="MARGRPO_REWARD_TOKEN",
                    help="environment variable holding the bearer token (default MARGRPO_REWARD_TOKEN)")
     p.add_argument("--token-file", type=Path, default=None, help="file holding the bearer token")
+    p.add_argument("--token", default=None, metavar="T",
+                   help="the bearer token itself (visible to other local users in the process list: prefer "
+                        "--token-env or --token-file)")
     p.add_argument("--device", default="cpu", help="device for model-based rewards, e.g. cuda:0")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype for model-based rewards")
@@ -53,6 +56,10 @@ def add_serve_reward_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _read_token(args: argparse.Namespace) -> str | None:
+    if args.token is not None:
+        if not args.token.strip():
+            raise SystemExit("serve-reward: --token is empty")
+        return args.token.strip()
     if args.token_file is not None:
         try:
             token = args.token_file.read_text().strip()

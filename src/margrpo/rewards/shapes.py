@@ -13,6 +13,7 @@ import even where the shapes world is not installed; the error then says what is
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 from typing import Any
 
@@ -22,6 +23,8 @@ from PIL import Image
 from .base import Reward, ScoreResult, register_reward
 
 __all__ = ["ShapesReward"]
+
+log = logging.getLogger(__name__)
 
 _MODES = ("partial", "strict")
 
@@ -59,9 +62,21 @@ class ShapesReward(Reward):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "mode": self.mode}
 
+    def _score_one(self, image: Image.Image, prompt: str) -> dict[str, Any]:
+        try:
+            return self._verifier.score([image], [prompt])[0]
+        except ValueError as e:
+            log.warning("shapes verifier cannot score prompt %r: %s", prompt, e)
+            return {"strict": False, "partial": math.nan, "category": "invalid"}
+
     def score_batch(self, images: list[Image.Image], prompts: list[str],
                     metadata: list[dict[str, Any]]) -> ScoreResult:
-        results = self._verifier.score(images, prompts)
+        try:
+            results = self._verifier.score(images, prompts)
+        except ValueError as e:
+            # e.g. one prompt outside the shapes grammar: score one by one so only that sample is lost
+            log.warning("shapes verifier refused a batch (%s); scoring its %d samples one by one", e, len(images))
+            results = [self._score_one(im, p) for im, p in zip(images, prompts, strict=True)]
         if len(results) != len(images):
             raise ValueError(f"shapes verifier returned {len(results)} results for {len(images)} images")
         strict, partial, cats = [], [], []
