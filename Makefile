@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/margrpo demo
+	$(BIN)/margrpo demo --readme README.md
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks

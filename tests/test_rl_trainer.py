@@ -113,3 +113,26 @@ def test_step_selection_is_reproducible_and_records_predecessors(tiny_model_dir,
     assert len(ar) == 3 and all(i in record for i in ar)
     assert all(i - 1 in record for i in ar if i > cfg.algorithm.consistency_start)
     assert all(len(v) == 2 and all(gen.mar.head.is_stochastic(j) for j in v) for v in head_steps.values())
+
+
+def test_gradient_checkpointing_backward_matches(tmp_path):
+    """With checkpointing the re-forward during backward must see the sampling function (no dropout)."""
+    grads = []
+    for ckpt in (False, True):
+        gen = tiny_generator()
+        gen.mar.config.grad_checkpointing = ckpt
+        gen.mar.config.attn_dropout = gen.mar.config.proj_dropout = 0.1
+        gen.eval()
+        cond = gen.encode_prompts(["a red circle"]).repeat_interleave(4)
+        r = sample(gen.mar, cond, 4, SamplerConfig(num_ar_steps=3, record_z=False), torch.Generator().manual_seed(0))
+        adv = group_advantages(torch.tensor([0.0, 1.0, 0.5, 0.2]), torch.zeros(4, dtype=torch.long))
+        sl = ar_step_loss(gen.mar, None, r, 1, [0, 1], adv.values, adv.use, ObjectiveConfig(beta=0.0), {}, True)
+        sl.loss.backward()
+        grads.append(gen.mar.z_proj.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_fresh_run_refuses_a_directory_with_checkpoints(tiny_model_dir, tmp_path):
+    Trainer(_cfg(tiny_model_dir, tmp_path / "r", 2), progress=False).run()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(_cfg(tiny_model_dir, tmp_path / "r", 2), progress=False).run()

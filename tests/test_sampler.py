@@ -132,3 +132,20 @@ def test_unrecorded_step_is_a_clear_error():
     r = run(m, num_ar_steps=4, record_steps=(0,))
     with pytest.raises(KeyError, match="not recorded"):
         step_conditions(m, r, 2)
+
+
+def test_images_do_not_depend_on_what_is_diffused_or_recorded():
+    """Committed tokens draw their noise from the main stream; extra diffused tokens from their own."""
+    m = make()
+    plain = run(m, num_ar_steps=6, record=False)
+    for kw in (dict(diffuse="all_unknown"), dict(diffuse="all_unknown", record_steps=(2, 3)),
+               dict(diffuse="to_predict", record_steps=(1,))):
+        assert torch.equal(run(m, num_ar_steps=6, **kw).tokens, plain.tokens), kw
+    sub = run(m, num_ar_steps=6, diffuse="all_unknown", record_steps=(2, 3))
+    assert torch.equal(sub.steps[2].diffused, ~sub.steps[2].known)
+
+
+def test_bare_label_tensor_with_guidance():
+    m = make()
+    r = sample(m, torch.tensor([1, 2]), 2, SamplerConfig(num_ar_steps=3, cfg=2.0), torch.Generator().manual_seed(0))
+    assert r.tokens.shape == (2, 64, 48)

@@ -66,13 +66,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from margrpo.demo import run_demo
 
     _set_threads(args.threads)
-    return run_demo(Path(args.out), quick=args.quick, quiet=args.quiet)
+    return run_demo(Path(args.out), quick=args.quick, quiet=args.quiet, overrides=args.overrides,
+                    readme=Path(args.readme) if args.readme else None)
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded shapes world")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--quick", action="store_true", help="a smaller, faster demo")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the demo config, e.g. steps=30")
+    p.add_argument("--readme", default=None, help="write the results table into this README's results block")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError) as e:
         print(f"margrpo {args.command}: error: {e}", file=sys.stderr)
         return 2
 

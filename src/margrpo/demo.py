@@ -40,7 +40,21 @@ def comparison_table(before: EvalResult, after: EvalResult) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: list[str] | None = None) -> int:
+README_START, README_END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
+
+
+def update_readme(readme: Path, block: str) -> None:
+    """Replace the text between the demo-results markers (the README's results come from a demo run)."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme}: no {README_START} ... {README_END} markers to write the results into")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{block.strip()}\n{README_END}{tail}")
+
+
+def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: list[str] | None = None,
+             readme: Path | None = None) -> int:
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     ov = [f"out_dir={out / 'run'}", *(overrides or [])]
@@ -72,5 +86,14 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
           f"{table}\n")
     (out / "results.md").write_text(md)
     print(md)
+    if readme is not None and not quick:
+        import shutil
+
+        images = readme.parent / "docs" / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / "grid_before_after.png", images / "demo_before_after.png")
+        shutil.copy(out / "run" / "report.png", images / "demo_report.png")
+        update_readme(readme, md + "\n![before and after](docs/images/demo_before_after.png)\n"
+                      "![training curves](docs/images/demo_report.png)\n")
     print(f"grids: {out / 'grid_before_after.png'}; curves: {out / 'run' / 'report.png'}")
     return 0

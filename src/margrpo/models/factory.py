@@ -14,7 +14,7 @@ class ModelSpec:
     """A pixel-token text-to-image MAR. Encoder and decoder share width, depth and head count."""
 
     img_size: int = field(default=32, metadata={"range": (8, 1024)})
-    patch_size: int = field(default=4, metadata={"range": (1, 64)})
+    patch_size: int = field(default=8, metadata={"range": (1, 64)})
     width: int = field(default=128, metadata={"range": (8, 4096)})
     depth: int = field(default=3, metadata={"range": (1, 64)})
     num_heads: int = field(default=4, metadata={"range": (1, 64)})

@@ -89,11 +89,13 @@ class DiffusionHead(nn.Module):
                    device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
-    def sample_step(self, tr: Transition, j: int, generator: torch.Generator | None) -> torch.Tensor:
-        """Draw x^{j+1} from a transition (float32)."""
+    def sample_step(self, tr: Transition, j: int, generator: torch.Generator | None,
+                    noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw x^{j+1} from a transition (float32); `noise` overrides the generator's standard normal draw."""
         if not self.is_stochastic(j):
             return tr.mean.clone()
-        noise = torch.randn(tr.mean.shape, generator=generator, device=tr.mean.device, dtype=torch.float32)
+        if noise is None:
+            noise = torch.randn(tr.mean.shape, generator=generator, device=tr.mean.device, dtype=torch.float32)
         return tr.mean + tr.std * noise
 
     def sample(self, z: torch.Tensor, z_uncond: torch.Tensor | None = None, guidance: float = 1.0,

@@ -112,7 +112,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     log: LogSection = field(default_factory=LogSection)
     device: str = "cpu"
-    autocast: str = field(default="none", metadata={"choices": ("none", "bf16", "fp16")})
+    autocast: str = field(default="none", metadata={"choices": ("none", "bf16")})
     threads: int = field(default=1, metadata={"range": (0, 256)})
 
     def __post_init__(self) -> None:

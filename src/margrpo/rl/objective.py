@@ -26,7 +26,7 @@ import torch
 
 from margrpo.rl.losses import clipped_surrogate, gaussian_kl, reference_code_kl
 from margrpo.rl.masks import consistency_mask, token_uncertainty, top_fraction_mask
-from margrpo.sampling.replay import ScoredTransitions, score_transitions, step_conditions
+from margrpo.sampling.replay import ScoredTransitions, check_head_steps, score_transitions, step_conditions
 from margrpo.sampling.rollout import Rollout
 
 
@@ -93,6 +93,9 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
     `advantages` [B] and `use` [B] (valid and informative samples) are per image. `old_cache` keeps the
     old log-probabilities that the rollout did not record, across PPO epochs.
     """
+    check_head_steps(policy, rollout)
+    if reference is not None:
+        check_head_steps(reference, rollout)
     rec = rollout.steps[step]
     b = rollout.batch_size
     dev = rec.x.device

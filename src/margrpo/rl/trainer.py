@@ -12,6 +12,7 @@ the base model), `samples/step-N.png`, `report.png`, and `model/` (the final gen
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -96,17 +97,18 @@ class PromptSource:
             raise ValueError(f"prompts: the source {p.source!r} gave no prompts")
         self.seed = cfg.seed
 
-    def batch(self, step: int, n: int) -> tuple[list[str], list[dict]]:
-        rng = numpy_rng(self.seed, "prompts", step)
+    def batch(self, step: int, n: int, rank: int = 0) -> tuple[list[str], list[dict]]:
+        rng = numpy_rng(self.seed, "prompts", rank, step)
         idx = rng.choice(len(self.prompts), size=n, replace=len(self.prompts) < n)
         return [self.prompts[i] for i in idx], [self.metadata[i] for i in idx]
 
 
-def select_steps(cfg: TrainConfig, head, step: int) -> tuple[list[int], dict[int, list[int]], tuple[int, ...]]:
+def select_steps(cfg: TrainConfig, head, step: int, rank: int = 0
+                 ) -> tuple[list[int], dict[int, list[int]], tuple[int, ...]]:
     """AR steps to score, head steps per AR step, and the AR steps the sampler must record."""
     a = cfg.algorithm
     n_ar = cfg.sampling.ar_steps
-    g = make_generator(cfg.seed, "select", step)
+    g = make_generator(cfg.seed, "select", rank, step)
     count = a.ar_step_count if a.ar_step_count is not None else max(1, round(a.ar_step_fraction * n_ar))
     count = min(count, n_ar)
     ar = sorted(torch.randperm(n_ar, generator=g)[:count].tolist())
@@ -138,7 +140,11 @@ class Trainer:
         self.device = torch.device(cfg.device)
         self.out = Path(cfg.out_dir)
         self.gen = load_model(cfg.model, self.device)
+        # RL never wants dropout: sampling and the loss's recomputation (including gradient checkpointing's
+        # re-forward during backward) must see the same function.
+        self.gen.eval()
         self.gen.mar.head.set_sampling_steps(cfg.sampling.diffusion_steps)
+        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.params = trainable_parameters(self.gen, cfg.algorithm.train)
         self.reference = None
         if cfg.algorithm.beta > 0:
@@ -178,15 +184,15 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def rollout(self, step: int) -> tuple[Rollout, list[str], list[dict], list[int], dict[int, list[int]]]:
         a = self.cfg.algorithm
-        prompts, meta = self.prompts.batch(step, a.prompts_per_step)
-        ar, head_steps, record = select_steps(self.cfg, self.gen.mar.head, step)
+        prompts, meta = self.prompts.batch(step, a.prompts_per_step, self.rank)
+        ar, head_steps, record = select_steps(self.cfg, self.gen.mar.head, step, self.rank)
         cond = self.gen.encode_prompts(prompts)
         cond = cond.repeat_interleave(a.group_size) if cond is not None else None
         n = a.prompts_per_step * a.group_size
         with self._autocast():
             r = sample(self.gen.mar, cond, n, self.cfg.sampler(record),
-                       make_generator(self.cfg.seed, "rollout", step, device=self.device),
-                       make_generator(self.cfg.seed, "mte", step, device=self.device))
+                       make_generator(self.cfg.seed, "rollout", self.rank, step, device=self.device),
+                       make_generator(self.cfg.seed, "mte", self.rank, step, device=self.device))
         r.prompts = [p for p in prompts for _ in range(a.group_size)]
         r.group = torch.arange(a.prompts_per_step).repeat_interleave(a.group_size)
         metas = [m for m in meta for _ in range(a.group_size)]
@@ -195,8 +201,7 @@ class Trainer:
     def _autocast(self):
         if self.cfg.autocast == "none":
             return torch.autocast(device_type=self.device.type, enabled=False)
-        dtype = torch.bfloat16 if self.cfg.autocast == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def train_step(self, step: int) -> dict[str, float]:
         a = self.cfg.algorithm
@@ -298,7 +303,8 @@ class Trainer:
     def save_samples(self, step: int) -> None:
         from margrpo.sampling.pipeline import MARPipeline
 
-        pipe = MARPipeline(self.gen, self.cfg.sampler(None))
+        pipe = MARPipeline(self.gen, dataclasses.replace(self.cfg.sampler(None), record=False, mte_k=0,
+                                                          diffuse="to_predict"))
         imgs = pipe(self.sample_prompts, num_images_per_prompt=4, seed=self.cfg.seed)
         labels = [p for p in self.sample_prompts for _ in range(4)]
         save_png(make_grid(imgs, nrow=8, labels=labels, upscale=3), self.out / "samples" / f"step-{step}.png")
@@ -309,6 +315,9 @@ class Trainer:
         from margrpo.utils.plots import plot_report
 
         self.out.mkdir(parents=True, exist_ok=True)
+        if not resume and latest_checkpoint(self.out) is not None:
+            raise FileExistsError(f"{self.out} already holds checkpoints of another run; pass --resume to continue "
+                                  "it, or choose a new out_dir")
         start = self.restore() if resume else 0
         if not resume:
             save_config(self.cfg, self.out / "config.yaml")

@@ -13,6 +13,7 @@ MTE on does not change the images).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,16 +85,22 @@ def head_transition(head: DiffusionHead, x: torch.Tensor, j: int, z: torch.Tenso
     return head.transition(x, j, z, z_uncond, guidance if z_uncond is not None else 1.0, temperature)
 
 
-def run_chain(head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | None, guidance: float,
-              temperature: float, generator: torch.Generator | None, record: bool
+def run_chain(head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | None, guidance: float | torch.Tensor,
+              temperature: float, generator: torch.Generator | None, record: bool,
+              noise_fn: Callable[[], torch.Tensor] | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """Full head chain for N tokens. Returns the final x [N, C] and, if `record`, x/mean/std/logp stacks."""
+    """Full head chain for N tokens. Returns the final x [N, C] and, if `record`, x/mean/std/logp stacks.
+
+    `noise_fn()` (if given) supplies each standard-normal draw [N, C] instead of `generator`.
+    """
     t_steps = head.num_steps
-    x = head.init_noise((z.shape[0], head.token_dim), generator, z.device)
+    shape = (z.shape[0], head.token_dim)
+    x = noise_fn() if noise_fn is not None else head.init_noise(shape, generator, z.device)
     xs, means, stds, logps = [x], [], [], []
     for j in range(t_steps):
         tr = head_transition(head, x, j, z, z_uncond, guidance, temperature)
-        x = head.sample_step(tr, j, generator)
+        eps = noise_fn() if (noise_fn is not None and head.is_stochastic(j)) else None
+        x = head.sample_step(tr, j, generator, eps)
         if record:
             xs.append(x)
             means.append(tr.mean)
@@ -109,6 +116,34 @@ def run_chain(head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | Non
         return x, None
     return x, {"x": torch.stack(xs), "mean": torch.stack(means), "std": torch.stack(stds),
                "logp": torch.stack(logps)}
+
+
+def split_noise(committed: torch.Tensor, token_dim: int, main: torch.Generator | None,
+                extra: torch.Generator | None) -> Callable[[], torch.Tensor]:
+    """Standard-normal draws [N, C] where committed tokens use `main` and the others `extra`.
+
+    The committed tokens then see exactly the noise they would see if only they were diffused, so the
+    images do not depend on which AR steps diffuse (and record) all unknown tokens.
+    """
+    n_commit = int(committed.sum())
+    n_other = committed.numel() - n_commit
+    dev = committed.device
+
+    def draw() -> torch.Tensor:
+        out = torch.empty(committed.numel(), token_dim, device=dev)
+        out[committed] = torch.randn(n_commit, token_dim, generator=main, device=dev)
+        out[~committed] = torch.randn(n_other, token_dim, generator=extra, device=dev)
+        return out
+
+    return draw
+
+
+def _extra_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """An independent stream for the noise of diffused-but-not-committed tokens, seeded from `generator`."""
+    if generator is None:
+        return None
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(generator.initial_seed())))
+    return torch.Generator(device=generator.device).manual_seed(seed ^ 0x5DEECE66D)
 
 
 def _mask_by_order(mask_len: int, orders: torch.Tensor) -> torch.Tensor:
@@ -128,12 +163,15 @@ def sample(model: torch.nn.Module, cond: Condition | None, batch_size: int, conf
     """
     if cond is not None and len(cond) != batch_size:
         raise ValueError(f"condition batch {len(cond)} != batch_size {batch_size}")
+    if isinstance(cond, torch.Tensor):
+        cond = Condition(labels=cond)
     cond = cond.detach() if cond is not None else None  # the rollout stores data, never an autograd graph
     was_training = model.training
     model.eval()
     head: DiffusionHead = model.head
     if config.num_diffusion_steps is not None and config.num_diffusion_steps != head.num_steps:
         head.set_sampling_steps(config.num_diffusion_steps)
+    extra_generator = _extra_generator(generator)
     device = next(model.parameters()).device
     seq_len, c = model.seq_len, model.token_embed_dim
     counts = mask_schedule(config.num_ar_steps, seq_len)
@@ -157,12 +195,15 @@ def sample(model: torch.nn.Module, cond: Condition | None, batch_size: int, conf
             to_pred = ~known & ~_mask_by_order(mask_len, orders)
         guidance = guidance_at_step(config.cfg, config.cfg_schedule, seq_len, mask_len) if config.guided else 1.0
         z_c, z_u = compute_conditions(model, tokens, mask, cond, config.guided)
-        diffused = to_pred if config.diffuse == "to_predict" else ~known
+        rec = config.record and i in record_steps
+        # all unknown tokens are diffused only where the step is recorded (the consistency mask needs them)
+        diffused = ~known if (config.diffuse == "all_unknown" and rec) else to_pred
         zc_sel = z_c[diffused]
         zu_sel = z_u[diffused] if z_u is not None else None
-        rec = config.record and i in record_steps
-        x_final, traj = run_chain(head, zc_sel, zu_sel, guidance, config.temperature, generator, rec)
         committed = to_pred[diffused]
+        noise_fn = None if bool(committed.all()) else split_noise(committed, head.token_dim, generator,
+                                                                   extra_generator)
+        x_final, traj = run_chain(head, zc_sel, zu_sel, guidance, config.temperature, generator, rec, noise_fn)
         canvas_before = tokens.clone() if rec else None
         tokens[to_pred] = x_final[committed].to(tokens.dtype)
         if need_commit_z:
