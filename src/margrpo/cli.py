@@ -142,7 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     gen = _load_generator(args.checkpoint, args.device)
-    prompts = eval_prompt_set(args.images_per_prompt)
+    prompts = eval_prompt_set(args.per_category)
     cfg = SamplerConfig(num_ar_steps=args.ar_steps, num_diffusion_steps=args.diffusion_steps, cfg=args.cfg,
                         temperature=args.temperature, record=False)
     res = evaluate(gen, prompts, cfg, seed=args.seed, progress=not args.quiet)
@@ -160,7 +160,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="score a model on the held-out shapes prompts with the verifier")
     p.add_argument("checkpoint", nargs="?", default=None,
                    help="generator folder (a run's model/), or shipped:NAME (default: the shipped base)")
-    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--per-category", type=int, default=100, help="held-out images per category")
     p.add_argument("--ar-steps", type=int, default=16)
     p.add_argument("--diffusion-steps", type=int, default=None)
     p.add_argument("--cfg", type=float, default=3.0)

@@ -17,12 +17,11 @@ import yaml
 
 from margrpo.configs import config_path
 from margrpo.demo import eval_sampler
-from margrpo.evaluate import balanced_subset, evaluate
+from margrpo.evaluate import eval_prompt_set, evaluate
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer
 from margrpo.utils.config import load_config
 from margrpo.utils.plots import plot_comparison
-from margrpo.worlds import shapes
 
 CONTROL = ["rewards={colour_fraction: 1.0}", "prompts.fixed=[a red square]"]
 
@@ -78,7 +77,7 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
             tr = Trainer(cfg, progress=not quiet)
             metrics = tr.run()
             if prompts is None:
-                prompts = balanced_subset(shapes.heldout_prompts(), cfg.log.eval_prompts)
+                prompts = eval_prompt_set(cfg.log.eval_per_category)
             res = evaluate(tr.gen, prompts, eval_sampler(cfg), seed=1234, progress=False)
             runs.append(metrics)
             finals.append(res.summary["overall"]["strict"])

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from margrpo.configs import config_path
-from margrpo.evaluate import EvalResult, balanced_subset, evaluate
+from margrpo.evaluate import EvalResult, eval_prompt_set, evaluate
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer, load_model
 from margrpo.sampling.sampler import SamplerConfig
@@ -61,8 +61,7 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
     if quick:
         ov += ["steps=4", "log.sample_every=2", "log.checkpoint_every=2"]
     cfg = load_config(TrainConfig, config_path("demo.yaml"), ov)
-    n_eval = 64 if quick else cfg.log.eval_prompts
-    prompts = balanced_subset(shapes.heldout_prompts(), n_eval)
+    prompts = eval_prompt_set(8 if quick else cfg.log.eval_per_category)
     sampler = eval_sampler(cfg)
     base = load_model(cfg.model, cfg.device)
     before = evaluate(base, prompts, sampler, seed=1234, progress=not quiet)
@@ -73,10 +72,10 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
     after = evaluate(trainer.gen, prompts, sampler, seed=1234, progress=not quiet)
     table = comparison_table(before, after)
     total_s = time.perf_counter() - t_start
-    k = min(16, len(prompts))
-    labels = prompts[:k]
-    grid = side_by_side(make_grid(to_pil(before.images[:k]), nrow=4, labels=labels, upscale=3),
-                        make_grid(to_pil(after.images[:k]), nrow=4, labels=labels, upscale=3),
+    pick = list(range(0, len(prompts), max(1, len(prompts) // 16)))[:16]  # 4 per category
+    labels = [prompts[i] for i in pick]
+    grid = side_by_side(make_grid(to_pil(before.images[pick]), nrow=4, labels=labels, upscale=3),
+                        make_grid(to_pil(after.images[pick]), nrow=4, labels=labels, upscale=3),
                         titles=("before (base model)", f"after {cfg.steps} MAR-GRPO steps"))
     save_png(grid, out / "grid_before_after.png")
     for name, res in (("before", before), ("after", after)):

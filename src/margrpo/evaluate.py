@@ -26,37 +26,18 @@ class EvalResult:
         return format_summary(self.summary)
 
 
-def eval_prompt_set(images_per_prompt: int = 1, categories: Sequence[str] | None = None) -> list[str]:
-    """The held-out prompt list, each repeated `images_per_prompt` times, category-balanced by repetition.
+def eval_prompt_set(per_category: int = 64, categories: Sequence[str] | None = None) -> list[str]:
+    """Held-out prompts, `per_category` images for every category (each category's prompts cycled in order).
 
-    Categories with fewer held-out prompts are cycled so that every category contributes about the same
-    number of images (GenEval weighs categories equally).
+    GenEval weighs categories equally; the shapes world has 3 held-out single-object prompts but 492
+    position prompts, so a plain prompt list would make the overall score a position score and the
+    single-object score a 3-image coin toss. Cycling gives every category the same number of images.
     """
-    cats = list(categories or shapes.CATEGORIES)
-    per_cat = {c: shapes.heldout_prompts(c) for c in cats}
-    target = max(len(v) for v in per_cat.values())
     out: list[str] = []
-    for c in cats:
-        ps = per_cat[c]
-        if not ps:
-            continue
-        cycled = [ps[i % len(ps)] for i in range(target)]
-        out.extend(p for p in cycled for _ in range(images_per_prompt))
-    return out
-
-
-def balanced_subset(prompts: list[str], n: int) -> list[str]:
-    """Up to n prompts, taking every category's prompts in turn (deterministic)."""
-    by_cat: dict[str, list[str]] = {}
-    for p in prompts:
-        by_cat.setdefault(shapes.parse_prompt(p).category, []).append(p)
-    out: list[str] = []
-    idx = 0
-    while len(out) < n and any(idx < len(v) for v in by_cat.values()):
-        for v in by_cat.values():
-            if idx < len(v) and len(out) < n:
-                out.append(v[idx])
-        idx += 1
+    for c in categories or shapes.CATEGORIES:
+        ps = shapes.heldout_prompts(c)
+        if ps:
+            out.extend(ps[i % len(ps)] for i in range(per_category))
     return out
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from margrpo.evaluate import balanced_subset, evaluate, format_summary
+from margrpo.evaluate import eval_prompt_set, evaluate, format_summary
 from margrpo.models.factory import ModelSpec, build_generator
 from margrpo.models.generator import MARGenerator
 from margrpo.sampling.sampler import SamplerConfig
@@ -43,7 +43,7 @@ from margrpo.worlds import shapes
 
 @dataclass
 class EvalSpec:
-    num_prompts: int = field(default=128, metadata={"range": (1, 100000)})
+    per_category: int = field(default=32, metadata={"range": (1, 100000)})
     ar_steps: int = field(default=16, metadata={"range": (1, 4096)})
     cfg: float = field(default=3.0, metadata={"range": (1.0, 50.0)})
     cfg_schedule: str = field(default="linear", metadata={"choices": ("linear", "constant")})
@@ -164,7 +164,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     data = ShapesBatches(cfg.seed, cfg.batch_size, start, cfg.model.img_size, cfg.category_weights)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.data_workers,
                                          prefetch_factor=4 if cfg.data_workers else None)
-    eval_prompts = balanced_subset(shapes.heldout_prompts(), cfg.eval.num_prompts)
+    eval_prompts = eval_prompt_set(cfg.eval.per_category)
     gen.train()
     t0 = time.perf_counter()
     it = iter(loader)
@@ -199,7 +199,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         if done % cfg.eval_every == 0 or done == cfg.steps:
             res = evaluate(ema, eval_prompts, cfg.eval.sampler(), seed=cfg.seed, progress=False)
             writer.log(done, {f"eval/{c}/strict": v["strict"] for c, v in res.summary.items()})
-            grid = make_grid(to_pil(res.images[:32]), nrow=8, labels=eval_prompts[:32], upscale=3)
+            pick = list(range(0, len(eval_prompts), max(1, len(eval_prompts) // 32)))[:32]
+            grid = make_grid(to_pil(res.images[pick]), nrow=8, labels=[eval_prompts[i] for i in pick], upscale=3)
             save_png(grid, out / "samples" / f"step-{done}.png")
             (out / "eval.json").write_text(json.dumps({"step": done, "summary": res.summary}, indent=2))
             tqdm.write(f"step {done}: held-out strict accuracy\n{format_summary(res.summary)}")

@@ -92,8 +92,7 @@ class LogSection:
     sample_every: int = field(default=10, metadata={"range": (1, None)})
     checkpoint_every: int = field(default=10, metadata={"range": (1, None)})
     keep_checkpoints: int = field(default=2, metadata={"range": (1, None)})
-    eval_every: int | None = field(default=None, metadata={"range": (1, None)})
-    eval_prompts: int = field(default=64, metadata={"range": (1, None)})
+    eval_per_category: int = field(default=64, metadata={"range": (1, None)})
     tensorboard: bool = True
 
 
