@@ -110,3 +110,16 @@ def test_mte_average_of_surrogates_equals_average_of_gradients():
         explicit += th.grad / len(xs)
     assert torch.allclose(g_avg, explicit, atol=1e-6)
     assert not math.isclose(float(g_avg.norm()), 0.0)
+
+
+def test_dual_clip_bounds_negative_advantage_terms_and_huge_ratios_stay_finite():
+    logp = torch.tensor([5.0, 5.0, 200.0])
+    old = torch.zeros(3)
+    adv = torch.tensor([-1.0, 1.0, -1.0])
+    loss, ratio = clipped_surrogate(logp, old, adv, clip_eps=0.2, dual_clip=3.0)
+    # A<0, ratio e^5: objective max(min(-e^5, -1.2), -3) = -3 ; A>0: clipped at 1.2
+    assert torch.allclose(loss, torch.tensor([3.0, -1.2, 3.0]))
+    assert torch.isfinite(ratio).all()
+    lp = logp.clone().requires_grad_(True)
+    clipped_surrogate(lp, old, adv, 0.2, 3.0)[0].sum().backward()
+    assert torch.isfinite(lp.grad).all() and lp.grad.abs().max() == 0  # every element is clipped

@@ -37,6 +37,7 @@ class AlgorithmSection:
     head_step_weighting: str = field(default="none", metadata={"choices": ("none", "std")})
     guidance: str = field(default="rollout", metadata={"choices": ("rollout", "cond_only")})
     clip_eps: float = field(default=0.2, metadata={"range": (0.0, 10.0)})
+    dual_clip: float | None = field(default=None, metadata={"range": (1.0, 100.0)})
     ppo_epochs: int = field(default=1, metadata={"range": (1, 100)})
     beta: float = field(default=0.01, metadata={"range": (0.0, 1e6)})
     kl: str = field(default="gaussian", metadata={"choices": ("gaussian", "reference")})
@@ -59,7 +60,7 @@ class AlgorithmSection:
                              "algorithm.policy_tokens='unknown' (or set consistency=false)")
 
     def objective(self) -> ObjectiveConfig:
-        return ObjectiveConfig(clip_eps=self.clip_eps, beta=self.beta, kl=self.kl, normalize=self.normalize,
+        return ObjectiveConfig(clip_eps=self.clip_eps, dual_clip=self.dual_clip, beta=self.beta, kl=self.kl, normalize=self.normalize,
                                guidance=self.guidance, head_step_weighting=self.head_step_weighting,
                                mte_top_fraction=self.mte_top_fraction if self.mte_k else 0.0,
                                consistency=self.consistency, consistency_start=self.consistency_start,

@@ -33,6 +33,7 @@ from margrpo.sampling.rollout import Rollout
 @dataclass
 class ObjectiveConfig:
     clip_eps: float = 0.2
+    dual_clip: float | None = None
     beta: float = 0.01
     kl: str = "gaussian"  # "gaussian" | "reference"
     normalize: str = "element"  # "element" | "token"
@@ -116,7 +117,7 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
             old_cache[key] = main.logp.detach()
         old = old_cache[key]
     adv = advantages.to(dev).float()[img][None, :, None]
-    pg, ratio = clipped_surrogate(main.logp, old, adv, cfg.clip_eps)
+    pg, ratio = clipped_surrogate(main.logp, old, adv, cfg.clip_eps, cfg.dual_clip)
     stats: dict[str, float] = {}
 
     # ---------------- multi-trajectory expectation on the uncertain tokens
@@ -133,7 +134,7 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
                 key_k = ("mte", step, k, tuple(js))
                 if first_epoch and key_k not in old_cache:
                     old_cache[key_k] = st_k.logp.detach()
-                pg_k, _ = clipped_surrogate(st_k.logp, old_cache[key_k], adv[:, idx], cfg.clip_eps)
+                pg_k, _ = clipped_surrogate(st_k.logp, old_cache[key_k], adv[:, idx], cfg.clip_eps, cfg.dual_clip)
                 terms.append(pg_k)
             pg_mte = torch.stack(terms).mean(0)
             sel = torch.zeros(n_tok, dtype=torch.bool, device=dev)
