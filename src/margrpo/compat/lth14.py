@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from margrpo.models.mar import MAR, MARConfig
+from margrpo.models.weights import WeightsMismatchError, load_state_strict
 
 # LTH14/mar `models/mar.py` presets: (embed dim, depth, heads) for encoder and decoder alike.
 MAR_PRESETS: dict[str, dict[str, int]] = {
@@ -44,7 +45,7 @@ _ARGS_FIELDS = ("img_size", "vae_stride", "patch_size", "vae_embed_dim", "mask_r
                 "num_sampling_steps", "diffusion_batch_mul", "grad_checkpointing")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(WeightsMismatchError):
     """A checkpoint that does not fit the model; the message names the file and the keys."""
 
 
@@ -118,21 +119,10 @@ def from_state_dict(state_dict: Mapping[str, torch.Tensor], source: str = "<stat
 
 def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Strict load that reports missing, unexpected and mis-shaped keys together, naming `source`."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [f"{k}: model {tuple(own[k].shape)} vs file {tuple(state_dict[k].shape)}"
-                  for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
-    if missing or unexpected or mismatched:
-        lines = [f"{source}: the weights do not fit the MAR architecture"]
-        if missing:
-            lines.append(f"  missing ({len(missing)}): {missing[:10]}")
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {unexpected[:10]}")
-        if mismatched:
-            lines.append(f"  mismatched ({len(mismatched)}): {mismatched[:10]}")
-        raise CheckpointError("\n".join(lines))
-    model.load_state_dict(dict(state_dict))
+    try:
+        load_state_strict(model, state_dict, source)
+    except WeightsMismatchError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from torch import nn
 from margrpo.models.conditioning import Condition, HashedTextEncoder, TextEncoder
 from margrpo.models.mar import MAR, MARConfig
 from margrpo.models.tokenizers import PixelTokenizer
+from margrpo.models.weights import load_state_strict
 
 FORMAT = "margrpo-generator"
 FORMAT_VERSION = 1
@@ -127,14 +128,4 @@ class MARGenerator(nn.Module):
 
 def _load_prefixed(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
     sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad = [f"{prefix}{k}: expected {tuple(own[k].shape)}, found {tuple(sd[k].shape)}"
-           for k in own if k in sd and own[k].shape != sd[k].shape]
-    if missing or unexpected or bad:
-        raise ValueError(f"{path / 'model.safetensors'}: weights do not fit the config: "
-                         f"missing {[prefix + k for k in missing[:5]]}, "
-                         f"unexpected {[prefix + k for k in unexpected[:5]]}, "
-                         f"mismatched {bad[:5]}")
-    module.load_state_dict(sd)
+    load_state_strict(module, sd, f"{path / 'model.safetensors'} [{prefix}*]")

@@ -60,7 +60,8 @@ class AlgorithmSection:
                              "algorithm.policy_tokens='unknown' (or set consistency=false)")
 
     def objective(self) -> ObjectiveConfig:
-        return ObjectiveConfig(clip_eps=self.clip_eps, dual_clip=self.dual_clip, beta=self.beta, kl=self.kl, normalize=self.normalize,
+        return ObjectiveConfig(clip_eps=self.clip_eps, dual_clip=self.dual_clip, beta=self.beta, kl=self.kl,
+                               normalize=self.normalize,
                                guidance=self.guidance, head_step_weighting=self.head_step_weighting,
                                mte_top_fraction=self.mte_top_fraction if self.mte_k else 0.0,
                                consistency=self.consistency, consistency_start=self.consistency_start,

@@ -45,7 +45,6 @@ import enum
 import math
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -54,6 +53,8 @@ from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin
 
 import yaml
+
+from margrpo.utils.atomic import atomic_write_text
 
 __all__ = [
     "ConfigError",
@@ -281,21 +282,7 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
 
     ``load_config(type(cfg), path)`` gives back an equal config.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = config_to_yaml(cfg)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_text(path, config_to_yaml(cfg))
 
 
 def _defaults(cls: type) -> dict[str, Any]:

@@ -18,12 +18,13 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from margrpo.utils.atomic import atomic_write_text
 
 __all__ = ["MetricsWriter", "read_metrics", "truncate_metrics", "StepTimer", "METRICS_FILE"]
 
@@ -69,18 +70,7 @@ def truncate_metrics(path: str | os.PathLike, max_step: int) -> int:
     if not p.exists():
         return 0
     rows = [r for r in _parse_lines(p, p.read_text(encoding="utf-8")) if r["step"] <= max_step]
-    text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(p, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
     return len(rows)
 
 

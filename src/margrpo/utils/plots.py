@@ -10,7 +10,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from margrpo.utils.atomic import atomic_write
 
 __all__ = ["plot_report", "plot_comparison", "smooth_ema", "metric_series"]
 
@@ -58,20 +59,9 @@ def _expand(metrics: Sequence[Mapping[str, Any]], key: str) -> list[str]:
 
 
 def _save(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = path.suffix.lstrip(".").lower() or "png"
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi), binary=True)
 
 
 def _note(ax: Any, text: str) -> None:

@@ -1,0 +1,30 @@
+"""Strict weight loading that reports every missing, unexpected and mis-shaped key at once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+
+class WeightsMismatchError(ValueError):
+    """Weights that do not fit a module; the message names the source and the keys."""
+
+
+def load_state_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """`module.load_state_dict(state_dict)` after checking keys and shapes, naming `source` on failure."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = [f"{k}: model {tuple(own[k].shape)} vs file {tuple(state_dict[k].shape)}"
+                  for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"{source}: the weights do not fit the {type(module).__name__} architecture"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): {missing[:10]}")
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): {unexpected[:10]}")
+        if mismatched:
+            lines.append(f"  mismatched ({len(mismatched)}): {mismatched[:10]}")
+        raise WeightsMismatchError("\n".join(lines))
+    module.load_state_dict(dict(state_dict))
