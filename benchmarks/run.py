@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import importlib
+import json
 import sys
+from pathlib import Path
+
+from benchmarks.common import RESULTS
 
 BENCHMARKS = ["benchmarks.bench_sampling", "benchmarks.bench_train_step", "benchmarks.bench_rewards"]
+
+
+def update_readme(readme: Path) -> None:
+    """Copy every results table into the README's bench-results block."""
+    from margrpo.demo import update_readme as write_block
+
+    parts = []
+    for md in sorted(RESULTS.glob("*.md")):
+        meta = json.loads(md.with_suffix(".json").read_text()).get("meta", {})
+        where = ", ".join(f"{k} {meta[k]}" for k in ("device", "dtype", "threads", "batch") if k in meta)
+        parts.append(f"**{md.stem}** ({where or 'see JSON'}):\n\n{md.read_text().strip()}\n")
+    write_block(readme, "\n".join(parts), start="<!-- bench-results:start -->", end="<!-- bench-results:end -->")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in BENCHMARKS:
         print(f"== {name}")
         importlib.import_module(name).main(argv)
+    update_readme(Path(__file__).resolve().parents[1] / "README.md")
     return 0
 
 

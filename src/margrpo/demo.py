@@ -43,14 +43,14 @@ def comparison_table(before: EvalResult, after: EvalResult) -> str:
 README_START, README_END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
 
 
-def update_readme(readme: Path, block: str) -> None:
-    """Replace the text between the demo-results markers (the README's results come from a demo run)."""
+def update_readme(readme: Path, block: str, start: str = README_START, end: str = README_END) -> None:
+    """Replace the text between two markers (the README's results come from demo and benchmark runs)."""
     text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme}: no {README_START} ... {README_END} markers to write the results into")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_START}\n{block.strip()}\n{README_END}{tail}")
+    if start not in text or end not in text:
+        raise ValueError(f"{readme}: no {start} ... {end} markers to write the results into")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{block.strip()}\n{end}{tail}")
 
 
 def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: list[str] | None = None,
