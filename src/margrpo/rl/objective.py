@@ -137,8 +137,6 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
                 pg_k, _ = clipped_surrogate(st_k.logp, old_cache[key_k], adv[:, idx], cfg.clip_eps, cfg.dual_clip)
                 terms.append(pg_k)
             pg_mte = torch.stack(terms).mean(0)
-            sel = torch.zeros(n_tok, dtype=torch.bool, device=dev)
-            sel[idx] = True
             pg = pg.clone()
             pg[:, idx] = pg_mte
 

@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -125,12 +124,6 @@ def select_steps(cfg: TrainConfig, head, step: int, rank: int = 0
     return ar, head_steps, tuple(sorted(record))
 
 
-@dataclass
-class TrainState:
-    step: int = 0
-    history: list[dict] = field(default_factory=list)
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         self.cfg = cfg
@@ -159,7 +152,6 @@ class Trainer:
         self.reward = build_rewards(cfg.rewards, cfg.reward_options, device=cfg.device)
         self.guard = RewardFailureGuard(cfg.max_reward_failure_fraction, min_samples=64)
         self.prompts = PromptSource(cfg)
-        self.state = TrainState()
         self.sample_prompts = self._sample_prompts()
 
     def _sample_prompts(self) -> list[str]:
@@ -244,8 +236,8 @@ class Trainer:
             rec["ratio/min"] = float(np.min(stats["ratio/min"]))
         rec.update(out.summary("reward"))
         valid = out.valid
-        if "shapes/strict" in out.components or any(k.endswith("/strict") for k in out.components):
-            key = next(k for k in out.components if k.endswith("/strict"))
+        key = next((k for k in out.components if k.endswith("/strict")), None)
+        if key is not None:
             rec["accuracy/strict"] = float(out.components[key][valid].float().mean()) if bool(valid.any()) else 0.0
         rec.update({
             "advantage/mean": float(adv.values[adv.use].mean()) if bool(adv.use.any()) else 0.0,
