@@ -215,6 +215,13 @@ def test_base_files_merge_and_cycle(tmp_path: Path) -> None:
     _write(tmp_path / "b.yaml", "base: a.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_config(Cfg, a)
+    # a list of files is layered in order, each with its own base chain; overrides still come last
+    over = _write(tmp_path / "over.yaml", "train:\n  lr: 0.3\n")
+    _write(tmp_path / "base.yaml", "seed: 3\ntrain:\n  lr: 0.1\n  steps: 10\n")
+    cfg = load_config(Cfg, [child, over], ["seed=5"])
+    assert (cfg.seed, cfg.train.lr, cfg.train.steps) == (5, 0.3, 20)
+    cfg = load_config(Cfg, [over, child])
+    assert (cfg.seed, cfg.train.lr, cfg.train.steps) == (3, 0.1, 20)  # child's base chain re-sets lr
     missing = _write(tmp_path / "m.yaml", "base: nowhere.yaml\n")
     with pytest.raises(ConfigError, match=r"m\.yaml:1: base config 'nowhere\.yaml' not found"):
         load_config(Cfg, missing)

@@ -10,7 +10,6 @@ not a tested guarantee (see the README).
 import numpy as np
 import pytest
 
-from margrpo.compare import preset_overrides
 from margrpo.configs import config_path
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer
@@ -19,8 +18,8 @@ from margrpo.utils.config import load_config
 
 @pytest.mark.parametrize("method", ["grpo"])
 def test_trainer_raises_an_easy_dense_reward(method, tmp_path):
-    cfg = load_config(TrainConfig, config_path("demo.yaml"), [
-        *preset_overrides(method), f"out_dir={tmp_path / method}", "steps=12", "rewards={colour_fraction: 1.0}",
+    cfg = load_config(TrainConfig, [config_path("demo.yaml"), config_path(f"presets/{method}.yaml")], [
+        f"out_dir={tmp_path / method}", "steps=12", "rewards={colour_fraction: 1.0}",
         "prompts.fixed=[a red square]", "algorithm.prompts_per_step=1", "algorithm.group_size=16",
         "optim.lr=1e-4", "log.sample_every=1000", "log.checkpoint_every=1000", "log.tensorboard=false"])
     metrics = Trainer(cfg, progress=False).run()

@@ -20,7 +20,7 @@ from margrpo.models.vae import (
     AutoencoderKL,
     DiagonalGaussian,
     Downsample,
-    KL16Tokenizer,
+    AutoencoderTokenizer,
     ResnetBlock,
     Upsample,
 )
@@ -198,7 +198,7 @@ def test_safetensors_and_training_extras(tmp_path: Path) -> None:
 
 def test_encode_decode_shapes_and_tokenizer() -> None:
     vae = _tiny()
-    tok = KL16Tokenizer(vae, scale=0.2325, patch_size=2)
+    tok = AutoencoderTokenizer(vae, scale=0.2325, patch_size=2)
     assert not any(p.requires_grad for p in vae.parameters())
     assert tok.stride == 4 and tok.token_dim == 16 and tok.latent_shape(16, 24) == (4, 4, 6)
     x = torch.rand(2, 3, 16, 24) * 2 - 1

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from margrpo.configs import config_path
 from margrpo.demo import eval_sampler
@@ -24,37 +23,6 @@ from margrpo.utils.config import load_config
 from margrpo.utils.plots import plot_comparison
 
 CONTROL = ["rewards={colour_fraction: 1.0}", "prompts.fixed=[a red square]"]
-
-
-def preset_overrides(name: str) -> list[str]:
-    """A preset YAML (with its `base:` chain) flattened to dotted overrides."""
-    def load(path: Path) -> dict:
-        data = yaml.safe_load(path.read_text()) or {}
-        base = data.pop("base", None)
-        merged: dict = {}
-        for b in [base] if isinstance(base, str) else (base or []):
-            merged = _merge(merged, load(path.parent / b))
-        return _merge(merged, data)
-
-    out: list[str] = []
-
-    def flat(prefix: str, d: dict) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                flat(f"{prefix}{k}.", v)
-            else:
-                value = yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
-                out.append(f"{prefix}{k}={value}")
-
-    flat("", load(config_path(f"presets/{name}.yaml")))
-    return out
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _mean_std(values: list[float]) -> str:
@@ -72,8 +40,8 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
     for m in methods:
         runs, finals = [], []
         for seed in seeds:
-            cfg = load_config(TrainConfig, cfg_file, [*preset_overrides(m), *overrides, f"seed={seed}",
-                                                      f"out_dir={out / m / f'seed-{seed}'}"])
+            cfg = load_config(TrainConfig, [cfg_file, config_path(f"presets/{m}.yaml")],
+                              [*overrides, f"seed={seed}", f"out_dir={out / m / f'seed-{seed}'}"])
             tr = Trainer(cfg, progress=not quiet)
             metrics = tr.run()
             if prompts is None:
@@ -92,8 +60,8 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
             "step_seconds": float(np.mean([r["time/step"] for run in runs for r in run])),
         }
         # positive control: same method, easy dense reward, one fixed prompt
-        ccfg = load_config(TrainConfig, cfg_file, [*preset_overrides(m), *overrides, *CONTROL, f"steps={control_steps}",
-                                                   f"out_dir={out / 'control' / m}"])
+        ccfg = load_config(TrainConfig, [cfg_file, config_path(f"presets/{m}.yaml")],
+                           [*overrides, *CONTROL, f"steps={control_steps}", f"out_dir={out / 'control' / m}"])
         cm = Trainer(ccfg, progress=not quiet).run()
         rew = np.asarray([r["reward/mean"] for r in cm])
         k = max(1, len(rew) // 5)

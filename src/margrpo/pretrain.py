@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from margrpo.evaluate import eval_prompt_set, evaluate, format_summary
 from margrpo.models.factory import ModelSpec, build_generator
 from margrpo.models.generator import MARGenerator
+from margrpo.pretrain_autoencoder import AutoencoderSpec, train_autoencoder
 from margrpo.sampling.sampler import SamplerConfig
 from margrpo.utils.checkpoint import (
     latest_checkpoint,
@@ -37,7 +38,7 @@ from margrpo.utils.checkpoint import (
 from margrpo.utils.config import save_config
 from margrpo.utils.images import make_grid, save_png, to_pil
 from margrpo.utils.metrics import MetricsWriter
-from margrpo.utils.rng import generator_state, make_generator, numpy_rng, set_generator_state
+from margrpo.utils.rng import derive_seed, generator_state, make_generator, numpy_rng, set_generator_state
 from margrpo.worlds import shapes
 
 
@@ -57,6 +58,7 @@ class EvalSpec:
 @dataclass
 class PretrainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
+    autoencoder: AutoencoderSpec | None = None  # required iff model.tokenizer == "autoencoder"
     eval: EvalSpec = field(default_factory=EvalSpec)
     out_dir: str = "runs/pretrain"
     seed: int = 0
@@ -85,6 +87,9 @@ class PretrainConfig:
             raise ValueError(f"category_weights has unknown categories {sorted(unknown)}; valid: {shapes.CATEGORIES}")
         if sum(self.category_weights.values()) <= 0:
             raise ValueError("category_weights must have a positive sum")
+        if (self.model.tokenizer == "autoencoder") != (self.autoencoder is not None):
+            raise ValueError("the 'autoencoder' section is required when model.tokenizer is 'autoencoder' and "
+                             f"would do nothing otherwise; model.tokenizer is {self.model.tokenizer!r}")
 
 
 def vocabulary() -> list[str]:
@@ -98,18 +103,19 @@ def vocabulary() -> list[str]:
 
 
 class ShapesBatches(torch.utils.data.IterableDataset):
-    """Batch k = (uint8 images [B, 32, 32, 3], prompts) rendered from numpy_rng(seed, "data", k)."""
+    """Batch k = (uint8 images [B, 32, 32, 3], prompts) rendered from numpy_rng(seed, stream, k)."""
 
-    def __init__(self, seed: int, batch_size: int, start: int, size: int, category_weights: dict[str, float]):
+    def __init__(self, seed: int, batch_size: int, start: int, size: int, category_weights: dict[str, float],
+                 stream: str = "data"):
         super().__init__()
-        self.seed, self.batch_size, self.start, self.size = seed, batch_size, start, size
+        self.seed, self.batch_size, self.start, self.size, self.stream = seed, batch_size, start, size, stream
         cats = [c for c in shapes.CATEGORIES if category_weights.get(c, 0) > 0]
         w = np.array([category_weights[c] for c in cats], dtype=np.float64)
         self.cats, self.probs = cats, w / w.sum()
         self.prompts = {c: shapes.train_prompts(c) for c in cats}
 
     def batch(self, k: int) -> tuple[np.ndarray, list[str]]:
-        rng = numpy_rng(self.seed, "data", k)
+        rng = numpy_rng(self.seed, self.stream, k)
         cats = rng.choice(len(self.cats), size=self.batch_size, p=self.probs)
         prompts = [self.prompts[self.cats[c]][rng.integers(len(self.prompts[self.cats[c]]))] for c in cats]
         imgs = np.stack([np.asarray(shapes.render_scene(p, rng, self.size)) for p in prompts])
@@ -138,12 +144,19 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     dev = torch.device(cfg.device)
-    gen = build_generator(cfg.model, vocabulary()).to(dev)
+    tokenizer = None
+    if cfg.autoencoder is not None:
+        tokenizer = train_autoencoder(cfg.autoencoder, img_size=cfg.model.img_size, seed=cfg.seed, out_dir=out,
+                                      category_weights=cfg.category_weights, device=dev, progress=progress)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's global RNG
+        torch.manual_seed(derive_seed(cfg.seed, "pretrain", "init"))
+        gen = build_generator(cfg.model, vocabulary(), tokenizer).to(dev)
     ema = copy.deepcopy(gen).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
+    trainable = [(name, p) for name, p in gen.named_parameters() if p.requires_grad]  # not a frozen tokenizer
     decay, no_decay = [], []
-    for name, p in gen.named_parameters():
+    for name, p in trainable:
         (no_decay if p.ndim < 2 or "pos_embed" in name or "fake_latent" in name or "mask_token" in name
          else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -176,13 +189,14 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         cond = gen.encode_prompts(list(prompts))
-        tokens = gen.encode_images(images)
+        with torch.no_grad():
+            tokens = gen.encode_images(images, generator=torch_gen)
         loss = gen.mar.pretrain_loss(tokens, cond, torch_gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         opt.step()
         with torch.no_grad():
             d = min(cfg.ema_decay, (1 + step) / (10 + step))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from torch import nn
+
 from margrpo.models.conditioning import HashedTextEncoder
 from margrpo.models.generator import MARGenerator
 from margrpo.models.mar import MAR, MARConfig
@@ -11,8 +13,14 @@ from margrpo.models.mar import MAR, MARConfig
 
 @dataclass
 class ModelSpec:
-    """A pixel-token text-to-image MAR. Encoder and decoder share width, depth and head count."""
+    """A text-to-image MAR. Encoder and decoder share width, depth and head count.
 
+    `tokenizer`: "pixels" (tokens are raw pixel patches) or "autoencoder" (tokens are patches of a
+    KL autoencoder's latent grid; the autoencoder is passed to `build_generator`, e.g. trained by
+    `margrpo pretrain` first).
+    """
+
+    tokenizer: str = field(default="pixels", metadata={"choices": ("pixels", "autoencoder")})
     img_size: int = field(default=32, metadata={"range": (8, 1024)})
     patch_size: int = field(default=8, metadata={"range": (1, 64)})
     width: int = field(default=128, metadata={"range": (8, 4096)})
@@ -33,9 +41,10 @@ class ModelSpec:
     text_depth: int = field(default=1, metadata={"range": (1, 12)})
     text_max_len: int = field(default=12, metadata={"range": (1, 256)})
 
-    def mar_config(self) -> MARConfig:
+    def mar_config(self, latent_channels: int = 3, latent_stride: int = 1) -> MARConfig:
         return MARConfig(
-            img_size=self.img_size, vae_stride=1, patch_size=self.patch_size, vae_embed_dim=3,
+            img_size=self.img_size, vae_stride=latent_stride, patch_size=self.patch_size,
+            vae_embed_dim=latent_channels,
             encoder_embed_dim=self.width, encoder_depth=self.depth, encoder_num_heads=self.num_heads,
             decoder_embed_dim=self.width, decoder_depth=self.depth, decoder_num_heads=self.num_heads,
             attn_dropout=self.dropout, proj_dropout=self.dropout, label_drop_prob=self.label_drop_prob,
@@ -46,11 +55,23 @@ class ModelSpec:
         )
 
 
-def build_generator(spec: ModelSpec, vocab: list[str]) -> MARGenerator:
-    """A randomly initialised generator with a small learned text encoder over `vocab`."""
+def build_generator(spec: ModelSpec, vocab: list[str], tokenizer: nn.Module | None = None) -> MARGenerator:
+    """A randomly initialised generator with a small learned text encoder over `vocab`.
+
+    `tokenizer` is required iff `spec.tokenizer == "autoencoder"` (an `AutoencoderTokenizer`).
+    """
+    if (spec.tokenizer == "autoencoder") != (tokenizer is not None):
+        raise ValueError(f"model.tokenizer={spec.tokenizer!r} needs "
+                         + ("an autoencoder tokenizer" if tokenizer is None else "no tokenizer argument"))
+    if tokenizer is not None and spec.img_size % (tokenizer.stride * spec.patch_size):
+        raise ValueError(f"model.img_size={spec.img_size} is not a multiple of the autoencoder stride "
+                         f"{tokenizer.stride} x model.patch_size={spec.patch_size}")
     if spec.text_max_len > spec.buffer_size and spec.condition_mode == "buffer":
         raise ValueError(f"model.text_max_len={spec.text_max_len} exceeds model.buffer_size={spec.buffer_size}; "
                          "text tokens go into the buffer")
     te = HashedTextEncoder(vocab, dim=spec.text_dim, max_len=spec.text_max_len, depth=spec.text_depth,
                            num_heads=max(1, spec.text_dim // 32))
-    return MARGenerator(MAR(spec.mar_config()), text_encoder=te)
+    if tokenizer is None:
+        return MARGenerator(MAR(spec.mar_config()), text_encoder=te)
+    mar = MAR(spec.mar_config(tokenizer.latent_channels, tokenizer.stride))
+    return MARGenerator(mar, tokenizer=tokenizer, text_encoder=te)

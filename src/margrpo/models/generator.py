@@ -1,8 +1,9 @@
 """A MAR model packaged with what turns prompts into conditions and tokens into images.
 
-`MARGenerator` = MAR transformer + diffusion head + tokenizer (pixels or KL-16) + optional text
-encoder. It saves to and loads from a folder: `config.json` (architecture, tokenizer and text-encoder
-specs, format version) and `model.safetensors` (all weights, prefixed `mar.` / `text_encoder.`).
+`MARGenerator` = MAR transformer + diffusion head + tokenizer (pixels or a KL autoencoder) + optional
+text encoder. It saves to and loads from a folder: `config.json` (architecture, tokenizer and
+text-encoder specs, format version) and `model.safetensors` (all weights, prefixed `mar.` /
+`text_encoder.` / `tokenizer.`).
 No pickle is involved in either direction.
 """
 
@@ -18,6 +19,7 @@ from torch import nn
 from margrpo.models.conditioning import Condition, HashedTextEncoder, TextEncoder
 from margrpo.models.mar import MAR, MARConfig
 from margrpo.models.tokenizers import PixelTokenizer
+from margrpo.models.vae import AutoencoderKL, AutoencoderTokenizer
 from margrpo.models.weights import load_state_strict
 
 FORMAT = "margrpo-generator"
@@ -53,8 +55,8 @@ class MARGenerator(nn.Module):
         return self.text_encoder.encode(list(prompts), dev)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens [B, L, C] -> images [B, 3, H, W] in [-1, 1]."""
-        return self.tokenizer.decode(self.mar.unpatchify(tokens))
+        """Tokens [B, L, C] -> images [B, 3, H, W] in [-1, 1] (an autoencoder's output is clamped)."""
+        return self.tokenizer.decode(self.mar.unpatchify(tokens)).clamp(-1, 1)
 
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> tokens [B, L, C]."""
@@ -83,6 +85,9 @@ class MARGenerator(nn.Module):
         if isinstance(self.text_encoder, HashedTextEncoder):
             tensors.update({f"text_encoder.{k}": v.detach().contiguous().cpu()
                             for k, v in self.text_encoder.state_dict().items()})
+        if isinstance(self.tokenizer, AutoencoderTokenizer):
+            tensors.update({f"tokenizer.{k}": v.detach().contiguous().cpu()
+                            for k, v in self.tokenizer.state_dict().items()})
         tmp = path / "model.safetensors.tmp"
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
         tmp.replace(path / "model.safetensors")
@@ -114,16 +119,30 @@ class MARGenerator(nn.Module):
                                  "config; valid: 'hashed'")
             te = HashedTextEncoder(te_spec["vocab"], te_spec["dim"], te_spec["max_len"], te_spec["depth"],
                                    te_spec["num_heads"])
-        tok_spec = spec.get("tokenizer", {"type": "pixels"})
-        if tok_spec["type"] != "pixels":
-            raise ValueError(f"{cfg_file}: tokenizer {tok_spec['type']!r} is not stored in the folder; "
-                             "valid here: 'pixels'")
+        tokenizer = _build_tokenizer(spec.get("tokenizer", {"type": "pixels"}), cfg_file)
         tensors = load_file(str(path / "model.safetensors"))
         _load_prefixed(mar, tensors, "mar.", path)
         if te is not None:
             _load_prefixed(te, tensors, "text_encoder.", path)
-        gen = cls(mar, PixelTokenizer(), te)
+        if isinstance(tokenizer, AutoencoderTokenizer):
+            _load_prefixed(tokenizer, tensors, "tokenizer.", path)
+        gen = cls(mar, tokenizer, te)
         return gen.to(device)
+
+
+def _build_tokenizer(tok_spec: dict, cfg_file: Path) -> nn.Module:
+    kind = tok_spec.get("type")
+    if kind == "pixels":
+        return PixelTokenizer()
+    if kind == "autoencoder_kl":
+        try:
+            vae = AutoencoderKL(**tok_spec["config"])
+            return AutoencoderTokenizer(vae, scale=float(tok_spec["scale"]), patch_size=int(tok_spec["patch_size"]))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{cfg_file}: key 'tokenizer' is not a valid autoencoder_kl spec ({e!r}); it needs "
+                             "'config' (AutoencoderKL arguments), 'scale' and 'patch_size'") from e
+    raise ValueError(f"{cfg_file}: tokenizer type {kind!r} cannot be rebuilt from this folder; "
+                     "valid: 'pixels', 'autoencoder_kl'")
 
 
 def _load_prefixed(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> None:

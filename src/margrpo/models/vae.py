@@ -25,7 +25,7 @@ with their defaults and only overrides `ch_mult` and `z_channels=embed_dim`):
   (upstream's only case) these are (2e -> 2e) and (e -> e).
 * The posterior clamps the log-variance to [-30, 20] before exponentiating.
 * The latent scale 0.2325 is *not* part of the autoencoder; MAR multiplies after sampling and divides
-  before decoding. `KL16Tokenizer` does that here.
+  before decoding. `AutoencoderTokenizer` does that here.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ __all__ = [
     "DiagonalGaussian",
     "Downsample",
     "Encoder",
-    "KL16Tokenizer",
+    "AutoencoderTokenizer",
     "ResnetBlock",
     "Upsample",
     "swish",
@@ -467,8 +467,11 @@ class AutoencoderKL(nn.Module):
         return self.decode(z.to(self.post_quant_conv.weight.dtype)), posterior
 
 
-class KL16Tokenizer(nn.Module):
+class AutoencoderTokenizer(nn.Module):
     """Frozen image <-> latent map with MAR's scaling: `encode` returns `z * scale`, `decode` divides.
+
+    Wraps any `AutoencoderKL`: LTH14's KL-16 (scale 0.2325) or the shapes world's small one (stride 8,
+    scale measured after its training so that latents have unit std, as LDM and MAR choose theirs).
 
     Latents stay on the [B, C, h, w] grid; patchification into tokens belongs to the MAR model.
     `patch_size` is recorded only so callers can ask for `token_dim` (C * p * p) in one place.
@@ -478,6 +481,8 @@ class KL16Tokenizer(nn.Module):
     """
 
     def __init__(self, vae: AutoencoderKL, scale: float = KL16_LATENT_SCALE, patch_size: int = 1):
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"latent scale must be a positive finite number, got {scale}")
         super().__init__()
         self.vae = vae
         self.scale = float(scale)
@@ -485,7 +490,7 @@ class KL16Tokenizer(nn.Module):
         self.vae.requires_grad_(False)
         self.vae.eval()
 
-    def train(self, mode: bool = True) -> KL16Tokenizer:
+    def train(self, mode: bool = True) -> AutoencoderTokenizer:
         super().train(mode)
         self.vae.eval()
         return self
@@ -493,6 +498,11 @@ class KL16Tokenizer(nn.Module):
     @property
     def latent_channels(self) -> int:
         return self.vae.embed_dim
+
+    def spec(self) -> dict[str, Any]:
+        """What `MARGenerator.save_pretrained` records to rebuild this tokenizer (weights go alongside)."""
+        return {"type": "autoencoder_kl", "scale": self.scale, "patch_size": self.patch_size,
+                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.vae.config.items()}}
 
     @property
     def stride(self) -> int:

@@ -728,10 +728,14 @@ def _finish(cls: type[T], raw: dict[str, Any], sources: _Sources) -> T:
 
 
 def load_config(
-    cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+    cls: type[T],
+    path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    overrides: Sequence[str] = (),
 ) -> T:
     """Build a ``cls``: defaults, then the YAML file ``path`` (and its ``base`` chain), then ``overrides``.
 
+    ``path`` may be a list of files, layered in order (each with its own ``base`` chain): this is
+    how ``margrpo compare`` puts a preset over the experiment's config.
     Raises :class:`ConfigError` listing every problem found, each with its file:line or override.
     """
     _check_cls(cls)
@@ -739,8 +743,9 @@ def load_config(
         raise TypeError("overrides must be a list of 'key=value' strings, not a single string")
     raw = _defaults(cls)
     sources: _Sources = {(): _Source("default", cls.__name__)}
-    if path is not None:
-        for data, layer_sources in _load_layers(Path(path), ()):
+    paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    for file in paths:
+        for data, layer_sources in _load_layers(Path(file), ()):
             _merge_into(raw, data, cls, (), sources, layer_sources.get)
     for ov in overrides:
         _apply_override(raw, ov, cls, sources)
