@@ -39,7 +39,7 @@ def test_log_prob_is_float32_under_bf16_autocast():
     assert lp.dtype == torch.float32
 
 
-def _ddpm_reference(head, x, k, out_c, out_u, w, clip):
+def _ddpm_reference(head, x, k, out_c, out_u, w, clip, clip_range=1.0):
     """improved-DDPM p_mean_variance (LEARNED_RANGE, EPSILON) in float64 numpy, CFG on eps only."""
     s = DdpmSchedule.create(str(head.num_steps), "cosine", 1000)
     c = head.token_dim
@@ -48,7 +48,7 @@ def _ddpm_reference(head, x, k, out_c, out_u, w, clip):
     xn = x.double().numpy()
     x0 = s.sqrt_recip_alphas_cumprod[k] * xn - s.sqrt_recipm1_alphas_cumprod[k] * eps
     if clip:
-        x0 = np.clip(x0, -1, 1)
+        x0 = np.clip(x0, -clip_range, clip_range)
     mean = s.posterior_mean_coef1[k] * x0 + s.posterior_mean_coef2[k] * xn
     frac = (v + 1) / 2
     log_var = frac * np.log(s.betas[k]) + (1 - frac) * s.posterior_log_variance_clipped[k]
@@ -56,9 +56,9 @@ def _ddpm_reference(head, x, k, out_c, out_u, w, clip):
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-@pytest.mark.parametrize("clip", [False, True])
-def test_ddpm_transition_matches_upstream_formula(guidance, clip):
-    head = randomize(DdpmHead(6, 16, 32, 2, "10", clip_denoised=clip))
+@pytest.mark.parametrize("clip,clip_range", [(False, 1.0), (True, 1.0), (True, 2.5)])
+def test_ddpm_transition_matches_upstream_formula(guidance, clip, clip_range):
+    head = randomize(DdpmHead(6, 16, 32, 2, "10", clip_denoised=clip, clip_range=clip_range))
     g = torch.Generator().manual_seed(1)
     x, z, zu = torch.randn(20, 6, generator=g), torch.randn(20, 16, generator=g), torch.randn(20, 16, generator=g)
     for j in [0, 4, 8]:
@@ -67,7 +67,7 @@ def test_ddpm_transition_matches_upstream_formula(guidance, clip):
         out_c = head.net(x, t, z)
         out_u = head.net(x, t, zu) if guidance != 1.0 else None
         tr = head.transition(x, j, z, zu if guidance != 1.0 else None, guidance)
-        mean, std = _ddpm_reference(head, x, k, out_c, out_u, guidance, clip)
+        mean, std = _ddpm_reference(head, x, k, out_c, out_u, guidance, clip, clip_range)
         assert rel_err(tr.mean, mean) < 1e-5
         assert rel_err(tr.std, std) < 1e-5
     # the net sees the original (not respaced) timestep, as MAR's _WrappedModel maps it

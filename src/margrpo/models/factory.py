@@ -32,6 +32,7 @@ class ModelSpec:
     head_depth: int = field(default=3, metadata={"range": (1, 32)})
     diffusion_steps: int = field(default=25, metadata={"range": (1, 1000)})
     clip_denoised: bool = True
+    clip_range: float = field(default=1.0, metadata={"range": (1e-6, None)})
     flow_noise_level: float = field(default=0.7, metadata={"range": (0.0, 2.0)})
     dropout: float = field(default=0.0, metadata={"range": (0.0, 0.9)})
     label_drop_prob: float = field(default=0.1, metadata={"range": (0.0, 1.0)})
@@ -51,7 +52,7 @@ class ModelSpec:
             buffer_size=self.buffer_size, diffloss_d=self.head_depth, diffloss_w=self.head_width,
             num_sampling_steps=str(self.diffusion_steps), diffusion_batch_mul=self.diffusion_batch_mul,
             condition="text", condition_mode=self.condition_mode, text_dim=self.text_dim, head=self.head,
-            clip_denoised=self.clip_denoised, flow_noise_level=self.flow_noise_level,
+            clip_denoised=self.clip_denoised, clip_range=self.clip_range, flow_noise_level=self.flow_noise_level,
         )
 
 

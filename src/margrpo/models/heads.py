@@ -110,17 +110,24 @@ class DiffusionHead(nn.Module):
 class DdpmHead(DiffusionHead):
     """MAR's DiffLoss head: epsilon prediction with learned-range variance.
 
-    `clip_denoised` clamps the predicted x0 to [-1, 1] before forming the posterior mean; it is
-    needed for bounded pixel tokens (otherwise sampling diverges) and off for VAE latents (MAR).
+    `clip_denoised` clamps the predicted x0 to [-clip_range, clip_range] before forming the posterior
+    mean. Why: at the first respaced step of the cosine schedule x0 = (x - sqrt(1 - a) eps) / sqrt(a)
+    with a ~ 1e-9, so an eps error of 0.1 moves the posterior mean by ~170 and the chain never comes
+    back; a large, well-trained model (upstream MAR, clip off) predicts eps there almost exactly, a
+    small one does not. Pixel tokens clip to [-1, 1]; the shapes autoencoder's unit-std latents to a
+    bound just above their largest measured magnitude.
     """
 
     def __init__(self, token_dim: int, z_channels: int, width: int, depth: int,
                  num_sampling_steps: str | int = "100", noise_schedule: str = "cosine",
                  clip_denoised: bool = False, grad_checkpointing: bool = False,
-                 diffusion_steps: int = 1000):
+                 diffusion_steps: int = 1000, clip_range: float = 1.0):
         super().__init__()
+        if not clip_range > 0:
+            raise ValueError(f"clip_range must be positive, got {clip_range}")
         self.token_dim = token_dim
         self.clip_denoised = clip_denoised
+        self.clip_range = float(clip_range)
         self.noise_schedule = noise_schedule
         self.net = SimpleMLPAdaLN(token_dim, width, token_dim * 2, z_channels, depth, grad_checkpointing)
         self.train_schedule = DdpmSchedule.create(diffusion_steps, noise_schedule, diffusion_steps)
@@ -166,7 +173,7 @@ class DdpmHead(DiffusionHead):
             xf = x.float()
             x0 = self._coef["sqrt_recip_alphas_cumprod"][k] * xf - self._coef["sqrt_recipm1_alphas_cumprod"][k] * eps
             if self.clip_denoised:
-                x0 = x0.clamp(-1, 1)
+                x0 = x0.clamp(-self.clip_range, self.clip_range)
             mean = self._coef["posterior_mean_coef1"][k] * x0 + self._coef["posterior_mean_coef2"][k] * xf
             frac = (var_values + 1) / 2
             log_var = frac * self._coef["log_betas"][k] + (1 - frac) * self._coef["posterior_log_variance_clipped"][k]

@@ -61,7 +61,8 @@ class MARConfig:
     condition_mode: str = "buffer"  # "buffer" | "cross_attention" (text only)
     text_dim: int = 0
     head: str = "ddpm"  # "ddpm" | "flow"
-    clip_denoised: bool = False  # DDPM: clamp predicted x0 to [-1, 1] (pixel tokens)
+    clip_denoised: bool = False  # DDPM: clamp predicted x0 to [-clip_range, clip_range]
+    clip_range: float = 1.0  # the data range: 1 for pixel tokens, a bound on |latent| for autoencoder tokens
     noise_schedule: str = "cosine"
     flow_noise_level: float = 0.7
     flow_shift: float = 1.0
@@ -155,7 +156,7 @@ class MAR(nn.Module):
         if cfg.head == "ddpm":
             self.diffloss: DiffusionHead = DdpmHead(
                 cfg.token_dim, d_dec, cfg.diffloss_w, cfg.diffloss_d, cfg.num_sampling_steps,
-                cfg.noise_schedule, cfg.clip_denoised, cfg.grad_checkpointing)
+                cfg.noise_schedule, cfg.clip_denoised, cfg.grad_checkpointing, clip_range=cfg.clip_range)
         else:
             self.diffloss = FlowHead(cfg.token_dim, d_dec, cfg.diffloss_w, cfg.diffloss_d,
                                      int(cfg.num_sampling_steps), cfg.flow_noise_level, cfg.flow_shift,
