@@ -12,6 +12,7 @@ from margrpo.worlds.shapes.prompts import (
     CATEGORIES,
     DEMO_PROMPTS,
     HELDOUT_KINDS,
+    HELDOUT_PAIRS,
     HELDOUT_RELATIONS,
     all_prompts,
     format_prompt,
@@ -21,10 +22,10 @@ from margrpo.worlds.shapes.prompts import (
     sample_train_prompt,
     train_prompts,
 )
-from margrpo.worlds.shapes.spec import INVERSE_RELATION, ObjectSpec, PromptSpec, RelationSpec
+from margrpo.worlds.shapes.spec import INVERSE_RELATION, RELATIONS, ObjectSpec, PromptSpec, RelationSpec
 
 SIZES = {"single": 18, "colour_attr": 180, "counting": 72, "position": 1224}
-HELDOUT_SIZES = {"single": 3, "colour_attr": 54, "counting": 12, "position": 492}
+HELDOUT_SIZES = {"single": 3, "colour_attr": 24, "counting": 12, "position": 284}
 
 
 def test_prompt_space_sizes_and_uniqueness() -> None:
@@ -128,9 +129,16 @@ def test_every_heldout_word_and_kind_occurs_in_training() -> None:
     held_words = {w for p in heldout_prompts() for w in p.split()}
     assert held_words <= train_words
     train_kinds = {o.kind for p in train for o in parse_prompt(p).objects}
-    assert len(train_kinds) == 18  # every colour-shape pair is seen, at least in counting
+    assert len(train_kinds) == 18  # every colour-shape pair is seen
     counts_per_kind = Counter(o.kind for p in train_prompts("counting") for o in parse_prompt(p).objects)
     assert min(counts_per_kind.values()) >= 3
+    # the held-out single kinds are seen in company: next to other objects, in every relation
+    for cat in ("colour_attr", "position"):
+        in_company = {o.kind for p in train_prompts(cat) for o in parse_prompt(p).objects}
+        assert HELDOUT_KINDS <= in_company, cat
+    relations = {(o.kind, parse_prompt(p).relation.relation) for p in train_prompts("position")
+                 for o in parse_prompt(p).objects[:1]}
+    assert {(k, r) for k in HELDOUT_KINDS for r in RELATIONS} <= relations
 
 
 def test_heldout_combinations_never_occur_in_training() -> None:
@@ -138,7 +146,7 @@ def test_heldout_combinations_never_occur_in_training() -> None:
         spec = parse_prompt(p)
         kinds = [o.kind for o in spec.objects]
         if spec.category in ("colour_attr", "position"):
-            assert not set(kinds) & HELDOUT_KINDS, p
+            assert frozenset(kinds) not in HELDOUT_PAIRS, p
         if spec.category == "single":
             assert kinds[0] not in HELDOUT_KINDS
         if spec.category == "counting":

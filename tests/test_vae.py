@@ -18,9 +18,9 @@ from margrpo.compat.kl16 import KL16CheckpointError, load_kl16, load_kl16_with_r
 from margrpo.models.vae import (
     AttnBlock,
     AutoencoderKL,
+    AutoencoderTokenizer,
     DiagonalGaussian,
     Downsample,
-    AutoencoderTokenizer,
     ResnetBlock,
     Upsample,
 )

@@ -29,7 +29,7 @@ class EvalResult:
 def eval_prompt_set(per_category: int = 64, categories: Sequence[str] | None = None) -> list[str]:
     """Held-out prompts, `per_category` images for every category (each category's prompts cycled in order).
 
-    GenEval weighs categories equally; the shapes world has 3 held-out single-object prompts but 492
+    GenEval weighs categories equally; the shapes world has 3 held-out single-object prompts but 284
     position prompts, so a plain prompt list would make the overall score a position score and the
     single-object score a 3-image coin toss. Cycling gives every category the same number of images.
     """

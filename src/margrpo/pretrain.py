@@ -196,7 +196,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
             raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], max_norm)
         opt.step()
         with torch.no_grad():
             d = min(cfg.ema_decay, (1 + step) / (10 + step))

@@ -12,6 +12,7 @@ from .detection import Detection, detect, detect_batch
 from .prompts import (
     DEMO_PROMPTS,
     HELDOUT_KINDS,
+    HELDOUT_PAIRS,
     HELDOUT_RELATIONS,
     all_prompts,
     format_prompt,
@@ -53,6 +54,7 @@ __all__ = [
     "COUNT_WORDS",
     "DEMO_PROMPTS",
     "HELDOUT_KINDS",
+    "HELDOUT_PAIRS",
     "HELDOUT_RELATIONS",
     "PALETTE",
     "RELATIONS",
