@@ -63,3 +63,29 @@ def test_bad_config_key_is_a_clear_error(model_dir, tmp_path, capsys):
     assert main(["train", str(cfg), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "mte_kk" in err and "bad.yaml:3" in err and "did you mean 'algorithm.mte_k'" in err
+
+
+def test_demo_quick_runs_twice_in_the_same_folder(model_dir, tmp_path, capsys):
+    args = ["demo", "--quick", "--out", str(tmp_path / "demo"), "--quiet", f"model={model_dir}",
+            "sampling.ar_steps=4", "sampling.diffusion_steps=4", "algorithm.prompts_per_step=2",
+            "algorithm.group_size=2", "log.tensorboard=false"]
+    assert main(args) == 0
+    assert main(args) == 0  # `make demo` is idempotent: the second run replaces the first
+    out = capsys.readouterr().out
+    assert "removing the previous demo run" in out and "| overall |" in out
+    assert (tmp_path / "demo" / "grid_before_after.png").is_file()
+    assert json.loads((tmp_path / "demo" / "after.json").read_text())["summary"]["overall"]["n"] == 32
+
+
+def test_compare_writes_a_table_per_method_with_control(model_dir, tmp_path, capsys):
+    rc = main(["compare", f"model={model_dir}", "steps=2", "sampling.ar_steps=4", "sampling.diffusion_steps=4",
+               "algorithm.prompts_per_step=2", "algorithm.group_size=2", "log.eval_per_category=2",
+               "log.tensorboard=false", "--seeds", "0", "1", "--control-steps", "2", "--out", str(tmp_path / "cmp"),
+               "--quiet"])
+    assert rc == 0
+    res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert set(res["methods"]) == set(res["control"]) == {"grpo", "mar-grpo"}
+    assert all(len(r["final_strict"]) == 2 for r in res["methods"].values())
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| grpo | 2 |" in table and "| mar-grpo | 2 |" in table
+    assert (tmp_path / "cmp" / "compare_reward_mean.png").is_file()

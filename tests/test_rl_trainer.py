@@ -136,3 +136,22 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(tiny_model_dir, tmp_path
     Trainer(_cfg(tiny_model_dir, tmp_path / "r", 2), progress=False).run()
     with pytest.raises(FileExistsError, match="--resume"):
         Trainer(_cfg(tiny_model_dir, tmp_path / "r", 2), progress=False).run()
+
+
+def test_prompt_sampling_balances_categories_unless_told_not_to():
+    from collections import Counter
+
+    from margrpo.rl.trainer import PromptSource
+    from margrpo.worlds import shapes
+
+    def shares(balance: bool) -> dict[str, float]:
+        cfg = load_config(TrainConfig, None, [f"prompts.balance_categories={str(balance).lower()}"])
+        src = PromptSource(cfg)
+        cats = Counter(shapes.parse_prompt(p).category for k in range(50) for p in src.batch(k, 16)[0])
+        assert set(src.batch(3, 16)[0]) <= set(shapes.train_prompts())
+        assert src.batch(3, 16) == PromptSource(cfg).batch(3, 16)  # a pure function of (seed, step)
+        return {c: n / 800 for c, n in cats.items()}
+
+    balanced, uniform = shares(True), shares(False)
+    assert all(0.2 < balanced[c] < 0.3 for c in shapes.CATEGORIES), balanced
+    assert uniform["position"] > 0.7 and uniform.get("single", 0) < 0.05, uniform  # 940 of 1171 prompts

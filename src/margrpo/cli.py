@@ -81,11 +81,19 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """With an optional CONFIG before the overrides, argparse puts a first `key=value` in the CONFIG slot."""
+    if args.config is not None and "=" in args.config and not Path(args.config).is_file():
+        return None, [args.config, *args.overrides]
+    return args.config, list(args.overrides)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from margrpo.pretrain import PretrainConfig, pretrain
     from margrpo.utils.config import load_config
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    config, overrides = _config_and_overrides(args)
+    cfg = load_config(PretrainConfig, config, overrides)
     pretrain(cfg, resume=args.resume, progress=not args.quiet)
     return 0
 
@@ -177,8 +185,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from margrpo.compare import run_compare
 
     _set_threads(args.threads)
-    run_compare(args.config, Path(args.out), args.methods, args.seeds, args.overrides, args.control_steps,
-                quiet=args.quiet)
+    config, overrides = _config_and_overrides(args)
+    run_compare(config, Path(args.out), args.methods, args.seeds, overrides, args.control_steps, quiet=args.quiet)
     return 0
 
 

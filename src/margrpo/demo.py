@@ -7,6 +7,7 @@ Writes under the output folder: `before.json`, `after.json`, `results.md` (per-c
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -61,6 +62,11 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
     if quick:
         ov += ["steps=4", "log.sample_every=2", "log.checkpoint_every=2"]
     cfg = load_config(TrainConfig, config_path("demo.yaml"), ov)
+    run_dir = Path(cfg.out_dir)
+    if run_dir.is_dir() and (run_dir / "config.yaml").is_file():
+        # the demo owns this folder: a second `make demo` starts over instead of refusing to run
+        print(f"removing the previous demo run in {run_dir}")
+        shutil.rmtree(run_dir)
     prompts = eval_prompt_set(8 if quick else cfg.log.eval_per_category)
     sampler = eval_sampler(cfg)
     base = load_model(cfg.model, cfg.device)
@@ -86,8 +92,6 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
     (out / "results.md").write_text(md)
     print(md)
     if readme is not None and not quick:
-        import shutil
-
         images = readme.parent / "docs" / "images"
         images.mkdir(parents=True, exist_ok=True)
         shutil.copy(out / "grid_before_after.png", images / "demo_before_after.png")

@@ -86,6 +86,9 @@ class PromptSection:
     source: str = "shapes"  # "shapes" or a path to a prompt file (GenEval metadata, T2I-R1, text)
     categories: list[str] | None = None  # restrict the shapes world to these categories
     fixed: list[str] | None = None  # train on exactly these prompts (positive controls, debugging)
+    # Draw a category uniformly, then a prompt of it (as pretraining and the held-out evaluation weigh
+    # categories); off = uniform over prompts, where the shapes world's train split is 80% position.
+    balance_categories: bool = True
 
 
 @dataclass

@@ -95,10 +95,26 @@ class PromptSource:
         if not self.prompts:
             raise ValueError(f"prompts: the source {p.source!r} gave no prompts")
         self.seed = cfg.seed
+        self.by_category: list[np.ndarray] = []
+        if p.balance_categories and not self.fixed:
+            cats = [m.get("category") for m in self.metadata]
+            if p.source == "shapes":
+                from margrpo.worlds import shapes
+
+                cats = [shapes.parse_prompt(q).category for q in self.prompts]
+            groups: dict = {}
+            for i, c in enumerate(cats):
+                groups.setdefault(c, []).append(i)
+            if len(groups) > 1:
+                self.by_category = [np.asarray(v) for _, v in sorted(groups.items(), key=lambda kv: str(kv[0]))]
 
     def batch(self, step: int, n: int, rank: int = 0) -> tuple[list[str], list[dict]]:
         rng = numpy_rng(self.seed, "prompts", rank, step)
-        idx = rng.choice(len(self.prompts), size=n, replace=len(self.prompts) < n)
+        if self.by_category:
+            cats = rng.integers(len(self.by_category), size=n)
+            idx = [int(self.by_category[c][rng.integers(len(self.by_category[c]))]) for c in cats]
+        else:
+            idx = rng.choice(len(self.prompts), size=n, replace=len(self.prompts) < n)
         return [self.prompts[i] for i in idx], [self.metadata[i] for i in idx]
 
 
