@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints-cpu.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench lint clean
+.PHONY: setup demo compare test test-all bench lint clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/margrpo demo --readme README.md
+
+# grpo vs mar-grpo, 3 seeds each at half the demo's steps (about 15 min on 2 cores); table into the README
+compare: setup
+	$(BIN)/margrpo compare steps=50 --seeds 0 1 2 --readme README.md
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks

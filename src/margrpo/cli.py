@@ -186,7 +186,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     config, overrides = _config_and_overrides(args)
-    run_compare(config, Path(args.out), args.methods, args.seeds, overrides, args.control_steps, quiet=args.quiet)
+    run_compare(config, Path(args.out), args.methods, args.seeds, overrides, args.control_steps, quiet=args.quiet,
+                readme=Path(args.readme) if args.readme else None)
     return 0
 
 
@@ -197,6 +198,7 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", nargs="+", default=["grpo", "mar-grpo"], help="presets to compare")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--control-steps", type=int, default=20, help="steps of the positive-control run per method")
+    p.add_argument("--readme", help="write the table and plots into this README's compare block")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true")

@@ -161,8 +161,11 @@ class Trainer:
             for p in self.reference.parameters():
                 p.requires_grad_(False)
         o = cfg.optim
-        self.opt = torch.optim.AdamW([p for _, p in self.params], lr=o.lr, betas=(o.beta1, o.beta2),
-                                     weight_decay=o.weight_decay)
+        params = [p for _, p in self.params]
+        if o.name == "sgd":
+            self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.beta1, weight_decay=o.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
         from margrpo.rewards import RewardFailureGuard, build_rewards
 
         self.reward = build_rewards(cfg.rewards, cfg.reward_options, device=cfg.device)
