@@ -80,7 +80,8 @@ def test_demo_quick_runs_twice_in_the_same_folder(model_dir, tmp_path, capsys):
 def test_compare_writes_a_table_per_method_with_control(model_dir, tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- compare-results:start -->\nold\n<!-- compare-results:end -->\ntail\n")
-    rc = main(["compare", "--readme", str(readme), f"model={model_dir}", "steps=2", "sampling.ar_steps=4", "sampling.diffusion_steps=4",
+    rc = main(["compare", "--readme", str(readme), f"model={model_dir}", "steps=2", "sampling.ar_steps=4",
+               "sampling.diffusion_steps=4",
                "algorithm.prompts_per_step=2", "algorithm.group_size=2", "log.eval_per_category=2",
                "log.tensorboard=false", "--seeds", "0", "1", "--control-steps", "2", "--out", str(tmp_path / "cmp"),
                "--quiet"])
