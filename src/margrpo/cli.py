@@ -112,21 +112,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from margrpo.rl.trainer import Trainer
     from margrpo.utils.config import load_config
 
+    config, overrides = _config_and_overrides(args)
     if args.resume:
         run = Path(args.resume)
         cfg_path = run / "config.yaml"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"--resume {run}: no config.yaml in that run directory")
-        overrides = list(args.overrides)
-        if args.config is not None:  # argparse puts the first override in the CONFIG slot
-            if "=" not in args.config:
-                raise ValueError(f"--resume takes the config from {cfg_path}; got an extra CONFIG {args.config!r}")
-            overrides.insert(0, args.config)
+        if config is not None:
+            raise ValueError(f"--resume takes the config from {cfg_path}; got an extra CONFIG {config!r}")
         cfg = load_config(TrainConfig, cfg_path, [*overrides, f"out_dir={run}"])
     else:
-        if args.config is None:
+        if config is None:
             raise ValueError("margrpo train needs a CONFIG file (see configs/) or --resume RUN_DIR")
-        cfg = load_config(TrainConfig, args.config, args.overrides)
+        cfg = load_config(TrainConfig, config, overrides)
     metrics = Trainer(cfg, progress=not args.quiet).run(resume=bool(args.resume))
     last = metrics[-1] if metrics else {}
     print(f"done: {cfg.out_dir} (step {last.get('step')}, reward {last.get('reward/mean', float('nan')):.4f})")

@@ -28,6 +28,7 @@ from margrpo.models.factory import ModelSpec, build_generator
 from margrpo.models.generator import MARGenerator
 from margrpo.pretrain_autoencoder import AutoencoderSpec, train_autoencoder
 from margrpo.sampling.sampler import SamplerConfig
+from margrpo.shapes_data import ShapesBatches, uint8_to_model_range
 from margrpo.utils.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -38,7 +39,7 @@ from margrpo.utils.checkpoint import (
 from margrpo.utils.config import save_config
 from margrpo.utils.images import make_grid, save_png, to_pil
 from margrpo.utils.metrics import MetricsWriter
-from margrpo.utils.rng import derive_seed, generator_state, make_generator, numpy_rng, set_generator_state
+from margrpo.utils.rng import derive_seed, generator_state, make_generator, set_generator_state
 from margrpo.worlds import shapes
 
 
@@ -102,32 +103,6 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-class ShapesBatches(torch.utils.data.IterableDataset):
-    """Batch k = (uint8 images [B, 32, 32, 3], prompts) rendered from numpy_rng(seed, stream, k)."""
-
-    def __init__(self, seed: int, batch_size: int, start: int, size: int, category_weights: dict[str, float],
-                 stream: str = "data"):
-        super().__init__()
-        self.seed, self.batch_size, self.start, self.size, self.stream = seed, batch_size, start, size, stream
-        cats = [c for c in shapes.CATEGORIES if category_weights.get(c, 0) > 0]
-        w = np.array([category_weights[c] for c in cats], dtype=np.float64)
-        self.cats, self.probs = cats, w / w.sum()
-        self.prompts = {c: shapes.train_prompts(c) for c in cats}
-
-    def batch(self, k: int) -> tuple[np.ndarray, list[str]]:
-        rng = numpy_rng(self.seed, self.stream, k)
-        cats = rng.choice(len(self.cats), size=self.batch_size, p=self.probs)
-        prompts = [self.prompts[self.cats[c]][rng.integers(len(self.prompts[self.cats[c]]))] for c in cats]
-        imgs = np.stack([np.asarray(shapes.render_scene(p, rng, self.size)) for p in prompts])
-        return imgs, prompts
-
-    def __iter__(self):
-        k = self.start
-        while True:
-            yield self.batch(k)
-            k += 1
-
-
 def lr_at(step: int, cfg: PretrainConfig) -> float:
     """Linear warm-up then cosine decay to min_lr_ratio * lr."""
     if step < cfg.warmup_steps:
@@ -185,7 +160,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     losses: list[float] = []
     for step in bar:
         imgs, prompts = next(it)
-        images = torch.as_tensor(imgs).to(dev).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        images = uint8_to_model_range(imgs, dev)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         cond = gen.encode_prompts(list(prompts))

@@ -21,13 +21,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from margrpo.models.vae import AutoencoderKL, AutoencoderTokenizer
 from margrpo.models.weights import load_state_strict
+from margrpo.shapes_data import ShapesBatches, uint8_to_model_range
 from margrpo.utils.atomic import atomic_write, atomic_write_text
 from margrpo.utils.rng import derive_seed, make_generator
 from margrpo.worlds import shapes
@@ -68,10 +68,6 @@ def _lr_at(step: int, spec: AutoencoderSpec) -> float:
     return spec.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / spec.steps)))
 
 
-def _images(batch: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(batch).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 def _load_stage(folder: Path, spec: AutoencoderSpec, img_size: int, seed: int) -> AutoencoderTokenizer | None:
     meta_file, weights = folder / "autoencoder.json", folder / "autoencoder.safetensors"
     if not (meta_file.is_file() and weights.is_file()):
@@ -89,8 +85,6 @@ def train_autoencoder(spec: AutoencoderSpec, *, img_size: int, seed: int, out_di
                       category_weights: dict[str, float], device: torch.device | str = "cpu",
                       progress: bool = True) -> AutoencoderTokenizer:
     """Train (or reuse from `out_dir/autoencoder/`) the frozen tokenizer for latent-token pretraining."""
-    from margrpo.pretrain import ShapesBatches  # the MAR stage's data source, on its own stream
-
     folder = Path(out_dir) / "autoencoder"
     dev = torch.device(device)
     cached = _load_stage(folder, spec, img_size, seed)
@@ -107,7 +101,7 @@ def train_autoencoder(spec: AutoencoderSpec, *, img_size: int, seed: int, out_di
     t0 = time.perf_counter()
     bar = tqdm(range(spec.steps), desc="autoencoder", disable=not progress)
     for step in bar:
-        x = _images(data.batch(step)[0], dev)
+        x = uint8_to_model_range(data.batch(step)[0], dev)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec)
         rec, post = vae(x, generator=gen)
@@ -126,7 +120,7 @@ def train_autoencoder(spec: AutoencoderSpec, *, img_size: int, seed: int, out_di
     check = ShapesBatches(seed, spec.scale_images, 0, img_size, category_weights, stream="autoencoder-check")
     imgs, prompts = check.batch(0)
     with torch.no_grad():
-        x = _images(imgs, dev)
+        x = uint8_to_model_range(imgs, dev)
         z = torch.cat([vae.encode(c).mode() for c in x.split(128)])
         rec = torch.cat([vae.decode(c).clamp(-1, 1) for c in z.split(128)])
     std = float(z.float().std())

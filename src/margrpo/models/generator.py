@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from margrpo.models.conditioning import Condition, HashedTextEncoder, TextEncoder
@@ -21,6 +21,7 @@ from margrpo.models.mar import MAR, MARConfig
 from margrpo.models.tokenizers import PixelTokenizer
 from margrpo.models.vae import AutoencoderKL, AutoencoderTokenizer
 from margrpo.models.weights import load_state_strict
+from margrpo.utils.atomic import atomic_write, atomic_write_text
 
 FORMAT = "margrpo-generator"
 FORMAT_VERSION = 1
@@ -81,18 +82,14 @@ class MARGenerator(nn.Module):
         spec = self.spec()
         if metadata:
             spec["metadata"] = metadata
-        tensors = {f"mar.{k}": v.detach().contiguous().cpu() for k, v in self.mar.state_dict().items()}
+        tensors = _prefixed_state(self.mar, "mar.")
         if isinstance(self.text_encoder, HashedTextEncoder):
-            tensors.update({f"text_encoder.{k}": v.detach().contiguous().cpu()
-                            for k, v in self.text_encoder.state_dict().items()})
+            tensors.update(_prefixed_state(self.text_encoder, "text_encoder."))
         if isinstance(self.tokenizer, AutoencoderTokenizer):
-            tensors.update({f"tokenizer.{k}": v.detach().contiguous().cpu()
-                            for k, v in self.tokenizer.state_dict().items()})
-        tmp = path / "model.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        tmp.replace(path / "model.safetensors")
-        (path / "config.json.tmp").write_text(json.dumps(spec, indent=2))
-        (path / "config.json.tmp").replace(path / "config.json")
+            tensors.update(_prefixed_state(self.tokenizer, "tokenizer."))
+        blob = save(tensors, metadata={"format": FORMAT})
+        atomic_write(path / "model.safetensors", lambda f: f.write(blob), binary=True)
+        atomic_write_text(path / "config.json", json.dumps(spec, indent=2))
         return path
 
     @classmethod
@@ -143,6 +140,10 @@ def _build_tokenizer(tok_spec: dict, cfg_file: Path) -> nn.Module:
                              "'config' (AutoencoderKL arguments), 'scale' and 'patch_size'") from e
     raise ValueError(f"{cfg_file}: tokenizer type {kind!r} cannot be rebuilt from this folder; "
                      "valid: 'pixels', 'autoencoder_kl'")
+
+
+def _prefixed_state(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
 def _load_prefixed(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> None:

@@ -502,7 +502,7 @@ class AutoencoderTokenizer(nn.Module):
     def spec(self) -> dict[str, Any]:
         """What `MARGenerator.save_pretrained` records to rebuild this tokenizer (weights go alongside)."""
         return {"type": "autoencoder_kl", "scale": self.scale, "patch_size": self.patch_size,
-                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.vae.config.items()}}
+                "config": dict(self.vae.config)}
 
     @property
     def stride(self) -> int:

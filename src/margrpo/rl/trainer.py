@@ -84,8 +84,9 @@ class PromptSource:
             unknown = set(cats) - set(shapes.CATEGORIES)
             if unknown:
                 raise ValueError(f"prompts.categories: unknown {sorted(unknown)}; valid: {shapes.CATEGORIES}")
-            self.prompts = [q for c in cats for q in shapes.train_prompts(c)]
-            self.metadata = [{} for _ in self.prompts]
+            pairs = [(q, c) for c in cats for q in shapes.train_prompts(c)]
+            self.prompts = [q for q, _ in pairs]
+            self.metadata = [{"category": c} for _, c in pairs]
         else:
             from margrpo.data.prompt_files import load_prompt_file
 
@@ -97,14 +98,9 @@ class PromptSource:
         self.seed = cfg.seed
         self.by_category: list[np.ndarray] = []
         if p.balance_categories and not self.fixed:
-            cats = [m.get("category") for m in self.metadata]
-            if p.source == "shapes":
-                from margrpo.worlds import shapes
-
-                cats = [shapes.parse_prompt(q).category for q in self.prompts]
             groups: dict = {}
-            for i, c in enumerate(cats):
-                groups.setdefault(c, []).append(i)
+            for i, m in enumerate(self.metadata):
+                groups.setdefault(m.get("category"), []).append(i)
             if len(groups) > 1:
                 self.by_category = [np.asarray(v) for _, v in sorted(groups.items(), key=lambda kv: str(kv[0]))]
 
