@@ -89,6 +89,12 @@ def test_compare_writes_a_table_per_method_with_control(model_dir, tmp_path, cap
     res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert set(res["methods"]) == set(res["control"]) == {"grpo", "mar-grpo"}
     assert all(len(r["final_strict"]) == 2 for r in res["methods"].values())
+    assert 0.0 <= res["base_strict"] <= 1.0 and all(0.0 <= r["null_final_strict"] <= 1.0
+                                                    for r in res["methods"].values())
+    null_cfg = (tmp_path / "cmp" / "null" / "grpo" / "config.yaml").read_text()
+    assert "random: 1.0" in null_cfg and "shapes: 0.0" in null_cfg  # the verifier rides along, unweighted
+    metrics = [json.loads(x) for x in (tmp_path / "cmp" / "null" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward/shapes/strict" in r for r in metrics if "reward/mean" in r)
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| grpo | 2 |" in table and "| mar-grpo | 2 |" in table
     assert (tmp_path / "cmp" / "compare_reward_mean.png").is_file()

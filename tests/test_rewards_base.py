@@ -31,7 +31,7 @@ from margrpo.rewards import (
 torch.set_num_threads(1)
 
 ALL_REWARDS = {"shapes", "jpeg_compressibility", "jpeg_incompressibility", "clip_score", "pickscore", "hpsv2",
-               "imagereward", "aesthetic", "remote"}
+               "imagereward", "aesthetic", "remote", "colour_fraction", "random"}
 
 
 def _imgs(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -268,3 +268,22 @@ def test_importing_rewards_is_cheap_and_empty_batches_work():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     out = build_reward("jpeg_compressibility")([], [])
     assert len(out) == 0 and out.summary()["reward/invalid_count"] == 0
+
+
+def test_random_null_control_is_uniform_deterministic_and_keyed():
+    from margrpo.rewards import build_rewards
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2000)]
+    r = build_rewards({"random": 1.0})
+    a = r(images, ["a red circle"] * len(images)).scores
+    assert torch.equal(a, r(images, ["two blue squares"] * len(images)).scores)  # same image, same score
+    assert 0.0 <= float(a.min()) and float(a.max()) < 1.0
+    assert abs(float(a.mean()) - 0.5) < 0.02 and abs(float(a.var()) - 1 / 12) < 0.01  # uniform moments
+    # a one-pixel change is a new independent draw, so the score cannot be climbed by small steps
+    arr = np.asarray(images[0]).copy()
+    arr[0, 0, 0] ^= 1
+    nudged = r([Image.fromarray(arr)] * 1, ["a red circle"]).scores
+    assert float(nudged[0]) != float(a[0])
+    other = build_rewards({"random": {"seed": 1}})(images[:200], ["a red circle"] * 200).scores
+    assert abs(float(np.corrcoef(a[:200].numpy(), other.numpy())[0, 1])) < 0.2

@@ -155,3 +155,26 @@ def test_prompt_sampling_balances_categories_unless_told_not_to():
     balanced, uniform = shares(True), shares(False)
     assert all(0.2 < balanced[c] < 0.3 for c in shapes.CATEGORIES), balanced
     assert uniform["position"] > 0.7 and uniform.get("single", 0) < 0.05, uniform  # 940 of 1171 prompts
+
+
+def test_branched_rollouts_score_only_the_branch_step(tiny_model_dir, tmp_path):
+    cfg = load_config(TrainConfig, None, [
+        f"model={tiny_model_dir}", f"out_dir={tmp_path / 'run'}", "steps=2", "rewards={colour_fraction: 1.0}",
+        "algorithm.prompts_per_step=2", "algorithm.group_size=3", "sampling.ar_steps=4",
+        "sampling.diffusion_steps=6", "algorithm.branch=true", "algorithm.mte_k=0", "algorithm.consistency=false",
+        "algorithm.policy_tokens=committed", "log.tensorboard=false"])
+    tr = Trainer(cfg, progress=False)
+    branches = set()
+    for step in range(6):
+        rollout, _, _, ar, _ = tr.rollout(step)
+        assert len(ar) == 1
+        branches.add(ar[0])
+        step_of = rollout.committed_step()
+        before = step_of[0] < ar[0]
+        assert torch.equal(rollout.tokens[0][before], rollout.tokens[1][before])  # same group, same prefix
+        assert not torch.equal(rollout.orders[0], rollout.orders[3])  # two prompts, two groups
+    assert len(branches) > 1  # the branch step is drawn per rollout
+    rows = tr.run()
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss/policy"])) for r in rows)
+    with pytest.raises(ValueError, match="exactly one AR step"):
+        load_config(TrainConfig, None, ["algorithm.branch=true", "algorithm.ar_step_count=2"])

@@ -4,7 +4,10 @@ For each method (a preset) and seed it trains from the same base with the same c
 result on the held-out prompts, and reports final accuracy (mean +- std over seeds), the reward and KL
 curves, and the grad-norm mean and spread. The positive control trains each method on an easy dense
 reward (share of red pixels, one fixed prompt); if that does not rise clearly, the estimator is broken
-and no other figure counts.
+and no other figure counts. The null control trains each method (first seed, same budget) on a random
+reward that carries no information, logging the real rewards beside it with weight 0: the held-out
+accuracy it ends at is what the optimizer's noise alone does to the model, the floor a real reward
+must beat before any gain is credited to learning.
 """
 
 from __future__ import annotations
@@ -61,15 +64,18 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
     results: dict = {"methods": {}, "control": {}}
     curves: dict[str, list[list[dict]]] = {}
     prompts = None
+    base = None
     for m in methods:
         runs, finals = [], []
         for seed in seeds:
             cfg = load_config(TrainConfig, [cfg_file, config_path(f"presets/{m}.yaml")],
                               [*overrides, f"seed={seed}", f"out_dir={out / m / f'seed-{seed}'}"])
             tr = Trainer(cfg, progress=not quiet)
-            metrics = tr.run()
             if prompts is None:
                 prompts = eval_prompt_set(cfg.log.eval_per_category)
+                base = evaluate(tr.gen, prompts, eval_sampler(cfg), seed=1234, progress=False)
+                results["base_strict"] = base.summary["overall"]["strict"]
+            metrics = tr.run()
             res = evaluate(tr.gen, prompts, eval_sampler(cfg), seed=1234, progress=False)
             runs.append(metrics)
             finals.append(res.summary["overall"]["strict"])
@@ -83,6 +89,14 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
             "grad_norm_mean": float(np.mean(gn)), "grad_norm_std": float(np.std(gn)),
             "step_seconds": float(np.mean([r["time/step"] for run in runs for r in run])),
         }
+        # null control: same method and budget, a reward without information; the real rewards ride along
+        null_rewards = json.dumps({"random": 1.0, **{k: 0.0 for k in cfg.rewards if k != "random"}})
+        ncfg = load_config(TrainConfig, [cfg_file, config_path(f"presets/{m}.yaml")],
+                           [*overrides, f"rewards={null_rewards}", f"seed={seeds[0]}", f"out_dir={out / 'null' / m}"])
+        ntr = Trainer(ncfg, progress=not quiet)
+        ntr.run()
+        results["methods"][m]["null_final_strict"] = evaluate(ntr.gen, prompts, eval_sampler(ncfg), seed=1234,
+                                                              progress=False).summary["overall"]["strict"]
         # positive control: same method, easy dense reward, one fixed prompt
         ccfg = load_config(TrainConfig, [cfg_file, config_path(f"presets/{m}.yaml")],
                            [*overrides, *CONTROL, f"steps={control_steps}", f"out_dir={out / 'control' / m}"])
@@ -94,11 +108,13 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
                                  "step_noise": noise, "steps": len(rew)}
     for key in PLOTS:
         plot_comparison(curves, key, out / f"compare_{key.replace('/', '_')}.png", smoothing=0.6)
-    lines = ["| method | seeds | held-out strict (final) | reward first 5 → last 5 | KL (last) | grad norm mean ± std "
-             "| s/step | control reward first → last (step noise) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | seeds | held-out strict: base → final | null control: final | reward first 5 → last 5 "
+             "| KL (last) | grad norm mean ± std | s/step | positive control reward first → last (step noise) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, r in results["methods"].items():
         c = results["control"][m]
-        lines.append(f"| {m} | {len(seeds)} | {_mean_std(r['final_strict'])} | {r['reward_first5']:.3f} → "
+        lines.append(f"| {m} | {len(seeds)} | {results['base_strict']:.3f} → {_mean_std(r['final_strict'])} | "
+                     f"{r['null_final_strict']:.3f} | {r['reward_first5']:.3f} → "
                      f"{r['reward_last5']:.3f} | {r['kl_last']:.2e} | {r['grad_norm_mean']:.3f} ± "
                      f"{r['grad_norm_std']:.3f} | {r['step_seconds']:.1f} | {c['first']:.3f} → {c['last']:.3f} "
                      f"({c['step_noise']:.3f}) |")

@@ -69,6 +69,9 @@ class PretrainConfig:
     weight_decay: float = field(default=0.02, metadata={"range": (0.0, 10.0)})
     warmup_steps: int = field(default=200, metadata={"range": (0, 10_000_000)})
     min_lr_ratio: float = field(default=0.1, metadata={"range": (0.0, 1.0)})
+    # Cosine cycles with warm restarts (SGDR): each cycle re-warms and decays again. None = one cycle
+    # over all steps. A run extended by whole cycles passes through exactly the states of the shorter run.
+    lr_cycle_steps: int | None = field(default=None, metadata={"range": (1, 10_000_000)})
     grad_clip: float = field(default=1.0, metadata={"range": (0.0, None)})
     ema_decay: float = field(default=0.999, metadata={"range": (0.0, 1.0)})
     category_weights: dict[str, float] = field(
@@ -104,10 +107,12 @@ def vocabulary() -> list[str]:
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Linear warm-up then cosine decay to min_lr_ratio * lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    """Linear warm-up then cosine decay to min_lr_ratio * lr, restarted every lr_cycle_steps."""
+    cycle = cfg.lr_cycle_steps or cfg.steps
+    pos = step % cycle if cfg.lr_cycle_steps else step
+    if pos < cfg.warmup_steps:
+        return cfg.lr * (pos + 1) / cfg.warmup_steps
+    progress = (pos - cfg.warmup_steps) / max(1, cycle - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 

@@ -462,6 +462,7 @@ _LAZY: dict[str, str] = {
     "aesthetic": "margrpo.rewards.aesthetic:AestheticScore",
     "remote": "margrpo.rewards.remote.client:RemoteReward",
     "colour_fraction": "margrpo.rewards.control:ColourFraction",
+    "random": "margrpo.rewards.control:RandomReward",
 }
 
 

@@ -51,8 +51,16 @@ class AlgorithmSection:
     consistency_start: int = field(default=1, metadata={"range": (0, 4096)})
     consistency_tau: float = field(default=0.0, metadata={"range": (-2.0, 2.0)})
     update: str = field(default="rollout", metadata={"choices": ("rollout", "ar_step")})
+    # Branched groups: the G images of a prompt share their order and head noise except at one AR step
+    # (drawn per rollout), the only step scored. Reward differences in a group then come from that step's
+    # tokens alone instead of from every token of the image (measured on the shapes base: gradient
+    # estimates of independent batches agree at cosine ~0 unbranched).
+    branch: bool = False
 
     def __post_init__(self) -> None:
+        if self.branch and self.ar_step_count not in (None, 1):
+            raise ValueError(f"algorithm.branch scores exactly one AR step (the branch step); got "
+                             f"ar_step_count={self.ar_step_count} (leave it unset or 1)")
         if self.mte_k == 1:
             raise ValueError("algorithm.mte_k=1 cannot estimate uncertainty; use 0 (off) or >= 2")
         if self.consistency and self.policy_tokens != "unknown":
@@ -132,10 +140,11 @@ class TrainConfig:
         if not self.rewards:
             raise ValueError("rewards: at least one reward is needed, e.g. {shapes: 1.0}")
 
-    def sampler(self, record_steps: tuple[int, ...] | None) -> SamplerConfig:
+    def sampler(self, record_steps: tuple[int, ...] | None, branch_step: int | None = None) -> SamplerConfig:
         a, s = self.algorithm, self.sampling
         return SamplerConfig(num_ar_steps=s.ar_steps, num_diffusion_steps=s.diffusion_steps, cfg=s.cfg,
                              cfg_schedule=s.cfg_schedule, temperature=s.temperature,
                              diffuse="all_unknown" if a.policy_tokens == "unknown" else "to_predict",
                              record=True, record_steps=record_steps, record_z=False, mte_k=a.mte_k,
-                             mte_source=a.mte_source)
+                             mte_source=a.mte_source, noise_group=a.group_size if branch_step is not None else 1,
+                             branch_step=branch_step)

@@ -120,8 +120,11 @@ def select_steps(cfg: TrainConfig, head, step: int, rank: int = 0
     a = cfg.algorithm
     n_ar = cfg.sampling.ar_steps
     g = make_generator(cfg.seed, "select", rank, step)
-    count = a.ar_step_count if a.ar_step_count is not None else max(1, round(a.ar_step_fraction * n_ar))
-    count = min(count, n_ar)
+    if a.branch:
+        count = 1
+    else:
+        count = a.ar_step_count if a.ar_step_count is not None else max(1, round(a.ar_step_fraction * n_ar))
+        count = min(count, n_ar)
     ar = sorted(torch.randperm(n_ar, generator=g)[:count].tolist())
     eligible_max = max(1, math.ceil(a.head_step_max_fraction * head.num_steps))
     eligible = [j for j in range(eligible_max) if head.is_stochastic(j)]
@@ -197,7 +200,7 @@ class Trainer:
         cond = cond.repeat_interleave(a.group_size) if cond is not None else None
         n = a.prompts_per_step * a.group_size
         with self._autocast():
-            r = sample(self.gen.mar, cond, n, self.cfg.sampler(record),
+            r = sample(self.gen.mar, cond, n, self.cfg.sampler(record, ar[0] if a.branch else None),
                        make_generator(self.cfg.seed, "rollout", self.rank, step, device=self.device),
                        make_generator(self.cfg.seed, "mte", self.rank, step, device=self.device))
         r.prompts = [p for p in prompts for _ in range(a.group_size)]

@@ -43,8 +43,20 @@ class SamplerConfig:
     record_z: bool = True
     mte_k: int = 0
     mte_source: str = "commit"
+    # Branched groups: consecutive runs of `noise_group` images share their generation order and all head
+    # noise except at AR step `branch_step`, where each image draws its own. Reward differences inside a
+    # group are then caused by that one step's tokens alone (see `margrpo.rl` for why that matters).
+    noise_group: int = 1
+    branch_step: int | None = None
 
     def __post_init__(self) -> None:
+        if self.noise_group < 1:
+            raise ValueError(f"noise_group must be >= 1, got {self.noise_group}")
+        if (self.noise_group > 1) != (self.branch_step is not None):
+            raise ValueError("noise_group > 1 and branch_step go together (shared noise needs the step where "
+                             f"images branch); got noise_group={self.noise_group}, branch_step={self.branch_step}")
+        if self.branch_step is not None and not 0 <= self.branch_step < self.num_ar_steps:
+            raise ValueError(f"branch_step={self.branch_step} is not an AR step; valid: 0..{self.num_ar_steps - 1}")
         if self.diffuse not in DIFFUSE_MODES:
             raise ValueError(f"diffuse={self.diffuse!r}; valid: {DIFFUSE_MODES}")
         if self.mte_source not in MTE_SOURCES:
@@ -138,6 +150,17 @@ def split_noise(committed: torch.Tensor, token_dim: int, main: torch.Generator |
     return draw
 
 
+def shared_within_groups(draw_first: Callable[[], torch.Tensor], group: int, per_image: int
+                         ) -> Callable[[], torch.Tensor]:
+    """Expand draws made for the first image of each group ([B/G * per_image, C]) to all its G images."""
+
+    def draw() -> torch.Tensor:
+        x = draw_first()
+        return x.reshape(-1, per_image, x.shape[-1]).repeat_interleave(group, dim=0).reshape(-1, x.shape[-1])
+
+    return draw
+
+
 def _extra_generator(generator: torch.Generator | None) -> torch.Generator | None:
     """An independent stream for the noise of diffused-but-not-committed tokens, seeded from `generator`."""
     if generator is None:
@@ -175,7 +198,10 @@ def sample(model: torch.nn.Module, cond: Condition | None, batch_size: int, conf
     device = next(model.parameters()).device
     seq_len, c = model.seq_len, model.token_embed_dim
     counts = mask_schedule(config.num_ar_steps, seq_len)
-    orders = model.sample_orders(batch_size, generator, device)
+    group = config.noise_group
+    if batch_size % group:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of noise_group {group}")
+    orders = model.sample_orders(batch_size // group, generator, device).repeat_interleave(group, dim=0)
     tokens = torch.zeros(batch_size, seq_len, c, device=device)
     known = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
     record_steps = set(range(config.num_ar_steps) if config.record_steps is None else config.record_steps)
@@ -201,8 +227,14 @@ def sample(model: torch.nn.Module, cond: Condition | None, batch_size: int, conf
         zc_sel = z_c[diffused]
         zu_sel = z_u[diffused] if z_u is not None else None
         committed = to_pred[diffused]
-        noise_fn = None if bool(committed.all()) else split_noise(committed, head.token_dim, generator,
-                                                                   extra_generator)
+        if group > 1 and i != config.branch_step:  # every image of a group has the same masks here
+            per_image = int(diffused[0].sum())
+            first = committed.reshape(batch_size, per_image)[::group].reshape(-1)
+            noise_fn = shared_within_groups(split_noise(first, head.token_dim, generator, extra_generator),
+                                            group, per_image)
+        else:
+            noise_fn = None if bool(committed.all()) else split_noise(committed, head.token_dim, generator,
+                                                                       extra_generator)
         x_final, traj = run_chain(head, zc_sel, zu_sel, guidance, config.temperature, generator, rec, noise_fn)
         canvas_before = tokens.clone() if rec else None
         tokens[to_pred] = x_final[committed].to(tokens.dtype)
