@@ -105,3 +105,17 @@ def test_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="not a multiple"):
         build_generator(ModelSpec(**{**TINY_MODEL.__dict__, "img_size": 36}), vocabulary(),
                         AutoencoderTokenizer(TINY_AE.build(32), scale=1.0))
+
+
+def test_lr_cycles_restart_and_extend_a_shorter_run_exactly():
+    import math
+
+    from margrpo.pretrain import lr_at
+
+    short = PretrainConfig(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    long = PretrainConfig(steps=300, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, lr_cycle_steps=100)
+    assert [lr_at(s, short) for s in range(100)] == [lr_at(s, long) for s in range(100)]
+    assert lr_at(0, short) == pytest.approx(1e-4)  # warm-up 1/10
+    assert lr_at(10, short) == pytest.approx(1e-3)  # cosine starts at the peak
+    assert lr_at(55, short) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))))
+    assert lr_at(100, long) == lr_at(0, long) and lr_at(255, long) == lr_at(55, long)  # each cycle re-warms
