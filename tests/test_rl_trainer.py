@@ -178,3 +178,33 @@ def test_branched_rollouts_score_only_the_branch_step(tiny_model_dir, tmp_path):
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss/policy"])) for r in rows)
     with pytest.raises(ValueError, match="exactly one AR step"):
         load_config(TrainConfig, None, ["algorithm.branch=true", "algorithm.ar_step_count=2"])
+
+
+def test_ptx_term_trains_on_rendered_batches_even_without_reward_signal(tiny_model_dir, tmp_path):
+    # a reward of 1 for every image (every pixel is within 500 of grey): every group ties, so the policy
+    # term is exactly zero; beta=0 because the KL's gradient at policy == reference is round-off, which
+    # Adam would scale up to lr-sized steps
+    never = ["reward_options={colour_fraction: {colour: [128, 128, 128], tolerance: 500}}", "algorithm.beta=0"]
+    plain = Trainer(_cfg(tiny_model_dir, tmp_path / "plain", 3, never), progress=False)
+    before = {n: p.clone() for n, p in plain.params}
+    rows = plain.run()
+    assert all(r["zero_signal_fraction"] == 1.0 for r in rows)
+    assert all(torch.equal(before[n], p) for n, p in plain.params)  # no signal, no ptx: nothing moves
+
+    ptx = Trainer(_cfg(tiny_model_dir, tmp_path / "ptx", 8, [*never, "algorithm.ptx_weight=1.0",
+                                                              "algorithm.ptx_batch_size=8"]), progress=False)
+    with torch.no_grad():
+        held = ptx.ptx_loss(999).item()  # a batch the run never trains on, same masks and noise both times
+        assert ptx.ptx_loss(999).item() == held
+    rows = ptx.run()
+    assert all(torch.isfinite(torch.tensor(r["loss/ptx"])) for r in rows)
+    with torch.no_grad():
+        assert ptx.ptx_loss(999).item() < held
+    head = [p for n, p in ptx.gen.mar.named_parameters() if n.startswith("diffloss.")]
+    assert all(p.grad is None for p in head)  # the frozen head stays frozen under the ptx term too
+
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a red circle\n")
+    with pytest.raises(ValueError, match="only the shapes world"):
+        Trainer(_cfg(tiny_model_dir, tmp_path / "bad", 1, ["algorithm.ptx_weight=1.0",
+                                                            f"prompts.source={prompt_file}"]))

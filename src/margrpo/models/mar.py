@@ -314,8 +314,14 @@ class MAR(nn.Module):
         return torch.rand(bsz, self.seq_len, generator=generator, device=device).argsort(dim=1)
 
     def pretrain_loss(self, tokens: torch.Tensor, cond: Condition | torch.Tensor | None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """MAR's objective: random order, mask ratio ~ truncated N(1, 0.25) on [min, 1], diffusion loss on masked."""
+                      generator: torch.Generator | None = None, drop_conditions: bool | None = None) -> torch.Tensor:
+        """MAR's objective: random order, mask ratio ~ truncated N(1, 0.25) on [min, 1], diffusion loss on masked.
+
+        `drop_conditions` (default: in train mode) drops conditions for classifier-free guidance; RL keeps the
+        model in eval mode but its pretraining term (PPO-ptx) still wants the pretraining objective.
+        """
+        if drop_conditions is None:
+            drop_conditions = self.training
         bsz, seq_len, _ = tokens.shape
         dev = tokens.device
         orders = self.sample_orders(bsz, generator, dev)
@@ -323,7 +329,7 @@ class MAR(nn.Module):
         num_masked = int(math.ceil(seq_len * rate))
         mask = torch.zeros(bsz, seq_len, device=dev)
         mask.scatter_(1, orders[:, :num_masked], 1.0)
-        drop = self.drop_condition(cond, generator, dev) if (self.training and cond is not None) else None
+        drop = self.drop_condition(cond, generator, dev) if (drop_conditions and cond is not None) else None
         z = self.condition(tokens, mask, cond, drop)
         return self.masked_diffusion_loss(tokens, z, mask, generator)
 

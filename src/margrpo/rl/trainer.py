@@ -171,6 +171,16 @@ class Trainer:
         self.guard = RewardFailureGuard(cfg.max_reward_failure_fraction, min_samples=64)
         self.prompts = PromptSource(cfg)
         self.sample_prompts = self._sample_prompts()
+        self.ptx_data = None
+        if cfg.algorithm.ptx_weight > 0:
+            if cfg.prompts.source != "shapes":
+                raise ValueError("algorithm.ptx_weight > 0 needs training images, which only the shapes world "
+                                 f"renders; prompts.source is {cfg.prompts.source!r} (set ptx_weight: 0)")
+            from margrpo.shapes_data import ShapesBatches
+            from margrpo.worlds import shapes
+
+            self.ptx_data = ShapesBatches(cfg.seed, cfg.algorithm.ptx_batch_size, 0, self.gen.mar.config.img_size,
+                                          dict.fromkeys(shapes.CATEGORIES, 1.0), stream="ptx")
 
     def _sample_prompts(self) -> list[str]:
         if self.cfg.prompts.fixed:
@@ -207,6 +217,21 @@ class Trainer:
         r.group = torch.arange(a.prompts_per_step).repeat_interleave(a.group_size)
         metas = [m for m in meta for _ in range(a.group_size)]
         return r, r.prompts, metas, ar, head_steps
+
+    def ptx_loss(self, step: int) -> torch.Tensor:
+        """The MAR pretraining loss on shapes-world training batch `step` (a pure function of seed and step)."""
+        from margrpo.shapes_data import uint8_to_model_range
+
+        imgs, prompts = self.ptx_data.batch(step)
+        g = make_generator(self.cfg.seed, "ptx", self.rank, step, device=self.device)
+        with torch.no_grad():
+            cond = self.gen.encode_prompts(list(prompts))
+            tokens = self.gen.encode_images(uint8_to_model_range(imgs, self.device), generator=g)
+        with self._autocast():
+            loss = self.gen.mar.pretrain_loss(tokens, cond, g, drop_conditions=True)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite pretraining (ptx) loss {loss.item()} at step {step}")
+        return loss
 
     def _autocast(self):
         if self.cfg.autocast == "none":
@@ -245,8 +270,10 @@ class Trainer:
                     for k, v in sl.stats.items():
                         stats.setdefault(k, []).append(v)
                     if a.update == "ar_step":
+                        self._add_ptx(step, stats)
                         grad_norms.append(self._optimizer_step())
                 if a.update == "rollout":
+                    self._add_ptx(step, stats)
                     grad_norms.append(self._optimizer_step())
         rec: dict[str, float] = {k: float(np.mean(v)) for k, v in stats.items() if k not in ("ratio/max", "ratio/min")}
         if "ratio/max" in stats:
@@ -273,6 +300,14 @@ class Trainer:
 
             rec["memory/peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return rec
+
+    def _add_ptx(self, step: int, stats: dict[str, list[float]]) -> None:
+        """Accumulate ptx_weight x the pretraining loss into the gradients of the coming optimizer step."""
+        if self.ptx_data is None:
+            return
+        loss = self.ptx_loss(step)
+        (self.cfg.algorithm.ptx_weight * loss).backward()
+        stats.setdefault("loss/ptx", []).append(float(loss))
 
     def _optimizer_step(self) -> float:
         clip = self.cfg.optim.grad_clip
