@@ -27,8 +27,9 @@ from margrpo.utils.plots import plot_comparison
 
 # The positive control's measured setting: one prompt, G=16, SGD (Adam's per-coordinate steps turn this
 # gradient into a random walk on the shapes base: the reward fell 0.07 -> 0.00 at Adam 3e-4).
+# No ptx term: the control tests the policy-gradient estimator alone.
 CONTROL = ["rewards={colour_fraction: 1.0}", "prompts.fixed=[a red square]", "algorithm.prompts_per_step=1",
-           "algorithm.group_size=16", "optim.name=sgd", "optim.lr=0.02"]
+           "algorithm.group_size=16", "optim.name=sgd", "optim.lr=0.02", "algorithm.ptx_weight=0"]
 
 
 def _mean_std(values: list[float]) -> str:
