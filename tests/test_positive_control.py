@@ -1,9 +1,10 @@
 """Positive control: on an easy dense reward the trainer must raise the reward well beyond its noise.
 
 If this fails the estimator is wrong, and no other RL result counts (DESIGN.md section 4, lesson 4).
-Runs on the shipped shapes base model with one fixed prompt and the share-of-red-pixels reward.
-Measured with SGD lr 0.02 (momentum 0.9), G=16: grpo raises it from 0.07 to 0.30 in 30 steps (step-to-step
-noise about 0.01). Adam at 3e-4 drove the same reward *down* to 0.00 (see OptimSection). The mar-grpo
+Runs on the shipped shapes base model with one fixed prompt and the share-of-red-pixels reward, in
+compare's CONTROL setting (one group of 64 images, every AR step and eligible head step scored, SGD lr
+0.05, momentum 0.9): measured 0.073 -> 0.112 in 30 steps, step-to-step noise 0.005. Smaller updates (16
+images, half the steps scored) were a lottery on this base; see the comment on CONTROL. The mar-grpo
 preset is reported by `margrpo compare`, not tested here: its policy term over still-unknown tokens and
 its MTE average over trajectories that did not make the image dilute the signal by design.
 """
