@@ -307,7 +307,7 @@ class Trainer:
             return
         loss = self.ptx_loss(step)
         (self.cfg.algorithm.ptx_weight * loss).backward()
-        stats.setdefault("loss/ptx", []).append(float(loss))
+        stats.setdefault("loss/ptx", []).append(float(loss.detach()))
 
     def _optimizer_step(self) -> float:
         clip = self.cfg.optim.grad_clip
