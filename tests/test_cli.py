@@ -101,3 +101,9 @@ def test_compare_writes_a_table_per_method_with_control(model_dir, tmp_path, cap
     text = readme.read_text()
     assert "old" not in text and "| mar-grpo | 2 |" in text and text.endswith("tail\n")
     assert (tmp_path / "docs" / "images" / "compare_grad_norm.png").is_file()
+    capsys.readouterr()
+    rc = main(["compare", f"model={model_dir}", "steps=1", "sampling.ar_steps=4", "sampling.diffusion_steps=4",
+               "algorithm.prompts_per_step=2", "algorithm.group_size=2", "log.eval_per_category=2",
+               "log.tensorboard=false", "--seeds", "0", "--control-steps", "1", "--out", str(tmp_path / "cmp"),
+               "--quiet"])
+    assert rc == 0 and "removing the previous comparison" in capsys.readouterr().out  # `make compare` reruns

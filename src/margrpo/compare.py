@@ -13,6 +13,7 @@ must beat before any gain is credited to learning.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,6 @@ PLOTS = ("reward/mean", "loss/kl", "grad_norm")
 
 def publish_to_readme(out: Path, readme: Path, description: str) -> None:
     """Copy the comparison plots next to the README and write the table into its compare block."""
-    import shutil
-
     from margrpo.demo import update_readme
 
     images = readme.parent / "docs" / "images"
@@ -64,6 +63,11 @@ def publish_to_readme(out: Path, readme: Path, description: str) -> None:
 
 def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[int], overrides: list[str],
                 control_steps: int, quiet: bool = False, readme: Path | None = None) -> dict:
+    for sub in ("null", "control", *methods):
+        if (out / sub).is_dir():
+            # compare owns these folders: a second `make compare` starts over instead of refusing to run
+            print(f"removing the previous comparison's {out / sub}")
+            shutil.rmtree(out / sub)
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = config or config_path("demo.yaml")
     results: dict = {"methods": {}, "control": {}}
