@@ -11,8 +11,7 @@ import argparse
 import torch
 
 from benchmarks.common import machine, timeit, write_results
-from margrpo.models.factory import ModelSpec, build_generator
-from margrpo.pretrain import vocabulary
+from margrpo.rl.trainer import load_model
 from margrpo.sampling.replay import score_transitions, step_conditions
 from margrpo.sampling.sampler import SamplerConfig, sample
 
@@ -29,8 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     args, _ = ap.parse_known_args(argv)
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    spec = ModelSpec(diffusion_steps=args.diffusion_steps)  # the shapes base architecture
-    gen = build_generator(spec, vocabulary()).to(dev).eval()
+    gen = load_model("shipped:shapes-base", dev).eval()
+    gen.mar.head.set_sampling_steps(args.diffusion_steps)
     cond = gen.encode_prompts(["a red circle left of a blue square"] * args.batch)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 

@@ -1,7 +1,7 @@
-"""One RL step, plain GRPO vs MAR-GRPO, on the shapes base architecture: time split and peak memory.
+"""One RL step, plain GRPO vs MAR-GRPO, on the shipped shapes base: time split and peak memory.
 
-Times are ratios against GRPO measured in the same run. Uses random weights of the base architecture
-(the cost does not depend on the weights) and the colour-fraction reward, so it runs anywhere.
+Times are ratios against GRPO measured in the same run, with the demo's settings (including its ptx
+term) and the colour-fraction reward.
 """
 
 from __future__ import annotations
@@ -14,10 +14,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine, write_results
-from margrpo.compare import preset_overrides
 from margrpo.configs import config_path
-from margrpo.models.factory import ModelSpec, build_generator
-from margrpo.pretrain import vocabulary
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer
 from margrpo.utils.config import load_config
@@ -33,12 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "model"
-        build_generator(ModelSpec(), vocabulary()).save_pretrained(model_dir)
         base_step = None
         for method in ("grpo", "mar-grpo"):
-            cfg = load_config(TrainConfig, config_path("demo.yaml"), [
-                *preset_overrides(method), f"model={model_dir}", f"out_dir={Path(tmp) / method}",
+            cfg = load_config(TrainConfig, [config_path("demo.yaml"), config_path(f"presets/{method}.yaml")], [
+                f"out_dir={Path(tmp) / method}",
                 f"steps={args.steps}", "rewards={colour_fraction: 1.0}", "log.sample_every=1000",
                 "log.checkpoint_every=1000", "log.tensorboard=false", f"device={args.device}",
                 f"autocast={'bf16' if args.dtype == 'bfloat16' else 'none'}", f"threads={args.threads}"])
