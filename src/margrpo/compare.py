@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from margrpo.configs import config_path
-from margrpo.demo import eval_sampler
+from margrpo.demo import eval_sampler, publish_to_readme
 from margrpo.evaluate import eval_prompt_set, evaluate
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer
@@ -46,19 +46,8 @@ README_START, README_END = "<!-- compare-results:start -->", "<!-- compare-resul
 PLOTS = ("reward/mean", "loss/kl", "grad_norm")
 
 
-def publish_to_readme(out: Path, readme: Path, description: str) -> None:
-    """Copy the comparison plots next to the README and write the table into its compare block."""
-    from margrpo.demo import update_readme
-
-    images = readme.parent / "docs" / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    links = []
-    for key in PLOTS:
-        name = f"compare_{key.replace('/', '_')}.png"
-        shutil.copy(out / name, images / name)
-        links.append(f"![{key}](docs/images/{name})")
-    table = (out / "compare.md").read_text()
-    update_readme(readme, f"{description}\n\n{table}\n{' '.join(links)}\n", README_START, README_END)
+def _plot_name(key: str) -> str:
+    return f"compare_{key.replace('/', '_')}.png"
 
 
 def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[int], overrides: list[str],
@@ -70,24 +59,27 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
             shutil.rmtree(out / sub)
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = config or config_path("demo.yaml")
+
+    def method_config(method: str, *extra: str) -> TrainConfig:
+        return load_config(TrainConfig, [cfg_file, config_path(f"presets/{method}.yaml")], [*overrides, *extra])
+
+    def heldout_strict(tr: Trainer) -> float:
+        res = evaluate(tr.gen, prompts, eval_sampler(tr.cfg), seed=1234, progress=False)
+        return res.summary["overall"]["strict"]
+
     results: dict = {"methods": {}, "control": {}}
     curves: dict[str, list[list[dict]]] = {}
     prompts = None
-    base = None
     for m in methods:
         runs, finals = [], []
         for seed in seeds:
-            cfg = load_config(TrainConfig, [cfg_file, config_path(f"presets/{m}.yaml")],
-                              [*overrides, f"seed={seed}", f"out_dir={out / m / f'seed-{seed}'}"])
+            cfg = method_config(m, f"seed={seed}", f"out_dir={out / m / f'seed-{seed}'}")
             tr = Trainer(cfg, progress=not quiet)
             if prompts is None:
                 prompts = eval_prompt_set(cfg.log.eval_per_category)
-                base = evaluate(tr.gen, prompts, eval_sampler(cfg), seed=1234, progress=False)
-                results["base_strict"] = base.summary["overall"]["strict"]
-            metrics = tr.run()
-            res = evaluate(tr.gen, prompts, eval_sampler(cfg), seed=1234, progress=False)
-            runs.append(metrics)
-            finals.append(res.summary["overall"]["strict"])
+                results["base_strict"] = heldout_strict(tr)
+            runs.append(tr.run())
+            finals.append(heldout_strict(tr))
         curves[m] = runs
         gn = [r["grad_norm"] for run in runs for r in run]
         results["methods"][m] = {
@@ -100,23 +92,20 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
         }
         # null control: same method and budget, a reward without information; the real rewards ride along
         null_rewards = json.dumps({"random": 1.0, **{k: 0.0 for k in cfg.rewards if k != "random"}})
-        ncfg = load_config(TrainConfig, [cfg_file, config_path(f"presets/{m}.yaml")],
-                           [*overrides, f"rewards={null_rewards}", f"seed={seeds[0]}", f"out_dir={out / 'null' / m}"])
-        ntr = Trainer(ncfg, progress=not quiet)
+        ntr = Trainer(method_config(m, f"rewards={null_rewards}", f"seed={seeds[0]}", f"out_dir={out / 'null' / m}"),
+                      progress=not quiet)
         ntr.run()
-        results["methods"][m]["null_final_strict"] = evaluate(ntr.gen, prompts, eval_sampler(ncfg), seed=1234,
-                                                              progress=False).summary["overall"]["strict"]
+        results["methods"][m]["null_final_strict"] = heldout_strict(ntr)
         # positive control: same method, easy dense reward, one fixed prompt
-        ccfg = load_config(TrainConfig, [cfg_file, config_path(f"presets/{m}.yaml")],
-                           [*overrides, *CONTROL, f"steps={control_steps}", f"out_dir={out / 'control' / m}"])
-        cm = Trainer(ccfg, progress=not quiet).run()
+        cm = Trainer(method_config(m, *CONTROL, f"steps={control_steps}", f"out_dir={out / 'control' / m}"),
+                     progress=not quiet).run()
         rew = np.asarray([r["reward/mean"] for r in cm])
         k = max(1, len(rew) // 5)
         noise = float(np.std(np.diff(rew))) if len(rew) > 2 else float("nan")
         results["control"][m] = {"first": float(rew[:k].mean()), "last": float(rew[-k:].mean()),
                                  "step_noise": noise, "steps": len(rew)}
     for key in PLOTS:
-        plot_comparison(curves, key, out / f"compare_{key.replace('/', '_')}.png", smoothing=0.6)
+        plot_comparison(curves, key, out / _plot_name(key), smoothing=0.6)
     lines = ["| method | seeds | held-out strict: base → final | null control: final | reward first 5 → last 5 "
              "| KL (last) | grad norm mean ± std | s/step | positive control reward first → last (step noise) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -132,7 +121,10 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
     (out / "compare.json").write_text(json.dumps(results, indent=2))
     print(table)
     if readme is not None:
-        publish_to_readme(out, readme, f"`margrpo compare` ({', '.join(methods)}; {cfg.steps} steps per run on "
-                          f"the {Path(cfg_file).name} settings; seeds {', '.join(map(str, seeds))}; positive "
-                          f"control {control_steps} steps; overrides: {' '.join(overrides) or 'none'}):")
+        description = (f"`margrpo compare` ({', '.join(methods)}; {cfg.steps} steps per run on the "
+                       f"{Path(cfg_file).name} settings; seeds {', '.join(map(str, seeds))}; positive control "
+                       f"{control_steps} steps; overrides: {' '.join(overrides) or 'none'}):")
+        publish_to_readme(readme, f"{description}\n\n{table}\n",
+                          [(out / _plot_name(key), _plot_name(key), key) for key in PLOTS],
+                          README_START, README_END)
     return results

@@ -54,6 +54,19 @@ def update_readme(readme: Path, block: str, start: str = README_START, end: str 
     readme.write_text(f"{head}{start}\n{block.strip()}\n{end}{tail}")
 
 
+def publish_to_readme(readme: Path, text: str, images: list[tuple[Path, str, str]],
+                      start: str = README_START, end: str = README_END) -> None:
+    """Copy each (source, file name, alt text) image to docs/images beside the README and write `text`
+    followed by the image links into the README block between `start` and `end`."""
+    folder = readme.parent / "docs" / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    links = []
+    for source, name, alt in images:
+        shutil.copy(source, folder / name)
+        links.append(f"![{alt}](docs/images/{name})")
+    update_readme(readme, text.rstrip() + "\n\n" + "\n".join(links) + "\n", start, end)
+
+
 def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: list[str] | None = None,
              readme: Path | None = None) -> int:
     t_start = time.perf_counter()
@@ -92,11 +105,7 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
     (out / "results.md").write_text(md)
     print(md)
     if readme is not None and not quick:
-        images = readme.parent / "docs" / "images"
-        images.mkdir(parents=True, exist_ok=True)
-        shutil.copy(out / "grid_before_after.png", images / "demo_before_after.png")
-        shutil.copy(out / "run" / "report.png", images / "demo_report.png")
-        update_readme(readme, md + "\n![before and after](docs/images/demo_before_after.png)\n"
-                      "![training curves](docs/images/demo_report.png)\n")
+        publish_to_readme(readme, md, [(out / "grid_before_after.png", "demo_before_after.png", "before and after"),
+                                       (out / "run" / "report.png", "demo_report.png", "training curves")])
     print(f"grids: {out / 'grid_before_after.png'}; curves: {out / 'run' / 'report.png'}")
     return 0

@@ -53,8 +53,8 @@ class AlgorithmSection:
     update: str = field(default="rollout", metadata={"choices": ("rollout", "ar_step")})
     # Branched groups: the G images of a prompt share their order and head noise except at one AR step
     # (drawn per rollout), the only step scored. Reward differences in a group then come from that step's
-    # tokens alone instead of from every token of the image (measured on the shapes base: gradient
-    # estimates of independent batches agree at cosine ~0 unbranched).
+    # tokens alone instead of from every token of the image. Measured on the shapes base (grpo, Adam 5e-5,
+    # 100 steps): no gain, held-out 26.9% vs 25.5% for a random reward, against 28.7% vs 23.2% unbranched.
     branch: bool = False
     # PPO-ptx (InstructGPT): add ptx_weight x the MAR pretraining loss on freshly rendered shapes-world
     # *training* images to every update. The policy gradient's noise walks the weights off the pretraining
