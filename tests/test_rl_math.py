@@ -123,3 +123,46 @@ def test_dual_clip_bounds_negative_advantage_terms_and_huge_ratios_stay_finite()
     lp = logp.clone().requires_grad_(True)
     clipped_surrogate(lp, old, adv, 0.2, 3.0)[0].sum().backward()
     assert torch.isfinite(lp.grad).all() and lp.grad.abs().max() == 0  # every element is clipped
+
+
+def _mean_score_z(head, z_draw: torch.Tensor, z_score: torch.Tensor, n: int, chunks: int) -> torch.Tensor:
+    """Per-chunk means of d/dz sum_j log p(x_{j+1} | x_j, z_score) over head chains drawn under z_draw."""
+    from margrpo.models.heads import gaussian_log_prob
+
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(chunks):
+        with torch.no_grad():
+            xs = [head.init_noise((n, head.token_dim), g, "cpu")]
+            for j in range(head.num_steps):
+                xs.append(head.sample_step(head.transition(xs[-1], j, z_draw.expand(n, -1)), j, g))
+        z = z_score.clone().requires_grad_(True)
+        logp = sum(gaussian_log_prob(xs[j + 1], (tr := head.transition(xs[j], j, z.expand(n, -1))).mean, tr.std).sum()
+                   for j in range(head.num_steps) if head.is_stochastic(j))
+        (grad,) = torch.autograd.grad(logp, z)
+        out.append(grad / n)
+    return torch.stack(out)
+
+
+def test_mte_trajectories_drawn_under_the_scored_condition_carry_zero_mean_gradient():
+    """DESIGN section 2.8: E[grad log p(tau | z)] = 0 when tau is drawn under the z it is scored under.
+
+    So MTE with ``mte_source: scored`` replaces the main trajectory's reward-carrying term on the selected
+    tokens by a zero-mean one; the reference code's ``commit`` source draws under another condition and
+    its term is not zero-mean. Measured as a z-score of the Monte Carlo mean against its standard error.
+    """
+    from margrpo.models.heads import DdpmHead
+
+    from conftest import randomize
+
+    head = randomize(DdpmHead(4, 8, 16, 1, "5"), std=0.3).eval()
+    z_scored = torch.randn(1, 8, generator=torch.Generator().manual_seed(1))
+    z_commit = z_scored + 1.0 * torch.randn(1, 8, generator=torch.Generator().manual_seed(2))
+
+    def zscore(z_draw):
+        chunk_means = _mean_score_z(head, z_draw, z_scored, n=500, chunks=40)
+        mean, se = chunk_means.mean(0), chunk_means.std(0) / math.sqrt(len(chunk_means))
+        return (mean / se).abs().max()
+
+    assert zscore(z_scored) < 4.5  # 8 dims of a standard normal: max |z| > 4.5 has probability ~5e-5
+    assert zscore(z_commit) > 10.0
