@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from margrpo.cli import main
 from margrpo.models.factory import ModelSpec, build_generator
@@ -46,15 +47,36 @@ def test_train_and_resume(model_dir, tmp_path):
 model: {model_dir}
 out_dir: {tmp_path / 'run'}
 steps: 2
-rewards: {{colour_fraction: 1.0}}
+rewards: {{random: 1.0}}  # information-free but never tied: every step updates
 sampling: {{ar_steps: 4, diffusion_steps: 4}}
-algorithm: {{prompts_per_step: 2, group_size: 2, head_steps_per_ar_step: 1}}
+algorithm: {{prompts_per_step: 2, group_size: 2, head_steps_per_ar_step: 1, train: both}}
+# a fresh head zero-initialises its output layer (as upstream), so only the head gets gradients at first
 log: {{checkpoint_every: 1, sample_every: 100, tensorboard: false}}
 """)
     assert main(["train", str(cfg), "--quiet"]) == 0
     assert main(["train", "--resume", str(tmp_path / "run"), "steps=3", "--quiet"]) == 0
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    # a run directory loads as its base model plus the latest checkpoint's policy weights: after the run
+    # that is exactly the exported generator, and it differs from the base
+    from margrpo.models.generator import MARGenerator
+    from margrpo.rl.trainer import load_model
+
+    from_run = dict(load_model(str(tmp_path / "run"), "cpu").named_parameters())
+    exported = dict(MARGenerator.load_pretrained(tmp_path / "run" / "model", device="cpu").named_parameters())
+    base = dict(MARGenerator.load_pretrained(model_dir, device="cpu").named_parameters())
+    assert from_run.keys() == exported.keys()
+    assert all(torch.equal(from_run[k], exported[k]) for k in exported)
+    assert any(not torch.equal(from_run[k], base[k]) for k in base)
+    assert main(["eval", str(tmp_path / "run"), "--ar-steps", "4", "--per-category", "1", "--quiet"]) == 0
+
+
+def test_a_run_directory_without_a_checkpoint_is_a_clear_error(model_dir, tmp_path):
+    from margrpo.rl.trainer import load_model
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="without a complete checkpoint"):
+        load_model(str(tmp_path / "run"), "cpu")
 
 
 def test_bad_config_key_is_a_clear_error(model_dir, tmp_path, capsys):

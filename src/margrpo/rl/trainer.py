@@ -43,12 +43,46 @@ REPORT_KEYS = ["reward/mean", "accuracy/strict", "loss/kl", "grad_norm", "ratio/
 
 
 def load_model(spec: str, device: str | torch.device) -> MARGenerator:
-    """A generator folder, or `shipped:NAME` for a model that ships inside the package."""
+    """A generator folder, `shipped:NAME` for a model that ships inside the package, or a training run.
+
+    A run directory (one with ``checkpoints/``) gives its base model with the latest checkpoint's policy
+    weights, so a run can be sampled and evaluated while it trains or after a crash, before it has
+    exported ``model/``. Checkpoints hold only the trainable tensors (DESIGN section 5), which is why the
+    base is loaded first.
+    """
     if spec.startswith("shipped:"):
         from margrpo.assets import shipped_model_path
 
         return MARGenerator.load_pretrained(shipped_model_path(spec[len("shipped:"):]), device=device)
+    path = Path(spec)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+        return _load_run(path, device)
     return MARGenerator.load_pretrained(spec, device=device)
+
+
+def _load_run(run_dir: Path, device: str | torch.device) -> MARGenerator:
+    from margrpo.utils.checkpoint import latest_checkpoint, load_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: a training run without a complete checkpoint under "
+                                f"{run_dir / 'checkpoints'} (and no exported generator, config.json)")
+    tensors, state = load_checkpoint(ckpt, groups=["policy"], device=device)
+    base = state.get("model")
+    if not isinstance(base, str):
+        raise ValueError(f"{ckpt}: state.json does not name the run's base model (key 'model')")
+    gen = load_model(base, device)
+    params = dict(gen.named_parameters())
+    unknown = sorted(set(tensors["policy"]) - set(params))
+    if unknown:
+        raise ValueError(f"{ckpt}: policy tensors {unknown[:5]} do not exist in the base model {base!r}")
+    with torch.no_grad():
+        for name, t in tensors["policy"].items():
+            if t.shape != params[name].shape:
+                raise ValueError(f"{ckpt}: policy tensor {name} has shape {tuple(t.shape)}, the base model "
+                                 f"{base!r} has {tuple(params[name].shape)}")
+            params[name].copy_(t)
+    return gen
 
 
 def trainable_parameters(gen: MARGenerator, which: str) -> list[tuple[str, torch.nn.Parameter]]:
