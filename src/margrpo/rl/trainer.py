@@ -72,17 +72,21 @@ def _load_run(run_dir: Path, device: str | torch.device) -> MARGenerator:
     if not isinstance(base, str):
         raise ValueError(f"{ckpt}: state.json does not name the run's base model (key 'model')")
     gen = load_model(base, device)
-    params = dict(gen.named_parameters())
-    unknown = sorted(set(tensors["policy"]) - set(params))
-    if unknown:
-        raise ValueError(f"{ckpt}: policy tensors {unknown[:5]} do not exist in the base model {base!r}")
-    with torch.no_grad():
-        for name, t in tensors["policy"].items():
-            if t.shape != params[name].shape:
-                raise ValueError(f"{ckpt}: policy tensor {name} has shape {tuple(t.shape)}, the base model "
-                                 f"{base!r} has {tuple(params[name].shape)}")
-            params[name].copy_(t)
+    copy_policy_tensors(dict(gen.named_parameters()), tensors["policy"], f"{ckpt} (base model {base!r})")
     return gen
+
+
+def copy_policy_tensors(params: dict[str, torch.nn.Parameter], policy: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a checkpoint's policy tensors into same-named parameters, naming `source` on any mismatch."""
+    unknown = sorted(set(policy) - set(params))
+    if unknown:
+        raise ValueError(f"{source}: policy tensors {unknown[:5]} do not exist in the model")
+    with torch.no_grad():
+        for name, t in policy.items():
+            if t.shape != params[name].shape:
+                raise ValueError(f"{source}: policy tensor {name} has shape {tuple(t.shape)}, the model's "
+                                 f"parameter has {tuple(params[name].shape)}")
+            params[name].copy_(t)
 
 
 def trainable_parameters(gen: MARGenerator, which: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -371,9 +375,7 @@ class Trainer:
         if missing:
             raise ValueError(f"{ckpt}: checkpoint lacks trainable tensors {sorted(missing)[:5]} "
                              "(was it written with another algorithm.train setting?)")
-        with torch.no_grad():
-            for n, p in named.items():
-                p.copy_(tensors["policy"][n])
+        copy_policy_tensors(named, {n: tensors["policy"][n] for n in named}, str(ckpt))
         self.opt.load_state_dict(optimizer_state_from_tensors(tensors["optimizer"], state["optimizer"]))
         self.guard.total = int(state["reward_guard"]["total"])
         self.guard.invalid = int(state["reward_guard"]["invalid"])
