@@ -18,8 +18,8 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/margrpo demo --readme README.md
 
-# grpo vs mar-grpo, 3 seeds each at half the demo's steps, plus null and positive controls (about 33 min on
-# 2 cores); table into the README
+# grpo vs mar-grpo vs mar-grpo-matching, 3 seeds each at half the demo's steps, plus null and positive
+# controls (about 50 min on 2 cores); table into the README
 compare: setup
 	$(BIN)/margrpo compare steps=50 --seeds 0 1 2 --readme README.md
 

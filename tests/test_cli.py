@@ -109,7 +109,7 @@ def test_compare_writes_a_table_per_method_with_control(model_dir, tmp_path, cap
                "--quiet"])
     assert rc == 0
     res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert set(res["methods"]) == set(res["control"]) == {"grpo", "mar-grpo"}
+    assert set(res["methods"]) == set(res["control"]) == {"grpo", "mar-grpo", "mar-grpo-matching"}
     assert all(len(r["final_strict"]) == 2 for r in res["methods"].values())
     assert 0.0 <= res["base_strict"] <= 1.0 and all(0.0 <= r["null_final_strict"] <= 1.0
                                                     for r in res["methods"].values())
@@ -118,7 +118,7 @@ def test_compare_writes_a_table_per_method_with_control(model_dir, tmp_path, cap
     metrics = [json.loads(x) for x in (tmp_path / "cmp" / "null" / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert all("reward/shapes/strict" in r for r in metrics if "reward/mean" in r)
     table = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "| grpo | 2 |" in table and "| mar-grpo | 2 |" in table
+    assert "| grpo | 2 |" in table and "| mar-grpo | 2 |" in table and "| mar-grpo-matching | 2 |" in table
     assert (tmp_path / "cmp" / "compare_reward_mean.png").is_file()
     text = readme.read_text()
     assert "old" not in text and "| mar-grpo | 2 |" in text and text.endswith("tail\n")

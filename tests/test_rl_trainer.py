@@ -62,6 +62,47 @@ def test_ratio_is_one_before_the_first_update(cfg_scale, guidance, mte_source, p
     assert gen.mar.z_proj.weight.grad.abs().sum() > 0
 
 
+def test_matching_estimator_is_the_advantage_weighted_pretraining_loss_at_ratio_one():
+    """AWM: before an update rho = 1 exactly, and the gradient equals that of mean(A x head pretraining loss)."""
+    gen = tiny_generator().eval()
+    cond = gen.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
+    r = sample(gen.mar, cond, 6, SamplerConfig(num_ar_steps=4, diffuse="to_predict", record_z=False),
+               torch.Generator().manual_seed(0))
+    adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
+    ocfg = ObjectiveConfig(estimator="matching", matching_draws=3, beta=0.0, consistency=False)
+    step = 2
+    cache: dict = {}
+    sl = ar_step_loss(gen.mar, None, r, step, [0], adv.values, adv.use, ocfg, cache, True,
+                      generator=torch.Generator().manual_seed(5))
+    assert sl.stats["ratio/max"] == 1.0 and sl.stats["ratio/min"] == 1.0
+    sl.loss.backward()
+    got = gen.mar.z_proj.weight.grad.clone()
+    # a second PPO epoch with the same draws and no update: still exactly 1
+    again = ar_step_loss(gen.mar, None, r, step, [0], adv.values, adv.use, ocfg, cache, False,
+                         generator=torch.Generator().manual_seed(5))
+    assert again.stats["ratio/max"] == 1.0 and again.stats["ratio/min"] == 1.0
+    with pytest.raises(RuntimeError, match="no old loss"):
+        ar_step_loss(gen.mar, None, r, step, [0], adv.values, adv.use, ocfg, {}, False,
+                     generator=torch.Generator().manual_seed(5))
+
+    # explicit: z of the step's committed tokens, the head's loss on their final values, weighted by A
+    gen.mar.zero_grad()
+    rec = r.steps[step]
+    z = gen.mar.condition(rec.canvas, rec.mask, r.cond)[rec.diffused]
+    target = r.tokens[rec.diffused]
+    img = torch.arange(6).repeat_interleave(int(rec.diffused.sum()) // 6)
+    loss = gen.mar.head.loss(target.repeat(3, 1), z.repeat(3, 1), generator=torch.Generator().manual_seed(5))
+    (adv.values[img].repeat(3) * loss).mean().backward()
+    assert torch.allclose(got, gen.mar.z_proj.weight.grad, atol=1e-6, rtol=1e-4)
+    assert got.abs().sum() > 0
+    # trajectory-only options are refused with the matching estimator, naming the conflicting key
+    with pytest.raises(ValueError, match="mte_k"):
+        load_config(TrainConfig, None, ["algorithm.estimator=matching", "algorithm.mte_k=4"])
+    with pytest.raises(ValueError, match="head_step_weighting"):
+        load_config(TrainConfig, None, ["algorithm.estimator=matching", "algorithm.mte_k=0",
+                                        "algorithm.head_step_weighting=std"])
+
+
 def test_frozen_head_gets_no_gradient_and_does_not_change(tiny_model_dir, tmp_path):
     cfg = load_config(TrainConfig, None, [
         f"model={tiny_model_dir}", f"out_dir={tmp_path / 'run'}", "steps=2", "rewards={colour_fraction: 1.0}",
@@ -86,15 +127,17 @@ def _cfg(model_dir, out, steps, extra=()):
         "log.sample_every=100", "log.tensorboard=false", "optim.lr=3e-3", *extra])
 
 
-def test_end_to_end_run_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
-    full = Trainer(_cfg(tiny_model_dir, tmp_path / "full", 4), progress=False)
+@pytest.mark.parametrize("extra", [(), ("algorithm.estimator=matching", "algorithm.mte_k=0")],
+                         ids=["trajectory", "matching"])
+def test_end_to_end_run_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, extra):
+    full = Trainer(_cfg(tiny_model_dir, tmp_path / "full", 4, extra), progress=False)
     m_full = full.run()
     assert len(m_full) == 4 and all(torch.isfinite(torch.tensor(r["loss/policy"])) for r in m_full)
     assert (tmp_path / "full" / "report.png").is_file() and (tmp_path / "full" / "model" / "config.json").is_file()
     assert (tmp_path / "full" / "samples" / "step-0.png").is_file()
     # "crash" after step 2: run a 2-step job, then resume it to 4 steps
-    Trainer(_cfg(tiny_model_dir, tmp_path / "crash", 2), progress=False).run()
-    resumed = Trainer(_cfg(tiny_model_dir, tmp_path / "crash", 4), progress=False)
+    Trainer(_cfg(tiny_model_dir, tmp_path / "crash", 2, extra), progress=False).run()
+    resumed = Trainer(_cfg(tiny_model_dir, tmp_path / "crash", 4, extra), progress=False)
     m_res = resumed.run(resume=True)
     for a, b in zip(full.gen.mar.parameters(), resumed.gen.mar.parameters(), strict=True):
         assert torch.equal(a, b)

@@ -192,10 +192,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="grpo vs mar-grpo with the same seeds and budget, plus a positive control")
+    p = sub.add_parser("compare", help="grpo vs mar-grpo (and its matching-estimator variant) with the same seeds "
+                                       "and budget, plus null and positive controls")
     p.add_argument("config", nargs="?", default=None, help="YAML config (default: the demo config)")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
-    p.add_argument("--methods", nargs="+", default=["grpo", "mar-grpo"], help="presets to compare")
+    p.add_argument("--methods", nargs="+", default=["grpo", "mar-grpo", "mar-grpo-matching"],
+                   help="presets to compare (configs/presets/NAME.yaml)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--control-steps", type=int, default=20, help="steps of the positive-control run per method")
     p.add_argument("--readme", help="write the table and plots into this README's compare block")

@@ -1,13 +1,13 @@
-"""`margrpo compare`: plain GRPO vs MAR-GRPO with the same seeds and budget, plus a positive control.
+"""`margrpo compare`: plain GRPO vs MAR-GRPO (and other presets) with the same seeds and budget, plus controls.
 
-For each method (a preset) and seed it trains from the same base with the same config, evaluates the
-result on the held-out prompts, and reports final accuracy (mean +- std over seeds), the reward and KL
-curves, and the grad-norm mean and spread. The positive control trains each method on an easy dense
-reward (share of red pixels, one fixed prompt); if that does not rise clearly, the estimator is broken
-and no other figure counts. The null control trains each method (first seed, same budget) on a random
-reward that carries no information, logging the real rewards beside it with weight 0: the held-out
-accuracy it ends at is what the optimizer's noise alone does to the model, the floor a real reward
-must beat before any gain is credited to learning.
+For each method (a preset: grpo, mar-grpo, mar-grpo-matching by default) and seed it trains from the same
+base with the same config, evaluates the result on the held-out prompts, and reports final accuracy (mean +-
+std over seeds), the reward and KL curves, and the grad-norm mean and spread. The positive control trains
+each method on an easy dense reward (share of red pixels, one fixed prompt); if that does not rise clearly,
+the estimator is broken and no other figure counts. The null control trains each method (first seed, same
+budget) on a random reward that carries no information, logging the real rewards beside it with weight 0:
+the held-out accuracy it ends at is what the optimizer's noise alone does to the model, the floor a real
+reward must beat before any gain is credited to learning.
 """
 
 from __future__ import annotations

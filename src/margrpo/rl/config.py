@@ -51,6 +51,11 @@ class AlgorithmSection:
     consistency_start: int = field(default=1, metadata={"range": (0, 4096)})
     consistency_tau: float = field(default=0.0, metadata={"range": (-2.0, 2.0)})
     update: str = field(default="rollout", metadata={"choices": ("rollout", "ar_step")})
+    # The policy term's log-probability: "trajectory" scores the recorded head transitions (GRPO / DDPO, the
+    # paper's); "matching" uses minus the head's pretraining loss on each token's final value at
+    # `matching_draws` fresh (noise level, noise) draws (Advantage Weighted Matching, Xue et al. 2025).
+    estimator: str = field(default="trajectory", metadata={"choices": ("trajectory", "matching")})
+    matching_draws: int = field(default=4, metadata={"range": (1, 1024)})
     # Branched groups: the G images of a prompt share their order and head noise except at one AR step
     # (drawn per rollout), the only step scored. Reward differences in a group then come from that step's
     # tokens alone instead of from every token of the image. Measured on the shapes base (grpo, Adam 5e-5,
@@ -73,13 +78,21 @@ class AlgorithmSection:
             raise ValueError("algorithm.consistency filters still-unknown tokens, so it needs "
                              "algorithm.policy_tokens='unknown' (or set consistency=false)")
 
+        if self.estimator == "matching" and self.mte_k:
+            raise ValueError("algorithm.mte_k > 0 averages head-trajectory log-probabilities; with "
+                             "algorithm.estimator='matching' there are none (set mte_k=0)")
+        if self.estimator == "matching" and self.head_step_weighting != "none":
+            raise ValueError("algorithm.head_step_weighting weighs head steps of the trajectory estimator; "
+                             "with algorithm.estimator='matching' set it to 'none'")
+
     def objective(self) -> ObjectiveConfig:
         return ObjectiveConfig(clip_eps=self.clip_eps, dual_clip=self.dual_clip, beta=self.beta, kl=self.kl,
                                normalize=self.normalize,
                                guidance=self.guidance, head_step_weighting=self.head_step_weighting,
                                mte_top_fraction=self.mte_top_fraction if self.mte_k else 0.0,
                                consistency=self.consistency, consistency_start=self.consistency_start,
-                               consistency_tau=self.consistency_tau)
+                               consistency_tau=self.consistency_tau, estimator=self.estimator,
+                               matching_draws=self.matching_draws)
 
 
 @dataclass

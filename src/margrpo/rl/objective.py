@@ -43,6 +43,8 @@ class ObjectiveConfig:
     consistency: bool = True
     consistency_start: int = 1
     consistency_tau: float = 0.0
+    estimator: str = "trajectory"  # "trajectory" | "matching"
+    matching_draws: int = 4
 
 
 @dataclass
@@ -88,7 +90,7 @@ def uncertain_tokens(rollout: Rollout, step: int, fraction: float) -> torch.Tens
 
 def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rollout: Rollout, step: int,
                  head_steps: list[int], advantages: torch.Tensor, use: torch.Tensor, cfg: ObjectiveConfig,
-                 old_cache: dict, first_epoch: bool) -> StepLoss:
+                 old_cache: dict, first_epoch: bool, generator: torch.Generator | None = None) -> StepLoss:
     """Loss of AR step `step` of `rollout` at head steps `head_steps` (see the module docstring).
 
     `advantages` [B] and `use` [B] (valid and informative samples) are per image. `old_cache` keeps the
@@ -108,37 +110,23 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
     js = list(head_steps)
 
     sc = step_conditions(policy, rollout, step, cfg.guidance)
-    main = score_transitions(policy.head, rec.x, js, sc, temperature)
-    key = ("main", step, tuple(js))
-    if cfg.guidance == "rollout":
-        old = rec.logp[js]
-    else:
-        if first_epoch and key not in old_cache:
-            old_cache[key] = main.logp.detach()
-        old = old_cache[key]
     adv = advantages.to(dev).float()[img][None, :, None]
-    pg, ratio = clipped_surrogate(main.logp, old, adv, cfg.clip_eps, cfg.dual_clip)
     stats: dict[str, float] = {}
-
-    # ---------------- multi-trajectory expectation on the uncertain tokens
-    traj = _mte_trajectories(rollout, step)
-    if traj is not None and cfg.mte_top_fraction > 0:
-        unc_mask = uncertain_tokens(rollout, step, cfg.mte_top_fraction)
-        idx = unc_mask.nonzero().flatten()
-        stats["mte/token_fraction"] = float(unc_mask.float().mean())
-        stats["mte/uncertainty_mean"] = float(token_uncertainty(traj[:, -1]).mean())
-        if len(idx):
-            terms = []
-            for k in range(traj.shape[0]):
-                st_k = score_transitions(policy.head, traj[k], js, sc, temperature, tokens=idx)
-                key_k = ("mte", step, k, tuple(js))
-                if first_epoch and key_k not in old_cache:
-                    old_cache[key_k] = st_k.logp.detach()
-                pg_k, _ = clipped_surrogate(st_k.logp, old_cache[key_k], adv[:, idx], cfg.clip_eps, cfg.dual_clip)
-                terms.append(pg_k)
-            pg_mte = torch.stack(terms).mean(0)
-            pg = pg.clone()
-            pg[:, idx] = pg_mte
+    main = None
+    if cfg.estimator == "matching":
+        pg, ratio = matching_terms(policy.head, rollout.tokens[rec.diffused], sc.z, adv, cfg, old_cache,
+                                   ("matching", step), first_epoch, generator)
+    else:
+        main = score_transitions(policy.head, rec.x, js, sc, temperature)
+        key = ("main", step, tuple(js))
+        if cfg.guidance == "rollout":
+            old = rec.logp[js]
+        else:
+            if first_epoch and key not in old_cache:
+                old_cache[key] = main.logp.detach()
+            old = old_cache[key]
+        pg, ratio = clipped_surrogate(main.logp, old, adv, cfg.clip_eps, cfg.dual_clip)
+        pg = _with_mte(pg, policy, rollout, step, js, sc, adv, cfg, old_cache, first_epoch, stats)
 
     # ---------------- which tokens enter the policy term
     keep = use.to(dev)[img].clone()
@@ -159,6 +147,8 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
     # ---------------- KL to the reference (main trajectory, all tokens)
     kl_loss = torch.zeros((), device=dev)
     if reference is not None and cfg.beta > 0:
+        if main is None:
+            main = score_transitions(policy.head, rec.x, js, sc, temperature)
         with torch.no_grad():
             ref = score_transitions(reference.head, rec.x, js,
                                     step_conditions(reference, rollout, step, cfg.guidance), temperature)
@@ -176,6 +166,55 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
             "elements": n_el,
         })
     return StepLoss(loss=loss, stats=stats)
+
+
+def _with_mte(pg: torch.Tensor, policy: torch.nn.Module, rollout: Rollout, step: int, js: list[int], sc,
+              adv: torch.Tensor, cfg: ObjectiveConfig, old_cache: dict, first_epoch: bool,
+              stats: dict[str, float]) -> torch.Tensor:
+    """Replace the policy term of the top-k% most uncertain tokens by its average over the K extra trajectories."""
+    traj = _mte_trajectories(rollout, step)
+    if traj is None or cfg.mte_top_fraction <= 0:
+        return pg
+    unc_mask = uncertain_tokens(rollout, step, cfg.mte_top_fraction)
+    idx = unc_mask.nonzero().flatten()
+    stats["mte/token_fraction"] = float(unc_mask.float().mean())
+    stats["mte/uncertainty_mean"] = float(token_uncertainty(traj[:, -1]).mean())
+    if not len(idx):
+        return pg
+    terms = []
+    for k in range(traj.shape[0]):
+        st_k = score_transitions(policy.head, traj[k], js, sc, rollout.temperature, tokens=idx)
+        key_k = ("mte", step, k, tuple(js))
+        if first_epoch and key_k not in old_cache:
+            old_cache[key_k] = st_k.logp.detach()
+        pg_k, _ = clipped_surrogate(st_k.logp, old_cache[key_k], adv[:, idx], cfg.clip_eps, cfg.dual_clip)
+        terms.append(pg_k)
+    pg = pg.clone()
+    pg[:, idx] = torch.stack(terms).mean(0)
+    return pg
+
+
+def matching_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv: torch.Tensor,
+                   cfg: ObjectiveConfig, old_cache: dict, key: tuple, first_epoch: bool,
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantage-weighted matching (AWM, Xue et al. 2025): the PPO surrogate on the head's pretraining loss.
+
+    Per token, -loss(final value | z) at `matching_draws` random (noise level, noise) draws stands in for
+    log p(token | z), so rho = exp(loss_old - loss_theta) and, at rho = 1, the gradient is that of
+    mean(A * loss): the pretraining objective weighted by the advantage. Why: the trajectory estimator's
+    score terms carry every head step's sampling noise (AWM shows DDPO is score matching on noisy
+    targets); the denoising loss on the committed value does not. `generator` must give the same draws in
+    every PPO epoch (the trainer derives it from the step), so rho = 1 before the first update.
+    Returns ([M, N, 1] per-draw terms, ratio).
+    """
+    n, c = target.shape
+    m = cfg.matching_draws
+    loss = head.loss(target.float().repeat(m, 1), z.repeat(m, 1), generator=generator).float().reshape(m, n, 1)
+    if key not in old_cache:
+        if not first_epoch:
+            raise RuntimeError(f"matching: no old loss cached for {key} after the first PPO epoch")
+        old_cache[key] = loss.detach()
+    return clipped_surrogate(-loss, -old_cache[key], adv, cfg.clip_eps, cfg.dual_clip)
 
 
 def kl_terms(policy: ScoredTransitions, ref: ScoredTransitions, mode: str) -> torch.Tensor:

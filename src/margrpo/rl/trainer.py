@@ -299,8 +299,11 @@ class Trainer:
                 self.opt.zero_grad(set_to_none=True)
                 for i in ar_steps:
                     with self._autocast():
+                        # the matching estimator's draws: the same in every PPO epoch (rho = 1 before updating)
+                        g = (make_generator(self.cfg.seed, "matching", self.rank, step, i, device=self.device)
+                             if a.estimator == "matching" else None)
                         sl = ar_step_loss(self.gen.mar, self.reference, rollout, i, head_steps[i], adv.values,
-                                          adv.use, a.objective(), old_cache, first_epoch=epoch == 0)
+                                          adv.use, a.objective(), old_cache, first_epoch=epoch == 0, generator=g)
                     if not torch.isfinite(sl.loss):
                         raise FloatingPointError(f"non-finite loss {sl.loss.item()} at step {step}, AR step {i}")
                     scale = 1.0 if a.update == "ar_step" else 1.0 / len(ar_steps)
