@@ -12,6 +12,9 @@ Per scored element (token x channel x head step j), with rho = exp(logp_theta - 
   never filtered and always uses the main trajectory.
 * `reduce` is a mean over kept elements (`normalize="element"`) or a sum over channels and a mean over
   kept (token, step) pairs (`normalize="token"`, the Harmon reference convention).
+* Estimator: `trajectory` (above, GRPO / DDPO) or `matching` (AWM): logp_theta is replaced per token by
+  minus the head's pretraining loss on the token's final value at fixed random (noise level, noise)
+  draws, so [J, N, C] becomes [draws, N, 1]; masks, reduction and KL are unchanged; MTE does not apply.
 * Old log-probabilities: the rollout's own for the main trajectory under the rollout's guidance. Where
   the rollout recorded none (MTE trajectories, or `guidance="cond_only"`), the first evaluation in the
   rollout's first PPO epoch provides them (detached); with one optimizer step per rollout that is exactly
@@ -26,7 +29,13 @@ import torch
 
 from margrpo.rl.losses import clipped_surrogate, gaussian_kl, reference_code_kl
 from margrpo.rl.masks import consistency_mask, token_uncertainty, top_fraction_mask
-from margrpo.sampling.replay import ScoredTransitions, check_head_steps, score_transitions, step_conditions
+from margrpo.sampling.replay import (
+    ScoredTransitions,
+    StepConditions,
+    check_head_steps,
+    score_transitions,
+    step_conditions,
+)
 from margrpo.sampling.rollout import Rollout
 
 
@@ -168,7 +177,7 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
     return StepLoss(loss=loss, stats=stats)
 
 
-def _with_mte(pg: torch.Tensor, policy: torch.nn.Module, rollout: Rollout, step: int, js: list[int], sc,
+def _with_mte(pg: torch.Tensor, policy: torch.nn.Module, rollout: Rollout, step: int, js: list[int], sc: StepConditions,
               adv: torch.Tensor, cfg: ObjectiveConfig, old_cache: dict, first_epoch: bool,
               stats: dict[str, float]) -> torch.Tensor:
     """Replace the policy term of the top-k% most uncertain tokens by its average over the K extra trajectories."""
@@ -207,7 +216,7 @@ def matching_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor,
     every PPO epoch (the trainer derives it from the step), so rho = 1 before the first update.
     Returns ([M, N, 1] per-draw terms, ratio).
     """
-    n, c = target.shape
+    n = target.shape[0]
     m = cfg.matching_draws
     loss = head.loss(target.float().repeat(m, 1), z.repeat(m, 1), generator=generator).float().reshape(m, n, 1)
     if key not in old_cache:
