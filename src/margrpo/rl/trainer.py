@@ -210,6 +210,7 @@ class Trainer:
         self.prompts = PromptSource(cfg)
         self.sample_prompts = self._sample_prompts()
         self.ptx_data = None
+        self._ptx_cache: tuple | None = None
         if cfg.algorithm.ptx_weight > 0:
             if cfg.prompts.source != "shapes":
                 raise ValueError("algorithm.ptx_weight > 0 needs training images, which only the shapes world "
@@ -256,15 +257,25 @@ class Trainer:
         metas = [m for m in meta for _ in range(a.group_size)]
         return r, r.prompts, metas, ar, head_steps
 
-    def ptx_loss(self, step: int) -> torch.Tensor:
-        """The MAR pretraining loss on shapes-world training batch `step` (a pure function of seed and step)."""
+    def _ptx_batch(self, step: int) -> tuple[torch.Tensor, object, torch.Generator]:
+        """Rendered and encoded ptx batch `step`, made once per step (several updates per rollout reuse it)."""
         from margrpo.shapes_data import uint8_to_model_range
 
-        imgs, prompts = self.ptx_data.batch(step)
-        g = make_generator(self.cfg.seed, "ptx", self.rank, step, device=self.device)
-        with torch.no_grad():
-            cond = self.gen.encode_prompts(list(prompts))
-            tokens = self.gen.encode_images(uint8_to_model_range(imgs, self.device), generator=g)
+        if self._ptx_cache is None or self._ptx_cache[0] != step:
+            imgs, prompts = self.ptx_data.batch(step)
+            g = make_generator(self.cfg.seed, "ptx", self.rank, step, device=self.device)
+            with torch.no_grad():
+                cond = self.gen.encode_prompts(list(prompts))
+                tokens = self.gen.encode_images(uint8_to_model_range(imgs, self.device), generator=g)
+            self._ptx_cache = (step, tokens, cond, g.get_state())
+        _, tokens, cond, state = self._ptx_cache
+        g = torch.Generator(device=self.device)
+        g.set_state(state)  # the stream continues where encoding left it, as when it was made in one go
+        return tokens, cond, g
+
+    def ptx_loss(self, step: int) -> torch.Tensor:
+        """The MAR pretraining loss on shapes-world training batch `step` (a pure function of seed and step)."""
+        tokens, cond, g = self._ptx_batch(step)
         with self._autocast():
             loss = self.gen.mar.pretrain_loss(tokens, cond, g, drop_conditions=True)
         if not torch.isfinite(loss):
