@@ -77,7 +77,6 @@ class AlgorithmSection:
         if self.consistency and self.policy_tokens != "unknown":
             raise ValueError("algorithm.consistency filters still-unknown tokens, so it needs "
                              "algorithm.policy_tokens='unknown' (or set consistency=false)")
-
         if self.estimator == "matching" and self.mte_k:
             raise ValueError("algorithm.mte_k > 0 averages head-trajectory log-probabilities; with "
                              "algorithm.estimator='matching' there are none (set mte_k=0)")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from margrpo.models.conditioning import Condition
 from margrpo.models.generator import MARGenerator
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import TrainConfig
@@ -257,7 +258,7 @@ class Trainer:
         metas = [m for m in meta for _ in range(a.group_size)]
         return r, r.prompts, metas, ar, head_steps
 
-    def _ptx_batch(self, step: int) -> tuple[torch.Tensor, object, torch.Generator]:
+    def _ptx_batch(self, step: int) -> tuple[torch.Tensor, Condition | None, torch.Generator]:
         """Rendered and encoded ptx batch `step`, made once per step (several updates per rollout reuse it)."""
         from margrpo.shapes_data import uint8_to_model_range
 
