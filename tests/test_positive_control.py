@@ -7,9 +7,9 @@ compare's CONTROL setting (one group of 64 images, every AR step and eligible he
 images, half the steps scored) were a lottery on this base; see the comment on CONTROL.
 
 mar-grpo-matching (the matching estimator with mar-grpo's frozen head and consistency filter) rises faster,
-0.066 -> 0.159 in 15 steps and 0.19 by step 20, so it gets half the steps. The paper-faithful mar-grpo
+0.066 -> 0.159 in 15 steps (about 0.19 over steps 17-20), so it gets half the steps. The paper-faithful mar-grpo
 preset is reported by `margrpo compare`, not tested here: its MTE average over trajectories that did not
-make the image removes the signal of the most uncertain tokens (README, "grpo vs mar-grpo").
+make the image removes the signal of the most uncertain tokens (README, "grpo vs mar-grpo vs mar-grpo-matching").
 """
 
 import numpy as np

@@ -95,6 +95,8 @@ def test_matching_estimator_is_the_advantage_weighted_pretraining_loss_at_ratio_
     (adv.values[img].repeat(3) * loss).mean().backward()
     assert torch.allclose(got, gen.mar.z_proj.weight.grad, atol=1e-6, rtol=1e-4)
     assert got.abs().sum() > 0
+    with pytest.raises(ValueError, match="valid: 'trajectory', 'matching'"):  # no silent fallback
+        ar_step_loss(gen.mar, None, r, step, [0], adv.values, adv.use, ObjectiveConfig(estimator="awm"), {}, True)
     # trajectory-only options are refused with the matching estimator, naming the conflicting key
     with pytest.raises(ValueError, match="mte_k"):
         load_config(TrainConfig, None, ["algorithm.estimator=matching", "algorithm.mte_k=4"])

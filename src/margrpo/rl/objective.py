@@ -122,6 +122,8 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
     adv = advantages.to(dev).float()[img][None, :, None]
     stats: dict[str, float] = {}
     main = None
+    if cfg.estimator not in ("trajectory", "matching"):
+        raise ValueError(f"estimator={cfg.estimator!r}; valid: 'trajectory', 'matching'")
     if cfg.estimator == "matching":
         pg, ratio = matching_terms(policy.head, rollout.tokens[rec.diffused], sc.z, adv, cfg, old_cache,
                                    ("matching", step), first_epoch, generator)
