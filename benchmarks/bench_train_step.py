@@ -1,7 +1,7 @@
-"""One RL step, plain GRPO vs MAR-GRPO, on the shipped shapes base: time split and peak memory.
+"""One RL step, GRPO vs MAR-GRPO (trajectory and matching estimators) on the shipped shapes base.
 
-Times are ratios against GRPO measured in the same run, with the demo's settings (including its ptx
-term) and the colour-fraction reward.
+Time split and peak memory; times are ratios against GRPO measured in the same run, with the demo's
+settings (including its ptx term) and the colour-fraction reward.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base_step = None
-        for method in ("grpo", "mar-grpo"):
+        for method in ("grpo", "mar-grpo", "mar-grpo-matching"):
             cfg = load_config(TrainConfig, [config_path("demo.yaml"), config_path(f"presets/{method}.yaml")], [
                 f"out_dir={Path(tmp) / method}",
                 f"steps={args.steps}", "rewards={colour_fraction: 1.0}", "log.sample_every=1000",

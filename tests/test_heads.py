@@ -169,3 +169,21 @@ def test_flow_loss_is_velocity_mse():
     xs = (1 - sig[:, None]) * x0 + sig[:, None] * noise
     v = head.net(xs, sig * 1000, z)
     assert torch.allclose(loss, ((v - (noise - x0)) ** 2).mean(1), atol=1e-6)
+
+
+def test_loss_noise_levels_are_the_inverse_cdf_of_the_default_training_draws():
+    """Stratified matching draws map u in [0, 1) through these; each must reproduce `loss`'s own law."""
+    ddpm = DdpmHead(5, 12, 24, 1, num_sampling_steps="10")
+    n = ddpm.train_schedule.num_steps
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n  # one u in each of n strata -> every timestep once
+    assert torch.equal(ddpm.loss_noise_levels(u), torch.arange(n))
+    assert int(ddpm.loss_noise_levels(torch.tensor([0.0, 1 - 1e-9])).max()) == n - 1  # never T itself
+
+    u = torch.tensor([0.0, 0.25, 0.5, 0.75, 1 - 1e-9])
+    assert torch.allclose(FlowHead(5, 12, 24, 1, train_sigma_sampling="uniform").loss_noise_levels(u),
+                          u.clamp(1e-6, 1 - 1e-6))
+    # logit-normal: sigma = sigmoid(N(0, 1)); its u-quantile is sigmoid(Phi^-1(u))
+    got = FlowHead(5, 12, 24, 1).loss_noise_levels(torch.tensor([0.5, 0.8413447460685429, 0.15865525393145707]))
+    assert torch.allclose(got, torch.sigmoid(torch.tensor([0.0, 1.0, -1.0])), atol=1e-5)
+    ends = FlowHead(5, 12, 24, 1).loss_noise_levels(torch.tensor([0.0, 1.0]))
+    assert bool(torch.isfinite(ends).all()) and 0 < float(ends[0]) < float(ends[1]) < 1

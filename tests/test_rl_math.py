@@ -166,3 +166,17 @@ def test_mte_trajectories_drawn_under_the_scored_condition_carry_zero_mean_gradi
 
     assert zscore(z_scored) < 4.5  # 8 dims of a standard normal: max |z| > 4.5 has probability ~5e-5
     assert zscore(z_commit) > 10.0
+
+
+def test_stratified_uniform_puts_one_draw_per_stratum_and_keeps_the_uniform_law():
+    from margrpo.rl.objective import stratified_uniform
+
+    u = stratified_uniform(4, 1000, torch.Generator().manual_seed(0), "cpu")
+    assert u.shape == (4, 1000)
+    k = torch.arange(4)[:, None]
+    assert bool(((u >= k / 4) & (u < (k + 1) / 4)).all())  # draw k of every token lies in [k/4, (k+1)/4)
+    # pooled over the draws the law is still U[0, 1): mean 1/2, and each quarter holds exactly a quarter
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    assert not torch.equal(u[:, 0], u[:, 1])  # offsets are independent per token
+    one = stratified_uniform(1, 5, torch.Generator().manual_seed(1), "cpu")
+    assert torch.equal(one, torch.rand((1, 5), generator=torch.Generator().manual_seed(1)))  # m=1: plain uniform

@@ -91,7 +91,11 @@ def test_matching_estimator_is_the_advantage_weighted_pretraining_loss_at_ratio_
     z = gen.mar.condition(rec.canvas, rec.mask, r.cond)[rec.diffused]
     target = r.tokens[rec.diffused]
     img = torch.arange(6).repeat_interleave(int(rec.diffused.sum()) // 6)
-    loss = gen.mar.head.loss(target.repeat(3, 1), z.repeat(3, 1), generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    # stratified noise levels: draw k of every token has its training timestep in the k-th third of [0, T)
+    n_steps = gen.mar.head.train_schedule.num_steps
+    t = ((torch.arange(3)[:, None] + torch.rand((3, len(target)), generator=g)) / 3 * n_steps).floor().long()
+    loss = gen.mar.head.loss(target.repeat(3, 1), z.repeat(3, 1), generator=g, t=t.reshape(-1))
     (adv.values[img].repeat(3) * loss).mean().backward()
     assert torch.allclose(got, gen.mar.z_proj.weight.grad, atol=1e-6, rtol=1e-4)
     assert got.abs().sum() > 0

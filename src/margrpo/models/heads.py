@@ -76,6 +76,13 @@ class DiffusionHead(nn.Module):
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def loss_noise_levels(self, u: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Map u in [0, 1) to the `t` that `loss` draws by default (its inverse CDF).
+
+        Why: stratified u (one draw per stratum) gives the same expected loss with less variance.
+        """
+        raise NotImplementedError
+
     def _net_out(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
                  z_uncond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the net on the conditional (and, when guided, unconditional) condition in one batch."""
@@ -181,6 +188,11 @@ class DdpmHead(DiffusionHead):
         return Transition(mean=mean, std=std)
 
     # ------------------------------------------------------------------ pretraining loss
+    def loss_noise_levels(self, u: torch.Tensor) -> torch.Tensor:
+        """Uniform training timesteps: floor(u T)."""
+        n = self.train_schedule.num_steps
+        return (u * n).floor().long().clamp(0, n - 1)
+
     def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample improved-DDPM hybrid loss (MSE on eps + VLB for the variance), as MAR trains.
@@ -291,6 +303,13 @@ class FlowHead(DiffusionHead):
                 std_val = 0.0
             std = torch.full_like(mean, std_val)
         return Transition(mean=mean, std=std)
+
+    def loss_noise_levels(self, u: torch.Tensor) -> torch.Tensor:
+        """sigma = u (uniform) or sigmoid(Phi^-1(u)) (logit-normal), u clamped into the open interval."""
+        u = u.float().clamp(1e-6, 1 - 1e-6)
+        if self.train_sigma_sampling == "uniform":
+            return u
+        return torch.sigmoid(math.sqrt(2.0) * torch.erfinv(2 * u - 1))
 
     def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
