@@ -7,9 +7,10 @@ compare's CONTROL setting (one group of 64 images, every AR step and eligible he
 images, half the steps scored) were a lottery on this base; see the comment on CONTROL.
 
 mar-grpo-matching (the matching estimator with mar-grpo's frozen head and consistency filter) rises faster,
-0.066 -> 0.159 in 15 steps (about 0.19 over steps 17-20), so it gets half the steps. The paper-faithful mar-grpo
-preset is reported by `margrpo compare`, not tested here: its MTE average over trajectories that did not
-make the image removes the signal of the most uncertain tokens (README, "grpo vs mar-grpo vs mar-grpo-matching").
+0.066 -> 0.129 in 15 steps with stratified draws (last 3 steps over seeds 0-2: 0.130 / 0.140 / 0.151), so it
+gets half the steps. The paper-faithful mar-grpo preset is reported by `margrpo compare`, not tested here: its
+MTE average over trajectories that did not make the image removes the signal of the most uncertain tokens
+(README, "grpo vs mar-grpo vs mar-grpo-matching").
 """
 
 import numpy as np

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from margrpo.configs import config_path
-from margrpo.evaluate import EvalResult, eval_prompt_set, evaluate
+from margrpo.evaluate import EvalResult, eval_prompt_set, evaluate, paired_strict_change
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer, load_model
 from margrpo.sampling.sampler import SamplerConfig
@@ -29,14 +29,17 @@ def eval_sampler(cfg: TrainConfig) -> SamplerConfig:
 
 
 def comparison_table(before: EvalResult, after: EvalResult) -> str:
-    lines = ["| category | n | strict before | strict after | change | partial before | partial after |",
+    """Per-category before/after table; the strict change carries its paired standard error (same seeds)."""
+    change = paired_strict_change(before, after)
+    lines = ["| category | n | strict before | strict after | change ± s.e. | partial before | partial after |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for c in [*shapes.CATEGORIES, "overall"]:
         if c not in before.summary:
             continue
         b, a = before.summary[c], after.summary[c]
+        delta, se = change[c]
         lines.append(f"| {c} | {int(b['n'])} | {100 * b['strict']:.1f}% | {100 * a['strict']:.1f}% | "
-                     f"{100 * (a['strict'] - b['strict']):+.1f} | {100 * b['partial']:.1f}% | "
+                     f"{100 * delta:+.1f} ± {100 * se:.1f} | {100 * b['partial']:.1f}% | "
                      f"{100 * a['partial']:.1f}% |")
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -62,6 +63,34 @@ def evaluate(gen: MARGenerator, prompts: list[str], sampler: SamplerConfig, seed
     images = torch.cat(all_images) if all_images else torch.empty(0, 3, 1, 1)
     return EvalResult(prompts=list(prompts), results=results, summary=shapes.summarize(results), images=images,
                       seconds=time.perf_counter() - t0)
+
+
+def paired_strict_change(before: EvalResult, after: EvalResult) -> dict[str, tuple[float, float]]:
+    """Per category and "overall": (change in strict accuracy, its paired standard error).
+
+    Why paired: before and after score the same prompts with the same seeds, so the per-image differences
+    (-1, 0 or +1) carry the comparison; their standard error is what a reader needs to tell a gain from
+    sampling noise. "overall" is the mean of the category changes (as `summarize` weighs categories), so
+    its variance is the sum of the category variances over the number of categories squared. A category
+    with one image has no standard error (nan).
+    """
+    if before.prompts != after.prompts:
+        raise ValueError("paired change needs the same prompts before and after "
+                         f"({len(before.prompts)} vs {len(after.prompts)} prompts, or a different order)")
+    diffs: dict[str, list[float]] = {}
+    for b, a in zip(before.results, after.results, strict=True):
+        d = float(bool(a["strict"])) - float(bool(b["strict"]))
+        diffs.setdefault(str(b.get("category", "unknown")), []).append(d)
+    out: dict[str, tuple[float, float]] = {}
+    for cat, d in diffs.items():
+        arr = np.asarray(d)
+        se = float(arr.std(ddof=1) / np.sqrt(len(arr))) if len(arr) > 1 else float("nan")
+        out[cat] = (float(arr.mean()), se)
+    if out:
+        means = np.array([m for m, _ in out.values()])
+        ses = np.array([se for _, se in out.values()])
+        out["overall"] = (float(means.mean()), float(np.sqrt(np.square(ses).sum()) / len(ses)))
+    return out
 
 
 def format_summary(summary: dict[str, dict[str, float]]) -> str:

@@ -1,0 +1,44 @@
+"""Held-out evaluation statistics on hand-worked results (no sampling)."""
+
+import math
+
+import pytest
+import torch
+
+from margrpo.demo import comparison_table
+from margrpo.evaluate import EvalResult, paired_strict_change
+from margrpo.worlds import shapes
+
+
+def result(prompts: list[str], cats: list[str], strict: list[int]) -> EvalResult:
+    rows = [{"category": c, "strict": bool(s), "partial": float(s)} for c, s in zip(cats, strict, strict=True)]
+    return EvalResult(prompts=prompts, results=rows, summary=shapes.summarize(rows),
+                      images=torch.zeros(len(rows), 3, 2, 2), seconds=0.0)
+
+
+def test_paired_strict_change_hand_worked():
+    prompts = ["p0", "p1", "p2", "p3", "q0", "q1"]
+    cats = ["single"] * 4 + ["counting"] * 2
+    before = result(prompts, cats, [1, 0, 0, 1, 0, 0])
+    after = result(prompts, cats, [1, 1, 0, 0, 1, 1])
+    ch = paired_strict_change(before, after)
+    # single: differences 0, +1, 0, -1 -> mean 0, sample std sqrt(2/3), s.e. sqrt(2/3)/2
+    assert ch["single"][0] == 0.0 and ch["single"][1] == pytest.approx(math.sqrt(2 / 3) / 2)
+    # counting: +1, +1 -> mean 1, no spread
+    assert ch["counting"] == (1.0, 0.0)
+    # overall = mean of category changes, s.e. = sqrt(sum of variances) / number of categories
+    assert ch["overall"][0] == pytest.approx(0.5)
+    assert ch["overall"][1] == pytest.approx(math.sqrt(2 / 3) / 2 / 2)
+    assert ch["overall"][0] == pytest.approx(after.summary["overall"]["strict"] - before.summary["overall"]["strict"])
+    table = comparison_table(before, after)
+    assert "| counting | 2 | 0.0% | 100.0% | +100.0 ± 0.0 |" in table
+    assert "| overall | 6 | 25.0% | 75.0% | +50.0 ± 20.4 |" in table
+
+
+def test_paired_strict_change_refuses_unpaired_results():
+    a = result(["p0", "p1"], ["single", "single"], [1, 0])
+    b = result(["p1", "p0"], ["single", "single"], [1, 0])
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_strict_change(a, b)
+    one = result(["p0"], ["single"], [1])
+    assert math.isnan(paired_strict_change(one, one)["single"][1])  # one image: no standard error
