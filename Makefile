@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/margrpo demo --readme README.md
 
 # grpo vs mar-grpo vs mar-grpo-matching, 3 seeds each at half the demo's steps, plus null and positive
-# controls (about 47 min; compare runs on one thread); table into the README
+# controls (about 49 min; compare runs on one thread); table into the README
 compare: setup
 	$(BIN)/margrpo compare steps=50 --seeds 0 1 2 --readme README.md
 
