@@ -104,7 +104,7 @@ def test_compare_writes_a_table_per_method_with_control(model_dir, tmp_path, cap
     readme.write_text("# x\n<!-- compare-results:start -->\nold\n<!-- compare-results:end -->\ntail\n")
     rc = main(["compare", "--readme", str(readme), f"model={model_dir}", "steps=2", "sampling.ar_steps=4",
                "sampling.diffusion_steps=4",
-               "algorithm.prompts_per_step=2", "algorithm.group_size=2", "log.eval_per_category=2",
+               "algorithm.prompts_per_step=2", "algorithm.group_size=2", "eval.per_category=2",
                "log.tensorboard=false", "--seeds", "0", "1", "--control-steps", "2", "--out", str(tmp_path / "cmp"),
                "--quiet"])
     assert rc == 0
@@ -125,7 +125,7 @@ def test_compare_writes_a_table_per_method_with_control(model_dir, tmp_path, cap
     assert (tmp_path / "docs" / "images" / "compare_grad_norm.png").is_file()
     capsys.readouterr()
     rc = main(["compare", f"model={model_dir}", "steps=1", "sampling.ar_steps=4", "sampling.diffusion_steps=4",
-               "algorithm.prompts_per_step=2", "algorithm.group_size=2", "log.eval_per_category=2",
+               "algorithm.prompts_per_step=2", "algorithm.group_size=2", "eval.per_category=2",
                "log.tensorboard=false", "--seeds", "0", "--control-steps", "1", "--out", str(tmp_path / "cmp"),
                "--quiet"])
     assert rc == 0 and "removing the previous comparison" in capsys.readouterr().out  # `make compare` reruns

@@ -42,3 +42,14 @@ def test_paired_strict_change_refuses_unpaired_results():
         paired_strict_change(a, b)
     one = result(["p0"], ["single"], [1])
     assert math.isnan(paired_strict_change(one, one)["single"][1])  # one image: no standard error
+
+
+def test_paired_strict_change_treats_images_of_one_prompt_as_correlated():
+    # two prompts, two images each: differences (1, 1) and (0, 0); mean 0.5. Cluster sums 2 and 0, each
+    # 2 x 0.5 = 1 from expected: Var = C / (C - 1) x ((2 - 1)^2 + (0 - 1)^2) / N^2 = 2 x 2 / 16 = 0.25.
+    # Treated as 4 independent images the s.e. would be std(1, 1, 0, 0) / 2 = 0.289.
+    prompts, cats = ["a", "a", "b", "b"], ["single"] * 4
+    ch = paired_strict_change(result(prompts, cats, [0, 0, 0, 0]), result(prompts, cats, [1, 1, 0, 0]))
+    assert ch["single"] == (0.5, pytest.approx(0.5))
+    one_prompt = paired_strict_change(result(["a", "a"], cats[:2], [0, 0]), result(["a", "a"], cats[:2], [1, 0]))
+    assert math.isnan(one_prompt["single"][1])  # one cluster: no standard error

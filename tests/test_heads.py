@@ -187,3 +187,70 @@ def test_loss_noise_levels_are_the_inverse_cdf_of_the_default_training_draws():
     assert torch.allclose(got, torch.sigmoid(torch.tensor([0.0, 1.0, -1.0])), atol=1e-5)
     ends = FlowHead(5, 12, 24, 1).loss_noise_levels(torch.tensor([0.0, 1.0]))
     assert bool(torch.isfinite(ends).all()) and 0 < float(ends[0]) < float(ends[1]) < 1
+
+
+class _FixedOutput(torch.nn.Module):
+    """A head network that returns a given output whatever its input (to differentiate the step by hand)."""
+
+    def __init__(self, out: torch.Tensor):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x, t, z):
+        return self.out.expand(x.shape[0], -1)
+
+
+def _mean_slope_over_std(head, j: int, out: torch.Tensor, channel_slice: slice, var_value: float | None) -> float:
+    """|d mean / d output| / std of step j by a central difference on the network output (the mean is linear in
+    it where nothing clamps, so a large step is exact and keeps float32 round-off out of the slope)."""
+    x = torch.randn(1, head.token_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+    z = torch.zeros(1, 4)
+    h = 0.5
+    means = []
+    for sign in (1.0, -1.0):
+        o = out.clone()
+        o[:, channel_slice] += sign * h
+        head.net = _FixedOutput(o)
+        means.append(head.transition(x, j, z).mean.double())
+    tr = head.transition(x, j, z)
+    slope = float(((means[0] - means[1]) / (2 * h)).abs().mean())
+    std = float(tr.std.double().mean()) if var_value is None else var_value
+    return slope / std
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+def test_ddpm_score_gain_is_the_mean_slope_over_the_posterior_std(steps):
+    head = DdpmHead(3, 4, 8, 1, num_sampling_steps=steps)  # no x0 clamp: the slope is the schedule's
+    s = head.gen_schedule
+    for j in range(head.num_steps - 1):  # the last step is deterministic
+        k = head.index_of_step(j)
+        # the learned-range variance at var_values = -1 is the posterior variance (its smallest std)
+        out = torch.cat([torch.zeros(1, 3), -torch.ones(1, 3)], 1)
+        post_std = math.exp(0.5 * s.posterior_log_variance_clipped[k])
+        measured = _mean_slope_over_std(head, j, out, slice(0, 3), post_std)
+        assert head.score_gain(j) == pytest.approx(measured, rel=1e-3)
+    with pytest.raises(ValueError, match="deterministic"):
+        head.score_gain(head.num_steps - 1)
+
+
+def test_ddpm_score_gain_on_the_respaced_cosine_schedule_flags_the_first_and_last_steps():
+    from margrpo.rl.trainer import scorable_head_steps
+
+    head = DdpmHead(3, 4, 8, 1, num_sampling_steps=10)
+    gains = [head.score_gain(j) for j in range(9)]
+    # alpha-bar of the first respaced step is about 2.4e-9: x0 = 20,000 (x - eps) and the mean moves ~3,500 std
+    assert 3000 < gains[0] < 4000 and 20 < gains[8] < 40 and all(0.9 < g < 2 for g in gains[1:8])
+    assert scorable_head_steps(head, 3.0) == [1, 2, 3, 4, 5, 6, 7]
+    assert scorable_head_steps(head, 1e4) == list(range(9))
+    with pytest.raises(ValueError, match="head_step_max_gain"):
+        scorable_head_steps(head, 0.5)
+
+
+@pytest.mark.parametrize("shift,noise_level", [(1.0, 0.7), (3.0, 0.7), (3.0, 0.3)])
+def test_flow_score_gain_is_the_mean_slope_over_the_std_and_stays_below_its_bound(shift, noise_level):
+    head = FlowHead(3, 4, 8, 1, num_sampling_steps=12, noise_level=noise_level, shift=shift)
+    bound = (1 + noise_level**2 / 2) / noise_level
+    for j in range(head.num_steps):
+        measured = _mean_slope_over_std(head, j, torch.zeros(1, 3), slice(0, 3), None)
+        assert head.score_gain(j) == pytest.approx(measured, rel=1e-3)
+        assert head.score_gain(j) <= bound + 1e-9  # no step's score is dominated by noise at this noise level

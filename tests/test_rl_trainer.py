@@ -69,7 +69,7 @@ def test_matching_estimator_is_the_advantage_weighted_pretraining_loss_at_ratio_
     r = sample(gen.mar, cond, 6, SamplerConfig(num_ar_steps=4, diffuse="to_predict", record_z=False),
                torch.Generator().manual_seed(0))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    ocfg = ObjectiveConfig(estimator="matching", matching_draws=3, beta=0.0, consistency=False)
+    ocfg = ObjectiveConfig(estimator="matching", noise_draws=3, beta=0.0, consistency=False)
     step = 2
     cache: dict = {}
     sl = ar_step_loss(gen.mar, None, r, step, [0], adv.values, adv.use, ocfg, cache, True,
@@ -133,8 +133,11 @@ def _cfg(model_dir, out, steps, extra=()):
         "log.sample_every=100", "log.tensorboard=false", "optim.lr=3e-3", *extra])
 
 
-@pytest.mark.parametrize("extra", [(), ("algorithm.estimator=matching", "algorithm.mte_k=0")],
-                         ids=["trajectory", "matching"])
+@pytest.mark.parametrize("extra", [(), ("algorithm.estimator=matching", "algorithm.mte_k=0"),
+                                   ("algorithm.estimator=nft", "algorithm.mte_k=0"),
+                                   ("eval.every=2", "eval.per_category=2", "eval.in_distribution=true",
+                                    "eval.ema_decay=0.5")],
+                         ids=["trajectory", "matching", "nft", "eval+ema"])
 def test_end_to_end_run_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, extra):
     full = Trainer(_cfg(tiny_model_dir, tmp_path / "full", 4, extra), progress=False)
     m_full = full.run()
@@ -149,8 +152,16 @@ def test_end_to_end_run_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path
         assert torch.equal(a, b)
     drop = ("time/", "memory/")
     clean = [{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_metrics(tmp_path / "crash")]
-    assert clean == [{k: v for k, v in r.items() if not k.startswith(drop)} for r in m_full]
+    assert clean == [{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_metrics(tmp_path / "full")]
     assert len(m_res) == 4
+    if "eval.every=2" in extra:  # evaluated at steps 0, 2, 4, paired with step 0, the EMA beside the policy
+        rows = {r["step"]: r for r in read_metrics(tmp_path / "full")}
+        assert {"eval/heldout/strict", "eval/train/strict"} <= set(rows[0])
+        want = {"eval/heldout/strict_change_se", "eval_ema/heldout/strict", "eval_ema/train/strict_change"}
+        assert want <= set(rows[4])
+        assert "eval/heldout/strict" not in rows[3]
+        assert (tmp_path / "full" / "eval" / "step-4_ema.json").is_file()
+        assert (tmp_path / "full" / "model_ema" / "config.json").is_file()
 
 
 def test_step_selection_is_reproducible_and_records_predecessors(tiny_model_dir, tmp_path):
@@ -257,3 +268,33 @@ def test_ptx_term_trains_on_rendered_batches_even_without_reward_signal(tiny_mod
     with pytest.raises(ValueError, match="only the shapes world"):
         Trainer(_cfg(tiny_model_dir, tmp_path / "bad", 1, ["algorithm.ptx_weight=1.0",
                                                             f"prompts.source={prompt_file}"]))
+
+
+def test_parameter_ema_follows_the_recursion_and_swaps_back_exactly():
+    from margrpo.rl.eval_loop import ParameterEMA
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    ema = ParameterEMA([("w", w)], decay=0.75)
+    with torch.no_grad():
+        w.copy_(torch.tensor([3.0, 2.0]))
+    ema.update()  # 0.75 x (1, -2) + 0.25 x (3, 2)
+    with torch.no_grad():
+        w.copy_(torch.tensor([5.0, 0.0]))
+    ema.update()  # 0.75 x (1.5, -1) + 0.25 x (5, 0)
+    assert torch.allclose(ema.shadow["w"], torch.tensor([2.375, -0.75]))
+    with ema.swapped():
+        assert torch.equal(w.detach(), ema.shadow["w"])
+    assert torch.equal(w.detach(), torch.tensor([5.0, 0.0]))
+
+
+def test_diagnose_reports_every_stochastic_head_step_with_shares_that_sum_to_one(tiny_model_dir, tmp_path):
+    from margrpo.rl.diagnose import head_step_diagnostics
+
+    cfg = _cfg(tiny_model_dir, tmp_path / "d", 1, ["algorithm.head_step_max_gain=1e9"])
+    rows = head_step_diagnostics(cfg)
+    head = tiny_generator().mar.head
+    head.set_sampling_steps(cfg.sampling.diffusion_steps)
+    assert [r["head_step"] for r in rows] == [j for j in range(head.num_steps) if head.is_stochastic(j)]
+    assert sum(r["grad_share"] for r in rows) == pytest.approx(1.0)
+    assert all(r["scored"] and r["score_gain"] == pytest.approx(head.score_gain(r["head_step"])) for r in rows)
+    assert all(0.0 <= r["clamped"] <= 1.0 and r["max_log_ratio"] > 0 for r in rows)

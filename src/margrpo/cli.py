@@ -207,6 +207,30 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_compare)
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from margrpo.configs import config_path
+    from margrpo.rl.config import TrainConfig
+    from margrpo.rl.diagnose import run_diagnose
+    from margrpo.utils.config import load_config
+
+    _set_threads(args.threads)
+    config, overrides = _config_and_overrides(args)
+    cfg = load_config(TrainConfig, config or config_path("demo.yaml"), overrides)
+    run_diagnose(cfg, Path(args.json) if args.json else None, args.step)
+    return 0
+
+
+def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diagnose", help="per-head-step score gain, x0 clamping, gradient share and PPO log-ratio "
+                       "of one rollout (which head steps carry signal)")
+    p.add_argument("config", nargs="?", default=None, help="training YAML config (default: the demo config)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampling.diffusion_steps=25")
+    p.add_argument("--step", type=int, default=0, help="which training step's prompts and seeds to use")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file (and a .md beside it)")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_diagnose)
+
+
 def add_serve_reward_parser(sub: argparse._SubParsersAction) -> None:
     from margrpo.rewards.cli import add_serve_reward_parser as add
     from margrpo.rewards.cli import run_serve_reward
@@ -222,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_eval_parser(sub)
     add_compare_parser(sub)
+    add_diagnose_parser(sub)
     add_serve_reward_parser(sub)
     add_demo_parser(sub)
     return parser

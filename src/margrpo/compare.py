@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from margrpo.configs import config_path
-from margrpo.demo import eval_sampler, publish_to_readme
+from margrpo.demo import publish_to_readme
 from margrpo.evaluate import eval_prompt_set, evaluate
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer
@@ -64,7 +64,7 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
         return load_config(TrainConfig, [cfg_file, config_path(f"presets/{method}.yaml")], [*overrides, *extra])
 
     def heldout_strict(tr: Trainer) -> float:
-        res = evaluate(tr.gen, prompts, eval_sampler(tr.cfg), seed=1234, progress=False)
+        res = evaluate(tr.gen, prompts, tr.cfg.eval_sampler(), seed=tr.cfg.eval.seed, progress=False)
         return res.summary["overall"]["strict"]
 
     results: dict = {"methods": {}, "control": {}}
@@ -76,7 +76,7 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
             cfg = method_config(m, f"seed={seed}", f"out_dir={out / m / f'seed-{seed}'}")
             tr = Trainer(cfg, progress=not quiet)
             if prompts is None:
-                prompts = eval_prompt_set(cfg.log.eval_per_category)
+                prompts = eval_prompt_set(cfg.eval.per_category)
                 results["base_strict"] = heldout_strict(tr)
             runs.append(tr.run())
             finals.append(heldout_strict(tr))

@@ -15,17 +15,9 @@ from margrpo.configs import config_path
 from margrpo.evaluate import EvalResult, eval_prompt_set, evaluate, paired_strict_change
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer, load_model
-from margrpo.sampling.sampler import SamplerConfig
 from margrpo.utils.config import load_config
 from margrpo.utils.images import make_grid, save_png, side_by_side, to_pil
 from margrpo.worlds import shapes
-
-
-def eval_sampler(cfg: TrainConfig) -> SamplerConfig:
-    """Held-out evaluation uses the training sampler's settings (what RL optimised), without recording."""
-    s = cfg.sampling
-    return SamplerConfig(num_ar_steps=s.ar_steps, num_diffusion_steps=s.diffusion_steps, cfg=s.cfg,
-                         cfg_schedule=s.cfg_schedule, temperature=s.temperature, record=False)
 
 
 def comparison_table(before: EvalResult, after: EvalResult) -> str:
@@ -83,15 +75,15 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
         # the demo owns this folder: a second `make demo` starts over instead of refusing to run
         print(f"removing the previous demo run in {run_dir}")
         shutil.rmtree(run_dir)
-    prompts = eval_prompt_set(8 if quick else cfg.log.eval_per_category)
-    sampler = eval_sampler(cfg)
+    prompts = eval_prompt_set(8 if quick else cfg.eval.per_category)
+    sampler = cfg.eval_sampler()
     base = load_model(cfg.model, cfg.device)
-    before = evaluate(base, prompts, sampler, seed=1234, progress=not quiet)
+    before = evaluate(base, prompts, sampler, seed=cfg.eval.seed, progress=not quiet)
     trainer = Trainer(cfg, progress=not quiet)
     t0 = time.perf_counter()
     trainer.run()
     train_s = time.perf_counter() - t0
-    after = evaluate(trainer.gen, prompts, sampler, seed=1234, progress=not quiet)
+    after = evaluate(trainer.gen, prompts, sampler, seed=cfg.eval.seed, progress=not quiet)
     table = comparison_table(before, after)
     total_s = time.perf_counter() - t_start
     pick = list(range(0, len(prompts), max(1, len(prompts) // 16)))[:16]  # 4 per category

@@ -20,7 +20,7 @@ class EvalResult:
     prompts: list[str]
     results: list[dict]
     summary: dict[str, dict[str, float]]
-    images: torch.Tensor  # [N, 3, H, W] in [-1, 1]
+    images: torch.Tensor | None  # [N, 3, H, W] in [-1, 1]; None for results read back from a file
     seconds: float
 
     def table(self) -> str:
@@ -37,6 +37,16 @@ def eval_prompt_set(per_category: int = 64, categories: Sequence[str] | None = N
     out: list[str] = []
     for c in categories or shapes.CATEGORIES:
         ps = shapes.heldout_prompts(c)
+        if ps:
+            out.extend(ps[i % len(ps)] for i in range(per_category))
+    return out
+
+
+def train_prompt_set(per_category: int = 64, categories: Sequence[str] | None = None) -> list[str]:
+    """Training prompts, `per_category` per category, cycled in order: in-distribution accuracy (fresh seeds)."""
+    out: list[str] = []
+    for c in categories or shapes.CATEGORIES:
+        ps = shapes.train_prompts(c)
         if ps:
             out.extend(ps[i % len(ps)] for i in range(per_category))
     return out
@@ -70,22 +80,33 @@ def paired_strict_change(before: EvalResult, after: EvalResult) -> dict[str, tup
 
     Why paired: before and after score the same prompts with the same seeds, so the per-image differences
     (-1, 0 or +1) carry the comparison; their standard error is what a reader needs to tell a gain from
-    sampling noise. "overall" is the mean of the category changes (as `summarize` weighs categories), so
-    its variance is the sum of the category variances over the number of categories squared. A category
-    with one image has no standard error (nan).
+    sampling noise. Images of one prompt are correlated (the held-out "single" category cycles 3 prompts), so
+    the standard error is cluster-robust with prompts as clusters: Var = C / (C - 1) sum_c (S_c - n_c d)^2 / N^2
+    for C prompts, S_c the sum of a prompt's differences and d their mean. With one image per prompt this is
+    the ordinary s / sqrt(N); with 3 prompts it rests on 2 degrees of freedom and is itself uncertain.
+    "overall" is the mean of the category changes (as `summarize` weighs categories), so its variance is the
+    sum of the category variances over the number of categories squared. A category with fewer than two
+    prompts has no standard error (nan).
     """
     if before.prompts != after.prompts:
         raise ValueError("paired change needs the same prompts before and after "
                          f"({len(before.prompts)} vs {len(after.prompts)} prompts, or a different order)")
-    diffs: dict[str, list[float]] = {}
-    for b, a in zip(before.results, after.results, strict=True):
+    diffs: dict[str, dict[str, list[float]]] = {}
+    for prompt, b, a in zip(before.prompts, before.results, after.results, strict=True):
         d = float(bool(a["strict"])) - float(bool(b["strict"]))
-        diffs.setdefault(str(b.get("category", "unknown")), []).append(d)
+        diffs.setdefault(str(b.get("category", "unknown")), {}).setdefault(prompt, []).append(d)
     out: dict[str, tuple[float, float]] = {}
-    for cat, d in diffs.items():
-        arr = np.asarray(d)
-        se = float(arr.std(ddof=1) / np.sqrt(len(arr))) if len(arr) > 1 else float("nan")
-        out[cat] = (float(arr.mean()), se)
+    for cat, by_prompt in diffs.items():
+        clusters = [np.asarray(v) for v in by_prompt.values()]
+        n = sum(len(v) for v in clusters)
+        mean = float(sum(v.sum() for v in clusters) / n)
+        c = len(clusters)
+        if c > 1:
+            var = c / (c - 1) * sum((v.sum() - len(v) * mean) ** 2 for v in clusters) / n**2
+            se = float(np.sqrt(var))
+        else:
+            se = float("nan")
+        out[cat] = (mean, se)
     if out:
         means = np.array([m for m, _ in out.values()])
         ses = np.array([se for _, se in out.values()])

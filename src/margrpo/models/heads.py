@@ -43,10 +43,15 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
 
 @dataclass
 class Transition:
-    """Gaussian law of the next head state: x^{j+1} ~ N(mean, std^2), both float32 [N, C]."""
+    """Gaussian law of the next head state: x^{j+1} ~ N(mean, std^2), both float32 [N, C].
+
+    `clamped` [N, C] bool marks elements whose predicted x0 a clamping head clipped (None for other heads):
+    their mean does not depend on the network there.
+    """
 
     mean: torch.Tensor
     std: torch.Tensor
+    clamped: torch.Tensor | None = None
 
 
 def _guided(out_c: torch.Tensor, out_u: torch.Tensor | None, guidance: float) -> torch.Tensor:
@@ -68,12 +73,33 @@ class DiffusionHead(nn.Module):
     def is_stochastic(self, j: int) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def score_gain(self, j: int) -> float:  # pragma: no cover - abstract
+        """|d mean / d network output| / std of stochastic step j: how many standard deviations a unit change
+        of the network's prediction moves the step's Gaussian mean (for a learned variance, at its smallest std).
+
+        Why: the score of a recorded transition, d log p / d output = noise / std * d mean / d output, is the
+        step's standard-normal draw times this gain. Where it is huge the policy term of that step is noise
+        (and its PPO ratio leaves the trust region after a tiny update); the trainer does not score such steps.
+        """
+        raise NotImplementedError
+
     def transition(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
                    guidance: float = 1.0, temperature: float = 1.0) -> Transition:  # pragma: no cover
         raise NotImplementedError
 
     def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def regression_error(self, target: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
+                         noise: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """[N, C] float32 error of the network's prediction on `target` noised to level `t` with `noise`.
+
+        Linear in the prediction, so the error of a mix of two predictions is the same mix of their errors
+        (DiffusionNFT's implicit policies). DDPM: eps_hat - eps, the space of its training loss (an x0 error
+        would weigh noise levels by sqrt(1 / alpha-bar - 1), which spans six orders of magnitude on the cosine
+        schedule). Flow: x0_hat - x0 = sigma (v* - v_hat), DiffusionNFT's space for flow models.
+        """
         raise NotImplementedError
 
     def loss_noise_levels(self, u: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -168,6 +194,16 @@ class DdpmHead(DiffusionHead):
     def is_stochastic(self, j: int) -> bool:
         return self.index_of_step(j) != 0
 
+    def score_gain(self, j: int) -> float:
+        """d mean / d eps = posterior_mean_coef1 * sqrt(1 / alpha-bar - 1) over the posterior std (the learned
+        variance's lower bound). On the cosine schedule respaced to 10 steps: about 3,500 at the first step
+        (alpha-bar 2.4e-9), 1.0-1.8 in the middle, 29 at the last stochastic step."""
+        if not self.is_stochastic(j):
+            raise ValueError(f"head step {j} is deterministic and has no score")
+        s, k = self.gen_schedule, self.index_of_step(j)
+        sensitivity = s.posterior_mean_coef1[k] * s.sqrt_recipm1_alphas_cumprod[k]
+        return float(sensitivity / math.exp(0.5 * s.posterior_log_variance_clipped[k]))
+
     def transition(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
                    guidance: float = 1.0, temperature: float = 1.0) -> Transition:
         k = self.index_of_step(j)
@@ -179,19 +215,29 @@ class DdpmHead(DiffusionHead):
             var_values = out_c[:, c:].float()  # the conditional branch's variance, as upstream
             xf = x.float()
             x0 = self._coef["sqrt_recip_alphas_cumprod"][k] * xf - self._coef["sqrt_recipm1_alphas_cumprod"][k] * eps
+            clamped = None
             if self.clip_denoised:
+                clamped = x0.abs() > self.clip_range
                 x0 = x0.clamp(-self.clip_range, self.clip_range)
             mean = self._coef["posterior_mean_coef1"][k] * x0 + self._coef["posterior_mean_coef2"][k] * xf
             frac = (var_values + 1) / 2
             log_var = frac * self._coef["log_betas"][k] + (1 - frac) * self._coef["posterior_log_variance_clipped"][k]
             std = torch.exp(0.5 * log_var) * temperature
-        return Transition(mean=mean, std=std)
+        return Transition(mean=mean, std=std, clamped=clamped)
 
     # ------------------------------------------------------------------ pretraining loss
     def loss_noise_levels(self, u: torch.Tensor) -> torch.Tensor:
         """Uniform training timesteps: floor(u T)."""
         n = self.train_schedule.num_steps
         return (u * n).floor().long().clamp(0, n - 1)
+
+    def regression_error(self, target: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
+                         noise: torch.Tensor) -> torch.Tensor:
+        s = self.train_schedule
+        sa = torch.from_numpy(s.sqrt_alphas_cumprod).to(target.device)[t].float().unsqueeze(-1)
+        sb = torch.from_numpy(s.sqrt_one_minus_alphas_cumprod).to(target.device)[t].float().unsqueeze(-1)
+        out = self.net(sa * target + sb * noise, t, z)
+        return out[:, :self.token_dim].float() - noise.float()
 
     def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -283,6 +329,18 @@ class FlowHead(DiffusionHead):
     def is_stochastic(self, j: int) -> bool:
         return self.noise_level > 0
 
+    def score_gain(self, j: int) -> float:
+        """(1 + s^2 (1 - sigma) / (2 sigma)) |dt| / (s sqrt(|dt|)). Since s^2 (1 - sigma) / sigma = a^2, this is
+        (1 + a^2 / 2) sqrt(|dt| (1 - sigma~) / sigma) / a: at most (1 + a^2 / 2) / a (1.78 at a = 0.7) at every
+        step and shift, so a flow head has no noise-dominated step unless its noise level is small."""
+        if not self.is_stochastic(j):
+            raise ValueError(f"head step {j} is deterministic and has no score")
+        sigma, sigma_next = float(self.sigmas[j]), float(self.sigmas[j + 1])
+        dt = sigma - sigma_next
+        denom = float(self.sigmas[1]) if sigma == 1.0 else sigma
+        s = self.noise_level * math.sqrt(sigma / (1 - denom))
+        return (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt / (s * math.sqrt(dt))
+
     def transition(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
                    guidance: float = 1.0, temperature: float = 1.0) -> Transition:
         sigma = float(self.sigmas[j])
@@ -310,6 +368,12 @@ class FlowHead(DiffusionHead):
         if self.train_sigma_sampling == "uniform":
             return u
         return torch.sigmoid(math.sqrt(2.0) * torch.erfinv(2 * u - 1))
+
+    def regression_error(self, target: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
+                         noise: torch.Tensor) -> torch.Tensor:
+        sig = t.float().unsqueeze(-1)
+        v = self.net((1 - sig) * target + sig * noise, t.float() * 1000.0, z)
+        return sig * ((noise - target).float() - v.float())
 
     def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:

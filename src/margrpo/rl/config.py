@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from margrpo.rl.objective import ObjectiveConfig
+from margrpo.rl.objective import ESTIMATORS, ObjectiveConfig
 from margrpo.sampling.sampler import SamplerConfig
 
 
@@ -33,7 +33,9 @@ class AlgorithmSection:
     ar_step_fraction: float = field(default=0.5, metadata={"range": (0.0, 1.0)})
     ar_step_count: int | None = field(default=None, metadata={"range": (1, 4096)})
     head_steps_per_ar_step: int | None = field(default=None, metadata={"range": (1, 1000)})
-    head_step_max_fraction: float = field(default=1.0, metadata={"range": (0.01, 1.0)})
+    # Head steps whose score gain (DiffusionHead.score_gain: standard deviations the step's mean moves per
+    # unit of network output) exceeds this are not scored, in the policy term, MTE or the KL.
+    head_step_max_gain: float = field(default=3.0, metadata={"range": (0.0, None)})
     head_step_weighting: str = field(default="none", metadata={"choices": ("none", "std")})
     guidance: str = field(default="rollout", metadata={"choices": ("rollout", "cond_only")})
     clip_eps: float = field(default=0.2, metadata={"range": (0.0, 10.0)})
@@ -51,11 +53,17 @@ class AlgorithmSection:
     consistency_start: int = field(default=1, metadata={"range": (0, 4096)})
     consistency_tau: float = field(default=0.0, metadata={"range": (-2.0, 2.0)})
     update: str = field(default="rollout", metadata={"choices": ("rollout", "ar_step")})
-    # The policy term's log-probability: "trajectory" scores the recorded head transitions (GRPO / DDPO, the
-    # paper's); "matching" uses minus the head's pretraining loss on each token's final value at
-    # `matching_draws` fresh (noise level, noise) draws (Advantage Weighted Matching, Xue et al. 2025).
-    estimator: str = field(default="trajectory", metadata={"choices": ("trajectory", "matching")})
-    matching_draws: int = field(default=4, metadata={"range": (1, 1024)})
+    # The policy term: "trajectory" scores the recorded head transitions (GRPO / DDPO, the paper's);
+    # "matching" uses minus the head's pretraining loss on each token's final value in the PPO ratio (Advantage
+    # Weighted Matching, Xue et al. 2025); "nft" is DiffusionNFT's negative-aware loss on the final value (Zheng
+    # et al. 2025, arXiv 2509.16117). The last two are forward-process estimators: `noise_draws` (noise level,
+    # noise) draws per token, stratified in noise level, the same in every PPO epoch.
+    estimator: str = field(default="trajectory", metadata={"choices": ESTIMATORS})
+    noise_draws: int = field(default=4, metadata={"range": (1, 1024)})
+    # DiffusionNFT's beta (how far the implicit positive / negative policies extrapolate; the release's 1.0) and
+    # A_max, the advantage mapped to r = 1 (the release's adv_clip_max 5).
+    nft_beta: float = field(default=1.0, metadata={"range": (1e-6, 100.0)})
+    nft_adv_clip: float = field(default=5.0, metadata={"range": (1e-6, 1e6)})
     # Branched groups: the G images of a prompt share their order and head noise except at one AR step
     # (drawn per rollout), the only step scored. Reward differences in a group then come from that step's
     # tokens alone instead of from every token of the image. Measured on the shapes base (grpo, Adam 5e-5,
@@ -77,12 +85,12 @@ class AlgorithmSection:
         if self.consistency and self.policy_tokens != "unknown":
             raise ValueError("algorithm.consistency filters still-unknown tokens, so it needs "
                              "algorithm.policy_tokens='unknown' (or set consistency=false)")
-        if self.estimator == "matching" and self.mte_k:
+        if self.estimator != "trajectory" and self.mte_k:
             raise ValueError("algorithm.mte_k > 0 averages head-trajectory log-probabilities; with "
-                             "algorithm.estimator='matching' there are none (set mte_k=0)")
-        if self.estimator == "matching" and self.head_step_weighting != "none":
+                             f"algorithm.estimator={self.estimator!r} there are none (set mte_k=0)")
+        if self.estimator != "trajectory" and self.head_step_weighting != "none":
             raise ValueError("algorithm.head_step_weighting weighs head steps of the trajectory estimator; "
-                             "with algorithm.estimator='matching' set it to 'none'")
+                             f"with algorithm.estimator={self.estimator!r} set it to 'none'")
 
     def objective(self) -> ObjectiveConfig:
         return ObjectiveConfig(clip_eps=self.clip_eps, dual_clip=self.dual_clip, beta=self.beta, kl=self.kl,
@@ -91,7 +99,7 @@ class AlgorithmSection:
                                mte_top_fraction=self.mte_top_fraction if self.mte_k else 0.0,
                                consistency=self.consistency, consistency_start=self.consistency_start,
                                consistency_tau=self.consistency_tau, estimator=self.estimator,
-                               matching_draws=self.matching_draws)
+                               noise_draws=self.noise_draws, nft_beta=self.nft_beta, nft_adv_clip=self.nft_adv_clip)
 
 
 @dataclass
@@ -132,8 +140,24 @@ class LogSection:
     sample_every: int = field(default=10, metadata={"range": (1, None)})
     checkpoint_every: int = field(default=10, metadata={"range": (1, None)})
     keep_checkpoints: int = field(default=2, metadata={"range": (1, None)})
-    eval_per_category: int = field(default=64, metadata={"range": (1, None)})
     tensorboard: bool = True
+
+
+@dataclass
+class EvalSection:
+    """Verifier accuracy of the shapes world during and after training (`margrpo.evaluate`).
+
+    Held-out prompts (and, with `in_distribution`, training prompts) are sampled with the training sampler's
+    settings and the seed `seed`, the same images at every evaluation, so each change carries a paired standard
+    error against step 0. `ema_decay` > 0 also keeps an exponential moving average of the trained weights and
+    evaluates it beside them (Flow-GRPO's evaluation EMA).
+    """
+
+    every: int = field(default=0, metadata={"range": (0, None)})  # 0: only where a command asks (demo, compare)
+    per_category: int = field(default=64, metadata={"range": (1, None)})
+    seed: int = 1234
+    in_distribution: bool = False
+    ema_decay: float = field(default=0.0, metadata={"range": (0.0, 0.999999)})
 
 
 @dataclass
@@ -150,6 +174,7 @@ class TrainConfig:
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
     optim: OptimSection = field(default_factory=OptimSection)
     log: LogSection = field(default_factory=LogSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     device: str = "cpu"
     autocast: str = field(default="none", metadata={"choices": ("none", "bf16")})
     threads: int = field(default=1, metadata={"range": (0, 256)})
@@ -157,6 +182,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.rewards:
             raise ValueError("rewards: at least one reward is needed, e.g. {shapes: 1.0}")
+
+    def eval_sampler(self) -> SamplerConfig:
+        """Evaluation samples with the training sampler's settings (what RL optimised), without recording."""
+        s = self.sampling
+        return SamplerConfig(num_ar_steps=s.ar_steps, num_diffusion_steps=s.diffusion_steps, cfg=s.cfg,
+                             cfg_schedule=s.cfg_schedule, temperature=s.temperature, record=False)
 
     def sampler(self, record_steps: tuple[int, ...] | None, branch_step: int | None = None) -> SamplerConfig:
         a, s = self.algorithm, self.sampling

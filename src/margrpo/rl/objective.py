@@ -38,6 +38,7 @@ from margrpo.sampling.replay import (
 )
 from margrpo.sampling.rollout import Rollout
 
+ESTIMATORS = ("trajectory", "matching", "nft")
 
 @dataclass
 class ObjectiveConfig:
@@ -52,8 +53,10 @@ class ObjectiveConfig:
     consistency: bool = True
     consistency_start: int = 1
     consistency_tau: float = 0.0
-    estimator: str = "trajectory"  # "trajectory" | "matching"
-    matching_draws: int = 4
+    estimator: str = "trajectory"  # "trajectory" | "matching" | "nft"
+    noise_draws: int = 4
+    nft_beta: float = 1.0
+    nft_adv_clip: float = 5.0
 
 
 @dataclass
@@ -123,11 +126,16 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
     adv = advantages.to(dev).float()[img][None, :, None]
     stats: dict[str, float] = {}
     main = None
-    if cfg.estimator not in ("trajectory", "matching"):
-        raise ValueError(f"estimator={cfg.estimator!r}; valid: 'trajectory', 'matching'")
+    if cfg.estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={cfg.estimator!r}; valid: {', '.join(map(repr, ESTIMATORS))}")
     if cfg.estimator == "matching":
         pg, ratio = matching_terms(policy.head, rollout.tokens[rec.diffused], sc.z, adv, cfg, old_cache,
                                    ("matching", step), first_epoch, generator)
+    elif cfg.estimator == "nft":
+        pg, nft_stats = nft_terms(policy.head, rollout.tokens[rec.diffused], sc.z, adv, cfg, old_cache,
+                                  ("nft", step), first_epoch, generator)
+        ratio = None
+        stats.update(nft_stats)
     else:
         main = score_transitions(policy.head, rec.x, js, sc, temperature)
         key = ("main", step, tuple(js))
@@ -170,15 +178,15 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
         kl_loss, _ = _reduce(kl, torch.ones(n_tok, device=dev), cfg.normalize)
     loss = policy_loss + cfg.beta * kl_loss
 
-    with torch.no_grad():
-        kept = keep[None, :, None].expand_as(ratio)
-        r = ratio[kept] if bool(kept.any()) else ratio.reshape(-1)
-        stats.update({
-            "loss/policy": float(policy_loss), "loss/kl": float(kl_loss), "ratio/mean": float(r.mean()),
-            "ratio/max": float(r.max()), "ratio/min": float(r.min()),
-            "clip_fraction": float(((r - 1).abs() > cfg.clip_eps).float().mean()) if cfg.clip_eps > 0 else 0.0,
-            "elements": n_el,
-        })
+    stats.update({"loss/policy": float(policy_loss.detach()), "loss/kl": float(kl_loss.detach()), "elements": n_el})
+    if ratio is not None:
+        with torch.no_grad():
+            kept = keep[None, :, None].expand_as(ratio)
+            r = ratio[kept] if bool(kept.any()) else ratio.reshape(-1)
+            stats.update({
+                "ratio/mean": float(r.mean()), "ratio/max": float(r.max()), "ratio/min": float(r.min()),
+                "clip_fraction": float(((r - 1).abs() > cfg.clip_eps).float().mean()) if cfg.clip_eps > 0 else 0.0,
+            })
     return StepLoss(loss=loss, stats=stats)
 
 
@@ -226,7 +234,7 @@ def matching_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor,
     Returns ([M, N, 1] per-draw terms, ratio).
     """
     n = target.shape[0]
-    m = cfg.matching_draws
+    m = cfg.noise_draws
     t = head.loss_noise_levels(stratified_uniform(m, n, generator, target.device).reshape(-1))
     loss = head.loss(target.float().repeat(m, 1), z.repeat(m, 1), generator=generator, t=t).float().reshape(m, n, 1)
     if key not in old_cache:
@@ -234,6 +242,50 @@ def matching_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor,
             raise RuntimeError(f"matching: no old loss cached for {key} after the first PPO epoch")
         old_cache[key] = loss.detach()
     return clipped_surrogate(-loss, -old_cache[key], adv, cfg.clip_eps, cfg.dual_clip)
+
+
+def nft_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv: torch.Tensor, cfg: ObjectiveConfig,
+              old_cache: dict, key: tuple, first_epoch: bool, generator: torch.Generator | None
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117) on each token's final value, through z (head frozen).
+
+    Rewards become an optimality probability r = clamp(A / A_max, -1, 1) / 2 + 1/2 (A_max = `nft_adv_clip`).
+    With e_theta and e_old the head's regression errors (`DiffusionHead.regression_error`) under the current z
+    and under the rollout's (cached in the first PPO epoch, as the matching estimator's old loss), the implicit
+    positive and negative policies have errors
+
+        e+ = beta e_theta + (1 - beta) e_old,      e- = (1 + beta) e_old - beta e_theta      (beta = `nft_beta`)
+
+    and the per-token loss is [r |e+|^2 / w+ + (1 - r) |e-|^2 / w-] / beta, with |.|^2 a mean over channels and
+    w = mean |e| (detached, at least 1e-5: the release's adaptive weighting). At theta = old its gradient is
+    (A / A_max) grad(|e_theta|^2) / w: the advantage-weighted denoising loss; positive samples are fitted, negative
+    ones pushed away, and beta sets how far the implicit policies extrapolate. Noise levels are stratified as in
+    `matching_terms`, with `noise_draws` draws per token and the same draws in every epoch.
+    Returns ([M, N, 1] per-draw losses, stats).
+    """
+    n, c = target.shape
+    m = cfg.noise_draws
+    t = head.loss_noise_levels(stratified_uniform(m, n, generator, target.device).reshape(-1))
+    noise = torch.randn((m * n, c), generator=generator, device=target.device, dtype=torch.float32)
+    err = head.regression_error(target.float().repeat(m, 1), z.repeat(m, 1), t, noise).reshape(m, n, c)
+    if key not in old_cache:
+        if not first_epoch:
+            raise RuntimeError(f"nft: no old prediction cached for {key} after the first PPO epoch")
+        old_cache[key] = err.detach()
+    old = old_cache[key]
+    beta = cfg.nft_beta
+    r = (adv.float().clamp(-cfg.nft_adv_clip, cfg.nft_adv_clip) / cfg.nft_adv_clip / 2 + 0.5).clamp(0, 1)
+    pos = beta * err + (1 - beta) * old
+    neg = (1 + beta) * old - beta * err
+
+    def adaptive(e: torch.Tensor) -> torch.Tensor:
+        w = e.detach().abs().mean(dim=-1, keepdim=True).clamp(min=1e-5)
+        return (e**2 / w).mean(dim=-1, keepdim=True)
+
+    loss = (r * adaptive(pos) + (1 - r) * adaptive(neg)) / beta
+    with torch.no_grad():
+        stats = {"nft/old_deviation": float(((err - old) ** 2).mean()), "nft/r_mean": float(r.mean())}
+    return loss, stats
 
 
 def stratified_uniform(m: int, n: int, generator: torch.Generator | None,

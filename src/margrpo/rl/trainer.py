@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from margrpo.models.conditioning import Condition
 from margrpo.models.generator import MARGenerator
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import TrainConfig
+from margrpo.rl.eval_loop import ParameterEMA, TrainingEvaluator
 from margrpo.rl.objective import ar_step_loss
 from margrpo.sampling.rollout import Rollout
 from margrpo.sampling.sampler import sample
@@ -41,6 +41,7 @@ from margrpo.utils.metrics import MetricsWriter, StepTimer, read_metrics
 from margrpo.utils.rng import make_generator, numpy_rng
 
 REPORT_KEYS = ["reward/mean", "accuracy/strict", "loss/kl", "grad_norm", "ratio/max", "zero_signal_fraction"]
+EVAL_KEY = "eval/heldout/strict"
 
 
 def load_model(spec: str, device: str | torch.device) -> MARGenerator:
@@ -153,6 +154,16 @@ class PromptSource:
         return [self.prompts[i] for i in idx], [self.metadata[i] for i in idx]
 
 
+def scorable_head_steps(head, max_gain: float) -> list[int]:
+    """Stochastic head steps whose score gain is at most `max_gain` (the others' score terms are noise)."""
+    gains = {j: head.score_gain(j) for j in range(head.num_steps) if head.is_stochastic(j)}
+    eligible = [j for j, g in gains.items() if g <= max_gain]
+    if not eligible:
+        raise ValueError(f"no head step has a score gain <= algorithm.head_step_max_gain={max_gain}; the gains of "
+                         f"this head's steps are {', '.join(f'{g:.3g}' for g in gains.values())}")
+    return eligible
+
+
 def select_steps(cfg: TrainConfig, head, step: int, rank: int = 0
                  ) -> tuple[list[int], dict[int, list[int]], tuple[int, ...]]:
     """AR steps to score, head steps per AR step, and the AR steps the sampler must record."""
@@ -165,10 +176,7 @@ def select_steps(cfg: TrainConfig, head, step: int, rank: int = 0
         count = a.ar_step_count if a.ar_step_count is not None else max(1, round(a.ar_step_fraction * n_ar))
         count = min(count, n_ar)
     ar = sorted(torch.randperm(n_ar, generator=g)[:count].tolist())
-    eligible_max = max(1, math.ceil(a.head_step_max_fraction * head.num_steps))
-    eligible = [j for j in range(eligible_max) if head.is_stochastic(j)]
-    if not eligible:
-        raise ValueError("no stochastic head step is eligible for scoring; raise algorithm.head_step_max_fraction")
+    eligible = scorable_head_steps(head, a.head_step_max_gain)
     per = len(eligible) if a.head_steps_per_ar_step is None else min(a.head_steps_per_ar_step, len(eligible))
     head_steps = {i: sorted(eligible[k] for k in torch.randperm(len(eligible), generator=g)[:per].tolist())
                   for i in ar}
@@ -210,8 +218,9 @@ class Trainer:
         self.guard = RewardFailureGuard(cfg.max_reward_failure_fraction, min_samples=64)
         self.prompts = PromptSource(cfg)
         self.sample_prompts = self._sample_prompts()
+        self.ema = ParameterEMA(self.params, cfg.eval.ema_decay) if cfg.eval.ema_decay > 0 else None
+        self.evaluator = TrainingEvaluator(cfg, self.out) if cfg.eval.every > 0 else None
         self.ptx_data = None
-        self._ptx_cache: tuple | None = None
         if cfg.algorithm.ptx_weight > 0:
             if cfg.prompts.source != "shapes":
                 raise ValueError("algorithm.ptx_weight > 0 needs training images, which only the shapes world "
@@ -258,25 +267,15 @@ class Trainer:
         metas = [m for m in meta for _ in range(a.group_size)]
         return r, r.prompts, metas, ar, head_steps
 
-    def _ptx_batch(self, step: int) -> tuple[torch.Tensor, Condition | None, torch.Generator]:
-        """Rendered and encoded ptx batch `step`, made once per step (several updates per rollout reuse it)."""
-        from margrpo.shapes_data import uint8_to_model_range
-
-        if self._ptx_cache is None or self._ptx_cache[0] != step:
-            imgs, prompts = self.ptx_data.batch(step)
-            g = make_generator(self.cfg.seed, "ptx", self.rank, step, device=self.device)
-            with torch.no_grad():
-                cond = self.gen.encode_prompts(list(prompts))
-                tokens = self.gen.encode_images(uint8_to_model_range(imgs, self.device), generator=g)
-            self._ptx_cache = (step, tokens, cond, g.get_state())
-        _, tokens, cond, state = self._ptx_cache
-        g = torch.Generator(device=self.device)
-        g.set_state(state)  # the stream continues where encoding left it, as when it was made in one go
-        return tokens, cond, g
-
     def ptx_loss(self, step: int) -> torch.Tensor:
         """The MAR pretraining loss on shapes-world training batch `step` (a pure function of seed and step)."""
-        tokens, cond, g = self._ptx_batch(step)
+        from margrpo.shapes_data import uint8_to_model_range
+
+        imgs, prompts = self.ptx_data.batch(step)
+        g = make_generator(self.cfg.seed, "ptx", self.rank, step, device=self.device)
+        with torch.no_grad():
+            cond = self.gen.encode_prompts(list(prompts))
+            tokens = self.gen.encode_images(uint8_to_model_range(imgs, self.device), generator=g)
         with self._autocast():
             loss = self.gen.mar.pretrain_loss(tokens, cond, g, drop_conditions=True)
         if not torch.isfinite(loss):
@@ -313,7 +312,7 @@ class Trainer:
                     with self._autocast():
                         # the matching estimator's draws: the same in every PPO epoch (rho = 1 before updating)
                         g = (make_generator(self.cfg.seed, "matching", self.rank, step, i, device=self.device)
-                             if a.estimator == "matching" else None)
+                             if a.estimator != "trajectory" else None)
                         sl = ar_step_loss(self.gen.mar, self.reference, rollout, i, head_steps[i], adv.values,
                                           adv.use, a.objective(), old_cache, first_epoch=epoch == 0, generator=g)
                     if not torch.isfinite(sl.loss):
@@ -323,10 +322,10 @@ class Trainer:
                     for k, v in sl.stats.items():
                         stats.setdefault(k, []).append(v)
                     if a.update == "ar_step":
-                        self._add_ptx(step, stats)
+                        self._add_ptx(step, stats, first=not grad_norms)
                         grad_norms.append(self._optimizer_step())
                 if a.update == "rollout":
-                    self._add_ptx(step, stats)
+                    self._add_ptx(step, stats, first=not grad_norms)
                     grad_norms.append(self._optimizer_step())
         rec: dict[str, float] = {k: float(np.mean(v)) for k, v in stats.items() if k not in ("ratio/max", "ratio/min")}
         if "ratio/max" in stats:
@@ -354,9 +353,13 @@ class Trainer:
             rec["memory/peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return rec
 
-    def _add_ptx(self, step: int, stats: dict[str, list[float]]) -> None:
-        """Accumulate ptx_weight x the pretraining loss into the gradients of the coming optimizer step."""
-        if self.ptx_data is None:
+    def _add_ptx(self, step: int, stats: dict[str, list[float]], first: bool) -> None:
+        """Accumulate ptx_weight x the pretraining loss into the first optimizer step of each rollout.
+
+        Once per rollout, not once per optimizer step: a 64-image pretraining forward/backward is as costly as
+        the policy term of a whole grpo rollout, and its gradient hardly changes between PPO epochs.
+        """
+        if self.ptx_data is None or not first:
             return
         loss = self.ptx_loss(step)
         (self.cfg.algorithm.ptx_weight * loss).backward()
@@ -370,12 +373,17 @@ class Trainer:
             raise FloatingPointError(f"non-finite gradient norm {float(norm)}")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
         return float(norm)
 
     # ------------------------------------------------------------------ persistence
     def save(self, step: int) -> Path:
         tens, meta = optimizer_state_to_tensors(self.opt.state_dict())
-        return save_checkpoint(self.out, step, {"policy": {n: p.detach() for n, p in self.params}, "optimizer": tens},
+        groups = {"policy": {n: p.detach() for n, p in self.params}, "optimizer": tens}
+        if self.ema is not None:
+            groups["ema"] = self.ema.shadow
+        return save_checkpoint(self.out, step, groups,
                                {"optimizer": meta, "model": self.cfg.model, "reward_guard": {
                                    "total": self.guard.total, "invalid": self.guard.invalid}},
                                keep_last=self.cfg.log.keep_checkpoints)
@@ -392,9 +400,22 @@ class Trainer:
                              "(was it written with another algorithm.train setting?)")
         copy_policy_tensors(named, {n: tensors["policy"][n] for n in named}, str(ckpt))
         self.opt.load_state_dict(optimizer_state_from_tensors(tensors["optimizer"], state["optimizer"]))
+        if self.ema is not None:
+            if "ema" not in tensors:
+                raise ValueError(f"{ckpt}: eval.ema_decay > 0 but the checkpoint holds no EMA weights (the run was "
+                                 "started without one; resume with eval.ema_decay=0)")
+            copy_policy_tensors(self.ema.shadow, {n: tensors["ema"][n] for n in self.ema.shadow}, f"{ckpt} (EMA)")
         self.guard.total = int(state["reward_guard"]["total"])
         self.guard.invalid = int(state["reward_guard"]["invalid"])
         return int(state["step"])
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """In-loop verifier accuracy of the policy (and of its EMA), paired with step 0 (`rl.eval_loop`)."""
+        metrics = self.evaluator.evaluate(self.gen, step)
+        if self.ema is not None and step > 0:  # at step 0 the average is the policy itself
+            with self.ema.swapped():
+                metrics.update(self.evaluator.evaluate(self.gen, step, tag="_ema"))
+        return metrics
 
     def save_samples(self, step: int) -> None:
         from margrpo.sampling.pipeline import MARPipeline
@@ -407,6 +428,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False) -> list[dict]:
+        """Train to `cfg.steps`; returns the logged rows of the training steps (metrics.jsonl less step 0)."""
         from margrpo.rewards import RewardFailure
         from margrpo.utils.plots import plot_report
 
@@ -421,6 +443,8 @@ class Trainer:
                                resume_step=start if resume else None, overwrite=not resume)
         if start == 0:
             self.save_samples(0)
+            if self.evaluator is not None:
+                writer.log(0, self.evaluate(0))
         bar = tqdm(range(start, self.cfg.steps), initial=start, total=self.cfg.steps, desc="train",
                    disable=not self.progress)
         try:
@@ -429,7 +453,11 @@ class Trainer:
                 rec = self.train_step(step)
                 rec["time/step"] = time.perf_counter() - t0
                 done = step + 1
-                if done % self.cfg.log.log_every == 0 or done == self.cfg.steps:
+                evaluate_now = self.evaluator is not None and (done % self.cfg.eval.every == 0
+                                                               or done == self.cfg.steps)
+                if evaluate_now:
+                    rec.update(self.evaluate(done))
+                if done % self.cfg.log.log_every == 0 or done == self.cfg.steps or evaluate_now:
                     writer.log(done, rec)
                 bar.set_postfix(reward=f"{rec.get('reward/mean', float('nan')):.3f}",
                                 kl=f"{rec.get('loss/kl', 0):.2e}")
@@ -443,7 +471,12 @@ class Trainer:
             raise
         writer.close()
         metrics = read_metrics(self.out)
-        plot_report(metrics, REPORT_KEYS, self.out / "report.png", title=f"{self.out.name}", smoothing=0.6)
+        keys = REPORT_KEYS + ([EVAL_KEY, f"eval_ema/{EVAL_KEY[5:]}"] if self.evaluator is not None else [])
+        plot_report(metrics, keys, self.out / "report.png", title=f"{self.out.name}", smoothing=0.6)
         self.gen.save_pretrained(self.out / "model", metadata={"trained_from": self.cfg.model,
                                                                "steps": self.cfg.steps})
-        return metrics
+        if self.ema is not None:
+            with self.ema.swapped():
+                self.gen.save_pretrained(self.out / "model_ema", metadata={
+                    "trained_from": self.cfg.model, "steps": self.cfg.steps, "ema_decay": self.cfg.eval.ema_decay})
+        return [r for r in metrics if r["step"] > 0]  # the training steps (step 0 holds the first evaluation)

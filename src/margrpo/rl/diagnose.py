@@ -1,0 +1,117 @@
+"""`margrpo diagnose`: where the policy gradient of one rollout comes from, head step by head step.
+
+For one rollout of a training config (every AR step recorded, every stochastic head step scored) it reports per
+head step j:
+
+* `score_gain`: `DiffusionHead.score_gain(j)`, standard deviations the step's mean moves per unit of network
+  output: the factor by which the step's sampling noise enters its score term;
+* `clamped`: the share of elements whose predicted x0 hits the DDPM head's clamp (their mean, and so their
+  score, does not depend on the network: no gradient);
+* `grad_share`: the step's share of the squared norm of the policy-term gradient (each step's gradient taken
+  alone, on the same rollout and advantages);
+* `max_log_ratio`: the largest |log rho| of the step's elements after one optimizer step (the configured
+  optimizer and learning rate) along the gradient of all steps together: what PPO's clip then has to absorb;
+* `scored`: whether the config's `algorithm.head_step_max_gain` lets the trainer score the step.
+
+Why: a step whose score term is mostly noise can hold most of the gradient's norm and make the PPO ratio explode
+(measured on the shipped base: the first respaced cosine DDPM step, alpha-bar about 2.4e-9). This is the tool to
+see that on one's own model before choosing what to score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from margrpo.rl.advantages import group_advantages
+from margrpo.rl.config import TrainConfig
+from margrpo.rl.objective import ar_step_loss
+from margrpo.rl.trainer import Trainer, scorable_head_steps
+from margrpo.sampling.replay import score_transitions, step_conditions
+from margrpo.sampling.sampler import sample
+from margrpo.utils.rng import make_generator
+
+
+def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
+    """Per-head-step figures (see the module docstring) for rollout `step` of the config's run."""
+    a = cfg.algorithm
+    cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(a, beta=0.0, ptx_weight=0.0, mte_k=0))
+    tr = Trainer(cfg, progress=False)
+    mar, head = tr.gen.mar, tr.gen.mar.head
+    n_ar = cfg.sampling.ar_steps
+    prompts, meta = tr.prompts.batch(step, a.prompts_per_step)
+    cond = tr.gen.encode_prompts(prompts)
+    cond = cond.repeat_interleave(a.group_size) if cond is not None else None
+    n = a.prompts_per_step * a.group_size
+    rollout = sample(mar, cond, n, dataclasses.replace(cfg.sampler(tuple(range(n_ar))), mte_k=0),
+                     make_generator(cfg.seed, "rollout", 0, step, device=tr.device))
+    rollout.group = torch.arange(a.prompts_per_step).repeat_interleave(a.group_size)
+    images = tr.gen.decode(rollout.tokens).float()
+    out = tr.reward(images, [p for p in prompts for _ in range(a.group_size)],
+                    [m for m in meta for _ in range(a.group_size)])
+    adv = group_advantages(torch.nan_to_num(out.scores), rollout.group, out.valid, a.advantage_std, a.advantage_eps)
+    stochastic = [j for j in range(head.num_steps) if head.is_stochastic(j)]
+    scored = set(scorable_head_steps(head, a.head_step_max_gain)) if stochastic else set()
+    ocfg = a.objective()
+    params = [p for _, p in tr.params]
+
+    def policy_grad(js: list[int]) -> list[torch.Tensor]:
+        for p in params:
+            p.grad = None
+        for i in range(n_ar):
+            sl = ar_step_loss(mar, None, rollout, i, js, adv.values, adv.use, ocfg, {}, first_epoch=True)
+            (sl.loss / n_ar).backward()
+        return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    sq = {j: float(sum((g.double() ** 2).sum() for g in policy_grad([j]))) for j in stochastic}
+    total = sum(sq.values()) or 1.0
+    # one optimizer step along the gradient of all steps, then the log-ratio of every step's elements
+    before = {n_: p.detach().clone() for n_, p in tr.params}
+    grads = policy_grad(stochastic)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    tr.opt.step()  # the diagnostic's own trainer: its optimizer state is thrown away with it
+    rows = []
+    with torch.no_grad():
+        for j in stochastic:
+            log_ratio, clamped, count = 0.0, 0.0, 0
+            for i, rec in rollout.steps.items():
+                sc = step_conditions(mar, rollout, i, a.guidance)
+                new = score_transitions(head, rec.x, [j], sc, rollout.temperature)
+                log_ratio = max(log_ratio, float((new.logp - rec.logp[[j]]).abs().max()))
+                clamped += float(_clamped_fraction(head, rec.x[j], j, sc)) * rec.x.shape[1]
+                count += rec.x.shape[1]
+            rows.append({"head_step": j, "score_gain": head.score_gain(j), "clamped": clamped / max(count, 1),
+                         "grad_share": sq[j] / total, "max_log_ratio": log_ratio, "scored": j in scored})
+        for name_, p in tr.params:
+            p.copy_(before[name_])
+    return rows
+
+
+def _clamped_fraction(head: torch.nn.Module, x: torch.Tensor, j: int, sc) -> float:
+    """Share of elements whose predicted x0 the head clamps at step j (0 for heads that do not clamp)."""
+    tr = head.transition(x, j, sc.z, sc.z_uncond, sc.guidance if sc.z_uncond is not None else 1.0)
+    return 0.0 if tr.clamped is None else float(tr.clamped.float().mean())
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| head step | score gain | x0 clamped | gradient share | max log-ratio after one step | scored |",
+             "|---:|---:|---:|---:|---:|:---:|"]
+    for r in rows:
+        lines.append(f"| {r['head_step']} | {r['score_gain']:.3g} | {100 * r['clamped']:.1f}% | "
+                     f"{100 * r['grad_share']:.1f}% | {r['max_log_ratio']:.3g} | {'yes' if r['scored'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def run_diagnose(cfg: TrainConfig, out: Path | None = None, step: int = 0) -> list[dict]:
+    rows = head_step_diagnostics(cfg, step)
+    table = format_table(rows)
+    print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"config": cfg.model, "rows": rows}, indent=2))
+        out.with_suffix(".md").write_text(table + "\n")
+    return rows
