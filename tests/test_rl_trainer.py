@@ -47,7 +47,7 @@ def test_ratio_is_one_before_the_first_update(cfg_scale, guidance, mte_source, p
     prompts = ["a red circle", "two blue squares"]
     cond = gen.encode_prompts(prompts).repeat_interleave(3)
     scfg = SamplerConfig(num_ar_steps=4, cfg=cfg_scale, diffuse="all_unknown" if policy_tokens == "unknown"
-                         else "to_predict", mte_k=3, mte_source=mte_source, record_z=False)
+                         else "to_predict", mte_k=3, mte_source=mte_source, record_z=False, score_guidance=guidance)
     r = sample(gen.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
     ocfg = ObjectiveConfig(guidance=guidance, beta=0.1, consistency=policy_tokens == "unknown", mte_top_fraction=0.3)
@@ -56,10 +56,54 @@ def test_ratio_is_one_before_the_first_update(cfg_scale, guidance, mte_source, p
     cache: dict = {}
     for i in range(4):
         sl = ar_step_loss(gen.mar, ref, r, i, [0, 2, 4], adv.values, adv.use, ocfg, cache, first_epoch=True)
+        # old log-probabilities recorded by the rollout, the main trajectory's and the MTE chains'
         assert abs(sl.stats["ratio/max"] - 1) < 1e-5 and abs(sl.stats["ratio/min"] - 1) < 1e-5
+        assert abs(sl.stats["mte/ratio_max"] - 1) < 1e-5 and abs(sl.stats["mte/ratio_min"] - 1) < 1e-5
         assert sl.stats["loss/kl"] == pytest.approx(0.0, abs=1e-10)  # policy == reference before any update
         sl.loss.backward()
     assert gen.mar.z_proj.weight.grad.abs().sum() > 0
+
+
+def test_pooled_ratios_are_one_and_rollout_normalisation_weighs_every_kept_pair_alike():
+    gen = tiny_generator()
+    cond = gen.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
+    scfg = SamplerConfig(num_ar_steps=4, diffuse="all_unknown", mte_k=3, mte_source="scored", record_z=False)
+    r = sample(gen.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
+    for level in ("token", "image"):
+        ocfg = ObjectiveConfig(ratio_level=level, beta=0.0, consistency=True, mte_top_fraction=0.3)
+        sl = ar_step_loss(gen.mar, None, r, 2, [0, 2, 4], adv.values, adv.use, ocfg, {}, first_epoch=True)
+        assert abs(sl.stats["ratio/max"] - 1) < 1e-5 and abs(sl.stats["ratio/min"] - 1) < 1e-5
+        assert abs(sl.stats["mte/ratio_max"] - 1) < 1e-5
+    # per AR step: loss = sum over kept pairs / (kept tokens x head steps); rollout: the same sum / D
+    element = ar_step_loss(gen.mar, None, r, 2, [0, 2, 4], adv.values, adv.use,
+                           ObjectiveConfig(beta=0.0, consistency=True), {}, True)
+    rollout = ar_step_loss(gen.mar, None, r, 2, [0, 2, 4], adv.values, adv.use,
+                           ObjectiveConfig(beta=0.0, consistency=True, normalize="rollout"), {}, True,
+                           policy_denominator=123.0)
+    c = r.tokens.shape[-1]
+    assert rollout.stats["loss/policy"] * 123.0 == pytest.approx(element.stats["loss/policy"]
+                                                                 * element.stats["elements"] / c, rel=1e-5)
+    with pytest.raises(ValueError, match="policy_denominator"):
+        ar_step_loss(gen.mar, None, r, 2, [0], adv.values, adv.use, ObjectiveConfig(normalize="rollout"), {}, True)
+
+
+@pytest.mark.parametrize("mte_source", ["commit", "scored"])
+def test_the_recorded_old_log_probs_catch_a_replay_that_differs_from_sampling(mte_source):
+    """The ratio-is-1 check is not true by construction: a model changed after sampling moves every ratio."""
+    gen = tiny_generator()
+    cond = gen.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
+    scfg = SamplerConfig(num_ar_steps=4, cfg=2.0, diffuse="all_unknown", mte_k=3, mte_source=mte_source,
+                         record_z=False, score_guidance="cond_only")
+    r = sample(gen.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
+    ocfg = ObjectiveConfig(guidance="cond_only", beta=0.0, consistency=False, mte_top_fraction=0.3)
+    with torch.no_grad():
+        gen.mar.z_proj.weight.add_(0.05 * torch.randn(gen.mar.z_proj.weight.shape,
+                                                      generator=torch.Generator().manual_seed(2)))
+    sl = ar_step_loss(gen.mar, None, r, 2, [0, 2, 4], adv.values, adv.use, ocfg, {}, first_epoch=True)
+    assert max(sl.stats["ratio/max"] - 1, 1 - sl.stats["ratio/min"]) > 1e-3
+    assert max(sl.stats["mte/ratio_max"] - 1, 1 - sl.stats["mte/ratio_min"]) > 1e-3
 
 
 def test_matching_estimator_is_the_advantage_weighted_pretraining_loss_at_ratio_one():
@@ -133,11 +177,13 @@ def _cfg(model_dir, out, steps, extra=()):
         "log.sample_every=100", "log.tensorboard=false", "optim.lr=3e-3", *extra])
 
 
-@pytest.mark.parametrize("extra", [(), ("algorithm.estimator=matching", "algorithm.mte_k=0"),
+@pytest.mark.parametrize("extra", [(), ("algorithm.normalize=rollout", "algorithm.ratio_level=image",
+                                       "algorithm.advantage_clip=1.0"),
+                                   ("algorithm.estimator=matching", "algorithm.mte_k=0"),
                                    ("algorithm.estimator=nft", "algorithm.mte_k=0"),
                                    ("eval.every=2", "eval.per_category=2", "eval.in_distribution=true",
                                     "eval.ema_decay=0.5")],
-                         ids=["trajectory", "matching", "nft", "eval+ema"])
+                         ids=["trajectory", "rollout-norm+image-ratio", "matching", "nft", "eval+ema"])
 def test_end_to_end_run_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, extra):
     full = Trainer(_cfg(tiny_model_dir, tmp_path / "full", 4, extra), progress=False)
     m_full = full.run()

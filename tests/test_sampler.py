@@ -82,10 +82,29 @@ def test_mte_chains_do_not_change_the_images():
     commit = run(m, num_ar_steps=4, mte_k=3, mte_source="commit")
     scored = run(m, num_ar_steps=4, mte_k=3, mte_source="scored")
     assert torch.equal(plain.tokens, commit.tokens) and torch.equal(plain.tokens, scored.tokens)
-    assert commit.mte_x.shape == (3, 7, 4 * 64, 48)
-    assert scored.steps[2].mte_x.shape[:2] == (3, 7)
-    # K chains differ from each other
-    assert not torch.allclose(commit.mte_x[0, -1], commit.mte_x[1, -1])
+    # the rollout keeps the chains of each step's uncertain tokens and their log-probabilities at every stochastic
+    # head step; the scored source picks 30% of each image's diffused tokens (at least one) per step
+    for r in (commit, scored):
+        for rec in r.steps.values():
+            n = rec.mte_tokens.shape[0]
+            assert rec.mte_x.shape == (3, 7, n, 48) and rec.mte_logp.shape == (3, len(rec.mte_head_steps), n, 48)
+            assert not torch.allclose(rec.mte_x[0, -1], rec.mte_x[1, -1])  # K chains differ from each other
+    for rec in scored.steps.values():
+        assert rec.mte_tokens.shape[0] == 4 * max(1, int(int(rec.diffused.sum()) // 4 * 0.3))
+    # the commit source draws each token's chains once, under its committing condition, and picks 30% of each
+    # image's 64 tokens: a position selected at two steps has the same chains at both
+    chains: dict[int, torch.Tensor] = {}
+    repeats = 0
+    commit_all = run(m, num_ar_steps=4, mte_k=3, mte_source="commit", diffuse="all_unknown")
+    assert torch.equal(plain.tokens, commit_all.tokens)
+    for rec in commit_all.steps.values():
+        flat = rec.diffused.reshape(-1).nonzero().flatten()[rec.mte_tokens]
+        for col, pos in enumerate(flat.tolist()):
+            if pos in chains:
+                assert torch.equal(chains[pos], rec.mte_x[:, :, col])
+                repeats += 1
+            chains[pos] = rec.mte_x[:, :, col]
+    assert repeats > 0 and len(chains) <= 4 * int(64 * 0.3)
 
 
 @pytest.mark.parametrize("head", ["ddpm", "flow"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from margrpo.rl.objective import ESTIMATORS, ObjectiveConfig
+from margrpo.rl.objective import ESTIMATORS, NORMALIZE_MODES, RATIO_LEVELS, ObjectiveConfig
 from margrpo.sampling.sampler import SamplerConfig
 
 
@@ -43,7 +43,10 @@ class AlgorithmSection:
     ppo_epochs: int = field(default=1, metadata={"range": (1, 100)})
     beta: float = field(default=0.01, metadata={"range": (0.0, 1e6)})
     kl: str = field(default="gaussian", metadata={"choices": ("gaussian", "reference")})
-    normalize: str = field(default="element", metadata={"choices": ("element", "token")})
+    normalize: str = field(default="element", metadata={"choices": NORMALIZE_MODES})
+    ratio_level: str = field(default="element", metadata={"choices": RATIO_LEVELS})
+    # Advantages beyond +-advantage_clip are clipped (Flow-GRPO / DanceGRPO / DDPO: 5); null = no clip.
+    advantage_clip: float | None = field(default=None, metadata={"range": (1e-6, None)})
     train: str = field(default="ar", metadata={"choices": ("ar", "head", "both")})
     policy_tokens: str = field(default="unknown", metadata={"choices": ("committed", "unknown")})
     mte_k: int = field(default=4, metadata={"range": (0, 64)})
@@ -88,13 +91,16 @@ class AlgorithmSection:
         if self.estimator != "trajectory" and self.mte_k:
             raise ValueError("algorithm.mte_k > 0 averages head-trajectory log-probabilities; with "
                              f"algorithm.estimator={self.estimator!r} there are none (set mte_k=0)")
+        if self.estimator != "trajectory" and self.ratio_level != "element":
+            raise ValueError("algorithm.ratio_level pools the trajectory estimator's log-ratios; with "
+                             f"algorithm.estimator={self.estimator!r} set it to 'element'")
         if self.estimator != "trajectory" and self.head_step_weighting != "none":
             raise ValueError("algorithm.head_step_weighting weighs head steps of the trajectory estimator; "
                              f"with algorithm.estimator={self.estimator!r} set it to 'none'")
 
     def objective(self) -> ObjectiveConfig:
         return ObjectiveConfig(clip_eps=self.clip_eps, dual_clip=self.dual_clip, beta=self.beta, kl=self.kl,
-                               normalize=self.normalize,
+                               normalize=self.normalize, ratio_level=self.ratio_level,
                                guidance=self.guidance, head_step_weighting=self.head_step_weighting,
                                mte_top_fraction=self.mte_top_fraction if self.mte_k else 0.0,
                                consistency=self.consistency, consistency_start=self.consistency_start,
@@ -189,11 +195,16 @@ class TrainConfig:
         return SamplerConfig(num_ar_steps=s.ar_steps, num_diffusion_steps=s.diffusion_steps, cfg=s.cfg,
                              cfg_schedule=s.cfg_schedule, temperature=s.temperature, record=False)
 
-    def sampler(self, record_steps: tuple[int, ...] | None, branch_step: int | None = None) -> SamplerConfig:
+    def sampler(self, record_steps: tuple[int, ...] | None, branch_step: int | None = None,
+                head_steps: dict[int, list[int]] | None = None) -> SamplerConfig:
+        """The rollout sampler: records `record_steps`, and MTE log-probabilities at the scored `head_steps`."""
         a, s = self.algorithm, self.sampling
+        mte_head_steps = None if head_steps is None else {i: tuple(v) for i, v in head_steps.items()}
         return SamplerConfig(num_ar_steps=s.ar_steps, num_diffusion_steps=s.diffusion_steps, cfg=s.cfg,
                              cfg_schedule=s.cfg_schedule, temperature=s.temperature,
                              diffuse="all_unknown" if a.policy_tokens == "unknown" else "to_predict",
                              record=True, record_steps=record_steps, record_z=False, mte_k=a.mte_k,
-                             mte_source=a.mte_source, noise_group=a.group_size if branch_step is not None else 1,
-                             branch_step=branch_step)
+                             mte_source=a.mte_source, mte_top_fraction=a.mte_top_fraction,
+                             mte_head_steps=mte_head_steps,
+                             score_guidance=a.guidance,
+                             noise_group=a.group_size if branch_step is not None else 1, branch_step=branch_step)

@@ -16,29 +16,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from margrpo.sampling.mte import token_uncertainty, top_fraction_mask
 
-def token_uncertainty(final_values: torch.Tensor) -> torch.Tensor:
-    """final_values [K, ..., C] -> [...]: std over K (population), mean over channels."""
-    if final_values.shape[0] < 2:
-        raise ValueError(f"uncertainty needs at least 2 trajectories, got K={final_values.shape[0]}")
-    return final_values.float().std(dim=0, unbiased=False).mean(dim=-1)
-
-
-def top_fraction_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
-    """scores [B, n] -> bool [B, n] marking the top `int(n * fraction)` per row (>= 1 if fraction > 0)."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    b, n = scores.shape
-    k = int(n * fraction)
-    if fraction > 0:
-        k = max(1, k)
-    mask = torch.zeros(b, n, dtype=torch.bool, device=scores.device)
-    if k == 0:
-        return mask
-    # stable tie-break: sort by (score desc, position asc)
-    order = torch.argsort(-scores.float(), dim=1, stable=True)
-    mask.scatter_(1, order[:, :k], True)
-    return mask
+__all__ = ["consistency_mask", "cosine_to_final", "mask_fraction", "token_uncertainty", "top_fraction_mask"]
 
 
 def cosine_to_final(values: torch.Tensor, final: torch.Tensor) -> torch.Tensor:

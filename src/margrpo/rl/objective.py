@@ -10,15 +10,24 @@ Per scored element (token x channel x head step j), with rho = exp(logp_theta - 
 * Consistency: for AR steps i > i0, still-unknown tokens are kept only if their step-i head output moved
   closer to the final token than the step-(i-1) output did; committed tokens are always kept. The KL is
   never filtered and always uses the main trajectory.
-* `reduce` is a mean over kept elements (`normalize="element"`) or a sum over channels and a mean over
-  kept (token, step) pairs (`normalize="token"`, the Harmon reference convention).
-* Estimator: `trajectory` (above, GRPO / DDPO) or `matching` (AWM): logp_theta is replaced per token by
-  minus the head's pretraining loss on the token's final value at fixed random (noise level, noise)
-  draws, so [J, N, C] becomes [draws, N, 1]; masks, reduction and KL are unchanged; MTE does not apply.
-* Old log-probabilities: the rollout's own for the main trajectory under the rollout's guidance. Where
-  the rollout recorded none (MTE trajectories, or `guidance="cond_only"`), the first evaluation in the
-  rollout's first PPO epoch provides them (detached); with one optimizer step per rollout that is exactly
-  the sampling policy, so rho = 1 before the first update in every configuration.
+* The ratio is taken per element (`ratio_level="element"`, the paper's), or its log is pooled per token (mean
+  over channels) or per image (mean over the image's kept elements, as Flow-GRPO and DanceGRPO pool per image
+  and timestep) before the clip, so one element with a huge ratio cannot keep the unclipped branch alone.
+* `reduce` is, per AR step, a mean over kept elements (`normalize="element"`) or a sum over channels and a
+  mean over kept (token, step) pairs (`normalize="token"`, the Harmon reference convention); the trainer then
+  averages the AR steps. `normalize="rollout"` instead divides every AR step's kept sum by the kept (token,
+  head step) pairs of the whole rollout: a token weighs the same whichever step committed it (a mean per AR
+  step gives the one or two tokens of the first steps several times the weight of later ones). The KL is
+  always a mean per AR step.
+* Estimator: `trajectory` (above, GRPO / DDPO), `matching` (AWM: logp_theta is replaced per token by minus
+  the head's pretraining loss on the token's final value at fixed random (noise level, noise) draws, so
+  [J, N, C] becomes [draws, N, 1]) or `nft` (DiffusionNFT's negative-aware loss on the final value, no ratio).
+  Masks, reduction and KL are the same for all three; MTE applies to `trajectory` only.
+* Old log-probabilities are the rollout's own, recorded at sampling time: the main trajectory's under the
+  density the loss scores (the guided one, or the conditional branch alone for `guidance="cond_only"`) and
+  the MTE chains' under this step's scoring conditions. So rho = 1 before the first update is a check of
+  replay against sampling, not a copy of one evaluation. The forward-process estimators' old losses come from
+  the first PPO epoch (the rollout has none); the frozen reference's transitions are cached across epochs.
 """
 
 from __future__ import annotations
@@ -27,8 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from margrpo.rl.losses import clipped_surrogate, gaussian_kl, reference_code_kl
-from margrpo.rl.masks import consistency_mask, token_uncertainty, top_fraction_mask
+from margrpo.rl.losses import MAX_LOG_RATIO, clipped_surrogate, gaussian_kl, reference_code_kl
+from margrpo.rl.masks import consistency_mask, token_uncertainty
 from margrpo.sampling.replay import (
     ScoredTransitions,
     StepConditions,
@@ -36,9 +45,11 @@ from margrpo.sampling.replay import (
     score_transitions,
     step_conditions,
 )
-from margrpo.sampling.rollout import Rollout
+from margrpo.sampling.rollout import ARStepRecord, Rollout
 
 ESTIMATORS = ("trajectory", "matching", "nft")
+RATIO_LEVELS = ("element", "token", "image")
+NORMALIZE_MODES = ("element", "token", "rollout")
 
 @dataclass
 class ObjectiveConfig:
@@ -46,13 +57,14 @@ class ObjectiveConfig:
     dual_clip: float | None = None
     beta: float = 0.01
     kl: str = "gaussian"  # "gaussian" | "reference"
-    normalize: str = "element"  # "element" | "token"
+    normalize: str = "element"  # "element" | "token" | "rollout"
     guidance: str = "rollout"  # "rollout" | "cond_only"
     head_step_weighting: str = "none"  # "none" | "std"
     mte_top_fraction: float = 0.3
     consistency: bool = True
     consistency_start: int = 1
     consistency_tau: float = 0.0
+    ratio_level: str = "element"  # "element" | "token" | "image" (trajectory estimator)
     estimator: str = "trajectory"  # "trajectory" | "matching" | "nft"
     noise_draws: int = 4
     nft_beta: float = 1.0
@@ -75,39 +87,38 @@ def _reduce(values: torch.Tensor, token_mask: torch.Tensor, normalize: str) -> t
     return num / count, float(count)
 
 
-def _mte_trajectories(rollout: Rollout, step: int) -> torch.Tensor | None:
-    """[K, T+1, N, C] extra trajectories aligned with this step's diffused tokens, or None."""
-    rec = rollout.steps[step]
-    if rec.mte_x is not None:
-        return rec.mte_x
-    if rollout.mte_x is None:
-        return None
-    flat = rec.diffused.reshape(-1).nonzero().flatten()
-    return rollout.mte_x[:, :, flat]
+def policy_tokens(rollout: Rollout, step: int, use: torch.Tensor, cfg: ObjectiveConfig,
+                  stats: dict[str, float] | None = None) -> torch.Tensor:
+    """[N] bool over AR step `step`'s diffused tokens: those that enter the policy term.
 
-
-def uncertain_tokens(rollout: Rollout, step: int, fraction: float) -> torch.Tensor | None:
-    """[N] bool over this step's diffused tokens: the top `fraction` most uncertain per image."""
+    A token's image must carry signal (`use` [B]); with the consistency filter, a still-unknown token must have
+    moved toward its final value since the previous step (committed tokens always stay).
+    """
     rec = rollout.steps[step]
     b = rollout.batch_size
-    if rollout.mte_x is not None and rec.mte_x is None:  # committing-condition chains: per image over all L
-        u = token_uncertainty(rollout.mte_x[:, -1]).reshape(b, -1)
-        return top_fraction_mask(u, fraction)[rec.diffused]
-    traj = _mte_trajectories(rollout, step)
-    if traj is None:
-        return None
-    u = token_uncertainty(traj[:, -1]).reshape(b, -1)  # per image over its diffused tokens
-    return top_fraction_mask(u, fraction).reshape(-1)
+    img = torch.arange(b, device=rec.x.device).repeat_interleave(int(rec.diffused.sum()) // b)
+    keep = use.to(rec.x.device)[img].clone()
+    if cfg.consistency and step > cfg.consistency_start and (step - 1) in rollout.steps:
+        prev_vals = rollout.steps[step - 1].final_values()[rec.diffused]
+        final = rollout.tokens[rec.diffused]
+        cons = consistency_mask(rec.x[-1], prev_vals, final, rec.committed_in_diffused(), cfg.consistency_tau)
+        keep &= cons
+        if stats is not None:
+            stats["mask/consistency_kept"] = float(cons.float().mean())
+    if stats is not None:
+        stats["mask/policy_tokens"] = float(keep.float().mean())
+    return keep
 
 
 def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rollout: Rollout, step: int,
                  head_steps: list[int], advantages: torch.Tensor, use: torch.Tensor, cfg: ObjectiveConfig,
-                 old_cache: dict, first_epoch: bool, generator: torch.Generator | None = None) -> StepLoss:
+                 old_cache: dict, first_epoch: bool, generator: torch.Generator | None = None,
+                 policy_denominator: float | None = None) -> StepLoss:
     """Loss of AR step `step` of `rollout` at head steps `head_steps` (see the module docstring).
 
     `advantages` [B] and `use` [B] (valid and informative samples) are per image. `old_cache` keeps, across
-    PPO epochs, the old log-probabilities that the rollout did not record and the frozen reference's
-    transitions (one reference forward per rollout instead of one per epoch).
+    PPO epochs, the forward-process estimators' old losses and the frozen reference's transitions (one
+    reference forward per rollout instead of one per epoch).
     """
     check_head_steps(policy, rollout)
     if reference is not None:
@@ -118,7 +129,6 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
     n_tok = int(rec.diffused.sum())
     per_image = n_tok // b
     img = torch.arange(b, device=dev).repeat_interleave(per_image)
-    committed = rec.committed_in_diffused()
     temperature = rollout.temperature
     js = list(head_steps)
 
@@ -126,6 +136,7 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
     adv = advantages.to(dev).float()[img][None, :, None]
     stats: dict[str, float] = {}
     main = None
+    keep = policy_tokens(rollout, step, use, cfg, stats)
     if cfg.estimator not in ESTIMATORS:
         raise ValueError(f"estimator={cfg.estimator!r}; valid: {', '.join(map(repr, ESTIMATORS))}")
     if cfg.estimator == "matching":
@@ -138,31 +149,41 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
         stats.update(nft_stats)
     else:
         main = score_transitions(policy.head, rec.x, js, sc, temperature)
-        key = ("main", step, tuple(js))
-        if cfg.guidance == "rollout":
-            old = rec.logp[js]
+        # old log-probabilities: the rollout's own, under the density the loss scores
+        if cfg.guidance == "cond_only" and rollout.cfg != 1.0:
+            if rec.logp_cond is None:
+                raise ValueError("guidance='cond_only' scores the conditional branch, but the rollout recorded no "
+                                 "log-probabilities for it (sample with SamplerConfig.score_guidance='cond_only')")
+            old = rec.logp_cond[js]
         else:
-            if first_epoch and key not in old_cache:
-                old_cache[key] = main.logp.detach()
-            old = old_cache[key]
-        pg, ratio = clipped_surrogate(main.logp, old, adv, cfg.clip_eps, cfg.dual_clip)
-        pg = _with_mte(pg, policy, rollout, step, js, sc, adv, cfg, old_cache, first_epoch, stats)
-
-    # ---------------- which tokens enter the policy term
-    keep = use.to(dev)[img].clone()
-    if cfg.consistency and step > cfg.consistency_start and (step - 1) in rollout.steps:
-        prev = rollout.steps[step - 1]
-        prev_vals = prev.final_values()[rec.diffused]
-        final = rollout.tokens[rec.diffused]
-        cons = consistency_mask(rec.x[-1], prev_vals, final, committed, cfg.consistency_tau)
-        stats["mask/consistency_kept"] = float(cons.float().mean())
-        keep &= cons
-    stats["mask/policy_tokens"] = float(keep.float().mean())
+            old = rec.logp[js]
+        mte = _mte_log_probs(policy, rec, js, sc, temperature, stats) if cfg.mte_top_fraction > 0 else None
+        if cfg.ratio_level == "element":
+            pg, ratio = clipped_surrogate(main.logp, old, adv, cfg.clip_eps, cfg.dual_clip)
+            if mte is not None:  # the uncertain tokens' term: the mean of their K chains' surrogates
+                idx, new_k, old_k = mte
+                pg = pg.clone()
+                pg[:, idx] = torch.stack([clipped_surrogate(n_, o_, adv[:, idx], cfg.clip_eps, cfg.dual_clip)[0]
+                                          for n_, o_ in zip(new_k, old_k, strict=True)]).mean(0)
+        else:
+            log_ratio = main.logp - old
+            if mte is not None:  # the uncertain tokens' log-ratio: the mean of their K chains'
+                idx, new_k, old_k = mte
+                log_ratio = log_ratio.clone()
+                log_ratio[:, idx] = (new_k - old_k).mean(0)
+            pg, ratio = pooled_surrogate(log_ratio, keep, img, b, advantages.to(dev).float(), cfg)
 
     if cfg.head_step_weighting == "std":
         s = main.std.detach().mean(dim=(1, 2))
         pg = pg * (s / s.mean())[:, None, None]
-    policy_loss, n_el = _reduce(pg, keep.float(), cfg.normalize)
+    if cfg.normalize == "rollout":
+        if policy_denominator is None:
+            raise ValueError("normalize='rollout' divides by the rollout's kept (token, head step) pairs: pass "
+                             "policy_denominator (the trainer computes it with policy_tokens)")
+        policy_loss = (pg.mean(dim=-1) * keep.float()[None, :]).sum() / policy_denominator
+        n_el = float(keep.sum()) * pg.shape[0]
+    else:
+        policy_loss, n_el = _reduce(pg, keep.float(), cfg.normalize)
 
     # ---------------- KL to the reference (main trajectory, all tokens)
     kl_loss = torch.zeros((), device=dev)
@@ -175,7 +196,7 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
                 old_cache[ref_key] = score_transitions(
                     reference.head, rec.x, js, step_conditions(reference, rollout, step, cfg.guidance), temperature)
         kl = kl_terms(main, old_cache[ref_key], cfg.kl)
-        kl_loss, _ = _reduce(kl, torch.ones(n_tok, device=dev), cfg.normalize)
+        kl_loss, _ = _reduce(kl, torch.ones(n_tok, device=dev), "token" if cfg.normalize == "token" else "element")
     loss = policy_loss + cfg.beta * kl_loss
 
     stats.update({"loss/policy": float(policy_loss.detach()), "loss/kl": float(kl_loss.detach()), "elements": n_el})
@@ -190,30 +211,58 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
     return StepLoss(loss=loss, stats=stats)
 
 
-def _with_mte(pg: torch.Tensor, policy: torch.nn.Module, rollout: Rollout, step: int, js: list[int], sc: StepConditions,
-              adv: torch.Tensor, cfg: ObjectiveConfig, old_cache: dict, first_epoch: bool,
-              stats: dict[str, float]) -> torch.Tensor:
-    """Replace the policy term of the top-k% most uncertain tokens by its average over the K extra trajectories."""
-    traj = _mte_trajectories(rollout, step)
-    if traj is None or cfg.mte_top_fraction <= 0:
-        return pg
-    unc_mask = uncertain_tokens(rollout, step, cfg.mte_top_fraction)
-    idx = unc_mask.nonzero().flatten()
-    stats["mte/token_fraction"] = float(unc_mask.float().mean())
-    stats["mte/uncertainty_mean"] = float(token_uncertainty(traj[:, -1]).mean())
+def _mte_log_probs(policy: torch.nn.Module, rec: ARStepRecord, js: list[int], sc: StepConditions,
+                   temperature: float, stats: dict[str, float]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The recorded uncertain tokens' K extra chains: (token indices, new log-probs, old log-probs [K, J, n, C]).
+
+    The rollout chose the tokens and recorded the chains' log-probabilities under this step's scoring conditions
+    (`sampling.sampler.record_mte`): those are the old log-probabilities, so rho = 1 before the first update holds
+    here too, and a replay that recomputed anything differently would show in `mte/ratio_*`.
+    """
+    if rec.mte_x is None:
+        return None
+    idx = rec.mte_tokens
+    stats["mte/token_fraction"] = len(idx) / max(1, int(rec.diffused.sum()))
+    stats["mte/uncertainty_mean"] = float(token_uncertainty(rec.mte_x[:, -1]).mean()) if len(idx) else 0.0
     if not len(idx):
-        return pg
-    terms = []
-    for k in range(traj.shape[0]):
-        st_k = score_transitions(policy.head, traj[k], js, sc, rollout.temperature, tokens=idx)
-        key_k = ("mte", step, k, tuple(js))
-        if first_epoch and key_k not in old_cache:
-            old_cache[key_k] = st_k.logp.detach()
-        pg_k, _ = clipped_surrogate(st_k.logp, old_cache[key_k], adv[:, idx], cfg.clip_eps, cfg.dual_clip)
-        terms.append(pg_k)
-    pg = pg.clone()
-    pg[:, idx] = torch.stack(terms).mean(0)
-    return pg
+        return None
+    missing = sorted(set(js) - set(rec.mte_head_steps))
+    if missing:
+        raise ValueError(f"AR step {rec.step}: the rollout recorded MTE log-probabilities at head steps "
+                         f"{rec.mte_head_steps}, not at {missing} (sample with SamplerConfig.mte_head_steps)")
+    rows = [rec.mte_head_steps.index(j) for j in js]
+    new = torch.stack([score_transitions(policy.head, x, js, sc, temperature, tokens=idx).logp for x in rec.mte_x])
+    old = rec.mte_logp[:, rows]
+    with torch.no_grad():
+        r = torch.exp((new - old).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+        stats["mte/ratio_max"], stats["mte/ratio_min"] = float(r.max()), float(r.min())
+    return idx, new, old
+
+
+def pooled_surrogate(log_ratio: torch.Tensor, keep: torch.Tensor, img: torch.Tensor, num_images: int,
+                     advantages: torch.Tensor, cfg: ObjectiveConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO surrogate with the log-ratio pooled per token (mean over channels) or per image (mean over its kept
+    tokens' elements), as Flow-GRPO and DanceGRPO pool per image and timestep; one ratio and one clip per unit.
+
+    log_ratio [J, N, C], keep [N] bool, img [N] image of each token, advantages [B]. Returns the per-token
+    values [J, N, 1] (an image's value repeated on each of its tokens, so that reducing over kept tokens weighs
+    images by their kept tokens) and the ratios ([J, N, 1] or [J, B]).
+    """
+    per_token = log_ratio.mean(dim=-1, keepdim=True)
+    if cfg.ratio_level == "token":
+        return clipped_surrogate(per_token, torch.zeros_like(per_token), advantages[img][None, :, None],
+                                 cfg.clip_eps, cfg.dual_clip)
+    if cfg.ratio_level != "image":
+        raise ValueError(f"ratio_level={cfg.ratio_level!r}; valid: {', '.join(map(repr, RATIO_LEVELS))}")
+    w = keep.float()
+    sums = torch.zeros(per_token.shape[0], num_images, device=log_ratio.device).index_add(
+        1, img, per_token[..., 0] * w)
+    counts = torch.zeros(num_images, device=log_ratio.device).index_add(0, img, w).clamp(min=1)
+    per_image = sums / counts
+    pg, ratio = clipped_surrogate(per_image, torch.zeros_like(per_image), advantages[None, :], cfg.clip_eps,
+                                  cfg.dual_clip)
+    return pg[:, img, None], ratio[:, img, None]
 
 
 def matching_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv: torch.Tensor,

@@ -25,7 +25,7 @@ from margrpo.models.generator import MARGenerator
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.eval_loop import ParameterEMA, TrainingEvaluator
-from margrpo.rl.objective import ar_step_loss
+from margrpo.rl.objective import ar_step_loss, policy_tokens
 from margrpo.sampling.rollout import Rollout
 from margrpo.sampling.sampler import sample
 from margrpo.utils.checkpoint import (
@@ -259,7 +259,7 @@ class Trainer:
         cond = cond.repeat_interleave(a.group_size) if cond is not None else None
         n = a.prompts_per_step * a.group_size
         with self._autocast():
-            r = sample(self.gen.mar, cond, n, self.cfg.sampler(record, ar[0] if a.branch else None),
+            r = sample(self.gen.mar, cond, n, self.cfg.sampler(record, ar[0] if a.branch else None, head_steps),
                        make_generator(self.cfg.seed, "rollout", self.rank, step, device=self.device),
                        make_generator(self.cfg.seed, "mte", self.rank, step, device=self.device))
         r.prompts = [p for p in prompts for _ in range(a.group_size)]
@@ -299,11 +299,19 @@ class Trainer:
             out = self.reward(images, prompts, metas)
             self.guard.update(out)
             adv = group_advantages(torch.nan_to_num(out.scores), rollout.group, out.valid, a.advantage_std,
-                                   a.advantage_eps)
+                                   a.advantage_eps, clip=a.advantage_clip)
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(step)
         stats: dict[str, list[float]] = {}
         grad_norms = []
+        objective = a.objective()
+        denominator = None
+        if a.normalize == "rollout":  # kept (token, head step) pairs of the whole rollout, per scored AR step
+            draws = a.noise_draws if a.estimator != "trajectory" else None
+            pairs = sum(float(policy_tokens(rollout, i, adv.use, objective).sum()) * (draws or len(head_steps[i]))
+                        for i in ar_steps)
+            # every AR step's loss is scaled by 1 / len(ar_steps) below; this makes each pair weigh 1 / pairs
+            denominator = max(pairs, 1.0) / (1 if a.update == "ar_step" else len(ar_steps))
         with timer("update"):
             old_cache: dict = {}
             for epoch in range(a.ppo_epochs):
@@ -314,7 +322,8 @@ class Trainer:
                         g = (make_generator(self.cfg.seed, "matching", self.rank, step, i, device=self.device)
                              if a.estimator != "trajectory" else None)
                         sl = ar_step_loss(self.gen.mar, self.reference, rollout, i, head_steps[i], adv.values,
-                                          adv.use, a.objective(), old_cache, first_epoch=epoch == 0, generator=g)
+                                          adv.use, objective, old_cache, first_epoch=epoch == 0, generator=g,
+                                          policy_denominator=denominator)
                     if not torch.isfinite(sl.loss):
                         raise FloatingPointError(f"non-finite loss {sl.loss.item()} at step {step}, AR step {i}")
                     scale = 1.0 if a.update == "ar_step" else 1.0 / len(ar_steps)

@@ -17,11 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from margrpo.models.heads import DiffusionHead, gaussian_log_prob
+from margrpo.models.heads import DiffusionHead
 from margrpo.sampling.rollout import Rollout
-from margrpo.sampling.sampler import compute_conditions, head_transition
-
-GUIDANCE_MODES = ("rollout", "cond_only")
+from margrpo.sampling.sampler import GUIDANCE_MODES, compute_conditions, transition_log_probs
 
 
 @dataclass
@@ -72,25 +70,17 @@ class ScoredTransitions:
 
 def score_transitions(head: DiffusionHead, x: torch.Tensor, js: Sequence[int], cond: StepConditions,
                       temperature: float, tokens: torch.Tensor | None = None) -> ScoredTransitions:
-    """Log-probability of x[j] -> x[j+1] for each j in `js` under `cond`.
+    """Log-probability of x[j] -> x[j+1] for each j in `js` under `cond`, with the sampler's own code.
 
-    `x` is a trajectory stack [T+1, N, C]; `tokens` optionally restricts to a subset of the N tokens
-    (an index tensor), in which case the result is [J, n, C].
+    `x` is a trajectory stack [T+1, N, C] (or [T+1, n, C] when `tokens`, an index tensor, restricts the
+    conditions to n of the N tokens); the result is [J, N or n, C].
     """
     z, zu = cond.z, cond.z_uncond
     if tokens is not None:
         z = z[tokens]
         zu = zu[tokens] if zu is not None else None
-        x = x[:, tokens]
-    means, stds, logps = [], [], []
-    for j in js:
-        if not head.is_stochastic(j):
-            raise ValueError(f"head step {j} is deterministic and has no log-probability")
-        tr = head_transition(head, x[j], j, z, zu, cond.guidance, temperature)
-        means.append(tr.mean)
-        stds.append(tr.std)
-        logps.append(gaussian_log_prob(x[j + 1], tr.mean, tr.std))
-    return ScoredTransitions(js=list(js), mean=torch.stack(means), std=torch.stack(stds), logp=torch.stack(logps))
+    mean, std, logp = transition_log_probs(head, x, js, z, zu, cond.guidance, temperature)
+    return ScoredTransitions(js=list(js), mean=mean, std=std, logp=logp)
 
 
 def check_head_steps(model: torch.nn.Module, rollout: Rollout) -> None:

@@ -2,18 +2,25 @@
 
 Per recorded AR step i it keeps the canvas before the step, which positions were known, which were
 committed, which ran through the head ("diffused": the committed ones, or every unknown one when the
-sampler diffuses all unknown tokens, which the consistency mask needs), the guidance scale, the
-conditions z, and the head trajectory of every diffused token. Trajectories are packed: the N diffused
-tokens of a step are taken in row-major (image, position) order of the `diffused` mask, so
-`z[diffused]` lines up with `x[:, n]`.
+sampler diffuses all unknown tokens, which the consistency mask needs), the guidance scale, the head
+trajectory of every diffused token and its log-probabilities, and, with MTE, the extra chains of the
+uncertain tokens with their log-probabilities. Trajectories are packed: the N diffused tokens of a step are
+taken in row-major (image, position) order of the `diffused` mask, so `z[diffused]` lines up with `x[:, n]`.
+Only what replay reads is stored (as Flow-GRPO's rollouts): no means or stds, and z only on request.
 
-Shapes (B images, L tokens, C token channels, D condition width, T head steps, N diffused tokens):
+Shapes (B images, L tokens, C token channels, D condition width, T head steps, N diffused tokens, K MTE chains,
+n uncertain tokens, J recorded MTE head steps):
 
     known, to_pred, diffused   [B, L] bool
     canvas                     [B, L, C]
-    z, z_uncond                [B, L, D]       (z_uncond only with guidance)
+    z, z_uncond                [B, L, D]       (record_z only; z_uncond only with guidance)
     x                          [T + 1, N, C]   x[j] is the input of head step j, x[j+1] its output
-    mean, std, logp            [T, N, C]       float32; logp = log N(x[j+1]; mean[j], std[j]^2)
+    logp                       [T, N, C]       float32 log N(x[j+1]; mean_j, std_j^2) under the sampling density
+    logp_cond                  [T, N, C]       the same under the conditional branch alone (guided rollouts
+                                               scored "cond_only")
+    mte_tokens                 [n]             indices into the N diffused tokens
+    mte_x                      [K, T + 1, n, C]
+    mte_logp                   [K, J, n, C]    at head steps `mte_head_steps`, under the scoring conditions
 """
 
 from __future__ import annotations
@@ -34,13 +41,14 @@ class ARStepRecord:
     canvas: torch.Tensor
     guidance: float
     x: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
     logp: torch.Tensor
+    logp_cond: torch.Tensor | None = None
     z: torch.Tensor | None = None
     z_uncond: torch.Tensor | None = None
-    # Multi-trajectory expectation drawn under this step's conditions (mte_source="scored"): [K, T+1, N, C]
+    mte_tokens: torch.Tensor | None = None
+    mte_head_steps: list[int] | None = None
     mte_x: torch.Tensor | None = None
+    mte_logp: torch.Tensor | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -74,9 +82,7 @@ class Rollout:
     diffuse: str
     prompts: list[str] = field(default_factory=list)
     group: torch.Tensor | None = None  # [B] prompt index of each image
-    # Multi-trajectory expectation from each token's committing condition (mte_source="commit")
-    mte_x: torch.Tensor | None = None  # [K, T+1, B*L, C] in (image, position) row-major order
-    mte_source: str | None = None
+    mte_source: str | None = None  # where the MTE chains were drawn: "commit" or "scored" (None: no MTE)
 
     @property
     def batch_size(self) -> int:
@@ -88,8 +94,6 @@ class Rollout:
 
     @property
     def mte_k(self) -> int:
-        if self.mte_x is not None:
-            return int(self.mte_x.shape[0])
         for rec in self.steps.values():
             if rec.mte_x is not None:
                 return int(rec.mte_x.shape[0])
@@ -111,9 +115,7 @@ class Rollout:
     def nbytes(self) -> int:
         total = 0
         for rec in self.steps.values():
-            for t in (rec.x, rec.mean, rec.std, rec.logp, rec.z, rec.z_uncond, rec.canvas, rec.mte_x):
+            for t in (rec.x, rec.logp, rec.logp_cond, rec.z, rec.z_uncond, rec.canvas, rec.mte_x, rec.mte_logp):
                 if t is not None:
                     total += t.numel() * t.element_size()
-        if self.mte_x is not None:
-            total += self.mte_x.numel() * self.mte_x.element_size()
         return total

@@ -13,7 +13,7 @@ MTE on does not change the images).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +22,12 @@ from tqdm.auto import tqdm
 from margrpo.models.conditioning import Condition
 from margrpo.models.heads import DiffusionHead, Transition, gaussian_log_prob
 from margrpo.models.schedules import guidance_at_step, mask_len_after_step, mask_schedule
+from margrpo.sampling.mte import token_uncertainty, top_fraction_mask
 from margrpo.sampling.rollout import ARStepRecord, Rollout
 
 DIFFUSE_MODES = ("to_predict", "all_unknown")
 MTE_SOURCES = ("commit", "scored")
+GUIDANCE_MODES = ("rollout", "cond_only")
 
 
 @dataclass
@@ -43,6 +45,15 @@ class SamplerConfig:
     record_z: bool = True
     mte_k: int = 0
     mte_source: str = "commit"
+    # MTE: per image, the `mte_top_fraction` most uncertain tokens of a recorded step keep their K chains and
+    # the chains' log-probabilities at `mte_head_steps[step]` (every stochastic head step where not given),
+    # under that step's condition: what replay reads, recorded by the rollout so the ratio-is-1 check can fail.
+    mte_top_fraction: float = 0.3
+    mte_head_steps: dict[int, tuple[int, ...]] | None = None
+    # The density the trainer scores head transitions under: "rollout" (the guided one that sampled) or
+    # "cond_only" (the conditional branch alone, as the MAR-GRPO reference code); the rollout records the
+    # log-probabilities of that density.
+    score_guidance: str = "rollout"
     # Branched groups: consecutive runs of `noise_group` images share their generation order and all head
     # noise except at AR step `branch_step`, where each image draws its own. Reward differences inside a
     # group are then caused by that one step's tokens alone (see `margrpo.rl` for why that matters).
@@ -67,6 +78,12 @@ class SamplerConfig:
             raise ValueError(f"num_ar_steps must be >= 1, got {self.num_ar_steps}")
         if self.mte_k < 0:
             raise ValueError(f"mte_k must be >= 0, got {self.mte_k}")
+        if self.mte_k == 1:
+            raise ValueError("mte_k=1 cannot estimate uncertainty; use 0 (off) or >= 2")
+        if not 0.0 <= self.mte_top_fraction <= 1.0:
+            raise ValueError(f"mte_top_fraction must be in [0, 1], got {self.mte_top_fraction}")
+        if self.score_guidance not in GUIDANCE_MODES:
+            raise ValueError(f"score_guidance={self.score_guidance!r}; valid: {GUIDANCE_MODES}")
 
     @property
     def guided(self) -> bool:
@@ -97,26 +114,42 @@ def head_transition(head: DiffusionHead, x: torch.Tensor, j: int, z: torch.Tenso
     return head.transition(x, j, z, z_uncond, guidance if z_uncond is not None else 1.0, temperature)
 
 
+def transition_log_probs(head: DiffusionHead, x: torch.Tensor, js: Sequence[int], z: torch.Tensor,
+                         z_uncond: torch.Tensor | None, guidance: float | torch.Tensor, temperature: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, std and log-probability of x[j] -> x[j+1] for each j in `js` ([J, N, C] each, float32).
+
+    `x` is a trajectory stack [T+1, N, C]. The sampler records with it and replay recomputes with it.
+    """
+    means, stds, logps = [], [], []
+    for j in js:
+        if not head.is_stochastic(j):
+            raise ValueError(f"head step {j} is deterministic and has no log-probability")
+        tr = head_transition(head, x[j], j, z, z_uncond, guidance, temperature)
+        means.append(tr.mean)
+        stds.append(tr.std)
+        logps.append(gaussian_log_prob(x[j + 1], tr.mean, tr.std))
+    return torch.stack(means), torch.stack(stds), torch.stack(logps)
+
+
 def run_chain(head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | None, guidance: float | torch.Tensor,
               temperature: float, generator: torch.Generator | None, record: bool,
               noise_fn: Callable[[], torch.Tensor] | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """Full head chain for N tokens. Returns the final x [N, C] and, if `record`, x/mean/std/logp stacks.
+    """Full head chain for N tokens. Returns the final x [N, C] and, if `record`, the x and logp stacks.
 
     `noise_fn()` (if given) supplies each standard-normal draw [N, C] instead of `generator`.
     """
     t_steps = head.num_steps
     shape = (z.shape[0], head.token_dim)
     x = noise_fn() if noise_fn is not None else head.init_noise(shape, generator, z.device)
-    xs, means, stds, logps = [x], [], [], []
+    xs, logps = [x], []
     for j in range(t_steps):
         tr = head_transition(head, x, j, z, z_uncond, guidance, temperature)
         eps = noise_fn() if (noise_fn is not None and head.is_stochastic(j)) else None
         x = head.sample_step(tr, j, generator, eps)
         if record:
             xs.append(x)
-            means.append(tr.mean)
-            stds.append(tr.std)
             if head.is_stochastic(j):
                 logps.append(gaussian_log_prob(x, tr.mean, tr.std))
             else:
@@ -126,8 +159,7 @@ def run_chain(head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | Non
                                  "the model weights or the sampling settings are broken")
     if not record:
         return x, None
-    return x, {"x": torch.stack(xs), "mean": torch.stack(means), "std": torch.stack(stds),
-               "logp": torch.stack(logps)}
+    return x, {"x": torch.stack(xs), "logp": torch.stack(logps)}
 
 
 def split_noise(committed: torch.Tensor, token_dim: int, main: torch.Generator | None,
@@ -207,6 +239,7 @@ def sample(model: torch.nn.Module, cond: Condition | None, batch_size: int, conf
     record_steps = set(range(config.num_ar_steps) if config.record_steps is None else config.record_steps)
     steps: dict[int, ARStepRecord] = {}
     need_commit_z = config.mte_k > 0 and config.mte_source == "commit"
+    scoring: dict[int, tuple[torch.Tensor, torch.Tensor | None, float]] = {}
     z_commit = z_u_commit = guidance_commit = None
     if need_commit_z:
         guidance_commit = torch.ones(batch_size, seq_len, 1, device=device)
@@ -247,26 +280,58 @@ def sample(model: torch.nn.Module, cond: Condition | None, batch_size: int, conf
                 z_u_commit[to_pred] = z_u[to_pred]
             guidance_commit[to_pred] = guidance
         if rec:
-            mte_x = None
-            if config.mte_k > 0 and config.mte_source == "scored":
-                mte_x = torch.stack([run_chain(head, zc_sel, zu_sel, guidance, config.temperature, mte_generator,
-                                               True)[1]["x"] for _ in range(config.mte_k)])
+            # the conditions the trainer scores this step's transitions under (the sampling ones, or cond-only)
+            scoring[i] = (zc_sel, zu_sel, guidance) if config.score_guidance == "rollout" else (zc_sel, None, 1.0)
+            logp_cond = None
+            if config.guided and config.score_guidance == "cond_only":
+                logp_cond = torch.zeros_like(traj["logp"])
+                js = [j for j in range(head.num_steps) if head.is_stochastic(j)]
+                logp_cond[js] = transition_log_probs(head, traj["x"], js, zc_sel, None, 1.0, config.temperature)[2]
             steps[i] = ARStepRecord(
                 step=i, known=known.clone(), to_pred=to_pred.clone(), diffused=diffused.clone(),
-                canvas=canvas_before, guidance=float(guidance), x=traj["x"], mean=traj["mean"], std=traj["std"],
-                logp=traj["logp"], z=z_c.clone() if config.record_z else None,
-                z_uncond=z_u.clone() if (config.record_z and z_u is not None) else None, mte_x=mte_x)
+                canvas=canvas_before, guidance=float(guidance), x=traj["x"], logp=traj["logp"], logp_cond=logp_cond,
+                z=z_c.clone() if config.record_z else None,
+                z_uncond=z_u.clone() if (config.record_z and z_u is not None) else None)
+            if config.mte_k > 0 and config.mte_source == "scored":
+                chains = torch.stack([run_chain(head, zc_sel, zu_sel, guidance, config.temperature, mte_generator,
+                                                True)[1]["x"] for _ in range(config.mte_k)])
+                uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
+                                              config.mte_top_fraction).reshape(-1)
+                record_mte(steps[i], head, chains, uncertain, scoring[i], config)
         known = known | to_pred
         still -= counts[i]
 
-    mte_x = None
     if need_commit_z:
-        mte_x = sample_commit_mte(head, z_commit, z_u_commit, guidance_commit, config, mte_generator)
+        chains = sample_commit_mte(head, z_commit, z_u_commit, guidance_commit, config, mte_generator)
+        # uncertainty per image over all its tokens (the reference code's), then each step's share of them
+        uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
+                                      config.mte_top_fraction).reshape(-1)
+        for i, r in steps.items():
+            flat = r.diffused.reshape(-1).nonzero().flatten()
+            record_mte(r, head, chains[:, :, flat], uncertain[flat], scoring[i], config)
     if was_training:
         model.train()
     return Rollout(cond=cond, orders=orders, counts=counts, tokens=tokens, steps=steps, head_steps=head.num_steps,
                    cfg=config.cfg, cfg_schedule=config.cfg_schedule, temperature=config.temperature,
-                   diffuse=config.diffuse, mte_x=mte_x, mte_source=config.mte_source if config.mte_k else None)
+                   diffuse=config.diffuse, mte_source=config.mte_source if config.mte_k else None)
+
+
+def record_mte(rec: ARStepRecord, head: DiffusionHead, chains: torch.Tensor, uncertain: torch.Tensor,
+               scoring: tuple[torch.Tensor, torch.Tensor | None, float], config: SamplerConfig) -> None:
+    """Keep the K chains [K, T+1, N, C] of a step's `uncertain` tokens and their log-probabilities under the
+    step's scoring conditions, at the head steps the trainer will score: what replay reads, nothing more."""
+    if config.mte_head_steps is not None and rec.step not in config.mte_head_steps:
+        return  # recorded for another reason (the consistency mask of the next step), never scored
+    js = (list(config.mte_head_steps[rec.step]) if config.mte_head_steps is not None
+          else [j for j in range(head.num_steps) if head.is_stochastic(j)])
+    idx = uncertain.nonzero().flatten()
+    z, zu, guidance = scoring
+    z, zu = z[idx], zu[idx] if zu is not None else None
+    rec.mte_tokens = idx
+    rec.mte_head_steps = js
+    rec.mte_x = chains[:, :, idx]
+    rec.mte_logp = (torch.stack([transition_log_probs(head, x, js, z, zu, guidance, config.temperature)[2]
+                                 for x in rec.mte_x]) if len(idx) and js else None)
 
 
 def sample_commit_mte(head: DiffusionHead, z_commit: torch.Tensor, z_u_commit: torch.Tensor | None,
