@@ -109,16 +109,19 @@ def test_compare_writes_a_table_per_method_with_control(model_dir, tmp_path, cap
                "--quiet"])
     assert rc == 0
     res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert set(res["methods"]) == set(res["control"]) == {"grpo", "mar-grpo", "mar-grpo-matching"}
-    assert all(len(r["final_strict"]) == 2 for r in res["methods"].values())
+    assert set(res["methods"]) == set(res["control"]) == {"grpo", "mar-grpo", "mar-grpo-matching", "nft"}
+    assert all(len(r["final_strict"]) == len(r["final_train_strict"]) == 2 for r in res["methods"].values())
+    assert all(len(c["seeds"]) == 2 for c in res["control"].values())  # a positive control per seed
     assert 0.0 <= res["base_strict"] <= 1.0 and all(0.0 <= r["null_final_strict"] <= 1.0
                                                     for r in res["methods"].values())
-    null_cfg = (tmp_path / "cmp" / "null" / "grpo" / "config.yaml").read_text()
+    null_cfg = (tmp_path / "cmp" / "null" / "grpo" / "seed-0" / "config.yaml").read_text()
     assert "random: 1.0" in null_cfg and "shapes: 0.0" in null_cfg  # the verifier rides along, unweighted
-    metrics = [json.loads(x) for x in (tmp_path / "cmp" / "null" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(x) for x in
+               (tmp_path / "cmp" / "null" / "grpo" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
     assert all("reward/shapes/strict" in r for r in metrics if "reward/mean" in r)
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| grpo | 2 |" in table and "| mar-grpo | 2 |" in table and "| mar-grpo-matching | 2 |" in table
+    assert "| nft | 2 |" in table and "in-distribution" in table
     assert (tmp_path / "cmp" / "compare_reward_mean.png").is_file()
     text = readme.read_text()
     assert "old" not in text and "| mar-grpo | 2 |" in text and text.endswith("tail\n")

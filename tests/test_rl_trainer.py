@@ -344,3 +344,17 @@ def test_diagnose_reports_every_stochastic_head_step_with_shares_that_sum_to_one
     assert sum(r["grad_share"] for r in rows) == pytest.approx(1.0)
     assert all(r["scored"] and r["score_gain"] == pytest.approx(head.score_gain(r["head_step"])) for r in rows)
     assert all(0.0 <= r["clamped"] <= 1.0 and r["max_log_ratio"] > 0 for r in rows)
+
+
+def test_gradient_agreement_statistics_hand_worked_and_on_a_run(tiny_model_dir, tmp_path):
+    from margrpo.rl.diagnose import agreement_statistics, gradient_agreement
+
+    same = agreement_statistics(torch.tensor([[1.0, 2.0]] * 4))
+    assert same["mean_pair_cosine"] == pytest.approx(1.0) and same["halves_cosine"] == pytest.approx(1.0)
+    # (1,0), (0,1), (1,0), (0,1): pairs 0, 1, 0, 0, 1, 0 -> mean 1/3; halves' means both (0.5, 0.5) -> 1
+    alt = agreement_statistics(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))
+    assert alt["mean_pair_cosine"] == pytest.approx(1 / 3) and alt["halves_cosine"] == pytest.approx(1.0)
+    ag = gradient_agreement(_cfg(tiny_model_dir, tmp_path / "a", 1), 4)
+    assert ag["batches"] == 4 and ag["images_per_batch"] == 8 and -1 <= ag["mean_pair_cosine"] < 0.999
+    with pytest.raises(ValueError, match="at least 4"):
+        gradient_agreement(_cfg(tiny_model_dir, tmp_path / "b", 1), 2)

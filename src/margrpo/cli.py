@@ -182,22 +182,23 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from margrpo.compare import run_compare
+    from margrpo.compare import METHODS, run_compare
 
     _set_threads(args.threads)
     config, overrides = _config_and_overrides(args)
-    run_compare(config, Path(args.out), args.methods, args.seeds, overrides, args.control_steps, quiet=args.quiet,
-                readme=Path(args.readme) if args.readme else None)
+    run_compare(config, Path(args.out), args.methods or list(METHODS), args.seeds, overrides, args.control_steps,
+                quiet=args.quiet, readme=Path(args.readme) if args.readme else None, workers=args.workers)
     return 0
 
 
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="grpo vs mar-grpo (and its matching-estimator variant) with the same seeds "
-                                       "and budget, plus null and positive controls")
+    p = sub.add_parser("compare", help="the presets side by side with the same seeds and budget, plus null and "
+                                       "positive controls")
     p.add_argument("config", nargs="?", default=None, help="YAML config (default: the demo config)")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
-    p.add_argument("--methods", nargs="+", default=["grpo", "mar-grpo", "mar-grpo-matching"],
-                   help="presets to compare (configs/presets/NAME.yaml)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="presets to compare (configs/presets/NAME.yaml; default grpo mar-grpo mar-grpo-matching nft)")
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel, one process (and thread) each")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--control-steps", type=int, default=20, help="steps of the positive-control run per method")
     p.add_argument("--readme", help="write the table and plots into this README's compare block")
@@ -216,7 +217,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     config, overrides = _config_and_overrides(args)
     cfg = load_config(TrainConfig, config or config_path("demo.yaml"), overrides)
-    run_diagnose(cfg, Path(args.json) if args.json else None, args.step)
+    run_diagnose(cfg, Path(args.json) if args.json else None, args.step, args.agreement)
     return 0
 
 
@@ -227,6 +228,8 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampling.diffusion_steps=25")
     p.add_argument("--step", type=int, default=0, help="which training step's prompts and seeds to use")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file (and a .md beside it)")
+    p.add_argument("--agreement", type=int, default=0, metavar="N",
+                   help="also measure gradient agreement between N independent rollout batches (N >= 4)")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_diagnose)
 

@@ -1,49 +1,122 @@
-"""`margrpo compare`: plain GRPO vs MAR-GRPO (and other presets) with the same seeds and budget, plus controls.
+"""`margrpo compare`: the presets side by side with the same seeds and budget, plus null and positive controls.
 
-For each method (a preset: grpo, mar-grpo, mar-grpo-matching by default) and seed it trains from the same
-base with the same config, evaluates the result on the held-out prompts, and reports final accuracy (mean +-
-std over seeds), the reward and KL curves, and the grad-norm mean and spread. The positive control trains
-each method on an easy dense reward (share of red pixels, one fixed prompt); if that does not rise clearly,
-the estimator is broken and no other figure counts. The null control trains each method (first seed, same
-budget) on a random reward that carries no information, logging the real rewards beside it with weight 0:
-the held-out accuracy it ends at is what the optimizer's noise alone does to the model, the floor a real
-reward must beat before any gain is credited to learning.
+For each method (a preset: grpo, mar-grpo, mar-grpo-matching, nft by default) and seed it trains from the same
+base with the same config and scores the result on the held-out prompts and on training prompts with fresh seeds
+(in-distribution), each change with its paired standard error against the base. It reports the final accuracies
+(mean and spread over seeds), the reward, KL and grad-norm curves, and seconds per step.
+
+Two controls per method. The positive control trains on an easy dense reward (share of red pixels, one fixed
+prompt) for every seed; if that does not rise beyond its step-to-step noise, the estimator is broken and no other
+figure counts. The null control trains (first seed, same budget) on a random reward that carries no information,
+logging the real rewards beside it with weight 0: the held-out accuracy it ends at is what the optimizer's noise
+alone does to the model, the floor a real reward must beat before any gain is credited to learning.
+
+Runs are independent, so they go to `workers` processes (one thread each; one per core measured fastest on the
+2-core CPU this was built on). Each run is deterministic from its seed, so the table does not depend on `workers`.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from margrpo.configs import config_path
 from margrpo.demo import publish_to_readme
-from margrpo.evaluate import eval_prompt_set, evaluate
+from margrpo.evaluate import eval_prompt_set, evaluate, paired_strict_change, train_prompt_set
 from margrpo.rl.config import TrainConfig
-from margrpo.rl.trainer import Trainer
+from margrpo.rl.trainer import Trainer, load_model
 from margrpo.utils.config import load_config
 from margrpo.utils.plots import plot_comparison
 
 # The positive control's measured setting: one prompt, one group of 64 images, every AR step and every
-# eligible head step scored, SGD. On the shipped base a finite-difference check confirms the estimator
-# (a step of L2 0.1 along a 512-image estimate raises the red share 0.077 -> 0.090, against it 0.060,
-# random 0.077), but 16- and 32-image updates made a lottery of it: of 11 such runs, 4 ended clearly higher
-# and the rest level, lower, or collapsed to 0. With 64 images and all steps it rises steadily,
-# 0.073 -> 0.112 in 30 steps (step noise 0.005). No ptx term: the control tests the estimator alone.
+# eligible head step scored, SGD. A finite-difference check on the shipped base confirms the estimator (a step
+# of L2 0.1 along a 512-image estimate raises the red share 0.077 -> 0.090, against it 0.060, random 0.077);
+# 16- and 32-image updates made a lottery of it. No ptx term: the control tests the estimator alone.
 CONTROL = ["rewards={colour_fraction: 1.0}", "prompts.fixed=[a red square]", "algorithm.prompts_per_step=1",
            "algorithm.group_size=64", "algorithm.ar_step_fraction=1.0", "algorithm.head_steps_per_ar_step=8",
-           "optim.name=sgd", "optim.lr=0.05", "algorithm.ptx_weight=0"]
-
-
-def _mean_std(values: list[float]) -> str:
-    arr = np.asarray(values, dtype=float)
-    return f"{arr.mean():.3f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.3f}"
-
-
+           "optim.name=sgd", "optim.lr=0.05", "algorithm.ptx_weight=0", "eval.every=0"]
+METHODS = ("grpo", "mar-grpo", "mar-grpo-matching", "nft")
 README_START, README_END = "<!-- compare-results:start -->", "<!-- compare-results:end -->"
 PLOTS = ("reward/mean", "loss/kl", "grad_norm")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run of the comparison: a method, a seed and its kind ("main", "null" or "control")."""
+
+    method: str
+    seed: int
+    kind: str
+    config: str
+    overrides: tuple[str, ...]
+    out: str
+    control_steps: int
+
+
+def control_trend(rewards: list[float]) -> dict[str, float]:
+    """First and last fifth of a reward curve and the step-to-step noise (std of the differences of all steps)."""
+    rew = np.asarray(rewards, dtype=float)
+    k = max(1, len(rew) // 5)
+    noise = float(np.std(np.diff(rew), ddof=1)) if len(rew) > 2 else float("nan")
+    return {"first": float(rew[:k].mean()), "last": float(rew[-k:].mean()), "step_noise": noise}
+
+
+def _job_config(job: Job) -> TrainConfig:
+    extra = [f"seed={job.seed}", f"out_dir={Path(job.out) / job.kind / job.method / f'seed-{job.seed}'}"]
+    if job.kind == "null":
+        cfg = load_config(TrainConfig, [job.config, config_path(f"presets/{job.method}.yaml")], list(job.overrides))
+        extra.append("rewards=" + json.dumps({"random": 1.0, **{k: 0.0 for k in cfg.rewards if k != "random"}}))
+    if job.kind == "control":
+        extra += [*CONTROL, f"steps={job.control_steps}"]
+    return load_config(TrainConfig, [job.config, config_path(f"presets/{job.method}.yaml")],
+                       [*job.overrides, *extra])
+
+
+def _scored(res) -> dict:
+    return {"prompts": res.prompts, "results": [{k: r[k] for k in ("strict", "partial", "category")}
+                                                for r in res.results]}
+
+
+def run_job(job: Job) -> dict:
+    """Train one run and score it (held-out and in-distribution) unless it is a positive control."""
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = _job_config(job)
+    tr = Trainer(cfg, progress=False)
+    out = {"job": job.__dict__, "rows": tr.run()}
+    if job.kind != "control":
+        for split, prompts in _splits(cfg).items():
+            out[split] = _scored(evaluate(tr.gen, prompts, cfg.eval_sampler(), seed=cfg.eval.seed, progress=False))
+    return out
+
+
+def _splits(cfg: TrainConfig) -> dict[str, list[str]]:
+    return {"heldout": eval_prompt_set(cfg.eval.per_category), "train": train_prompt_set(cfg.eval.per_category)}
+
+
+def _change(base: dict, after: dict) -> dict:
+    """Final strict accuracy and its paired change against the base (same prompts and seeds)."""
+    from margrpo.evaluate import EvalResult
+    from margrpo.worlds import shapes
+
+    def result(d: dict) -> EvalResult:
+        return EvalResult(prompts=d["prompts"], results=d["results"], summary=shapes.summarize(d["results"]),
+                          images=None, seconds=0.0)
+
+    b, a = result(base), result(after)
+    return {"final": a.summary["overall"]["strict"], "change": paired_strict_change(b, a)["overall"]}
+
+
+def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    arr = np.asarray(values, dtype=float) * scale
+    return f"{arr.mean():.{digits}f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.{digits}f}"
 
 
 def _plot_name(key: str) -> str:
@@ -51,80 +124,86 @@ def _plot_name(key: str) -> str:
 
 
 def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[int], overrides: list[str],
-                control_steps: int, quiet: bool = False, readme: Path | None = None) -> dict:
-    for sub in ("null", "control", *methods):
+                control_steps: int, quiet: bool = False, readme: Path | None = None, workers: int = 2) -> dict:
+    for sub in ("main", "null", "control"):
         if (out / sub).is_dir():
             # compare owns these folders: a second `make compare` starts over instead of refusing to run
             print(f"removing the previous comparison's {out / sub}")
             shutil.rmtree(out / sub)
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = config or config_path("demo.yaml")
-
-    def method_config(method: str, *extra: str) -> TrainConfig:
-        return load_config(TrainConfig, [cfg_file, config_path(f"presets/{method}.yaml")], [*overrides, *extra])
-
-    def heldout_strict(tr: Trainer) -> float:
-        res = evaluate(tr.gen, prompts, tr.cfg.eval_sampler(), seed=tr.cfg.eval.seed, progress=False)
-        return res.summary["overall"]["strict"]
-
-    results: dict = {"methods": {}, "control": {}}
+    jobs = [Job(m, s, kind, str(cfg_file), tuple(overrides), str(out), control_steps)
+            for m in methods for kind in ("main", "control") for s in seeds]
+    jobs += [Job(m, seeds[0], "null", str(cfg_file), tuple(overrides), str(out), control_steps) for m in methods]
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(run_job, jobs))
+    else:
+        done = [run_job(j) for j in jobs]
+    # the base, scored once with the runs' evaluation settings (every run's change is paired with it)
+    cfg0 = load_config(TrainConfig, cfg_file, overrides)
+    base_model = load_model(cfg0.model, cfg0.device)
+    base = {split: _scored(evaluate(base_model, prompts, cfg0.eval_sampler(), seed=cfg0.eval.seed, progress=False))
+            for split, prompts in _splits(cfg0).items()}
+    results: dict = {"methods": {}, "control": {}, "workers": workers,
+                     "base_strict": _change(base["heldout"], base["heldout"])["final"],
+                     "base_train_strict": _change(base["train"], base["train"])["final"]}
     curves: dict[str, list[list[dict]]] = {}
-    prompts = None
     for m in methods:
-        runs, finals = [], []
-        for seed in seeds:
-            cfg = method_config(m, f"seed={seed}", f"out_dir={out / m / f'seed-{seed}'}")
-            tr = Trainer(cfg, progress=not quiet)
-            if prompts is None:
-                prompts = eval_prompt_set(cfg.eval.per_category)
-                results["base_strict"] = heldout_strict(tr)
-            runs.append(tr.run())
-            finals.append(heldout_strict(tr))
+        main = [d for d in done if d["job"]["method"] == m and d["job"]["kind"] == "main"]
+        null = next(d for d in done if d["job"]["method"] == m and d["job"]["kind"] == "null")
+        control = [d for d in done if d["job"]["method"] == m and d["job"]["kind"] == "control"]
+        runs = [d["rows"] for d in main]
         curves[m] = runs
         gn = [r["grad_norm"] for run in runs for r in run]
+        held = [_change(base["heldout"], d["heldout"]) for d in main]
+        train = [_change(base["train"], d["train"]) for d in main]
+        null_held = _change(base["heldout"], null["heldout"])
         results["methods"][m] = {
-            "final_strict": finals,
+            "final_strict": [h["final"] for h in held], "change": [h["change"] for h in held],
+            "final_train_strict": [t["final"] for t in train], "train_change": [t["change"] for t in train],
+            "null_final_strict": null_held["final"], "null_change": null_held["change"],
             "reward_first5": float(np.mean([np.mean([r["reward/mean"] for r in run[:5]]) for run in runs])),
             "reward_last5": float(np.mean([np.mean([r["reward/mean"] for r in run[-5:]]) for run in runs])),
             "kl_last": float(np.mean([run[-1].get("loss/kl", 0.0) for run in runs])),
             "grad_norm_mean": float(np.mean(gn)), "grad_norm_std": float(np.std(gn)),
             "step_seconds": float(np.mean([r["time/step"] for run in runs for r in run])),
         }
-        # null control: same method and budget, a reward without information; the real rewards ride along
-        null_rewards = json.dumps({"random": 1.0, **{k: 0.0 for k in cfg.rewards if k != "random"}})
-        ntr = Trainer(method_config(m, f"rewards={null_rewards}", f"seed={seeds[0]}", f"out_dir={out / 'null' / m}"),
-                      progress=not quiet)
-        ntr.run()
-        results["methods"][m]["null_final_strict"] = heldout_strict(ntr)
-        # positive control: same method, easy dense reward, one fixed prompt
-        cm = Trainer(method_config(m, *CONTROL, f"steps={control_steps}", f"out_dir={out / 'control' / m}"),
-                     progress=not quiet).run()
-        rew = np.asarray([r["reward/mean"] for r in cm])
-        k = max(1, len(rew) // 5)
-        noise = float(np.std(np.diff(rew))) if len(rew) > 2 else float("nan")
-        results["control"][m] = {"first": float(rew[:k].mean()), "last": float(rew[-k:].mean()),
-                                 "step_noise": noise, "steps": len(rew)}
+        trends = [control_trend([r["reward/mean"] for r in d["rows"]]) for d in control]
+        results["control"][m] = {"seeds": trends, "steps": control_steps,
+                                 "rises": sum(t["last"] - t["first"] > 3 * t["step_noise"] for t in trends)}
     for key in PLOTS:
         plot_comparison(curves, key, out / _plot_name(key), smoothing=0.6)
-    lines = ["| method | seeds | held-out strict: base → final | null control: final | reward first 5 → last 5 "
-             "| KL (last) | grad norm mean ± std | s/step | positive control reward first → last (step noise) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for m, r in results["methods"].items():
-        c = results["control"][m]
-        lines.append(f"| {m} | {len(seeds)} | {results['base_strict']:.3f} → {_mean_std(r['final_strict'])} | "
-                     f"{r['null_final_strict']:.3f} | {r['reward_first5']:.3f} → "
-                     f"{r['reward_last5']:.3f} | {r['kl_last']:.2e} | {r['grad_norm_mean']:.3f} ± "
-                     f"{r['grad_norm_std']:.3f} | {r['step_seconds']:.1f} | {c['first']:.3f} → {c['last']:.3f} "
-                     f"({c['step_noise']:.3f}) |")
-    table = "\n".join(lines)
+    table = comparison_table(results, seeds)
     (out / "compare.md").write_text(table + "\n")
     (out / "compare.json").write_text(json.dumps(results, indent=2))
     print(table)
     if readme is not None:
-        description = (f"`margrpo compare` ({', '.join(methods)}; {cfg.steps} steps per run on the "
+        description = (f"`margrpo compare` ({', '.join(methods)}; {cfg0.steps} steps per run on the "
                        f"{Path(cfg_file).name} settings; seeds {', '.join(map(str, seeds))}; positive control "
-                       f"{control_steps} steps; overrides: {' '.join(overrides) or 'none'}):")
+                       f"{control_steps} steps per seed; overrides: {' '.join(overrides) or 'none'}):")
         publish_to_readme(readme, f"{description}\n\n{table}\n",
                           [(out / _plot_name(key), _plot_name(key), key) for key in PLOTS],
                           README_START, README_END)
     return results
+
+
+def comparison_table(results: dict, seeds: list[int]) -> str:
+    """Markdown: per method, held-out and in-distribution change (mean ± std over seeds, points), null, KL, ..."""
+    lines = [f"Base: held-out {100 * results['base_strict']:.1f}%, in-distribution "
+             f"{100 * results['base_train_strict']:.1f}% strict accuracy. Changes in points, mean ± std over seeds "
+             "(a run's own paired s.e. is in compare.json).", "",
+             "| method | seeds | held-out change | in-distribution change | null control: held-out change "
+             "| reward first 5 → last 5 | KL (last) | grad norm | s/step | positive control: seeds rising "
+             "(first → last, step noise) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for m, r in results["methods"].items():
+        c = results["control"][m]
+        trend = ", ".join(f"{t['first']:.3f} → {t['last']:.3f} ({t['step_noise']:.3f})" for t in c["seeds"])
+        lines.append(
+            f"| {m} | {len(seeds)} | {_mean_std([x[0] for x in r['change']], 100)} | "
+            f"{_mean_std([x[0] for x in r['train_change']], 100)} | {100 * r['null_change'][0]:+.1f} ± "
+            f"{100 * r['null_change'][1]:.1f} | {r['reward_first5']:.3f} → {r['reward_last5']:.3f} | "
+            f"{r['kl_last']:.2e} | {r['grad_norm_mean']:.3f} ± {r['grad_norm_std']:.3f} | "
+            f"{r['step_seconds']:.2f} | {c['rises']} of {len(c['seeds'])} ({trend}) |")
+    return "\n".join(lines)

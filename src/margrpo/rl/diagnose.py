@@ -16,6 +16,10 @@ head step j:
 Why: a step whose score term is mostly noise can hold most of the gradient's norm and make the PPO ratio explode
 (measured on the shipped base: the first respaced cosine DDPM step, alpha-bar about 2.4e-9). This is the tool to
 see that on one's own model before choosing what to score.
+
+`gradient_agreement` answers the next question, whether the reward gives the estimator any signal at the batch
+size: the mean cosine between the policy gradients of independent rollout batches (0 when each batch's gradient is
+noise, 1 when all agree), and the cosine between the means of two halves.
 """
 
 from __future__ import annotations
@@ -91,6 +95,40 @@ def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
     return rows
 
 
+def gradient_agreement(cfg: TrainConfig, batches: int, first_step: int = 1000) -> dict[str, float]:
+    """Policy gradients of `batches` independent rollouts (steps first_step, first_step + 1, ...; one PPO epoch, no
+    ptx, no KL, no update): their mean pairwise cosine with its standard error, and the cosine of the two halves'
+    means (signal grows with the number of images averaged, noise does not)."""
+    if batches < 4:
+        raise ValueError(f"gradient agreement needs at least 4 batches, got {batches}")
+    a = cfg.algorithm
+    cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(a, beta=0.0, ptx_weight=0.0, ppo_epochs=1))
+    tr = Trainer(cfg, progress=False)
+    grads: list[torch.Tensor] = []
+
+    def capture() -> float:  # stands in for the optimizer step: keep the gradient, move nothing
+        g = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for _, p in tr.params])
+        grads.append(g.double())
+        tr.opt.zero_grad(set_to_none=True)
+        return float(g.norm())
+
+    tr._optimizer_step = capture
+    for k in range(batches):
+        tr.train_step(first_step + k)
+    return {"images_per_batch": a.prompts_per_step * a.group_size, **agreement_statistics(torch.stack(grads))}
+
+
+def agreement_statistics(g: torch.Tensor) -> dict[str, float]:
+    """For gradients g [n, P]: mean pairwise cosine (and its s.e.), cosine of the two halves' means, mean norm."""
+    n = g.shape[0]
+    unit = g / g.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    cos = (unit @ unit.T)[torch.triu_indices(n, n, 1).unbind()]
+    half = n // 2
+    halves = torch.nn.functional.cosine_similarity(g[:half].mean(0), g[half:].mean(0), dim=0)
+    return {"batches": n, "mean_pair_cosine": float(cos.mean()), "pair_cosine_se": float(cos.std() / len(cos) ** 0.5),
+            "halves_cosine": float(halves), "grad_norm": float(g.norm(dim=1).mean())}
+
+
 def _clamped_fraction(head: torch.nn.Module, x: torch.Tensor, j: int, sc) -> float:
     """Share of elements whose predicted x0 the head clamps at step j (0 for heads that do not clamp)."""
     tr = head.transition(x, j, sc.z, sc.z_uncond, sc.guidance if sc.z_uncond is not None else 1.0)
@@ -106,12 +144,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_diagnose(cfg: TrainConfig, out: Path | None = None, step: int = 0) -> list[dict]:
-    rows = head_step_diagnostics(cfg, step)
-    table = format_table(rows)
+def run_diagnose(cfg: TrainConfig, out: Path | None = None, step: int = 0, agreement: int = 0) -> dict:
+    result: dict = {"config": cfg.model, "rows": head_step_diagnostics(cfg, step)}
+    table = format_table(result["rows"])
+    if agreement:
+        ag = result["agreement"] = gradient_agreement(cfg, agreement)
+        table += (f"\n\nGradient agreement over {ag['batches']} batches of {ag['images_per_batch']} images: mean "
+                  f"pairwise cosine {ag['mean_pair_cosine']:.3f} ± {ag['pair_cosine_se']:.3f}, halves' means "
+                  f"{ag['halves_cosine']:.3f}, grad norm {ag['grad_norm']:.3g}")
     print(table)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"config": cfg.model, "rows": rows}, indent=2))
+        out.write_text(json.dumps(result, indent=2))
         out.with_suffix(".md").write_text(table + "\n")
-    return rows
+    return result
