@@ -25,8 +25,9 @@ PRESETS = ("mar-grpo", "grpo", "mar-grpo-matching", "nft", "mar-grpo-nft")
 
 
 def measure(files: list[str], tmp: Path, name: str, steps: int, device: str, dtype: str, threads: int) -> dict:
+    out = tmp / f"{name}-{threads}"
     cfg = load_config(TrainConfig, files, [
-        f"out_dir={tmp / name}", f"steps={steps}", "rewards={colour_fraction: 1.0}", "log.sample_every=1000",
+        f"out_dir={out}", f"steps={steps}", "rewards={colour_fraction: 1.0}", "log.sample_every=1000",
         "log.checkpoint_every=1000", "log.tensorboard=false", "eval.every=0", f"device={device}",
         f"autocast={'bf16' if dtype == 'bfloat16' else 'none'}", f"threads={threads}"])
     torch.set_num_threads(threads)

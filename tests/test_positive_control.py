@@ -1,35 +1,37 @@
 """Positive control: on an easy dense reward the trainer must raise the reward well beyond its noise.
 
-If this fails the estimator is wrong, and no other RL result counts (DESIGN.md section 4, lesson 4).
-Runs on the shipped shapes base model with one fixed prompt and the share-of-red-pixels reward, in
-compare's CONTROL setting (one group of 64 images, every AR step and eligible head step scored, SGD lr
-0.05, momentum 0.9): measured 0.073 -> 0.112 in 30 steps, step-to-step noise 0.005. Smaller updates (16
-images, half the steps scored) were a lottery on this base; see the comment on CONTROL.
+If this fails the estimator is wrong, and no other RL result counts. It runs on the shipped shapes base with one
+fixed prompt and the share-of-red-pixels reward, in compare's CONTROL setting (one group of 64 images, every AR
+step and scored head step, Adam 1e-4, no ptx). Measured: grpo 0.066 -> 0.158 in 10 steps (seed 0), the paper's
+mar-grpo 0.066 -> 0.145; with the noise-dominated head steps scored too the red share does not move (0.072 ->
+0.077 in 15 steps). The noise is the standard deviation of all step-to-step differences of the run.
 
-mar-grpo-matching (the matching estimator with mar-grpo's frozen head and consistency filter) rises faster,
-0.066 -> 0.129 in 15 steps with stratified draws (last 3 steps over seeds 0-2: 0.130 / 0.140 / 0.151), so it
-gets half the steps. The paper-faithful mar-grpo preset is reported by `margrpo compare`, not tested here: its
-MTE average over trajectories that did not make the image removes the signal of the most uncertain tokens
-(README, "grpo vs mar-grpo vs mar-grpo-matching").
+CI runs grpo and the demo's preset on two seeds; `make test-all` runs every shipped preset on three.
 """
 
 import numpy as np
 import pytest
 
-from margrpo.compare import CONTROL
+from margrpo.compare import CONTROL, control_trend
 from margrpo.configs import config_path
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer
 from margrpo.utils.config import load_config
 
+PRESETS = ["grpo", "mar-grpo", "mar-grpo-matching", "nft", "mar-grpo-nft"]
+CI = [("grpo", 0), ("grpo", 1), ("demo", 0), ("demo", 1)]
+SLOW = [pytest.param(p, s, marks=pytest.mark.slow) for p in PRESETS for s in (0, 1, 2)]
 
-@pytest.mark.parametrize("method,steps", [("grpo", 30), ("mar-grpo-matching", 15)])
-def test_trainer_raises_an_easy_dense_reward(method, steps, tmp_path):
-    cfg = load_config(TrainConfig, [config_path("demo.yaml"), config_path(f"presets/{method}.yaml")], [
-        f"out_dir={tmp_path / method}", f"steps={steps}", *CONTROL, "log.sample_every=1000",
-        "log.checkpoint_every=1000", "log.tensorboard=false"])
+
+@pytest.mark.parametrize("preset,seed", CI + SLOW)
+def test_trainer_raises_an_easy_dense_reward(preset, seed, tmp_path):
+    files = [config_path("demo.yaml")] + ([] if preset == "demo" else [config_path(f"presets/{preset}.yaml")])
+    cfg = load_config(TrainConfig, files, [
+        f"out_dir={tmp_path / preset}", "steps=10", f"seed={seed}", *CONTROL, "log.sample_every=1000",
+        "log.checkpoint_every=1000", "log.tensorboard=false", "threads=1"])
     metrics = Trainer(cfg, progress=False).run()
     reward = np.array([m["reward/mean"] for m in metrics])
-    noise = np.std(np.diff(reward[:4])) + 1e-3
+    trend = control_trend(list(reward))
     gain = reward[-3:].mean() - reward[:3].mean()
-    assert gain > 3 * noise, f"{method}: reward {reward.round(3).tolist()} did not rise beyond noise {noise:.3f}"
+    assert gain > 3 * trend["step_noise"], (f"{preset} seed {seed}: reward {reward.round(3).tolist()} did not rise "
+                                            f"beyond 3 x its step noise {trend['step_noise']:.3f}")

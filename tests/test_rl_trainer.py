@@ -358,3 +358,24 @@ def test_gradient_agreement_statistics_hand_worked_and_on_a_run(tiny_model_dir, 
     assert ag["batches"] == 4 and ag["images_per_batch"] == 8 and -1 <= ag["mean_pair_cosine"] < 0.999
     with pytest.raises(ValueError, match="at least 4"):
         gradient_agreement(_cfg(tiny_model_dir, tmp_path / "b", 1), 2)
+
+
+@pytest.mark.parametrize("extra", [(), ("algorithm.estimator=nft", "algorithm.mte_k=0")], ids=["trajectory", "nft"])
+def test_batched_ar_steps_give_the_per_step_gradient(tiny_model_dir, tmp_path, extra):
+    grads = {}
+    for batched in (False, True):
+        opts = [*extra, "algorithm.ar_step_count=3", f"algorithm.batch_ar_steps={str(batched).lower()}",
+                "algorithm.ppo_epochs=1", "algorithm.beta=0.1"]
+        tr = Trainer(_cfg(tiny_model_dir, tmp_path / str(batched), 1, opts), progress=False)
+
+        def capture(tr=tr, batched=batched) -> float:
+            grads[batched] = [p.grad.clone() for _, p in tr.params]
+            tr.opt.zero_grad(set_to_none=True)
+            return 0.0
+
+        tr._optimizer_step = capture
+        tr.train_step(0)
+    assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-4) for a, b in zip(grads[False], grads[True], strict=True))
+    assert any(a.abs().sum() > 0 for a in grads[True])
+    with pytest.raises(ValueError, match="batch_ar_steps"):
+        load_config(TrainConfig, None, ["algorithm.batch_ar_steps=true", "algorithm.update=ar_step"])

@@ -66,8 +66,7 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from margrpo.demo import run_demo
 
-    _set_threads(args.threads)
-    return run_demo(Path(args.out), quick=args.quick, quiet=args.quiet, overrides=args.overrides,
+    return run_demo(Path(args.out), quick=args.quick, quiet=args.quiet, overrides=args.overrides, config=args.config,
                     readme=Path(args.readme) if args.readme else None)
 
 
@@ -75,9 +74,9 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded shapes world")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--quick", action="store_true", help="a smaller, faster demo")
+    p.add_argument("--config", default="demo.yaml", help="shipped config to run (demo.yaml, demo-long.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the demo config, e.g. steps=30")
     p.add_argument("--readme", default=None, help="write the results table into this README's results block")
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 

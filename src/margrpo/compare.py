@@ -34,13 +34,14 @@ from margrpo.rl.trainer import Trainer, load_model
 from margrpo.utils.config import load_config
 from margrpo.utils.plots import plot_comparison
 
-# The positive control's measured setting: one prompt, one group of 64 images, every AR step and every
-# eligible head step scored, SGD. A finite-difference check on the shipped base confirms the estimator (a step
-# of L2 0.1 along a 512-image estimate raises the red share 0.077 -> 0.090, against it 0.060, random 0.077);
-# 16- and 32-image updates made a lottery of it. No ptx term: the control tests the estimator alone.
+# The positive control: one prompt, one group of 64 images, every AR step and every scored head step, Adam 1e-4
+# (scale-free, so every estimator gets the same step whatever the size of its loss), no ptx term: it tests the
+# estimator alone. Measured on the shipped base (docs/findings/2026-12-01-noise-dominated-head-steps.md): the red
+# share rises 0.066 -> 0.197 in 15 grpo steps and 0.066 -> 0.178 with the paper's mar-grpo preset; scoring the
+# noise-dominated head steps too (head_step_max_gain 1e4) leaves it at 0.077.
 CONTROL = ["rewards={colour_fraction: 1.0}", "prompts.fixed=[a red square]", "algorithm.prompts_per_step=1",
            "algorithm.group_size=64", "algorithm.ar_step_fraction=1.0", "algorithm.head_steps_per_ar_step=8",
-           "optim.name=sgd", "optim.lr=0.05", "algorithm.ptx_weight=0", "eval.every=0"]
+           "optim.name=adamw", "optim.lr=1e-4", "algorithm.ptx_weight=0", "eval.every=0"]
 METHODS = ("grpo", "mar-grpo", "mar-grpo-matching", "nft")
 README_START, README_END = "<!-- compare-results:start -->", "<!-- compare-results:end -->"
 PLOTS = ("reward/mean", "loss/kl", "grad_norm")

@@ -11,6 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from margrpo.configs import config_path
 from margrpo.evaluate import EvalResult, eval_prompt_set, evaluate, paired_strict_change
 from margrpo.rl.config import TrainConfig
@@ -63,13 +65,16 @@ def publish_to_readme(readme: Path, text: str, images: list[tuple[Path, str, str
 
 
 def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: list[str] | None = None,
-             readme: Path | None = None) -> int:
+             readme: Path | None = None, config: str = "demo.yaml") -> int:
+    """Evaluate the base, train with the shipped `config`, evaluate again; results into `readme`'s block named
+    after the config (`<!-- demo-results:start -->` for demo.yaml, `<!-- demo-long-results:start -->` ...)."""
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     ov = [f"out_dir={out / 'run'}", *(overrides or [])]
     if quick:
-        ov += ["steps=4", "log.sample_every=2", "log.checkpoint_every=2"]
-    cfg = load_config(TrainConfig, config_path("demo.yaml"), ov)
+        ov += ["steps=4", "log.sample_every=2", "log.checkpoint_every=2", "eval.every=2", "eval.per_category=2"]
+    cfg = load_config(TrainConfig, config_path(config), ov)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())  # the evaluations run with the training's threads
     run_dir = Path(cfg.out_dir)
     if run_dir.is_dir() and (run_dir / "config.yaml").is_file():
         # the demo owns this folder: a second `make demo` starts over instead of refusing to run
@@ -86,21 +91,24 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
     after = evaluate(trainer.gen, prompts, sampler, seed=cfg.eval.seed, progress=not quiet)
     table = comparison_table(before, after)
     total_s = time.perf_counter() - t_start
+    method = f"{cfg.algorithm.estimator} estimator"
     pick = list(range(0, len(prompts), max(1, len(prompts) // 16)))[:16]  # 4 per category
     labels = [prompts[i] for i in pick]
     grid = side_by_side(make_grid(to_pil(before.images[pick]), nrow=4, labels=labels, upscale=3),
                         make_grid(to_pil(after.images[pick]), nrow=4, labels=labels, upscale=3),
-                        titles=("before (base model)", f"after {cfg.steps} MAR-GRPO steps"))
+                        titles=("before (base model)", f"after {cfg.steps} RL steps ({method})"))
     save_png(grid, out / "grid_before_after.png")
     for name, res in (("before", before), ("after", after)):
         (out / f"{name}.json").write_text(json.dumps({"summary": res.summary, "seconds": res.seconds}, indent=2))
     md = (f"Held-out strict accuracy, {len(prompts)} prompts, same seeds before and after "
-          f"({cfg.steps} steps of MAR-GRPO, {train_s / 60:.1f} min training, {total_s / 60:.1f} min total):\n\n"
-          f"{table}\n")
+          f"({cfg.steps} steps, {method}, {cfg.threads} threads; {train_s / 60:.1f} min training, "
+          f"{total_s / 60:.1f} min total):\n\n{table}\n")
     (out / "results.md").write_text(md)
     print(md)
     if readme is not None and not quick:
-        publish_to_readme(readme, md, [(out / "grid_before_after.png", "demo_before_after.png", "before and after"),
-                                       (out / "run" / "report.png", "demo_report.png", "training curves")])
+        stem = Path(config).stem
+        publish_to_readme(readme, md, [(out / "grid_before_after.png", f"{stem}_before_after.png", "before and after"),
+                                       (out / "run" / "report.png", f"{stem}_report.png", "training curves")],
+                          f"<!-- {stem}-results:start -->", f"<!-- {stem}-results:end -->")
     print(f"grids: {out / 'grid_before_after.png'}; curves: {out / 'run' / 'report.png'}")
     return 0

@@ -247,7 +247,15 @@ class MAR(nn.Module):
 
     # ------------------------------------------------------------------ encoder / decoder
     def forward_mae_encoder(self, x: torch.Tensor, mask: torch.Tensor, buffer: torch.Tensor,
-                            ctx: torch.Tensor | None = None, ctx_mask: torch.Tensor | None = None) -> torch.Tensor:
+                            ctx: torch.Tensor | None = None, ctx_mask: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encode the buffer and the known tokens. Returns (x [B, n, D], valid [B, n] or None).
+
+        Rows with the same number of known tokens drop the masked ones by reshaping, as upstream (valid None).
+        Rows with different numbers (several AR steps of a rollout in one batch) gather their known tokens to the
+        front, pad to the longest row and mask the padding out of every attention: the same function of each
+        row, up to float rounding.
+        """
         x = self.z_proj(x)
         bsz, _, d = x.shape
         x = torch.cat([buffer.to(x.dtype), x], dim=1)
@@ -256,24 +264,28 @@ class MAR(nn.Module):
         x = self.z_proj_ln(x)
         keep = (1 - mask_with_buffer).bool()
         counts = keep.sum(1)
-        if not bool((counts == counts[0]).all()):
-            raise ValueError("every row of a batch must have the same number of known tokens "
-                             f"(got {counts.tolist()}); MAR drops masked tokens by reshaping")
-        x = x[keep].reshape(bsz, -1, d)
+        valid = None
+        if bool((counts == counts[0]).all()):
+            x = x[keep].reshape(bsz, -1, d)
+        else:
+            n = int(counts.max())
+            order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n]  # known first, in order
+            x = torch.gather(x, 1, order[..., None].expand(-1, -1, d))
+            valid = torch.arange(n, device=x.device)[None, :] < counts[:, None]
         for blk in self.encoder_blocks:
             if self.config.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, ctx, ctx_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, ctx, ctx_mask, valid, use_reentrant=False)
             else:
-                x = blk(x, ctx, ctx_mask)
-        return self.encoder_norm(x)
+                x = blk(x, ctx, ctx_mask, valid)
+        return self.encoder_norm(x), valid
 
     def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor, ctx: torch.Tensor | None = None,
-                            ctx_mask: torch.Tensor | None = None) -> torch.Tensor:
+                            ctx_mask: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         x = self.decoder_embed(x)
         bsz = x.shape[0]
         mask_with_buffer = torch.cat([torch.zeros(bsz, self.buffer_size, device=x.device), mask.float()], dim=1)
         padded = self.mask_token.to(x.dtype).expand(bsz, mask_with_buffer.shape[1], -1).clone()
-        padded[(1 - mask_with_buffer).bool()] = x.reshape(-1, x.shape[2])
+        padded[(1 - mask_with_buffer).bool()] = x.reshape(-1, x.shape[2]) if valid is None else x[valid]
         x = padded + self.decoder_pos_embed_learned
         for blk in self.decoder_blocks:
             if self.config.grad_checkpointing and torch.is_grad_enabled():
@@ -304,8 +316,8 @@ class MAR(nn.Module):
                 umask_full[:, 0] = True
                 ctx = torch.where(drop[:, None, None], uctx, ctx)
                 ctx_mask = torch.where(drop[:, None], umask_full, ctx_mask)
-        x = self.forward_mae_encoder(tokens, mask, buffer, ctx, ctx_mask)
-        return self.forward_mae_decoder(x, mask, ctx, ctx_mask)
+        x, valid = self.forward_mae_encoder(tokens, mask, buffer, ctx, ctx_mask)
+        return self.forward_mae_decoder(x, mask, ctx, ctx_mask, valid)
 
     # ------------------------------------------------------------------ pretraining
     def sample_orders(self, bsz: int, generator: torch.Generator | None = None,

@@ -56,6 +56,10 @@ class AlgorithmSection:
     consistency_start: int = field(default=1, metadata={"range": (0, 4096)})
     consistency_tau: float = field(default=0.0, metadata={"range": (-2.0, 2.0)})
     update: str = field(default="rollout", metadata={"choices": ("rollout", "ar_step")})
+    # One transformer forward and backward for all scored AR steps of a rollout (their canvases stacked, rows
+    # padded to the longest known set) instead of one per step; the same gradient up to float rounding. Needs
+    # update='rollout' (one optimizer step per scored AR step cannot share a graph).
+    batch_ar_steps: bool = False
     # The policy term: "trajectory" scores the recorded head transitions (GRPO / DDPO, the paper's);
     # "matching" uses minus the head's pretraining loss on each token's final value in the PPO ratio (Advantage
     # Weighted Matching, Xue et al. 2025); "nft" is DiffusionNFT's negative-aware loss on the final value (Zheng
@@ -67,6 +71,9 @@ class AlgorithmSection:
     # A_max, the advantage mapped to r = 1 (the release's adv_clip_max 5).
     nft_beta: float = field(default=1.0, metadata={"range": (1e-6, 100.0)})
     nft_adv_clip: float = field(default=5.0, metadata={"range": (1e-6, 1e6)})
+    # "adaptive": each draw's squared error over its detached mean absolute error (the release's, made for x0
+    # errors of flow models); "mse": the plain squared error, as the head's pretraining loss weighs its draws.
+    nft_weighting: str = field(default="adaptive", metadata={"choices": ("adaptive", "mse")})
     # Branched groups: the G images of a prompt share their order and head noise except at one AR step
     # (drawn per rollout), the only step scored. Reward differences in a group then come from that step's
     # tokens alone instead of from every token of the image. Measured on the shapes base (grpo, Adam 5e-5,
@@ -83,6 +90,9 @@ class AlgorithmSection:
         if self.branch and self.ar_step_count not in (None, 1):
             raise ValueError(f"algorithm.branch scores exactly one AR step (the branch step); got "
                              f"ar_step_count={self.ar_step_count} (leave it unset or 1)")
+        if self.batch_ar_steps and self.update != "rollout":
+            raise ValueError("algorithm.batch_ar_steps shares one forward between the scored AR steps; with "
+                             "algorithm.update='ar_step' every step has its own optimizer step (set update='rollout')")
         if self.mte_k == 1:
             raise ValueError("algorithm.mte_k=1 cannot estimate uncertainty; use 0 (off) or >= 2")
         if self.consistency and self.policy_tokens != "unknown":
@@ -105,7 +115,8 @@ class AlgorithmSection:
                                mte_top_fraction=self.mte_top_fraction if self.mte_k else 0.0,
                                consistency=self.consistency, consistency_start=self.consistency_start,
                                consistency_tau=self.consistency_tau, estimator=self.estimator,
-                               noise_draws=self.noise_draws, nft_beta=self.nft_beta, nft_adv_clip=self.nft_adv_clip)
+                               noise_draws=self.noise_draws, nft_beta=self.nft_beta, nft_adv_clip=self.nft_adv_clip,
+                               nft_weighting=self.nft_weighting)
 
 
 @dataclass

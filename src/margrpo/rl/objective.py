@@ -69,6 +69,7 @@ class ObjectiveConfig:
     noise_draws: int = 4
     nft_beta: float = 1.0
     nft_adv_clip: float = 5.0
+    nft_weighting: str = "adaptive"  # "adaptive" | "mse"
 
 
 @dataclass
@@ -113,12 +114,14 @@ def policy_tokens(rollout: Rollout, step: int, use: torch.Tensor, cfg: Objective
 def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rollout: Rollout, step: int,
                  head_steps: list[int], advantages: torch.Tensor, use: torch.Tensor, cfg: ObjectiveConfig,
                  old_cache: dict, first_epoch: bool, generator: torch.Generator | None = None,
-                 policy_denominator: float | None = None) -> StepLoss:
+                 policy_denominator: float | None = None, conditions: StepConditions | None = None,
+                 reference_conditions: StepConditions | None = None) -> StepLoss:
     """Loss of AR step `step` of `rollout` at head steps `head_steps` (see the module docstring).
 
     `advantages` [B] and `use` [B] (valid and informative samples) are per image. `old_cache` keeps, across
     PPO epochs, the forward-process estimators' old losses and the frozen reference's transitions (one
-    reference forward per rollout instead of one per epoch).
+    reference forward per rollout instead of one per epoch). `conditions` / `reference_conditions` are this
+    step's z when the caller computed several steps in one call (`replay.batched_step_conditions`).
     """
     check_head_steps(policy, rollout)
     if reference is not None:
@@ -132,7 +135,7 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
     temperature = rollout.temperature
     js = list(head_steps)
 
-    sc = step_conditions(policy, rollout, step, cfg.guidance)
+    sc = conditions if conditions is not None else step_conditions(policy, rollout, step, cfg.guidance)
     adv = advantages.to(dev).float()[img][None, :, None]
     stats: dict[str, float] = {}
     main = None
@@ -193,8 +196,9 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
         ref_key = ("reference", step, tuple(js))
         if ref_key not in old_cache:  # the reference is frozen: its transitions are the same in every epoch
             with torch.no_grad():
-                old_cache[ref_key] = score_transitions(
-                    reference.head, rec.x, js, step_conditions(reference, rollout, step, cfg.guidance), temperature)
+                ref_sc = (reference_conditions if reference_conditions is not None
+                          else step_conditions(reference, rollout, step, cfg.guidance))
+                old_cache[ref_key] = score_transitions(reference.head, rec.x, js, ref_sc, temperature)
         kl = kl_terms(main, old_cache[ref_key], cfg.kl)
         kl_loss, _ = _reduce(kl, torch.ones(n_tok, device=dev), "token" if cfg.normalize == "token" else "element")
     loss = policy_loss + cfg.beta * kl_loss
@@ -306,8 +310,9 @@ def nft_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv:
         e+ = beta e_theta + (1 - beta) e_old,      e- = (1 + beta) e_old - beta e_theta      (beta = `nft_beta`)
 
     and the per-token loss is [r |e+|^2 / w+ + (1 - r) |e-|^2 / w-] / beta, with |.|^2 a mean over channels and
-    w = mean |e| (detached, at least 1e-5: the release's adaptive weighting). At theta = old its gradient is
-    (A / A_max) grad(|e_theta|^2) / w: the advantage-weighted denoising loss; positive samples are fitted, negative
+    w = mean |e| (detached, at least 1e-5: the release's adaptive weighting; `nft_weighting="mse"`: w = 1). At
+    theta = old its gradient is (A / A_max) grad(|e_theta|^2) / w: the advantage-weighted denoising loss;
+    positive samples are fitted, negative
     ones pushed away, and beta sets how far the implicit policies extrapolate. Noise levels are stratified as in
     `matching_terms`, with `noise_draws` draws per token and the same draws in every epoch.
     Returns ([M, N, 1] per-draw losses, stats).
@@ -327,11 +332,13 @@ def nft_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv:
     pos = beta * err + (1 - beta) * old
     neg = (1 + beta) * old - beta * err
 
-    def adaptive(e: torch.Tensor) -> torch.Tensor:
-        w = e.detach().abs().mean(dim=-1, keepdim=True).clamp(min=1e-5)
-        return (e**2 / w).mean(dim=-1, keepdim=True)
+    def weighted(e: torch.Tensor) -> torch.Tensor:
+        sq = (e**2).mean(dim=-1, keepdim=True)
+        if cfg.nft_weighting == "mse":
+            return sq
+        return sq / e.detach().abs().mean(dim=-1, keepdim=True).clamp(min=1e-5)
 
-    loss = (r * adaptive(pos) + (1 - r) * adaptive(neg)) / beta
+    loss = (r * weighted(pos) + (1 - r) * weighted(neg)) / beta
     with torch.no_grad():
         stats = {"nft/old_deviation": float(((err - old) ** 2).mean()), "nft/r_mean": float(r.mean())}
     return loss, stats

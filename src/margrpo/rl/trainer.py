@@ -26,6 +26,7 @@ from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.eval_loop import ParameterEMA, TrainingEvaluator
 from margrpo.rl.objective import ar_step_loss, policy_tokens
+from margrpo.sampling.replay import batched_step_conditions
 from margrpo.sampling.rollout import Rollout
 from margrpo.sampling.sampler import sample
 from margrpo.utils.checkpoint import (
@@ -314,26 +315,42 @@ class Trainer:
             denominator = max(pairs, 1.0) / (1 if a.update == "ar_step" else len(ar_steps))
         with timer("update"):
             old_cache: dict = {}
+            batched = a.batch_ar_steps and a.update == "rollout"
             for epoch in range(a.ppo_epochs):
                 self.opt.zero_grad(set_to_none=True)
+                conds = ref_conds = None
+                if batched:  # one transformer forward (and backward) for every scored AR step
+                    with self._autocast():
+                        conds = batched_step_conditions(self.gen.mar, rollout, ar_steps, a.guidance)
+                    if epoch == 0 and self.reference is not None and a.beta > 0:
+                        with torch.no_grad():
+                            ref_conds = batched_step_conditions(self.reference, rollout, ar_steps, a.guidance)
+                total = None
                 for i in ar_steps:
                     with self._autocast():
-                        # the matching estimator's draws: the same in every PPO epoch (rho = 1 before updating)
+                        # the forward-process estimators' draws: the same in every PPO epoch (rho = 1 before updating)
                         g = (make_generator(self.cfg.seed, "matching", self.rank, step, i, device=self.device)
                              if a.estimator != "trajectory" else None)
                         sl = ar_step_loss(self.gen.mar, self.reference, rollout, i, head_steps[i], adv.values,
                                           adv.use, objective, old_cache, first_epoch=epoch == 0, generator=g,
-                                          policy_denominator=denominator)
+                                          policy_denominator=denominator,
+                                          conditions=conds[i] if conds is not None else None,
+                                          reference_conditions=ref_conds[i] if ref_conds is not None else None)
                     if not torch.isfinite(sl.loss):
                         raise FloatingPointError(f"non-finite loss {sl.loss.item()} at step {step}, AR step {i}")
                     scale = 1.0 if a.update == "ar_step" else 1.0 / len(ar_steps)
-                    (sl.loss * scale).backward()
+                    if batched:
+                        total = sl.loss * scale if total is None else total + sl.loss * scale
+                    else:
+                        (sl.loss * scale).backward()
                     for k, v in sl.stats.items():
                         stats.setdefault(k, []).append(v)
                     if a.update == "ar_step":
                         self._add_ptx(step, stats, first=not grad_norms)
                         grad_norms.append(self._optimizer_step())
                 if a.update == "rollout":
+                    if total is not None:
+                        total.backward()
                     self._add_ptx(step, stats, first=not grad_norms)
                     grad_norms.append(self._optimizer_step())
         rec: dict[str, float] = {k: float(np.mean(v)) for k, v in stats.items() if k not in ("ratio/max", "ratio/min")}

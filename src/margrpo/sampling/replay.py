@@ -45,17 +45,35 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 def step_conditions(model: torch.nn.Module, rollout: Rollout, step: int, guidance: str = "rollout") -> StepConditions:
     """z for AR step `step` from its recorded canvas and known set, in eval mode as at sampling."""
+    return batched_step_conditions(model, rollout, [step], guidance)[step]
+
+
+def batched_step_conditions(model: torch.nn.Module, rollout: Rollout, steps: Sequence[int],
+                            guidance: str = "rollout") -> dict[int, StepConditions]:
+    """z of several AR steps in one transformer call (their canvases stacked; rows with different known counts are
+    padded, `MAR.forward_mae_encoder`), so that one forward and one backward serve every scored step."""
     if guidance not in GUIDANCE_MODES:
         raise ValueError(f"guidance={guidance!r}; valid: {GUIDANCE_MODES}")
-    if step not in rollout.steps:
-        raise KeyError(f"AR step {step} was not recorded; recorded steps: {sorted(rollout.steps)}")
-    rec = rollout.steps[step]
+    missing = [i for i in steps if i not in rollout.steps]
+    if missing:
+        raise KeyError(f"AR steps {missing} were not recorded; recorded steps: {sorted(rollout.steps)}")
+    recs = [rollout.steps[i] for i in steps]
     guided = rollout.cfg != 1.0 and guidance == "rollout"
+    cond = rollout.cond
+    if cond is not None and len(recs) > 1:
+        cond = type(cond).cat([cond] * len(recs))
     with eval_mode(model):
-        z_c, z_u = compute_conditions(model, rec.canvas, rec.mask, rollout.cond, guided)
-    sel = rec.diffused
-    return StepConditions(z=z_c[sel], z_uncond=z_u[sel] if z_u is not None else None,
-                          guidance=rec.guidance if guided else 1.0, z_full=z_c)
+        z_c, z_u = compute_conditions(model, torch.cat([r.canvas for r in recs]), torch.cat([r.mask for r in recs]),
+                                      cond, guided)
+    out = {}
+    b = rollout.batch_size
+    for k, (i, rec) in enumerate(zip(steps, recs, strict=True)):
+        zc = z_c[k * b:(k + 1) * b]
+        zu = z_u[k * b:(k + 1) * b] if z_u is not None else None
+        sel = rec.diffused
+        out[i] = StepConditions(z=zc[sel], z_uncond=zu[sel] if zu is not None else None,
+                                guidance=rec.guidance if guided else 1.0, z_full=zc)
+    return out
 
 
 @dataclass
