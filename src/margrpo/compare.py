@@ -69,7 +69,7 @@ def control_trend(rewards: list[float]) -> dict[str, float]:
 
 
 def _job_config(job: Job) -> TrainConfig:
-    extra = [f"seed={job.seed}", f"out_dir={Path(job.out) / job.kind / job.method / f'seed-{job.seed}'}"]
+    extra = [f"seed={job.seed}", f"out_dir={Path(job.out) / job.kind / job.method / f'seed-{job.seed}'}", "threads=1"]
     if job.kind == "null":
         cfg = load_config(TrainConfig, [job.config, config_path(f"presets/{job.method}.yaml")], list(job.overrides))
         extra.append("rewards=" + json.dumps({"random": 1.0, **{k: 0.0 for k in cfg.rewards if k != "random"}}))
