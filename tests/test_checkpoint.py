@@ -215,3 +215,36 @@ def test_safe_torch_load(tmp_path: Path) -> None:
     plain = tmp_path / "plain.pth"
     torch.save({"w": torch.zeros(3)}, plain)
     assert torch.equal(safe_torch_load(plain)["w"], torch.zeros(3))
+
+
+def test_manifest_catches_truncated_corrupted_and_missing_files(tmp_path: Path) -> None:
+    m = _model()
+    first = _save(tmp_path, 1, m)
+    second = _save(tmp_path, 2, m)
+    assert ckpt.verify_checkpoint(second) is None
+    f = second / "policy.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:-7])
+    assert "bytes, the manifest says" in ckpt.verify_checkpoint(second)
+    flipped = bytearray(data)
+    flipped[-1] ^= 0xFF
+    f.write_bytes(bytes(flipped))
+    assert "SHA-256" in ckpt.verify_checkpoint(second)
+    with pytest.raises(CheckpointError, match="policy.safetensors"):
+        load_checkpoint(second)
+    skipped: list[str] = []
+    assert latest_checkpoint(tmp_path, verify=True, skipped=skipped) == first  # the previous complete one
+    assert len(skipped) == 1 and "step-2" in skipped[0]
+    assert latest_checkpoint(tmp_path) == second  # without verification: what `latest` names
+    f.unlink()
+    assert "missing" in ckpt.verify_checkpoint(second)
+
+
+def test_checkpoints_without_a_manifest_still_load(tmp_path: Path) -> None:
+    d = _save(tmp_path, 3, _model())
+    state = json.loads((d / "state.json").read_text())
+    del state["_checkpoint"]["files"]  # as written before manifests existed
+    (d / "state.json").write_text(json.dumps(state))
+    assert ckpt.verify_checkpoint(d) is None
+    tensors, st = load_checkpoint(tmp_path)
+    assert st["step"] == 3 and "policy" in tensors

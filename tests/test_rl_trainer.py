@@ -379,3 +379,21 @@ def test_batched_ar_steps_give_the_per_step_gradient(tiny_model_dir, tmp_path, e
     assert any(a.abs().sum() > 0 for a in grads[True])
     with pytest.raises(ValueError, match="batch_ar_steps"):
         load_config(TrainConfig, None, ["algorithm.batch_ar_steps=true", "algorithm.update=ar_step"])
+
+
+def test_resume_skips_a_truncated_checkpoint_and_still_ends_bit_identical(tiny_model_dir, tmp_path, capsys):
+    full = Trainer(_cfg(tiny_model_dir, tmp_path / "full", 6), progress=False)
+    full.run()
+    Trainer(_cfg(tiny_model_dir, tmp_path / "crash", 4), progress=False).run()
+    damaged = tmp_path / "crash" / "checkpoints" / "step-4" / "optimizer.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # as a disk-full or killed copy leaves it
+    resumed = Trainer(_cfg(tiny_model_dir, tmp_path / "crash", 6), progress=False)
+    assert resumed.restore() == 2  # step 4's checkpoint is skipped for step 2's
+    assert "skipping a damaged checkpoint" in capsys.readouterr().err and "optimizer.safetensors" in str(damaged)
+    resumed = Trainer(_cfg(tiny_model_dir, tmp_path / "crash", 6), progress=False)
+    resumed.run(resume=True)
+    for a, b in zip(full.gen.mar.parameters(), resumed.gen.mar.parameters(), strict=True):
+        assert torch.equal(a, b)
+    drop = ("time/", "memory/")
+    assert ([{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_metrics(tmp_path / "crash")]
+            == [{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_metrics(tmp_path / "full")])

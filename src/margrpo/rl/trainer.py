@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -66,9 +67,9 @@ def load_model(spec: str, device: str | torch.device) -> MARGenerator:
 def _load_run(run_dir: Path, device: str | torch.device) -> MARGenerator:
     from margrpo.utils.checkpoint import latest_checkpoint, load_checkpoint
 
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = latest_checkpoint(run_dir, verify=True)
     if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: a training run without a complete checkpoint under "
+        raise FileNotFoundError(f"{run_dir}: a training run without a complete, undamaged checkpoint under "
                                 f"{run_dir / 'checkpoints'} (and no exported generator, config.json)")
     tensors, state = load_checkpoint(ckpt, groups=["policy"], device=device)
     base = state.get("model")
@@ -415,9 +416,15 @@ class Trainer:
                                keep_last=self.cfg.log.keep_checkpoints)
 
     def restore(self) -> int:
-        ckpt = latest_checkpoint(self.out)
+        """Load the newest checkpoint whose files match their manifest; damaged newer ones are reported and skipped
+        (the run then repeats their steps, with the same result, since every step is a function of the seed)."""
+        skipped: list[str] = []
+        ckpt = latest_checkpoint(self.out, verify=True, skipped=skipped)
+        for problem in skipped:
+            print(f"resume: skipping a damaged checkpoint: {problem}", file=sys.stderr)
         if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
+            raise FileNotFoundError(f"--resume: no complete, undamaged checkpoint under {self.out / 'checkpoints'}"
+                                    + (f" ({len(skipped)} damaged)" if skipped else ""))
         tensors, state = load_checkpoint(ckpt, device=self.device)
         named = dict(self.params)
         missing = set(named) - set(tensors["policy"])

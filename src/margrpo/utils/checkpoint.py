@@ -14,6 +14,8 @@ Why it is built this way:
   temporary sibling (``.tmp-step-N-*``), every file and the directory are fsync'ed, and only then
   is it renamed to ``step-N``; the ``latest`` pointer is replaced with ``os.replace`` afterwards.
   A ``step-*`` directory therefore either is complete or does not exist.
+- **Checked.** ``state.json`` holds a manifest (size and SHA-256 of every tensor file); a truncated or
+  corrupted file is found before it is read, and resuming skips such a checkpoint for the previous one.
 - **No pickle.** Tensors go into safetensors files; everything else (step, RNG states, data
   position, optimizer hyper-parameters) into ``state.json``. Loading one of our checkpoints never
   executes code. Foreign ``.pth`` files are read only through :func:`safe_torch_load`.
@@ -26,6 +28,7 @@ left by earlier crashed saves.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -48,6 +51,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
+    "verify_checkpoint",
     "list_checkpoints",
     "prune_checkpoints",
     "optimizer_state_to_tensors",
@@ -188,17 +192,56 @@ def _find_bad_json(obj: Any, path: str) -> str | None:
     return f"{path} (type {type(obj).__name__})"
 
 
-def _state_json(step: int, groups: list[str], state: Mapping[str, Any]) -> str:
+def _state_json(step: int, groups: list[str], state: Mapping[str, Any],
+                files: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     if "_checkpoint" in state:
         raise CheckpointError("state key '_checkpoint' is reserved")
     if "step" in state and state["step"] != step:
         raise CheckpointError(f"state['step'] = {state['step']!r} disagrees with step={step}")
     payload = {"step": step, **{k: v for k, v in state.items() if k != "step"}}
-    payload["_checkpoint"] = {"format": FORMAT, "groups": groups}
+    payload["_checkpoint"] = {"format": FORMAT, "groups": groups, "files": dict(files or {})}
     bad = _find_bad_json(payload, "")
     if bad:
         raise CheckpointError(f"checkpoint state is not JSON-serialisable at key {bad}")
     return json.dumps(payload, allow_nan=False)
+
+
+def _file_digest(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of a file: the manifest entry that detects a truncated or corrupted checkpoint file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def verify_checkpoint(d: str | os.PathLike, groups: Iterable[str] | None = None) -> str | None:
+    """None if checkpoint `d` is complete and every file matches its manifest, else what is wrong (naming the file).
+
+    Checkpoints written before manifests existed have no `files` entry; they are only checked for presence.
+    """
+    d = Path(d)
+    state_path = d / STATE_FILE
+    try:
+        payload = json.loads(state_path.read_text(encoding="utf-8"))
+        meta = payload["_checkpoint"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        return f"{state_path}: unreadable or not a margrpo checkpoint state ({type(e).__name__}: {e})"
+    files = meta.get("files") or {}
+    names = [f"{g}.safetensors" for g in (meta.get("groups") or [])] if groups is None else \
+        [f"{g}.safetensors" for g in groups]
+    for name in names:
+        f = d / name
+        if not f.is_file():
+            return f"{f}: missing (state.json lists it)"
+        want = files.get(name)
+        if want is None:
+            continue
+        if f.stat().st_size != want["bytes"]:
+            return f"{f}: {f.stat().st_size} bytes, the manifest says {want['bytes']} (truncated or overwritten)"
+        if _file_digest(f)["sha256"] != want["sha256"]:
+            return f"{f}: SHA-256 differs from the manifest (corrupted)"
+    return None
 
 
 def _write_latest(root: Path, name: str) -> None:
@@ -235,7 +278,7 @@ def save_checkpoint(
             raise CheckpointError(
                 f"invalid checkpoint group name {g!r}: use letters, digits, '_', '.', '-' (and not 'state')"
             )
-    state_text = _state_json(step, groups, state)  # fail before touching the disk
+    _state_json(step, groups, state)  # fail before touching the disk
 
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -246,9 +289,11 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}step-{step}-", dir=root))
     old: Path | None = None
     try:
+        files = {}
         for g in groups:
             _write_group(tmp / f"{g}.safetensors", _prepare_group(g, tensors[g]))
-        _write_text(tmp / STATE_FILE, state_text)
+            files[f"{g}.safetensors"] = _file_digest(tmp / f"{g}.safetensors")
+        _write_text(tmp / STATE_FILE, _state_json(step, groups, state, files))
         _fsync_dir(tmp)
         if final.exists():
             old = root / f"{_TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
@@ -309,25 +354,36 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
 # Reading.
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+def latest_checkpoint(run_dir: str | os.PathLike, verify: bool = False,
+                      skipped: list[str] | None = None) -> Path | None:
     """The checkpoint to resume from, or None.
 
     Follows ``checkpoints/latest``; if that file is missing or names something gone or incomplete,
     falls back to the highest complete ``step-*``. Temporary ``.tmp-*`` directories are ignored.
-    Accepts the run directory or its ``checkpoints`` folder.
+    Accepts the run directory or its ``checkpoints`` folder. With ``verify``, a checkpoint whose files do
+    not match their manifest (truncated, corrupted, missing) is skipped in favour of the previous complete
+    one; each skipped one is logged and, when ``skipped`` is given, appended to it as "path: problem".
     """
     root = _checkpoints_root(Path(run_dir))
     if not root.is_dir():
         return None
+    candidates = list(reversed(_list_complete(root)))
     pointer = root / LATEST_FILE
     if pointer.is_file():
         name = pointer.read_text(encoding="utf-8").strip()
         cand = root / name
         if _STEP_RE.fullmatch(name) and _is_complete(cand):
+            candidates = [cand] + [c for c in candidates if c != cand]
+        else:
+            log.warning("%s names %r, which is not a complete checkpoint; scanning step-* instead", pointer, name)
+    for cand in candidates:
+        problem = verify_checkpoint(cand) if verify else None
+        if problem is None:
             return cand
-        log.warning("%s names %r, which is not a complete checkpoint; scanning step-* instead", pointer, name)
-    ckpts = _list_complete(root)
-    return ckpts[-1] if ckpts else None
+        log.warning("skipping checkpoint %s: %s", cand, problem)
+        if skipped is not None:
+            skipped.append(problem)
+    return None
 
 
 def load_checkpoint(
@@ -366,6 +422,9 @@ def load_checkpoint(
         f = d / f"{g}.safetensors"
         if not f.is_file():
             raise CheckpointError(f"{f}: missing from checkpoint (state.json lists group '{g}')")
+        problem = verify_checkpoint(d, [g])
+        if problem is not None:
+            raise CheckpointError(problem)
         try:
             out[g] = load_file(str(f), device=str(device))
         except Exception as e:
