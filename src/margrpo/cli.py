@@ -255,10 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from margrpo.rl.trainer import TrainingStopped
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except TrainingStopped as e:  # SIGINT / SIGTERM: the step finished and its checkpoint is written
+        print(f"margrpo {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError) as e:
         print(f"margrpo {args.command}: error: {e}", file=sys.stderr)
         return 2

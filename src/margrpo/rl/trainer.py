@@ -14,7 +14,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -186,6 +188,46 @@ def select_steps(cfg: TrainConfig, head, step: int, rank: int = 0
     if a.consistency:
         record |= {i - 1 for i in ar if i > a.consistency_start}
     return ar, head_steps, tuple(sorted(record))
+
+
+class TrainingStopped(Exception):
+    """SIGINT or SIGTERM stopped a run after a step; its checkpoint is written and `--resume` continues it."""
+
+    def __init__(self, step: int, signum: int, out: Path):
+        self.step, self.signum, self.out = step, signum, out
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint written; "
+                         f"continue with: margrpo train --resume {out}")
+
+
+class StopRequest:
+    """Within its block, SIGINT and SIGTERM ask the training loop to stop after the current step.
+
+    Why: a signal in the middle of an update would lose the step (or, in a checkpoint write, leave it to the
+    atomic rename); finishing the step and checkpointing loses nothing. A second signal interrupts at once.
+    Only the main thread can install handlers; elsewhere the block changes nothing.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing the current step, then writing a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
 
 
 class Trainer:
@@ -463,7 +505,6 @@ class Trainer:
     def run(self, resume: bool = False) -> list[dict]:
         """Train to `cfg.steps`; returns the logged rows of the training steps (metrics.jsonl less step 0)."""
         from margrpo.rewards import RewardFailure
-        from margrpo.utils.plots import plot_report
 
         self.out.mkdir(parents=True, exist_ok=True)
         if not resume and latest_checkpoint(self.out) is not None:
@@ -480,29 +521,45 @@ class Trainer:
                 writer.log(0, self.evaluate(0))
         bar = tqdm(range(start, self.cfg.steps), initial=start, total=self.cfg.steps, desc="train",
                    disable=not self.progress)
+        stop = StopRequest()
         try:
-            for step in bar:
-                t0 = time.perf_counter()
-                rec = self.train_step(step)
-                rec["time/step"] = time.perf_counter() - t0
-                done = step + 1
-                evaluate_now = self.evaluator is not None and (done % self.cfg.eval.every == 0
-                                                               or done == self.cfg.steps)
-                if evaluate_now:
-                    rec.update(self.evaluate(done))
-                if done % self.cfg.log.log_every == 0 or done == self.cfg.steps or evaluate_now:
-                    writer.log(done, rec)
-                bar.set_postfix(reward=f"{rec.get('reward/mean', float('nan')):.3f}",
-                                kl=f"{rec.get('loss/kl', 0):.2e}")
-                if done % self.cfg.log.sample_every == 0 or done == self.cfg.steps:
-                    self.save_samples(done)
-                if done % self.cfg.log.checkpoint_every == 0 or done == self.cfg.steps:
-                    self.save(done)
+            with stop:
+                for step in bar:
+                    self._run_step(step, writer, bar)
+                    if stop.signum is not None:
+                        done = step + 1
+                        if latest_checkpoint(self.out) != self.out / "checkpoints" / f"step-{done}":
+                            self.save(done)
+                        writer.close()
+                        raise TrainingStopped(done, stop.signum, self.out)
         except RewardFailure:
             self.save(step)
             writer.close()
             raise
         writer.close()
+        return self._finish()
+
+    def _run_step(self, step: int, writer: MetricsWriter, bar) -> None:
+        """One training step and its logging, evaluation, samples and checkpoint."""
+        t0 = time.perf_counter()
+        rec = self.train_step(step)
+        rec["time/step"] = time.perf_counter() - t0
+        done = step + 1
+        evaluate_now = self.evaluator is not None and (done % self.cfg.eval.every == 0 or done == self.cfg.steps)
+        if evaluate_now:
+            rec.update(self.evaluate(done))
+        if done % self.cfg.log.log_every == 0 or done == self.cfg.steps or evaluate_now:
+            writer.log(done, rec)
+        bar.set_postfix(reward=f"{rec.get('reward/mean', float('nan')):.3f}", kl=f"{rec.get('loss/kl', 0):.2e}")
+        if done % self.cfg.log.sample_every == 0 or done == self.cfg.steps:
+            self.save_samples(done)
+        if done % self.cfg.log.checkpoint_every == 0 or done == self.cfg.steps:
+            self.save(done)
+
+    def _finish(self) -> list[dict]:
+        """The report, the exported model(s); the logged rows of the training steps."""
+        from margrpo.utils.plots import plot_report
+
         metrics = read_metrics(self.out)
         keys = REPORT_KEYS + ([EVAL_KEY, f"eval_ema/{EVAL_KEY[5:]}"] if self.evaluator is not None else [])
         plot_report(metrics, keys, self.out / "report.png", title=f"{self.out.name}", smoothing=0.6)
