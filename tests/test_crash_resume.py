@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from margrpo.utils.checkpoint import latest_checkpoint
 
-from test_rl_trainer import tiny_generator
+from conftest import tiny_generator
 
 STEPS = 8
 

@@ -5,8 +5,6 @@ import copy
 import pytest
 import torch
 
-from margrpo.models.factory import ModelSpec, build_generator
-from margrpo.pretrain import vocabulary
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.objective import ObjectiveConfig, ar_step_loss
@@ -15,18 +13,7 @@ from margrpo.sampling.sampler import SamplerConfig, sample
 from margrpo.utils.config import load_config
 from margrpo.utils.metrics import read_metrics
 
-TINY = ModelSpec(width=32, depth=1, num_heads=2, head_width=32, head_depth=1, diffusion_steps=6, text_dim=16)
-
-
-def tiny_generator(seed: int = 0):
-    """A tiny text-to-image generator whose zero-initialised head layers are perturbed (so z matters)."""
-    torch.manual_seed(seed)  # only the module initialisers; the code under test never touches this RNG
-    gen = build_generator(TINY, vocabulary())
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in gen.mar.diffloss.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return gen
+from conftest import tiny_generator
 
 
 @pytest.fixture(scope="module")
