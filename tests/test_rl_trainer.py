@@ -384,3 +384,77 @@ def test_resume_skips_a_truncated_checkpoint_and_still_ends_bit_identical(tiny_m
     drop = ("time/", "memory/")
     assert ([{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_metrics(tmp_path / "crash")]
             == [{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_metrics(tmp_path / "full")])
+
+
+def test_numerical_faults_skip_the_step_and_too_many_in_a_row_stop_the_run(tiny_model_dir, tmp_path, monkeypatch):
+    import margrpo.rl.trainer as trainer_mod
+    from margrpo.rl.trainer import TrainingFault
+    from margrpo.utils.checkpoint import latest_checkpoint, load_checkpoint
+
+    real_loss, real_sample = trainer_mod.ar_step_loss, trainer_mod.sample
+    bad = {"loss": set(), "rollout": set()}
+    current = {"step": -1}
+
+    def loss(*args, **kw):
+        sl = real_loss(*args, **kw)
+        if current["step"] in bad["loss"]:
+            sl.loss = sl.loss * float("nan")
+        return sl
+
+    def sample(*args, **kw):
+        if current["step"] in bad["rollout"]:
+            raise FloatingPointError("the diffusion head produced non-finite values")
+        return real_sample(*args, **kw)
+
+    monkeypatch.setattr(trainer_mod, "ar_step_loss", loss)
+    monkeypatch.setattr(trainer_mod, "sample", sample)
+    tr = Trainer(_cfg(tiny_model_dir, tmp_path / "skip", 4), progress=False)
+    real_step = tr.train_step
+
+    def step_with_index(step):
+        current["step"] = step
+        return real_step(step)
+
+    tr.train_step = step_with_index
+    bad["loss"], bad["rollout"] = {1}, {2}
+    weights: list[dict] = []
+    real_run_step = tr._run_step
+
+    def run_step(step, writer, bar):
+        real_run_step(step, writer, bar)
+        weights.append({n: p.detach().clone() for n, p in tr.params})
+
+    tr._run_step = run_step
+    rows = {r["step"]: r for r in tr.run()}
+    # steps 2 (a non-finite loss) and 3 (a non-finite rollout) are skipped: the weights stay those after step 1
+    assert rows[2]["fault/skipped"] == 1.0 and rows[3]["fault/consecutive"] == 2.0 and "fault/skipped" not in rows[4]
+    assert all(torch.equal(weights[0][n], weights[2][n]) for n in weights[0])
+    assert not all(torch.equal(weights[2][n], weights[3][n]) for n in weights[0])
+
+    # three in a row stop the run with a checkpoint of the last good weights
+    bad["loss"], bad["rollout"] = {1, 2, 3}, set()
+    tr = Trainer(_cfg(tiny_model_dir, tmp_path / "stop", 6), progress=False)
+    tr.train_step = step_with_index
+    with pytest.raises(TrainingFault, match="3 bad steps in a row.*last good step, 1"):
+        tr.run()
+    ckpt = latest_checkpoint(tmp_path / "stop")
+    tensors, state = load_checkpoint(ckpt)
+    assert state["step"] == 4 and state["bad_steps"] == 3
+    first = Trainer(_cfg(tiny_model_dir, tmp_path / "one", 1), progress=False)
+    current["step"] = -1
+    first.train_step = step_with_index
+    first.run()
+    assert all(torch.equal(tensors["policy"][n], p) for n, p in first.params)
+
+    # a KL bound: any KL above it makes the step bad
+    bad["loss"] = set()
+    tr = Trainer(_cfg(tiny_model_dir, tmp_path / "kl", 3, ["faults.max_kl=0.0", "faults.max_consecutive=2"]),
+                 progress=False)
+    with pytest.raises(TrainingFault, match="KL to the reference above faults.max_kl"):
+        tr.run()
+    # a log-ratio bound: the first PPO epoch has rho = 1 exactly, the second (after an update) does not
+    tr = Trainer(_cfg(tiny_model_dir, tmp_path / "ratio", 3, ["faults.max_log_ratio=0.0", "faults.max_consecutive=2"]),
+                 progress=False)
+    with pytest.raises(TrainingFault, match=r"log-ratio above faults.max_log_ratio=0.0 \(.*\) at step 1, AR step \d+, "
+                                            "PPO epoch 1"):
+        tr.run()

@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from margrpo.rl.trainer import TrainingStopped
+    from margrpo.rl.trainer import TrainingFault, TrainingStopped
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:  # SIGINT / SIGTERM: the step finished and its checkpoint is written
         print(f"margrpo {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum
+    except TrainingFault as e:
+        print(f"margrpo {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError) as e:
         print(f"margrpo {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -178,6 +178,22 @@ class EvalSection:
 
 
 @dataclass
+class FaultSection:
+    """Which steps count as bad, and how many in a row stop a run.
+
+    A step is bad when a loss, the gradient norm or a rollout's tokens or log-probabilities are not finite, or
+    the KL / the largest PPO log-ratio exceed the bounds below. It is skipped (weights, optimizer and EMA as
+    before it, a `fault/skipped` metric and a message naming what and where); after `max_consecutive` bad steps
+    in a row the run stops with an error and a checkpoint holding the last good weights. Non-finite rewards are
+    handled per image by the rewards' validity masks and the failure guard (`max_reward_failure_fraction`).
+    """
+
+    max_consecutive: int = field(default=3, metadata={"range": (1, None)})
+    max_kl: float | None = field(default=None, metadata={"range": (0.0, None)})
+    max_log_ratio: float | None = field(default=None, metadata={"range": (0.0, None)})
+
+
+@dataclass
 class TrainConfig:
     model: str = "shipped:shapes-base"  # a generator folder, or "shipped:NAME"
     out_dir: str = "runs/train"
@@ -192,6 +208,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     log: LogSection = field(default_factory=LogSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    faults: FaultSection = field(default_factory=FaultSection)
     device: str = "cpu"
     autocast: str = field(default="none", metadata={"choices": ("none", "bf16")})
     threads: int = field(default=1, metadata={"range": (0, 256)})

@@ -190,6 +190,18 @@ def select_steps(cfg: TrainConfig, head, step: int, rank: int = 0
     return ar, head_steps, tuple(sorted(record))
 
 
+class StepFault(Exception):
+    """A numerical fault inside one training step: what went wrong, where, and the offending value."""
+
+    def __init__(self, what: str, where: str, value: float):
+        self.what, self.where, self.value = what, where, value
+        super().__init__(f"{what} ({value:.4g}) at {where}")
+
+
+class TrainingFault(RuntimeError):
+    """Too many bad steps in a row: the run stopped; its checkpoint holds the last good weights."""
+
+
 class TrainingStopped(Exception):
     """SIGINT or SIGTERM stopped a run after a step; its checkpoint is written and `--resume` continues it."""
 
@@ -264,6 +276,7 @@ class Trainer:
         self.sample_prompts = self._sample_prompts()
         self.ema = ParameterEMA(self.params, cfg.eval.ema_decay) if cfg.eval.ema_decay > 0 else None
         self.evaluator = TrainingEvaluator(cfg, self.out) if cfg.eval.every > 0 else None
+        self.bad_steps = 0  # consecutive steps skipped for a numerical fault
         self.ptx_data = None
         if cfg.algorithm.ptx_weight > 0:
             if cfg.prompts.source != "shapes":
@@ -323,7 +336,7 @@ class Trainer:
         with self._autocast():
             loss = self.gen.mar.pretrain_loss(tokens, cond, g, drop_conditions=True)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite pretraining (ptx) loss {loss.item()} at step {step}")
+            raise StepFault("non-finite pretraining (ptx) loss", f"step {step}", float(loss))
         return loss
 
     def _autocast(self):
@@ -337,7 +350,10 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         with timer("rollout"):
-            rollout, prompts, metas, ar_steps, head_steps = self.rollout(step)
+            try:
+                rollout, prompts, metas, ar_steps, head_steps = self.rollout(step)
+            except FloatingPointError as e:  # the sampler refuses non-finite tokens or log-probabilities
+                raise StepFault(str(e), f"step {step}, the rollout", float("nan")) from e
             images = self.gen.decode(rollout.tokens).float()
         with timer("reward"):
             out = self.reward(images, prompts, metas)
@@ -379,8 +395,7 @@ class Trainer:
                                           policy_denominator=denominator,
                                           conditions=conds[i] if conds is not None else None,
                                           reference_conditions=ref_conds[i] if ref_conds is not None else None)
-                    if not torch.isfinite(sl.loss):
-                        raise FloatingPointError(f"non-finite loss {sl.loss.item()} at step {step}, AR step {i}")
+                    self._check_step_loss(sl, step, i, epoch)
                     scale = 1.0 if a.update == "ar_step" else 1.0 / len(ar_steps)
                     if batched:
                         total = sl.loss * scale if total is None else total + sl.loss * scale
@@ -434,12 +449,42 @@ class Trainer:
         (self.cfg.algorithm.ptx_weight * loss).backward()
         stats.setdefault("loss/ptx", []).append(float(loss.detach()))
 
+    def _check_step_loss(self, sl, step: int, ar_step: int, epoch: int) -> None:
+        """Non-finite losses, and KL or PPO log-ratios beyond `faults.max_kl` / `faults.max_log_ratio`, are faults."""
+        where = f"step {step}, AR step {ar_step}, PPO epoch {epoch}"
+        f = self.cfg.faults
+        if not torch.isfinite(sl.loss):
+            raise StepFault("non-finite loss", where, float(sl.loss.detach()))
+        if f.max_kl is not None and sl.stats.get("loss/kl", 0.0) > f.max_kl:
+            raise StepFault(f"KL to the reference above faults.max_kl={f.max_kl}", where, sl.stats["loss/kl"])
+        if f.max_log_ratio is not None:
+            log_ratio = max(abs(math.log(max(sl.stats.get(k, 1.0), 1e-30))) for k in ("ratio/max", "ratio/min"))
+            if log_ratio > f.max_log_ratio:
+                raise StepFault(f"PPO log-ratio above faults.max_log_ratio={f.max_log_ratio}", where, log_ratio)
+
+    def _snapshot(self) -> tuple[dict, dict, dict | None]:
+        """Trainable weights, optimizer state and EMA, to put back when a step turns out bad."""
+        params = {n: p.detach().clone() for n, p in self.params}
+        opt = copy.deepcopy(self.opt.state_dict())
+        ema = {n: t.clone() for n, t in self.ema.shadow.items()} if self.ema is not None else None
+        return params, opt, ema
+
+    def _restore_snapshot(self, snap: tuple[dict, dict, dict | None]) -> None:
+        params, opt, ema = snap
+        with torch.no_grad():
+            for n, p in self.params:
+                p.copy_(params[n])
+        self.opt.load_state_dict(opt)
+        self.opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            self.ema.shadow = ema
+
     def _optimizer_step(self) -> float:
         clip = self.cfg.optim.grad_clip
         params = [p for _, p in self.params]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         if not torch.isfinite(norm):
-            raise FloatingPointError(f"non-finite gradient norm {float(norm)}")
+            raise StepFault("non-finite gradient norm", "the optimizer step", float(norm))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -453,7 +498,8 @@ class Trainer:
         if self.ema is not None:
             groups["ema"] = self.ema.shadow
         return save_checkpoint(self.out, step, groups,
-                               {"optimizer": meta, "model": self.cfg.model, "reward_guard": {
+                               {"optimizer": meta, "model": self.cfg.model, "bad_steps": self.bad_steps,
+                                "reward_guard": {
                                    "total": self.guard.total, "invalid": self.guard.invalid}},
                                keep_last=self.cfg.log.keep_checkpoints)
 
@@ -480,6 +526,7 @@ class Trainer:
                 raise ValueError(f"{ckpt}: eval.ema_decay > 0 but the checkpoint holds no EMA weights (the run was "
                                  "started without one; resume with eval.ema_decay=0)")
             copy_policy_tensors(self.ema.shadow, {n: tensors["ema"][n] for n in self.ema.shadow}, f"{ckpt} (EMA)")
+        self.bad_steps = int(state.get("bad_steps", 0))
         self.guard.total = int(state["reward_guard"]["total"])
         self.guard.invalid = int(state["reward_guard"]["invalid"])
         return int(state["step"])
@@ -542,7 +589,24 @@ class Trainer:
     def _run_step(self, step: int, writer: MetricsWriter, bar) -> None:
         """One training step and its logging, evaluation, samples and checkpoint."""
         t0 = time.perf_counter()
-        rec = self.train_step(step)
+        snapshot = self._snapshot()
+        try:
+            rec = self.train_step(step)
+            self.bad_steps = 0
+        except StepFault as fault:  # skip the step: weights, optimizer and EMA as before it
+            self._restore_snapshot(snapshot)
+            self.bad_steps += 1
+            print(f"step {step + 1}: skipped, {fault} ({self.bad_steps} bad in a row; the run stops at "
+                  f"{self.cfg.faults.max_consecutive})", file=sys.stderr)
+            rec = {"fault/skipped": 1.0, "fault/consecutive": float(self.bad_steps)}
+            if self.bad_steps >= self.cfg.faults.max_consecutive:
+                writer.log(step + 1, rec)
+                self.save(step + 1)
+                raise TrainingFault(
+                    f"{self.bad_steps} bad steps in a row, the last: {fault}. The checkpoint of step {step + 1} in "
+                    f"{self.out / 'checkpoints'} holds the weights of the last good step, "
+                    f"{step + 1 - self.bad_steps}; change what made the steps bad and continue with "
+                    f"margrpo train --resume {self.out}") from fault
         rec["time/step"] = time.perf_counter() - t0
         done = step + 1
         evaluate_now = self.evaluator is not None and (done % self.cfg.eval.every == 0 or done == self.cfg.steps)
