@@ -455,6 +455,6 @@ def test_numerical_faults_skip_the_step_and_too_many_in_a_row_stop_the_run(tiny_
     # a log-ratio bound: the first PPO epoch has rho = 1 exactly, the second (after an update) does not
     tr = Trainer(_cfg(tiny_model_dir, tmp_path / "ratio", 3, ["faults.max_log_ratio=0.0", "faults.max_consecutive=2"]),
                  progress=False)
-    with pytest.raises(TrainingFault, match=r"log-ratio above faults.max_log_ratio=0.0 \(.*\) at step 1, AR step \d+, "
+    with pytest.raises(TrainingFault, match=r"log-ratio above faults.max_log_ratio=0.0 \(.*\) at step 2, AR step \d+, "
                                             "PPO epoch 1"):
         tr.run()

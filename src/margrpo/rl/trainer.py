@@ -336,7 +336,7 @@ class Trainer:
         with self._autocast():
             loss = self.gen.mar.pretrain_loss(tokens, cond, g, drop_conditions=True)
         if not torch.isfinite(loss):
-            raise StepFault("non-finite pretraining (ptx) loss", f"step {step}", float(loss))
+            raise StepFault("non-finite pretraining (ptx) loss", f"step {step + 1}", float(loss))
         return loss
 
     def _autocast(self):
@@ -353,7 +353,7 @@ class Trainer:
             try:
                 rollout, prompts, metas, ar_steps, head_steps = self.rollout(step)
             except FloatingPointError as e:  # the sampler refuses non-finite tokens or log-probabilities
-                raise StepFault(str(e), f"step {step}, the rollout", float("nan")) from e
+                raise StepFault(str(e), f"step {step + 1}, the rollout", float("nan")) from e
             images = self.gen.decode(rollout.tokens).float()
         with timer("reward"):
             out = self.reward(images, prompts, metas)
@@ -451,7 +451,7 @@ class Trainer:
 
     def _check_step_loss(self, sl, step: int, ar_step: int, epoch: int) -> None:
         """Non-finite losses, and KL or PPO log-ratios beyond `faults.max_kl` / `faults.max_log_ratio`, are faults."""
-        where = f"step {step}, AR step {ar_step}, PPO epoch {epoch}"
+        where = f"step {step + 1}, AR step {ar_step}, PPO epoch {epoch}"
         f = self.cfg.faults
         if not torch.isfinite(sl.loss):
             raise StepFault("non-finite loss", where, float(sl.loss.detach()))
