@@ -79,6 +79,22 @@ def test_a_run_directory_without_a_checkpoint_is_a_clear_error(model_dir, tmp_pa
         load_model(str(tmp_path / "run"), "cpu")
 
 
+def test_a_broken_model_folder_is_one_clear_error_naming_the_file(model_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "config.json").write_text('{"format": "margrpo-generator", "mar": {')  # cut short
+    assert main(["sample", "--prompt", "a red circle", "--model", str(broken), "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"{broken / 'config.json'}: not valid JSON" in err and "Traceback" not in err
+    shutil.copy(model_dir / "config.json", broken / "config.json")
+    torch.save({"w": torch.zeros(2)}, broken / "model.safetensors")  # a pickle where safetensors were expected
+    assert main(["sample", "--prompt", "a red circle", "--model", str(broken), "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"{broken / 'model.safetensors'}: not a readable safetensors file" in err and "never unpickles" in err
+
+
 def test_bad_config_key_is_a_clear_error(model_dir, tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(f"model: {model_dir}\nalgorithm:\n  mte_kk: 3\n")

@@ -16,8 +16,10 @@ UPSTREAM_KW = dict(img_size=64, vae_stride=16, patch_size=1, encoder_embed_dim=6
 
 
 def upstream_args(**over) -> argparse.Namespace:
-    """The Namespace that LTH14's main_mar.py stores under 'args' (a subset of its fields)."""
-    a = dict(model="mar_tiny", img_size=64, vae_stride=16, patch_size=1, vae_embed_dim=16, mask_ratio_min=0.7,
+    """The Namespace that LTH14's main_mar.py stores under 'args' (a subset of its fields), from a fork that also
+    records the head counts of its non-preset model (upstream's presets fix them; the weights cannot tell)."""
+    a = dict(model="mar_tiny", encoder_num_heads=1, decoder_num_heads=1, img_size=64, vae_stride=16, patch_size=1,
+             vae_embed_dim=16, mask_ratio_min=0.7,
              label_drop_prob=0.1, class_num=1000, attn_dropout=0.1, proj_dropout=0.1, buffer_size=8,
              diffloss_d=2, diffloss_w=48, num_sampling_steps="10", diffusion_batch_mul=4, grad_checkpointing=False,
              lr=None, blr=1e-4, output_dir="./output", cfg=1.0, temperature=1.0, seed=1)
@@ -75,7 +77,7 @@ def test_from_state_dict_with_upstream_kwargs():
 def test_mismatched_geometry_is_reported():
     model = MAR(**UPSTREAM_KW)
     with pytest.raises(lth14.CheckpointError, match="tokens"):
-        lth14.from_state_dict(model.state_dict(), img_size=128)
+        lth14.from_state_dict(model.state_dict(), img_size=128, encoder_num_heads=1, decoder_num_heads=1)
 
 
 def test_missing_unexpected_and_mismatched_keys_are_named(tmp_path):
@@ -117,3 +119,26 @@ def test_preset_name_sets_heads():
     sd = MAR(**{**UPSTREAM_KW, "encoder_embed_dim": 64, "decoder_embed_dim": 64}).state_dict()
     cfg = lth14.infer_config(sd, {"model": "mar_huge"})
     assert cfg.encoder_num_heads == 16
+
+
+def test_head_counts_come_from_the_file_or_the_caller_never_a_guess(tmp_path):
+    """A 64-wide model with 2 heads per block: the weights alone are the same for 1, 2 or 4 heads."""
+    two = randomize(MAR(**{**UPSTREAM_KW, "encoder_num_heads": 2, "decoder_num_heads": 2}), seed=3).eval()
+    path = tmp_path / "two-heads.pth"
+    torch.save({"model": two.state_dict(), "args": upstream_args(encoder_num_heads=2, decoder_num_heads=2)}, path)
+    loaded = lth14.load_checkpoint(path, ema=False)
+    assert (loaded.config.encoder_num_heads, loaded.config.decoder_num_heads) == (2, 2)
+    tokens, mask = torch.randn(2, 16, 16), torch.zeros(2, 16)
+    mask[:, :10] = 1
+    with torch.no_grad():
+        assert torch.equal(loaded.condition(tokens, mask, torch.tensor([1, 2])),
+                           two.condition(tokens, mask, torch.tensor([1, 2])))
+    bare = argparse.Namespace(**{k: v for k, v in vars(upstream_args()).items() if not k.endswith("num_heads")})
+    torch.save({"model": two.state_dict(), "args": bare}, path)
+    with pytest.raises(lth14.CheckpointError, match="does not say encoder_num_heads.*pass it"):
+        lth14.load_checkpoint(path, ema=False)
+    given = lth14.load_checkpoint(path, ema=False, encoder_num_heads=2, decoder_num_heads=2)
+    assert given.config.encoder_num_heads == 2
+    torch.save({"model": two.state_dict(), "args": upstream_args(encoder_depth=5)}, path)
+    with pytest.raises(lth14.CheckpointError, match="encoder_depth=5 .the checkpoint's args. contradicts the weights"):
+        lth14.load_checkpoint(path, ema=False)

@@ -22,7 +22,6 @@ wrong, and every latent the RL loop sees would be garbage. Here:
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -85,24 +84,13 @@ def read_kl16_state_dict(path: str | Path, *, safe_globals: Iterable[Any] = ()) 
 
         obj: Any = load_file(str(path), device="cpu")
     else:
-        allow = list(safe_globals)
+        from margrpo.utils.checkpoint import CheckpointError, safe_torch_load
+
         try:
-            if allow:
-                if not hasattr(torch.serialization, "safe_globals"):
-                    raise KL16CheckpointError(
-                        f"'{path}': safe_globals needs torch>=2.5 (torch.serialization.safe_globals)"
-                    )
-                with torch.serialization.safe_globals(allow):
-                    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-            else:
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise KL16CheckpointError(
-                f"'{path}' cannot be loaded with weights_only=True: it references objects outside torch's "
-                "weights-only allow-list. We never unpickle with weights_only=False; if the file is "
-                "trusted, pass the object(s) named below explicitly via safe_globals=[...].\n"
-                f"torch says: {e}"
-            ) from e
+            obj = safe_torch_load(path, allow=safe_globals)
+        except CheckpointError as e:
+            raise KL16CheckpointError(f"{e} (read with weights_only=True only; pass trusted classes in "
+                                      "safe_globals=[...])") from e
 
     if isinstance(obj, Mapping):
         for container in ("model", "state_dict"):

@@ -39,10 +39,13 @@ UPSTREAM_KWARGS = {
     "label_drop_prob", "class_num", "attn_dropout", "proj_dropout", "buffer_size", "diffloss_d", "diffloss_w",
     "num_sampling_steps", "diffusion_batch_mul", "grad_checkpointing",
 }
-# Training-run fields of `args` that are architecture arguments of MAR (the rest is ignored).
+# Fields of `args` that are architecture arguments of MAR (the rest of a training run's args is ignored). Every
+# one the file carries is read; upstream's main_mar.py stores no head counts (its presets fix them), a fork may.
 _ARGS_FIELDS = ("img_size", "vae_stride", "patch_size", "vae_embed_dim", "mask_ratio_min", "label_drop_prob",
                 "class_num", "attn_dropout", "proj_dropout", "buffer_size", "diffloss_d", "diffloss_w",
-                "num_sampling_steps", "diffusion_batch_mul", "grad_checkpointing")
+                "num_sampling_steps", "diffusion_batch_mul", "grad_checkpointing", "encoder_embed_dim",
+                "encoder_depth", "encoder_num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
+                "mlp_ratio")
 
 
 class CheckpointError(WeightsMismatchError):
@@ -84,13 +87,24 @@ def infer_config(sd: Mapping[str, torch.Tensor], args: Mapping[str, Any] | None 
     preset = MAR_PRESETS.get(str(args.get("model", "")))
     if preset is not None:
         cfg["encoder_num_heads"] = cfg["decoder_num_heads"] = preset["heads"]
-    else:  # 64-dim heads, the convention of every released MAR except mar_huge (80)
-        cfg["encoder_num_heads"] = max(1, d_enc // 64)
-        cfg["decoder_num_heads"] = max(1, d_dec // 64)
+    from_weights = dict(cfg)
     for f in _ARGS_FIELDS:
         if f in args and args[f] is not None:
             cfg[f] = args[f]
     cfg.update(kwargs)
+    # The weights fix widths and depths: a file or caller that says otherwise is wrong, not a choice.
+    for f, v in from_weights.items():
+        if f in ("encoder_num_heads", "decoder_num_heads") or cfg[f] == v:
+            continue
+        source = "argument" if f in kwargs else "the checkpoint's args"
+        raise CheckpointError(f"{f}={cfg[f]!r} ({source}) contradicts the weights, which have {f}={v!r}")
+    # Head counts cannot be read off the weights (qkv is [3 D, D] for any number of heads): they come from the
+    # preset name, the file's args or the caller, never from a guess.
+    for f in ("encoder_num_heads", "decoder_num_heads"):
+        if f not in cfg:
+            raise CheckpointError(
+                f"the checkpoint does not say {f} (its args name model={args.get('model')!r}, not one of "
+                f"{sorted(MAR_PRESETS)}, and carry no {f}); pass it, e.g. load_checkpoint(path, {f}=...)")
     # Geometry: whatever was not given follows from the token count and width (upstream: stride 16, patch 1).
     cfg.setdefault("patch_size", 1)
     cfg.setdefault("vae_stride", 16)

@@ -98,7 +98,13 @@ class MARGenerator(nn.Module):
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{cfg_file}: no generator config here (expected config.json + model.safetensors)")
-        spec = json.loads(cfg_file.read_text())
+        try:
+            spec = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{cfg_file}: not valid JSON ({e}); a generator folder's config.json is written by "
+                             "save_pretrained or a margrpo converter") from None
+        if not isinstance(spec, dict):
+            raise ValueError(f"{cfg_file}: expected a JSON object, got {type(spec).__name__}")
         if spec.get("format") != FORMAT:
             raise ValueError(f"{cfg_file}: format {spec.get('format')!r} is not {FORMAT!r}")
         if int(spec.get("version", 0)) > FORMAT_VERSION:
@@ -106,6 +112,8 @@ class MARGenerator(nn.Module):
                              f"understands ({FORMAT_VERSION}); upgrade margrpo")
         try:
             mar = MAR(MARConfig(**spec["mar"]))
+        except KeyError:
+            raise ValueError(f"{cfg_file}: no key 'mar' (the MAR architecture)") from None
         except TypeError as e:
             raise ValueError(f"{cfg_file}: key 'mar' has an unknown field ({e})") from e
         te = None
@@ -117,7 +125,14 @@ class MARGenerator(nn.Module):
             te = HashedTextEncoder(te_spec["vocab"], te_spec["dim"], te_spec["max_len"], te_spec["depth"],
                                    te_spec["num_heads"])
         tokenizer = _build_tokenizer(spec.get("tokenizer", {"type": "pixels"}), cfg_file)
-        tensors = load_file(str(path / "model.safetensors"))
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: missing (a generator folder holds config.json and model.safetensors)")
+        try:
+            tensors = load_file(str(weights))
+        except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+            raise ValueError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e}); "
+                             "margrpo writes weights as safetensors and never unpickles them") from None
         _load_prefixed(mar, tensors, "mar.", path)
         if te is not None:
             _load_prefixed(te, tensors, "text_encoder.", path)

@@ -71,8 +71,9 @@ def _load_run(run_dir: Path, device: str | torch.device) -> MARGenerator:
 
     ckpt = latest_checkpoint(run_dir, verify=True)
     if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: a training run without a complete, undamaged checkpoint under "
-                                f"{run_dir / 'checkpoints'} (and no exported generator, config.json)")
+        raise FileNotFoundError(f"{run_dir}: a training run without a complete checkpoint under "
+                                f"{run_dir / 'checkpoints'} (damaged ones do not count) and no exported generator "
+                                "(config.json)")
     tensors, state = load_checkpoint(ckpt, groups=["policy"], device=device)
     base = state.get("model")
     if not isinstance(base, str):
