@@ -677,6 +677,17 @@ def _convert(value: Any, tp: Any, path: tuple, ctx: _Ctx, meta: Mapping[str, Any
     return ctx.err(path, f"{key}: the config loader does not support fields of type {_type_name(tp)}")
 
 
+def _blamed_field(path: tuple, fields: Mapping[str, Any], message: str, ctx: _Ctx) -> tuple:
+    """The path of the first field a cross-field error message names, when a file or override set it (so the
+    error points at the line that set it); else the section's own path."""
+    for name in sorted(fields, key=len, reverse=True):  # the longest name first: 'mte_k' must not match 'mte_k_x'
+        if re.search(rf"(^|[^A-Za-z0-9_]){re.escape(name)}([^A-Za-z0-9_]|$)", message):
+            src = ctx.sources.get(path + (name,))
+            if src is not None and src.kind != "default":
+                return path + (name,)
+    return path
+
+
 def _build_dataclass(cls: type, value: Any, path: tuple, ctx: _Ctx) -> Any:
     where = _fmt(path) if path else cls.__name__
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -707,7 +718,7 @@ def _build_dataclass(cls: type, value: Any, path: tuple, ctx: _Ctx) -> Any:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:  # __post_init__ checks that span several fields
-        return ctx.err(path, f"{where}: {e}")
+        return ctx.err(_blamed_field(path, flds, str(e), ctx), f"{where}: {e}")
 
 
 # --------------------------------------------------------------------------------------------
