@@ -291,3 +291,30 @@ def test_cli_serves_and_refuses_unsafe_bind():
         proc.wait(timeout=10)
     bad = subprocess.run([*cmd[:-2], "--host", "0.0.0.0"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode != 0 and "refusing to bind" in bad.stderr
+
+
+def test_too_many_connections_get_503_at_once_and_slow_clients_time_out():
+    import socket
+
+    srv = RewardServer({"jpeg": build_reward("jpeg_compressibility")}, port=0, max_connections=1,
+                       request_timeout_s=1.0).start()
+    try:
+        slow = socket.create_connection(("127.0.0.1", srv.port))  # holds the one slot, sends nothing
+        time.sleep(0.2)
+        t0 = time.perf_counter()
+        status, body = _raw(srv, "GET", "/health")
+        assert status == 503 and body["error"]["code"] == "busy" and time.perf_counter() - t0 < 1.0
+        slow.settimeout(5)
+        assert slow.recv(1024) == b""  # the server drops the stalled client after request_timeout_s
+        slow.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the slot comes back once the stalled request times out
+            status, _ = _raw(srv, "GET", "/health")
+            if status == 200:
+                break
+            time.sleep(0.1)
+        assert status == 200
+    finally:
+        srv.shutdown()
+    with pytest.raises(ValueError, match="max_connections"):
+        RewardServer({"jpeg": build_reward("jpeg_compressibility")}, port=0, max_connections=0)

@@ -9,7 +9,9 @@ by accident:
 - the body size is checked from ``Content-Length`` *before* reading (413 without reading it; 411 when
   absent), batches and image sizes are bounded, images must be PNG, bodies must be JSON (no pickle);
 - slow clients time out (``request_timeout_s``), and each reward is called under its own lock, so
-  concurrent requests queue instead of running two forward passes on one model at once.
+  concurrent requests queue instead of running two forward passes on one model at once;
+- at most ``max_connections`` requests are handled at once: the next get 503 with ``Retry-After`` at once
+  (a bounded queue, not a thread per connection).
 """
 
 from __future__ import annotations
@@ -182,9 +184,31 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def __init__(self, addr: tuple[str, int], owner: RewardServer) -> None:
         self.owner = owner
+        self.slots = threading.BoundedSemaphore(owner.max_connections)
         if ":" in addr[0]:
             self.address_family = socket.AF_INET6
         super().__init__(addr, _Handler)
+
+    def process_request(self, request, client_address) -> None:
+        """At most `max_connections` requests are handled at once; the next ones get 503 at once, not a thread."""
+        if not self.slots.acquire(blocking=False):
+            body = json.dumps(error_body("busy", f"the server handles {self.owner.max_connections} connections at "
+                                                 "once; retry later")).encode()
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+                                + str(len(body)).encode() + b"\r\n\r\n" + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 class RewardServer:
@@ -197,10 +221,12 @@ class RewardServer:
         token: bearer token required on every endpoint when set.
         limits: body/batch/image limits.
         request_timeout_s: socket timeout for reading a request (slow or stalled clients).
+        max_connections: requests handled at once; beyond them the server answers 503 with Retry-After.
     """
 
     def __init__(self, rewards: Mapping[str, RewardFn], *, host: str = "127.0.0.1", port: int = 18085,
-                 token: str | None = None, limits: Limits | None = None, request_timeout_s: float = 60.0) -> None:
+                 token: str | None = None, limits: Limits | None = None, request_timeout_s: float = 60.0,
+                 max_connections: int = 16) -> None:
         if not rewards:
             raise ValueError("RewardServer needs at least one reward to host")
         if token is not None and not token.strip():
@@ -214,6 +240,9 @@ class RewardServer:
         self.token = token
         self.limits = limits or Limits()
         self.request_timeout_s = float(request_timeout_s)
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        self.max_connections = int(max_connections)
         self._stats_lock = threading.Lock()
         self.images_scored = 0
         self.seconds_scoring = 0.0
