@@ -41,7 +41,7 @@ def test_eval_prints_a_table_and_writes_json(model_dir, tmp_path, capsys, monkey
     assert "overall" in json.loads(out.read_text())["summary"]
 
 
-def test_train_and_resume(model_dir, tmp_path):
+def test_train_and_resume(model_dir, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"""
 model: {model_dir}
@@ -69,6 +69,23 @@ log: {{checkpoint_every: 1, sample_every: 100, tensorboard: false}}
     assert all(torch.equal(from_run[k], exported[k]) for k in exported)
     assert any(not torch.equal(from_run[k], base[k]) for k in base)
     assert main(["eval", str(tmp_path / "run"), "--ar-steps", "4", "--per-category", "1", "--quiet"]) == 0
+
+    # bad input on a finished run: one clear error each, and nothing already written changes
+    import hashlib
+
+    def snapshot() -> dict[str, str]:
+        return {str(p.relative_to(tmp_path / "run")): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    for argv, message in ((["train", "--resume", str(tmp_path / "run"), "algorithm.mte_kk=1"], "mte_kk"),
+                          (["train", "--resume", str(tmp_path / "run"), "steps=-4"], "steps"),
+                          (["train", "--resume", str(tmp_path / "nowhere")], "no config.yaml"),
+                          (["train", str(cfg)], "already holds checkpoints")):
+        assert main([*argv, "--quiet"]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert snapshot() == before
 
 
 def test_a_run_directory_without_a_checkpoint_is_a_clear_error(model_dir, tmp_path):
