@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from margrpo.configs import config_path
-from margrpo.evaluate import EvalResult, eval_prompt_set, evaluate, paired_strict_change
+from margrpo.evaluate import EvalResult, eval_prompt_set, evaluate, paired_strict_change, train_prompt_set
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer, load_model
 from margrpo.utils.config import load_config
@@ -84,12 +84,19 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
     sampler = cfg.eval_sampler()
     base = load_model(cfg.model, cfg.device)
     before = evaluate(base, prompts, sampler, seed=cfg.eval.seed, progress=not quiet)
+    train_prompts = train_prompt_set(8 if quick else cfg.eval.per_category)  # in-distribution, fresh seeds
+    train_before = evaluate(base, train_prompts, sampler, seed=cfg.eval.seed + 1, progress=not quiet)
     trainer = Trainer(cfg, progress=not quiet)
     t0 = time.perf_counter()
     trainer.run()
     train_s = time.perf_counter() - t0
     after = evaluate(trainer.gen, prompts, sampler, seed=cfg.eval.seed, progress=not quiet)
+    train_after = evaluate(trainer.gen, train_prompts, sampler, seed=cfg.eval.seed + 1, progress=not quiet)
     table = comparison_table(before, after)
+    delta, se = paired_strict_change(train_before, train_after)["overall"]
+    in_dist = (f"In-distribution (training prompts, {len(train_prompts)} images, fresh seeds): "
+               f"{100 * train_before.summary['overall']['strict']:.1f}% → "
+               f"{100 * train_after.summary['overall']['strict']:.1f}% ({100 * delta:+.1f} ± {100 * se:.1f}).")
     total_s = time.perf_counter() - t_start
     method = f"{cfg.algorithm.estimator} estimator"
     pick = list(range(0, len(prompts), max(1, len(prompts) // 16)))[:16]  # 4 per category
@@ -98,11 +105,12 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
                         make_grid(to_pil(after.images[pick]), nrow=4, labels=labels, upscale=3),
                         titles=("before (base model)", f"after {cfg.steps} RL steps ({method})"))
     save_png(grid, out / "grid_before_after.png")
-    for name, res in (("before", before), ("after", after)):
+    for name, res in (("before", before), ("after", after), ("train_before", train_before),
+                      ("train_after", train_after)):
         (out / f"{name}.json").write_text(json.dumps({"summary": res.summary, "seconds": res.seconds}, indent=2))
     md = (f"Held-out strict accuracy, {len(prompts)} prompts, same seeds before and after "
           f"({cfg.steps} steps, {method}, {cfg.threads} threads; {train_s / 60:.1f} min training, "
-          f"{total_s / 60:.1f} min total):\n\n{table}\n")
+          f"{total_s / 60:.1f} min total):\n\n{table}\n\n{in_dist}\n")
     (out / "results.md").write_text(md)
     print(md)
     if readme is not None and not quick:
