@@ -77,8 +77,17 @@ log: {{checkpoint_every: 1, sample_every: 100, tensorboard: false}}
         return {str(p.relative_to(tmp_path / "run")): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()}
 
+    bad_prompts = tmp_path / "bad.jsonl"
+    bad_prompts.write_text('{"prompt": "a red circle"}\n{"prompt": }\n')
+    broken_model = tmp_path / "broken-model"
+    broken_model.mkdir()
+    (broken_model / "config.json").write_text("{not json")
     before = snapshot()
-    for argv, message in ((["train", "--resume", str(tmp_path / "run"), "algorithm.mte_kk=1"], "mte_kk"),
+    for argv, message in ((["train", "--resume", str(tmp_path / "run"), f"prompts.source={bad_prompts}",
+                            "algorithm.ptx_weight=0"], f"{bad_prompts}:2"),
+                          (["train", "--resume", str(tmp_path / "run"), f"model={broken_model}"],
+                           f"{broken_model / 'config.json'}: not valid JSON"),
+                          (["train", "--resume", str(tmp_path / "run"), "algorithm.mte_kk=1"], "mte_kk"),
                           (["train", "--resume", str(tmp_path / "run"), "steps=-4"], "steps"),
                           (["train", "--resume", str(tmp_path / "nowhere")], "no config.yaml"),
                           (["train", str(cfg)], "already holds checkpoints")):
