@@ -70,6 +70,10 @@ class DiffusionHead(nn.Module):
     def num_steps(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def set_sampling_steps(self, num_sampling_steps: str | int) -> None:  # pragma: no cover - abstract
+        """Respace the sampling chain to `num_sampling_steps`; the network is unchanged."""
+        raise NotImplementedError
+
     def is_stochastic(self, j: int) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
