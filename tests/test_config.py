@@ -266,3 +266,26 @@ def test_config_from_dict() -> None:
     assert cfg.train.lr == 0.2 and cfg.seed == 5 and cfg.train.steps == 100
     with pytest.raises(ConfigError, match=r"<dict>: unknown key 'sed'"):
         config_from_dict(Cfg, {"sed": 1})
+
+
+def test_configuration_docs_are_generated_from_the_dataclasses_and_fresh():
+    """docs/configuration.md is `python -m margrpo.utils.config_docs`'s output: regenerate it when an option changes."""
+    import dataclasses
+    from pathlib import Path
+
+    from margrpo.rl.config import TrainConfig
+    from margrpo.utils.config_docs import configuration_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert doc.read_text() == configuration_markdown(), "stale: run python -m margrpo.utils.config_docs"
+
+    def every_field(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            yield prefix + f.name, f
+            if dataclasses.is_dataclass(f.type) or (isinstance(f.default_factory, type)
+                                                   and dataclasses.is_dataclass(f.default_factory)):
+                yield from every_field(f.default_factory, prefix + f.name + ".")
+
+    fields = list(every_field(TrainConfig))
+    assert len(fields) > 60 and all(f.metadata.get("help") for _, f in fields), [n for n, f in fields
+                                                                               if not f.metadata.get("help")]

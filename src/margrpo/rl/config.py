@@ -2,89 +2,107 @@
 
 Presets are YAML files (`configs/presets/grpo.yaml`, `configs/presets/mar-grpo.yaml`) that set the
 stabiliser switches; a run config names one with `base:`. Plain GRPO and MAR-GRPO therefore run
-through exactly the same code with different values.
+through exactly the same code with different values. Every option is declared once, here, with its meaning,
+default and source; `docs/configuration.md` is generated from these declarations (`python -m
+margrpo.utils.config_docs`), and a test fails when it is stale.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from margrpo.rl.objective import ESTIMATORS, NORMALIZE_MODES, RATIO_LEVELS, ObjectiveConfig
-from margrpo.sampling.sampler import SamplerConfig
+from margrpo.sampling.sampler import GUIDANCE_MODES, SamplerConfig
+from margrpo.utils.config import option
 
 
 @dataclass
 class SamplingSection:
     """How rollouts are drawn (fewer AR and head steps and no CFG make rollouts cheap)."""
 
-    ar_steps: int = field(default=8, metadata={"range": (1, 4096)})
-    diffusion_steps: int = field(default=10, metadata={"range": (1, 1000)})
-    cfg: float = field(default=1.0, metadata={"range": (1.0, 50.0)})
-    cfg_schedule: str = field(default="linear", metadata={"choices": ("linear", "constant")})
-    temperature: float = field(default=1.0, metadata={"range": (0.01, 10.0)})
+    ar_steps: int = option(8, "AR steps per image (MAR's cosine mask schedule decides how many tokens each commits)",
+                           range=(1, 4096))
+    diffusion_steps: int = option(10, "head denoising steps per token (the head's schedule respaced to this)",
+                                  range=(1, 1000))
+    cfg: float = option(1.0, "classifier-free guidance scale of rollouts (1 = none: half the cost)", range=(1.0, 50.0))
+    cfg_schedule: str = option("linear", "guidance over AR steps: MAR's linear ramp from 1 to `cfg`, or constant",
+                               choices=("linear", "constant"))
+    temperature: float = option(1.0, "scale of the head's sampling std", range=(0.01, 10.0))
 
 
 @dataclass
 class AlgorithmSection:
-    group_size: int = field(default=8, metadata={"range": (2, 4096)})
-    prompts_per_step: int = field(default=4, metadata={"range": (1, 4096)})
-    advantage_std: str = field(default="group", metadata={"choices": ("group", "batch", "none")})
-    advantage_eps: float = field(default=1e-4, metadata={"range": (0.0, 1.0)})
-    ar_step_fraction: float = field(default=0.5, metadata={"range": (0.0, 1.0)})
-    ar_step_count: int | None = field(default=None, metadata={"range": (1, 4096)})
-    head_steps_per_ar_step: int | None = field(default=None, metadata={"range": (1, 1000)})
-    # Head steps whose score gain (DiffusionHead.score_gain: standard deviations the step's mean moves per
-    # unit of network output) exceeds this are not scored, in the policy term, MTE or the KL.
-    head_step_max_gain: float = field(default=3.0, metadata={"range": (0.0, None)})
-    head_step_weighting: str = field(default="none", metadata={"choices": ("none", "std")})
-    guidance: str = field(default="rollout", metadata={"choices": ("rollout", "cond_only")})
-    clip_eps: float = field(default=0.2, metadata={"range": (0.0, 10.0)})
-    dual_clip: float | None = field(default=None, metadata={"range": (1.0, 100.0)})
-    ppo_epochs: int = field(default=1, metadata={"range": (1, 100)})
-    beta: float = field(default=0.01, metadata={"range": (0.0, 1e6)})
-    kl: str = field(default="gaussian", metadata={"choices": ("gaussian", "reference")})
-    normalize: str = field(default="element", metadata={"choices": NORMALIZE_MODES})
-    ratio_level: str = field(default="element", metadata={"choices": RATIO_LEVELS})
-    # Advantages beyond +-advantage_clip are clipped (Flow-GRPO / DanceGRPO / DDPO: 5); null = no clip.
-    advantage_clip: float | None = field(default=None, metadata={"range": (1e-6, None)})
-    train: str = field(default="ar", metadata={"choices": ("ar", "head", "both")})
-    policy_tokens: str = field(default="unknown", metadata={"choices": ("committed", "unknown")})
-    mte_k: int = field(default=4, metadata={"range": (0, 64)})
-    mte_top_fraction: float = field(default=0.3, metadata={"range": (0.0, 1.0)})
-    mte_source: str = field(default="commit", metadata={"choices": ("commit", "scored")})
-    consistency: bool = True
-    consistency_start: int = field(default=1, metadata={"range": (0, 4096)})
-    consistency_tau: float = field(default=0.0, metadata={"range": (-2.0, 2.0)})
-    update: str = field(default="rollout", metadata={"choices": ("rollout", "ar_step")})
-    # One transformer forward and backward for all scored AR steps of a rollout (their canvases stacked, rows
-    # padded to the longest known set) instead of one per step; the same gradient up to float rounding. Needs
-    # update='rollout' (one optimizer step per scored AR step cannot share a graph).
-    batch_ar_steps: bool = False
-    # The policy term: "trajectory" scores the recorded head transitions (GRPO / DDPO, the paper's);
-    # "matching" uses minus the head's pretraining loss on each token's final value in the PPO ratio (Advantage
-    # Weighted Matching, Xue et al. 2025); "nft" is DiffusionNFT's negative-aware loss on the final value (Zheng
-    # et al. 2025, arXiv 2509.16117). The last two are forward-process estimators: `noise_draws` (noise level,
-    # noise) draws per token, stratified in noise level, the same in every PPO epoch.
-    estimator: str = field(default="trajectory", metadata={"choices": ESTIMATORS})
-    noise_draws: int = field(default=4, metadata={"range": (1, 1024)})
-    # DiffusionNFT's beta (how far the implicit positive / negative policies extrapolate; the release's 1.0) and
-    # A_max, the advantage mapped to r = 1 (the release's adv_clip_max 5).
-    nft_beta: float = field(default=1.0, metadata={"range": (1e-6, 100.0)})
-    nft_adv_clip: float = field(default=5.0, metadata={"range": (1e-6, 1e6)})
-    # "adaptive": each draw's squared error over its detached mean absolute error (the release's, made for x0
-    # errors of flow models); "mse": the plain squared error, as the head's pretraining loss weighs its draws.
-    nft_weighting: str = field(default="adaptive", metadata={"choices": ("adaptive", "mse")})
-    # Branched groups: the G images of a prompt share their order and head noise except at one AR step
-    # (drawn per rollout), the only step scored. Reward differences in a group then come from that step's
-    # tokens alone instead of from every token of the image. Measured on the shapes base (grpo, Adam 5e-5,
-    # 100 steps): no gain, held-out 26.9% vs 25.5% for a random reward, against 28.7% vs 23.2% unbranched.
-    branch: bool = False
-    # PPO-ptx (InstructGPT): add ptx_weight x the MAR pretraining loss on freshly rendered shapes-world
-    # *training* images to every update. The policy gradient's noise walks the weights off the pretraining
-    # optimum (measured: a random, information-free reward drops held-out accuracy 29% -> 23% in 100 steps);
-    # the pretraining gradient is nearly noise-free and pulls them back. Shapes world only (it needs images).
-    ptx_weight: float = field(default=0.0, metadata={"range": (0.0, 1e6)})
-    ptx_batch_size: int = field(default=64, metadata={"range": (1, 65536)})
+    """The RL objective: GRPO's groups and advantages, PPO's clip and epochs, the KL, and MAR-GRPO's stabilisers."""
+
+    group_size: int = option(8, "images per prompt (G); advantages are relative within a group", range=(2, 4096))
+    prompts_per_step: int = option(4, "prompts per rollout; a rollout has prompts_per_step x group_size images",
+                                   range=(1, 4096))
+    advantage_std: str = option("group", "std that scales the advantages: the group's (GRPO), the batch's "
+                                "(Flow-GRPO's global_std) or none", choices=("group", "batch", "none"))
+    advantage_eps: float = option(1e-4, "added to the std before dividing", range=(0.0, 1.0))
+    advantage_clip: float | None = option(None, "advantages beyond +-this are clipped (Flow-GRPO, DanceGRPO, DDPO: "
+                                          "5); null = no clip", range=(1e-6, None))
+    ar_step_fraction: float = option(0.5, "share of AR steps scored per rollout (drawn per step)", range=(0.0, 1.0))
+    ar_step_count: int | None = option(None, "AR steps scored per rollout (overrides ar_step_fraction)",
+                                       range=(1, 4096))
+    head_steps_per_ar_step: int | None = option(None, "head steps scored per scored AR step, drawn among the "
+                                                "scorable ones (null = all)", range=(1, 1000))
+    head_step_max_gain: float = option(3.0, "head steps whose score gain (DiffusionHead.score_gain: std the "
+                                       "step's mean moves per unit of network output) exceeds this are not scored, "
+                                       "in the policy term, MTE or the KL (docs/findings/2026-12-01-noise-dominated-"
+                                       "head-steps.md)", range=(0.0, None))
+    head_step_weighting: str = option("none", "weight each scored head step's policy term by its mean std (std) "
+                                      "or not", choices=("none", "std"))
+    guidance: str = option("rollout", "density the transitions are scored under: the guided one that sampled, or "
+                           "the conditional branch alone (the MAR-GRPO release)", choices=GUIDANCE_MODES)
+    clip_eps: float = option(0.2, "PPO clip range of the ratio (0 = no clip)", range=(0.0, 10.0))
+    dual_clip: float | None = option(None, "dual-clip PPO bound c on negative advantages' objective (Ye et al. "
+                                     "2020)", range=(1.0, 100.0))
+    ratio_level: str = option("element", "where the PPO ratio is taken: per element (the paper's), or its log pooled "
+                              "per token or per image before the clip (Flow-GRPO / DanceGRPO pool per image)",
+                              choices=RATIO_LEVELS)
+    normalize: str = option("element", "policy-term reduction: mean over an AR step's kept elements, Harmon's sum "
+                            "over channels (token), or one mean over the rollout's kept (token, head step) pairs "
+                            "(rollout)", choices=NORMALIZE_MODES)
+    ppo_epochs: int = option(1, "optimizer passes over each rollout", range=(1, 100))
+    update: str = option("rollout", "one optimizer step per rollout and epoch, or one per scored AR step (the "
+                         "MAR-GRPO release)", choices=("rollout", "ar_step"))
+    batch_ar_steps: bool = option(False, "one transformer forward and backward for all scored AR steps (rows "
+                                  "padded to the longest known set; the same gradient); needs update=rollout")
+    beta: float = option(0.01, "KL coefficient against the frozen reference", range=(0.0, 1e6))
+    kl: str = option("gaussian", "the KL: analytic Gaussian per element (Flow-GRPO), or the release's e^d - d - 1 on "
+                     "means", choices=("gaussian", "reference"))
+    train: str = option("ar", "which parameters train: the AR transformer (MAR-GRPO's frozen head), the head, or "
+                        "both", choices=("ar", "head", "both"))
+    policy_tokens: str = option("unknown", "tokens in the policy term: those each scored AR step commits, or every "
+                                "still-unknown one (MAR-GRPO)", choices=("committed", "unknown"))
+    mte_k: int = option(4, "MAR-GRPO's multi-trajectory expectation: K extra head chains per token (0 = off)",
+                        range=(0, 64))
+    mte_top_fraction: float = option(0.3, "share of each image's tokens, the most uncertain, scored through the K "
+                                     "chains", range=(0.0, 1.0))
+    mte_source: str = option("commit", "condition the K chains are drawn under: each token's committing step (the "
+                             "release) or the scored step", choices=("commit", "scored"))
+    consistency: bool = option(True, "MAR-GRPO's consistency-aware selection: a still-unknown token stays in the "
+                               "policy term only if its head output moved toward its final value")
+    consistency_start: int = option(1, "AR steps up to this one are not filtered", range=(0, 4096))
+    consistency_tau: float = option(0.0, "the cosine gain a token must exceed to be kept", range=(-2.0, 2.0))
+    estimator: str = option("trajectory", "the policy term: the recorded head transitions (GRPO / DDPO, the paper's), "
+                            "advantage-weighted matching (Xue et al. 2025) or DiffusionNFT (Zheng et al. 2025, arXiv "
+                            "2509.16117)", choices=ESTIMATORS)
+    noise_draws: int = option(4, "(noise level, noise) draws per token of the forward-process estimators, stratified "
+                              "in noise level, the same in every PPO epoch", range=(1, 1024))
+    nft_beta: float = option(1.0, "DiffusionNFT's beta: how far the implicit positive and negative policies "
+                             "extrapolate (the release's 1.0)", range=(1e-6, 100.0))
+    nft_adv_clip: float = option(5.0, "DiffusionNFT's A_max: r = clamp(A / A_max, -1, 1) / 2 + 1/2 (the release's "
+                                 "5; the nft presets use 1)", range=(1e-6, 1e6))
+    nft_weighting: str = option("adaptive", "DiffusionNFT's weighting of each draw: squared error over its detached "
+                                "mean absolute error (the release's), or plain squared error",
+                                choices=("adaptive", "mse"))
+    branch: bool = option(False, "branched groups: a group's images share order and head noise except at one AR step, "
+                          "the only one scored (measured: no gain)")
+    ptx_weight: float = option(0.0, "PPO-ptx (Ouyang et al. 2022): weight of the MAR pretraining loss on rendered "
+                               "shapes-world training images, once per rollout (shapes world only)", range=(0.0, 1e6))
+    ptx_batch_size: int = option(64, "images per ptx batch", range=(1, 65536))
 
     def __post_init__(self) -> None:
         if self.branch and self.ar_step_count not in (None, 1):
@@ -121,97 +139,98 @@ class AlgorithmSection:
 
 @dataclass
 class OptimSection:
-    """`name`: AdamW, or SGD with momentum `beta1` (beta2 then unused).
+    """The optimizer: AdamW, or SGD with momentum `beta1`, with gradient clipping and an LR schedule."""
 
-    Why SGD: Adam moves every coordinate by about lr whatever its share of the gradient, so a noisy
-    policy gradient over a small model's 2.5M weights turns into a long random step (L2 ~ lr * sqrt(n)).
-    On the shapes base the red-pixel control *fell* 0.07 -> 0.00 in 30 Adam steps at 3e-4 while a step
-    along the same gradient's direction raised it 0.09 -> 0.13; SGD follows that direction.
-    """
-
-    name: str = field(default="adamw", metadata={"choices": ("adamw", "sgd")})
-    lr: float = field(default=1e-4, metadata={"range": (0.0, 10.0)})
-    weight_decay: float = field(default=0.0, metadata={"range": (0.0, 10.0)})
-    beta1: float = field(default=0.9, metadata={"range": (0.0, 1.0)})
-    beta2: float = field(default=0.999, metadata={"range": (0.0, 1.0)})
-    grad_clip: float = field(default=1.0, metadata={"range": (0.0, None)})
-    warmup_steps: int = field(default=0, metadata={"range": (0, None)})
-    schedule: str = field(default="constant", metadata={"choices": ("constant", "cosine")})
+    name: str = option("adamw", "adamw or sgd (momentum beta1; beta2 unused)", choices=("adamw", "sgd"))
+    lr: float = option(1e-4, "peak learning rate", range=(0.0, 10.0))
+    weight_decay: float = option(0.0, "decoupled weight decay (AdamW) or L2 (SGD)", range=(0.0, 10.0))
+    beta1: float = option(0.9, "Adam's first-moment decay, or SGD's momentum", range=(0.0, 1.0))
+    beta2: float = option(0.999, "Adam's second-moment decay", range=(0.0, 1.0))
+    grad_clip: float = option(1.0, "max global gradient norm (0 = no clipping)", range=(0.0, None))
+    warmup_steps: int = option(0, "linear warm-up steps", range=(0, None))
+    schedule: str = option("constant", "after warm-up: constant, or cosine decay to 0 at `steps`",
+                           choices=("constant", "cosine"))
 
 
 @dataclass
 class PromptSection:
     """Where training prompts come from: the shapes world's train split, or a prompt file."""
 
-    source: str = "shapes"  # "shapes" or a path to a prompt file (GenEval metadata, T2I-R1, text)
-    categories: list[str] | None = None  # restrict the shapes world to these categories
-    fixed: list[str] | None = None  # train on exactly these prompts (positive controls, debugging)
-    # Draw a category uniformly, then a prompt of it (as pretraining and the held-out evaluation weigh
-    # categories); off = uniform over prompts, where the shapes world's train split is 80% position.
-    balance_categories: bool = True
+    source: str = option("shapes", "shapes, or a prompt file: GenEval metadata JSONL, T2I-R1 JSONL, JSONL with a "
+                         "'prompt' key, or text")
+    categories: list[str] | None = option(None, "restrict the shapes world to these categories")
+    fixed: list[str] | None = option(None, "train on exactly these prompts (positive controls, debugging)")
+    balance_categories: bool = option(True, "draw a category uniformly, then a prompt of it (the shapes train split "
+                                      "is 80% position prompts)")
 
 
 @dataclass
 class LogSection:
-    log_every: int = field(default=1, metadata={"range": (1, None)})
-    sample_every: int = field(default=10, metadata={"range": (1, None)})
-    checkpoint_every: int = field(default=10, metadata={"range": (1, None)})
-    keep_checkpoints: int = field(default=2, metadata={"range": (1, None)})
-    tensorboard: bool = True
+    """What the run directory receives, and how often."""
+
+    log_every: int = option(1, "steps between metrics.jsonl / TensorBoard rows", range=(1, None))
+    sample_every: int = option(10, "steps between sample grids (samples/step-N.png)", range=(1, None))
+    checkpoint_every: int = option(10, "steps between checkpoints", range=(1, None))
+    keep_checkpoints: int = option(2, "checkpoints kept (older ones are deleted)", range=(1, None))
+    tensorboard: bool = option(True, "also write TensorBoard events")
 
 
 @dataclass
 class EvalSection:
     """Verifier accuracy of the shapes world during and after training (`margrpo.evaluate`).
 
-    Held-out prompts (and, with `in_distribution`, training prompts) are sampled with the training sampler's
-    settings and the seed `seed`, the same images at every evaluation, so each change carries a paired standard
-    error against step 0. `ema_decay` > 0 also keeps an exponential moving average of the trained weights and
-    evaluates it beside them (Flow-GRPO's evaluation EMA).
+    The same prompts and seeds at every evaluation, so each change carries a paired standard error against step 0.
     """
 
-    every: int = field(default=0, metadata={"range": (0, None)})  # 0: only where a command asks (demo, compare)
-    per_category: int = field(default=64, metadata={"range": (1, None)})
-    seed: int = 1234
-    in_distribution: bool = False
-    ema_decay: float = field(default=0.0, metadata={"range": (0.0, 0.999999)})
+    every: int = option(0, "steps between in-loop evaluations, also at step 0 and the end (0 = none; demo and compare "
+                        "evaluate themselves)", range=(0, None))
+    per_category: int = option(64, "images per category (held-out prompts cycled in order)", range=(1, None))
+    seed: int = option(1234, "seed of the evaluation images")
+    in_distribution: bool = option(False, "also score training prompts with fresh seeds")
+    ema_decay: float = option(0.0, "also keep and evaluate an EMA of the trained weights (Flow-GRPO's); 0 = off",
+                              range=(0.0, 0.999999))
 
 
 @dataclass
 class FaultSection:
-    """Which steps count as bad, and how many in a row stop a run.
+    """Which steps count as bad, and how many in a row stop a run (docs/failures.md).
 
-    A step is bad when a loss, the gradient norm or a rollout's tokens or log-probabilities are not finite, or
-    the KL / the largest PPO log-ratio exceed the bounds below. It is skipped (weights, optimizer and EMA as
-    before it, a `fault/skipped` metric and a message naming what and where); after `max_consecutive` bad steps
-    in a row the run stops with an error and a checkpoint holding the last good weights. Non-finite rewards are
-    handled per image by the rewards' validity masks and the failure guard (`max_reward_failure_fraction`).
+    A step is bad when a loss, the gradient norm or a rollout's tokens or log-probabilities are not finite, or the
+    KL / the largest PPO log-ratio exceed the bounds; it is skipped with weights, optimizer and EMA restored.
+    Non-finite rewards are handled per image by the rewards' validity masks and `max_reward_failure_fraction`.
     """
 
-    max_consecutive: int = field(default=3, metadata={"range": (1, None)})
-    max_kl: float | None = field(default=None, metadata={"range": (0.0, None)})
-    max_log_ratio: float | None = field(default=None, metadata={"range": (0.0, None)})
+    max_consecutive: int = option(3, "bad steps in a row that stop the run (with a checkpoint of the last good "
+                                  "weights)", range=(1, None))
+    max_kl: float | None = option(None, "a step whose KL to the reference exceeds this is bad (null = no bound)",
+                                  range=(0.0, None))
+    max_log_ratio: float | None = option(None, "a step whose largest |log PPO ratio| exceeds this is bad (null = no "
+                                         "bound)", range=(0.0, None))
 
 
 @dataclass
 class TrainConfig:
-    model: str = "shipped:shapes-base"  # a generator folder, or "shipped:NAME"
-    out_dir: str = "runs/train"
-    seed: int = 0
-    steps: int = field(default=50, metadata={"range": (1, 10_000_000)})
-    rewards: dict[str, float] = field(default_factory=lambda: {"shapes": 1.0})
-    reward_options: dict[str, dict] = field(default_factory=dict)
-    max_reward_failure_fraction: float = field(default=0.1, metadata={"range": (0.0, 1.0)})
-    prompts: PromptSection = field(default_factory=PromptSection)
-    sampling: SamplingSection = field(default_factory=SamplingSection)
-    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    log: LogSection = field(default_factory=LogSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    faults: FaultSection = field(default_factory=FaultSection)
-    device: str = "cpu"
-    autocast: str = field(default="none", metadata={"choices": ("none", "bf16")})
-    threads: int = field(default=1, metadata={"range": (0, 256)})
+    """A training run: `margrpo train CONFIG [key=value ...]`."""
+
+    model: str = option("shipped:shapes-base", "a generator folder, a training run directory, or shipped:NAME")
+    out_dir: str = option("runs/train", "the run directory")
+    seed: int = option(0, "every random stream of the run derives from (seed, stream, rank, step)")
+    steps: int = option(50, "training steps (one rollout each)", range=(1, 10_000_000))
+    rewards: dict[str, float] = option(factory=lambda: {"shapes": 1.0},
+                                       help="reward name -> weight (docs/rewards.md); each part is logged")
+    reward_options: dict[str, dict] = option(factory=dict, help="reward name -> constructor options")
+    max_reward_failure_fraction: float = option(0.1, "share of invalid rewards over the run that stops it",
+                                                range=(0.0, 1.0))
+    prompts: PromptSection = option(factory=PromptSection, help="training prompts")
+    sampling: SamplingSection = option(factory=SamplingSection, help="rollouts")
+    algorithm: AlgorithmSection = option(factory=AlgorithmSection, help="the objective")
+    optim: OptimSection = option(factory=OptimSection, help="the optimizer")
+    log: LogSection = option(factory=LogSection, help="run-directory outputs")
+    eval: EvalSection = option(factory=EvalSection, help="in-loop evaluation")
+    faults: FaultSection = option(factory=FaultSection, help="numerical faults")
+    device: str = option("cpu", "torch device (cpu, cuda, cuda:1, ...)")
+    autocast: str = option("none", "bf16 autocast for the networks (log-probs stay float32)", choices=("none", "bf16"))
+    threads: int = option(1, "torch CPU threads (0 = torch's default)", range=(0, 256))
 
     def __post_init__(self) -> None:
         if not self.rewards:

@@ -58,6 +58,7 @@ from margrpo.utils.atomic import atomic_write_text
 
 __all__ = [
     "ConfigError",
+    "option",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -81,6 +82,21 @@ class ConfigError(ValueError):
         else:
             msg = f"{len(self.errors)} configuration errors:\n" + "\n".join(f"  - {e}" for e in self.errors)
         super().__init__(msg)
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
+           **checks: Any) -> Any:
+    """A dataclass field declared once with its meaning: `help` (for docs/configuration.md) and its checks
+    (`range=(lo, hi)`, `choices=(...)`, `allow_nonfinite=True`)."""
+    if not help:
+        raise TypeError("every option needs its help text")
+    unknown = set(checks) - {"range", "choices", "allow_nonfinite"}
+    if unknown:
+        raise TypeError(f"unknown option checks {sorted(unknown)}; valid: range, choices, allow_nonfinite")
+    metadata = {"help": help, **checks}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 # --------------------------------------------------------------------------------------------
