@@ -77,12 +77,23 @@ def test_respaced_schedule_preserves_alphas_cumprod():
     np.testing.assert_allclose(s.posterior_mean_coef2, (1 - acp) * np.sqrt(1 - b) / (1 - ac))
 
 
-def test_flow_sigmas_like_diffusers():
-    sig = flow_sigmas(4)
-    np.testing.assert_allclose(sig, [1.0, 0.667, 0.334, 0.001, 0.0], atol=1e-12)
-    shifted = flow_sigmas(4, shift=3.0)
-    s = np.array([1.0, 0.667, 0.334, 0.001])
-    np.testing.assert_allclose(shifted[:-1], 3 * s / (1 + 2 * s))
+def test_flow_sigmas_unshifted_by_hand():
+    np.testing.assert_allclose(flow_sigmas(4), [1.0, 0.667, 0.334, 0.001, 0.0], atol=1e-12)
+
+
+@pytest.mark.parametrize("shift", [1.0, 1.5, 3.0, 5.0, 10.0])
+@pytest.mark.parametrize("steps", [1, 4, 10, 25, 50])
+def test_flow_sigmas_equal_diffusers_set_timesteps(shift, steps):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    ref.set_timesteps(steps)
+    np.testing.assert_allclose(flow_sigmas(steps, shift), ref.sigmas.double().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_flow_sigmas_shift_enters_the_low_end_twice_as_in_diffusers():
+    """The case a new user met: shift 3, 10 steps; diffusers' last non-zero sigma is 0.0089, not 0.0030."""
+    assert flow_sigmas(10, shift=3.0)[-2] == pytest.approx(0.008929, abs=2e-6)
 
 
 def test_flow_sde_std_uses_next_sigma_at_one():

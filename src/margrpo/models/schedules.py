@@ -201,15 +201,21 @@ class DdpmSchedule:
 
 
 def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> np.ndarray:
-    """Sigmas of diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps)`, plus a final 0.
+    """Sigmas of diffusers' `FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)`, plus a final 0.
 
-    linspace(sigma_max=1, sigma_min=1/num_train_timesteps) in timestep units, then the shift
-    `s * sigma / (1 + (s - 1) * sigma)`. Returns num_steps + 1 values, decreasing, ending at 0.
+    As diffusers does: the training sigmas t / N (t = 1..N) are shifted, `s * sigma / (1 + (s - 1) * sigma)`, and
+    their ends give sigma_max and sigma_min; the inference sigmas are a linspace between those two in timestep
+    units, shifted again. So the shift enters the low end twice (shift 3, 10 steps: last non-zero sigma 0.0089,
+    not the 0.0030 of shifting a linspace from 1 to 1/N once); tests/test_schedules.py checks every value against
+    diffusers. Returns num_steps + 1 values, decreasing, ending at 0.
     """
-    sigma_min, sigma_max = 1.0 / num_train_timesteps, 1.0
+
+    def shifted(sigma):
+        return shift * sigma / (1 + (shift - 1) * sigma)
+
+    sigma_min, sigma_max = shifted(1.0 / num_train_timesteps), shifted(1.0)
     timesteps = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, num_steps)
-    sigmas = timesteps / num_train_timesteps
-    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    sigmas = shifted(timesteps / num_train_timesteps)
     return np.append(sigmas, 0.0).astype(np.float64)
 
 
