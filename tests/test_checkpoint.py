@@ -248,3 +248,18 @@ def test_checkpoints_without_a_manifest_still_load(tmp_path: Path) -> None:
     assert ckpt.verify_checkpoint(d) is None
     tensors, st = load_checkpoint(tmp_path)
     assert st["step"] == 3 and "policy" in tensors
+
+
+@pytest.mark.parametrize("damage", [
+    lambda meta: meta["files"]["policy.safetensors"].pop("bytes"),
+    lambda meta: meta.__setitem__("files", ["policy.safetensors"]),
+    lambda meta: meta["files"].__setitem__("policy.safetensors", "abc"),
+])
+def test_a_malformed_manifest_is_damage_not_a_crash(tmp_path: Path, damage) -> None:
+    first = _save(tmp_path, 1, _model())
+    second = _save(tmp_path, 2, _model())
+    state = json.loads((second / "state.json").read_text())
+    damage(state["_checkpoint"])
+    (second / "state.json").write_text(json.dumps(state))
+    assert "malformed checkpoint manifest" in ckpt.verify_checkpoint(second)
+    assert latest_checkpoint(tmp_path, verify=True) == first

@@ -254,3 +254,36 @@ def test_flow_score_gain_is_the_mean_slope_over_the_std_and_stays_below_its_boun
         measured = _mean_slope_over_std(head, j, torch.zeros(1, 3), slice(0, 3), None)
         assert head.score_gain(j) == pytest.approx(measured, rel=1e-3)
         assert head.score_gain(j) <= bound + 1e-9  # no step's score is dominated by noise at this noise level
+
+
+class _OutputFromCondition(torch.nn.Module):
+    """A head network whose output is the first channels of its condition (so each CFG branch can be moved alone)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x, t, z):
+        return z[:, : self.channels]
+
+
+@pytest.mark.parametrize("guidance,temperature", [(1.0, 0.5), (3.0, 1.0), (4.0, 0.7)])
+def test_score_gain_grows_with_guidance_and_shrinks_with_temperature_as_the_step_does(guidance, temperature):
+    """Moving the conditional branch's output alone under CFG moves the guided mean `guidance` times as far, and the
+    temperature scales the std: the measured slope / std must equal score_gain(j, guidance, temperature)."""
+    from margrpo.rl.trainer import scorable_head_steps
+
+    head = FlowHead(3, 4, 8, 1, num_sampling_steps=8, noise_level=0.7)
+    head.net = _OutputFromCondition(3)
+    x = torch.randn(1, 3, generator=torch.Generator().manual_seed(0))
+    z_uncond = torch.zeros(1, 4)
+    h = 0.25
+    for j in range(head.num_steps):
+        means = [head.transition(x, j, torch.full((1, 4), sign * h), z_uncond, guidance, temperature).mean.double()
+                 for sign in (1.0, -1.0)]
+        std = float(head.transition(x, j, torch.zeros(1, 4), z_uncond, guidance, temperature).std.double().mean())
+        measured = float(((means[0] - means[1]) / (2 * h)).abs().mean()) / std
+        assert head.score_gain(j, guidance, temperature) == pytest.approx(measured, rel=1e-3)
+    ddpm = DdpmHead(3, 4, 8, 1, num_sampling_steps=10)
+    assert scorable_head_steps(ddpm, 3.0, guidance=1.0) == [1, 2, 3, 4, 5, 6, 7]
+    assert len(scorable_head_steps(ddpm, 3.0, guidance=2.5)) < 7  # cfg 2.5 lifts some middle steps above 3

@@ -51,6 +51,28 @@ def test_ratio_is_one_before_the_first_update(cfg_scale, guidance, mte_source, p
     assert gen.mar.z_proj.weight.grad.abs().sum() > 0
 
 
+
+@pytest.mark.parametrize("normalize", ["element", "token"])
+def test_token_pooled_ratio_has_the_elementwise_gradient_at_ratio_one(normalize):
+    """At ratio 1 (no clip active) the per-token pooled surrogate -A exp(mean_c log-ratio) has gradient
+    -A mean_c d logp, so under a mean over elements it equals the element-wise term and under Harmon's sum over
+    channels it must be C times that mean: the same gradient as the element-wise term in both reductions."""
+    gen = tiny_generator()
+    cond = gen.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
+    scfg = SamplerConfig(num_ar_steps=4, diffuse="to_predict", record_z=False)
+    r = sample(gen.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
+    grads = {}
+    for level in ("element", "token"):
+        gen.mar.zero_grad()
+        ocfg = ObjectiveConfig(ratio_level=level, normalize=normalize, beta=0.0, consistency=False,
+                               mte_top_fraction=0.0)
+        sl = ar_step_loss(gen.mar, None, r, 1, [0, 2], adv.values, adv.use, ocfg, {}, first_epoch=True)
+        sl.loss.backward()
+        grads[level] = gen.mar.z_proj.weight.grad.clone()
+    assert grads["element"].abs().sum() > 0
+    torch.testing.assert_close(grads["token"], grads["element"], rtol=1e-4, atol=1e-7)
+
 def test_pooled_ratios_are_one_and_rollout_normalisation_weighs_every_kept_pair_alike():
     gen = tiny_generator()
     cond = gen.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
@@ -366,6 +388,29 @@ def test_batched_ar_steps_give_the_per_step_gradient(tiny_model_dir, tmp_path, e
     assert any(a.abs().sum() > 0 for a in grads[True])
     with pytest.raises(ValueError, match="batch_ar_steps"):
         load_config(TrainConfig, None, ["algorithm.batch_ar_steps=true", "algorithm.update=ar_step"])
+
+
+@pytest.mark.parametrize("estimator", ["matching", "nft"])
+def test_forward_process_estimators_refuse_an_update_per_ar_step(estimator):
+    """Their old terms are computed from the policy when an AR step is first scored; after an optimizer step per
+    AR step the later steps' 'old' policy would already be updated."""
+    with pytest.raises(ValueError, match="update='rollout'"):
+        load_config(TrainConfig, None, [f"algorithm.estimator={estimator}", "algorithm.update=ar_step"])
+
+
+def test_training_exceptions_cross_a_process_pool():
+    """compare's worker processes send exceptions back pickled; a stop or fault must arrive as itself."""
+    import pickle
+    import signal
+    from pathlib import Path
+
+    from margrpo.rl.trainer import StepFault, TrainingFault, TrainingStopped
+
+    stopped = pickle.loads(pickle.dumps(TrainingStopped(4, signal.SIGTERM, Path("runs/x"))))
+    assert (stopped.step, stopped.signum, str(stopped.out)) == (4, signal.SIGTERM, "runs/x")
+    fault = pickle.loads(pickle.dumps(StepFault("non-finite loss", "step 2", float("nan"))))
+    assert fault.where == "step 2" and str(fault).startswith("non-finite loss")
+    assert str(pickle.loads(pickle.dumps(TrainingFault("3 bad steps")))) == "3 bad steps"
 
 
 def test_resume_skips_a_truncated_checkpoint_and_still_ends_bit_identical(tiny_model_dir, tmp_path, capsys):

@@ -63,10 +63,15 @@ def test_memory_and_file_handles_stay_flat_over_a_long_run(tmp_path):
     warm = n // 5  # allocator and caches settle during the first fifth
     hours = (np.asarray(clock[warm:]) - clock[warm]) / 3600
     slope_mb_per_hour = float(np.polyfit(hours, rss[warm:], 1)[0]) if hours[-1] > 0 else 0.0
-    report = (f"{n} steps in {minutes} min; RSS {rss[warm]:.0f} -> {rss[-1]:.0f} MB (max {max(rss):.0f}), trend "
-              f"{slope_mb_per_hour:+.1f} MB/h; open files {fds[warm]} -> {fds[-1]} (max {max(fds)})")
+    fifth = max(1, (n - warm) // 5)
+    growth = max(rss[-fifth:]) - float(np.median(rss[warm:warm + fifth]))
+    report = (f"{n} steps in {minutes} min; RSS {rss[warm]:.0f} -> {rss[-1]:.0f} MB (min {min(rss[warm:]):.0f}, max "
+              f"{max(rss):.0f}), growth {growth:+.0f} MB, trend {slope_mb_per_hour:+.1f} MB/h; open files {fds[warm]} "
+              f"-> {fds[-1]} (max {max(fds)})")
     print(report)
     (Path(os.environ.get("MARGRPO_SOAK_REPORT", tmp_path / "soak.txt"))).write_text(report + "\n")
-    assert max(rss[warm:]) - min(rss[warm:]) < 100, report
+    # growth, not range: the kernel or allocator handing pages back makes RSS dip (measured once: 700 -> 412 MB for
+    # a moment in a 30-minute run), which is no leak; a leak raises the last fifth above the first
+    assert growth < 100, report
     assert abs(slope_mb_per_hour) < 50, report
     assert max(fds[warm:]) - fds[warm] <= 2, report

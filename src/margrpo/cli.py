@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from margrpo.rewards.base import RewardFailure
     from margrpo.rl.trainer import TrainingFault, TrainingStopped
+    from margrpo.utils.checkpoint import CheckpointError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -267,7 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFault as e:
         print(f"margrpo {args.command}: error: {e}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError) as e:
+    except RewardFailure as e:  # too many images without a reward: the trainer saved a checkpoint first
+        print(f"margrpo {args.command}: error: {e}", file=sys.stderr)
+        return 4
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: stop at once
+        print(f"margrpo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, KeyError, TypeError, CheckpointError) as e:
         print(f"margrpo {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -77,14 +77,20 @@ class DiffusionHead(nn.Module):
     def is_stochastic(self, j: int) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def score_gain(self, j: int) -> float:  # pragma: no cover - abstract
-        """|d mean / d network output| / std of stochastic step j: how many standard deviations a unit change
-        of the network's prediction moves the step's Gaussian mean (for a learned variance, at its smallest std).
+    def score_gain(self, j: int, guidance: float = 1.0, temperature: float = 1.0) -> float:
+        """|d mean / d conditional network output| / std of stochastic step j: how many standard deviations a unit
+        change of the network's prediction moves the step's Gaussian mean (for a learned variance, at its smallest
+        std), sampled with `guidance` (the guided output moves `guidance` times the conditional one) and
+        `temperature` (which scales the std).
 
         Why: the score of a recorded transition, d log p / d output = noise / std * d mean / d output, is the
         step's standard-normal draw times this gain. Where it is huge the policy term of that step is noise
         (and its PPO ratio leaves the trust region after a tiny update); the trainer does not score such steps.
         """
+        return self.unit_score_gain(j) * guidance / temperature
+
+    def unit_score_gain(self, j: int) -> float:  # pragma: no cover - abstract
+        """`score_gain` without guidance and at temperature 1."""
         raise NotImplementedError
 
     def transition(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
@@ -198,7 +204,7 @@ class DdpmHead(DiffusionHead):
     def is_stochastic(self, j: int) -> bool:
         return self.index_of_step(j) != 0
 
-    def score_gain(self, j: int) -> float:
+    def unit_score_gain(self, j: int) -> float:
         """d mean / d eps = posterior_mean_coef1 * sqrt(1 / alpha-bar - 1) over the posterior std (the learned
         variance's lower bound). On the cosine schedule respaced to 10 steps: about 3,500 at the first step
         (alpha-bar 2.4e-9), 1.0-1.8 in the middle, 29 at the last stochastic step."""
@@ -333,7 +339,7 @@ class FlowHead(DiffusionHead):
     def is_stochastic(self, j: int) -> bool:
         return self.noise_level > 0
 
-    def score_gain(self, j: int) -> float:
+    def unit_score_gain(self, j: int) -> float:
         """(1 + s^2 (1 - sigma) / (2 sigma)) |dt| / (s sqrt(|dt|)). Since s^2 (1 - sigma) / sigma = a^2, this is
         (1 + a^2 / 2) sqrt(|dt| (1 - sigma~) / sigma) / a: at most (1 + a^2 / 2) / a (1.78 at a = 0.7) at every
         step and shift, so a flow head has no noise-dominated step unless its noise level is small."""

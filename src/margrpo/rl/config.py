@@ -111,6 +111,10 @@ class AlgorithmSection:
         if self.batch_ar_steps and self.update != "rollout":
             raise ValueError("algorithm.batch_ar_steps shares one forward between the scored AR steps; with "
                              "algorithm.update='ar_step' every step has its own optimizer step (set update='rollout')")
+        if self.estimator != "trajectory" and self.update != "rollout":
+            raise ValueError(f"algorithm.estimator={self.estimator!r} takes its old terms from the policy before the "
+                             f"update; with algorithm.update='ar_step' later AR steps would see updated weights "
+                             f"(set update='rollout')")
         if self.mte_k == 1:
             raise ValueError("algorithm.mte_k=1 cannot estimate uncertainty; use 0 (off) or >= 2")
         if self.consistency and self.policy_tokens != "unknown":

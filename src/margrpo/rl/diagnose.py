@@ -33,7 +33,7 @@ import torch
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.objective import ar_step_loss
-from margrpo.rl.trainer import Trainer, scorable_head_steps
+from margrpo.rl.trainer import Trainer, scorable_head_steps, scored_guidance
 from margrpo.sampling.replay import score_transitions, step_conditions
 from margrpo.sampling.sampler import sample
 from margrpo.utils.rng import make_generator
@@ -58,7 +58,8 @@ def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
                     [m for m in meta for _ in range(a.group_size)])
     adv = group_advantages(torch.nan_to_num(out.scores), rollout.group, out.valid, a.advantage_std, a.advantage_eps)
     stochastic = [j for j in range(head.num_steps) if head.is_stochastic(j)]
-    scored = set(scorable_head_steps(head, a.head_step_max_gain)) if stochastic else set()
+    gain_args = (scored_guidance(cfg), cfg.sampling.temperature)
+    scored = set(scorable_head_steps(head, a.head_step_max_gain, *gain_args)) if stochastic else set()
     ocfg = a.objective()
     params = [p for _, p in tr.params]
 
@@ -88,8 +89,9 @@ def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
                 log_ratio = max(log_ratio, float((new.logp - rec.logp[[j]]).abs().max()))
                 clamped += float(_clamped_fraction(head, rec.x[j], j, sc)) * rec.x.shape[1]
                 count += rec.x.shape[1]
-            rows.append({"head_step": j, "score_gain": head.score_gain(j), "clamped": clamped / max(count, 1),
-                         "grad_share": sq[j] / total, "max_log_ratio": log_ratio, "scored": j in scored})
+            rows.append({"head_step": j, "score_gain": head.score_gain(j, *gain_args),
+                         "clamped": clamped / max(count, 1), "grad_share": sq[j] / total,
+                         "max_log_ratio": log_ratio, "scored": j in scored})
         for name_, p in tr.params:
             p.copy_(before[name_])
     return rows

@@ -175,6 +175,8 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
                 log_ratio = log_ratio.clone()
                 log_ratio[:, idx] = (new_k - old_k).mean(0)
             pg, ratio = pooled_surrogate(log_ratio, keep, img, b, advantages.to(dev).float(), cfg)
+            if cfg.normalize == "token":  # Harmon's sum over channels: the pooled value stands for C elements
+                pg = pg * log_ratio.shape[-1]
 
     if cfg.head_step_weighting == "std":
         s = main.std.detach().mean(dim=(1, 2))

@@ -159,14 +159,23 @@ class PromptSource:
         return [self.prompts[i] for i in idx], [self.metadata[i] for i in idx]
 
 
-def scorable_head_steps(head, max_gain: float) -> list[int]:
-    """Stochastic head steps whose score gain is at most `max_gain` (the others' score terms are noise)."""
-    gains = {j: head.score_gain(j) for j in range(head.num_steps) if head.is_stochastic(j)}
+def scorable_head_steps(head, max_gain: float, guidance: float = 1.0, temperature: float = 1.0) -> list[int]:
+    """Stochastic head steps whose score gain is at most `max_gain` (the others' score terms are noise).
+
+    `guidance` is the largest guidance scale the scored density carries (the gain grows with it) and `temperature`
+    the sampling temperature (the std shrinks with it)."""
+    gains = {j: head.score_gain(j, guidance, temperature) for j in range(head.num_steps) if head.is_stochastic(j)}
     eligible = [j for j, g in gains.items() if g <= max_gain]
     if not eligible:
-        raise ValueError(f"no head step has a score gain <= algorithm.head_step_max_gain={max_gain}; the gains of "
-                         f"this head's steps are {', '.join(f'{g:.3g}' for g in gains.values())}")
+        raise ValueError(f"no head step has a score gain <= algorithm.head_step_max_gain={max_gain} at guidance "
+                         f"{guidance:g} and temperature {temperature:g}; the gains of this head's stochastic steps "
+                         f"are {', '.join(f'{g:.3g}' for g in gains.values()) or 'none (it has none)'}")
     return eligible
+
+
+def scored_guidance(cfg: TrainConfig) -> float:
+    """The largest guidance scale in the density the policy term scores (1 when only the conditional branch is)."""
+    return cfg.sampling.cfg if cfg.algorithm.guidance == "rollout" else 1.0
 
 
 def select_steps(cfg: TrainConfig, head, step: int, rank: int = 0
@@ -181,7 +190,7 @@ def select_steps(cfg: TrainConfig, head, step: int, rank: int = 0
         count = a.ar_step_count if a.ar_step_count is not None else max(1, round(a.ar_step_fraction * n_ar))
         count = min(count, n_ar)
     ar = sorted(torch.randperm(n_ar, generator=g)[:count].tolist())
-    eligible = scorable_head_steps(head, a.head_step_max_gain)
+    eligible = scorable_head_steps(head, a.head_step_max_gain, scored_guidance(cfg), cfg.sampling.temperature)
     per = len(eligible) if a.head_steps_per_ar_step is None else min(a.head_steps_per_ar_step, len(eligible))
     head_steps = {i: sorted(eligible[k] for k in torch.randperm(len(eligible), generator=g)[:per].tolist())
                   for i in ar}
@@ -198,6 +207,9 @@ class StepFault(Exception):
         self.what, self.where, self.value = what, where, value
         super().__init__(f"{what} ({value:.4g}) at {where}")
 
+    def __reduce__(self):  # picklable, so that it crosses a process pool (margrpo compare's workers)
+        return type(self), (self.what, self.where, self.value)
+
 
 class TrainingFault(RuntimeError):
     """Too many bad steps in a row: the run stopped; its checkpoint holds the last good weights."""
@@ -210,6 +222,9 @@ class TrainingStopped(Exception):
         self.step, self.signum, self.out = step, signum, out
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint written; "
                          f"continue with: margrpo train --resume {out}")
+
+    def __reduce__(self):  # picklable, so that it crosses a process pool (margrpo compare's workers)
+        return type(self), (self.step, self.signum, self.out)
 
 
 class StopRequest:
@@ -459,7 +474,8 @@ class Trainer:
         if f.max_kl is not None and sl.stats.get("loss/kl", 0.0) > f.max_kl:
             raise StepFault(f"KL to the reference above faults.max_kl={f.max_kl}", where, sl.stats["loss/kl"])
         if f.max_log_ratio is not None:
-            log_ratio = max(abs(math.log(max(sl.stats.get(k, 1.0), 1e-30))) for k in ("ratio/max", "ratio/min"))
+            keys = ("ratio/max", "ratio/min", "mte/ratio_max", "mte/ratio_min")  # MTE chains carry their own ratios
+            log_ratio = max(abs(math.log(max(sl.stats.get(k, 1.0), 1e-30))) for k in keys)
             if log_ratio > f.max_log_ratio:
                 raise StepFault(f"PPO log-ratio above faults.max_log_ratio={f.max_log_ratio}", where, log_ratio)
 
@@ -527,7 +543,9 @@ class Trainer:
                 raise ValueError(f"{ckpt}: eval.ema_decay > 0 but the checkpoint holds no EMA weights (the run was "
                                  "started without one; resume with eval.ema_decay=0)")
             copy_policy_tensors(self.ema.shadow, {n: tensors["ema"][n] for n in self.ema.shadow}, f"{ckpt} (EMA)")
-        self.bad_steps = int(state.get("bad_steps", 0))
+        self.bad_steps = int(state.get("bad_steps", 0))  # restored: a resume after a crash must not change the run
+        if self.bad_steps >= self.cfg.faults.max_consecutive:  # the run stopped for them: the user changed something
+            self.bad_steps = 0
         self.guard.total = int(state["reward_guard"]["total"])
         self.guard.invalid = int(state["reward_guard"]["invalid"])
         return int(state["step"])

@@ -227,20 +227,23 @@ def verify_checkpoint(d: str | os.PathLike, groups: Iterable[str] | None = None)
         meta = payload["_checkpoint"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         return f"{state_path}: unreadable or not a margrpo checkpoint state ({type(e).__name__}: {e})"
-    files = meta.get("files") or {}
-    names = [f"{g}.safetensors" for g in (meta.get("groups") or [])] if groups is None else \
-        [f"{g}.safetensors" for g in groups]
-    for name in names:
-        f = d / name
-        if not f.is_file():
-            return f"{f}: missing (state.json lists it)"
-        want = files.get(name)
-        if want is None:
-            continue
-        if f.stat().st_size != want["bytes"]:
-            return f"{f}: {f.stat().st_size} bytes, the manifest says {want['bytes']} (truncated or overwritten)"
-        if _file_digest(f)["sha256"] != want["sha256"]:
-            return f"{f}: SHA-256 differs from the manifest (corrupted)"
+    try:
+        files = meta.get("files") or {}
+        names = [f"{g}.safetensors" for g in (meta.get("groups") or [])] if groups is None else \
+            [f"{g}.safetensors" for g in groups]
+        for name in names:
+            f = d / name
+            if not f.is_file():
+                return f"{f}: missing (state.json lists it)"
+            want = files.get(name)
+            if want is None:
+                continue
+            if f.stat().st_size != int(want["bytes"]):
+                return f"{f}: {f.stat().st_size} bytes, the manifest says {want['bytes']} (truncated or overwritten)"
+            if _file_digest(f)["sha256"] != want["sha256"]:
+                return f"{f}: SHA-256 differs from the manifest (corrupted)"
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # a manifest that is itself damaged
+        return f"{state_path}: malformed checkpoint manifest ({type(e).__name__}: {e})"
     return None
 
 

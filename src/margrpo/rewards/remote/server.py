@@ -198,11 +198,25 @@ class _HTTPServer(ThreadingHTTPServer):
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                                 b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
                                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+                # half-close and drain what the client already sent (bounded: this is the accept thread), so that
+                # closing does not reset the connection before the client reads the 503 (see _refuse_unread)
+                request.shutdown(socket.SHUT_WR)
+                request.settimeout(0.05)
+                drained = 0
+                while drained < _DRAIN_BYTES:
+                    chunk = request.recv(65536)
+                    if not chunk:
+                        break
+                    drained += len(chunk)
             except OSError:
                 pass
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no handler thread started: give its slot back
+            self.slots.release()
+            raise
 
     def process_request_thread(self, request, client_address) -> None:
         try:
