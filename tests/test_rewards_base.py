@@ -170,6 +170,8 @@ def test_failure_guard_counts_and_raises_with_fraction():
     e = ei.value
     assert e.fraction == pytest.approx(0.5) and e.invalid == 4 and e.total == 8
     assert e.reasons == {"error": 4} and "50.0%" in str(e) and "OSError: disk" in str(e)
+    # the failing batch is not counted: the checkpoint saved on failure precedes it, and a resume repeats it
+    assert guard.state_dict() == {"total": 4, "invalid": 4, "reasons": {"error": 4}}
     g2 = RewardFailureGuard(0.25, min_samples=1)
     g2.load_state_dict({"total": 100, "invalid": 10, "reasons": {"nonfinite": 10}})
     g2.update(ok)

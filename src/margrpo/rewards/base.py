@@ -416,6 +416,11 @@ class RewardFailureGuard:
         return self.invalid / self.total if self.total else 0.0
 
     def update(self, output: RewardOutput) -> None:
+        """Count `output`; past the fraction raise, with the counts put back as they were before it.
+
+        Why put back: the trainer checkpoints the step before the failing batch and stops; a resume (with the
+        reward fixed) repeats that step, which must not count its failed batch a second time."""
+        before = (self.total, self.invalid, dict(self.reasons), self.last_reason)
         self.total += len(output)
         self.invalid += output.num_invalid
         for k, v in output.reason_counts().items():
@@ -424,12 +429,14 @@ class RewardFailureGuard:
             if r is not None:
                 self.last_reason = r
         if self.total >= self.min_samples and self.fraction > self.max_invalid_fraction:
-            raise RewardFailure(
+            failure = RewardFailure(
                 f"{self.invalid} of {self.total} reward samples ({self.fraction:.1%}) were invalid, more than "
                 f"the allowed max_invalid_fraction={self.max_invalid_fraction:.1%}; by cause: {self.reasons}; "
                 f"last: {self.last_reason}",
                 fraction=self.fraction, invalid=self.invalid, total=self.total, reasons=self.reasons,
             )
+            self.total, self.invalid, self.reasons, self.last_reason = before
+            raise failure
 
     def metrics(self, prefix: str = "reward") -> dict[str, float]:
         return {f"{prefix}/run_invalid_count": float(self.invalid), f"{prefix}/run_invalid_fraction": self.fraction}
