@@ -25,7 +25,7 @@ demo-long: setup
 # grpo, mar-grpo, mar-grpo-matching and nft, 3 seeds each with the demo's settings, plus null and positive
 # controls; two worker processes (one per core); table into the README
 compare: setup
-	$(BIN)/margrpo compare --seeds 0 1 2 --control-steps 15 --readme README.md
+	$(BIN)/margrpo compare --seeds 0 1 2 --control-steps 15 --readme README.md steps=100
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks
@@ -34,8 +34,9 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q
 
+# every benchmark; the train step also measures the demo's step of the code before issue #13 (06f4111) side by side
 bench: setup
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run --against 06f4111
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

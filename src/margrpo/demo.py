@@ -1,4 +1,4 @@
-"""`margrpo demo`: MAR-GRPO on the shipped shapes base model, evaluated before and after on held-out prompts.
+"""`margrpo demo`: RL fine-tuning of the shipped shapes base (demo.yaml), scored before and after on held-out prompts.
 
 Writes under the output folder: `before.json`, `after.json`, `results.md` (per-category table),
 `grid_before_after.png` (the same seeds before | after), the training run (`run/`, with `report.png`).
