@@ -74,7 +74,7 @@ def _load_run(run_dir: Path, device: str | torch.device) -> MARGenerator:
         raise FileNotFoundError(f"{run_dir}: a training run without a complete checkpoint under "
                                 f"{run_dir / 'checkpoints'} (damaged ones do not count) and no exported generator "
                                 "(config.json)")
-    tensors, state = load_checkpoint(ckpt, groups=["policy"], device=device)
+    tensors, state = load_checkpoint(ckpt, groups=["policy"], device=device, verify=False)  # verified above
     base = state.get("model")
     if not isinstance(base, str):
         raise ValueError(f"{ckpt}: state.json does not name the run's base model (key 'model')")
@@ -530,7 +530,7 @@ class Trainer:
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no complete, undamaged checkpoint under {self.out / 'checkpoints'}"
                                     + (f" ({len(skipped)} damaged)" if skipped else ""))
-        tensors, state = load_checkpoint(ckpt, device=self.device)
+        tensors, state = load_checkpoint(ckpt, device=self.device, verify=False)  # latest_checkpoint verified it
         named = dict(self.params)
         missing = set(named) - set(tensors["policy"])
         if missing:

@@ -390,12 +390,14 @@ def latest_checkpoint(run_dir: str | os.PathLike, verify: bool = False,
 
 
 def load_checkpoint(
-    path: str | os.PathLike, groups: Iterable[str] | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike, groups: Iterable[str] | None = None, device: str | torch.device = "cpu",
+    verify: bool = True,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """Load ``(tensors, state)`` from a checkpoint directory, or the latest one of a run directory.
 
     ``tensors[group][name]`` are on ``device``; ``state`` is the saved state dict with ``step``.
-    ``groups`` restricts which safetensors files are read.
+    ``groups`` restricts which safetensors files are read. ``verify=False`` skips the manifest check, for a
+    caller that has just run it (``latest_checkpoint(..., verify=True)``), so the files are hashed once.
     """
     p = Path(path)
     if _is_complete(p):
@@ -418,16 +420,18 @@ def load_checkpoint(
     meta = payload.pop("_checkpoint", {})
     available = list(meta.get("groups") or sorted(f.stem for f in d.glob("*.safetensors")))
     wanted = available if groups is None else list(groups)
-    out: dict[str, dict[str, torch.Tensor]] = {}
     for g in wanted:
         if g not in available:
             raise CheckpointError(f"{d}: no tensor group '{g}' (available: {', '.join(available) or 'none'})")
         f = d / f"{g}.safetensors"
         if not f.is_file():
             raise CheckpointError(f"{f}: missing from checkpoint (state.json lists group '{g}')")
-        problem = verify_checkpoint(d, [g])
-        if problem is not None:
-            raise CheckpointError(problem)
+    problem = verify_checkpoint(d, wanted) if verify else None
+    if problem is not None:
+        raise CheckpointError(problem)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for g in wanted:
+        f = d / f"{g}.safetensors"
         try:
             out[g] = load_file(str(f), device=str(device))
         except Exception as e:
