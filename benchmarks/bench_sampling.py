@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from benchmarks.common import machine, timeit, write_results
-from margrpo.rl.trainer import load_model
+from margrpo.models.loading import load_model
 from margrpo.sampling.replay import score_transitions, step_conditions
 from margrpo.sampling.sampler import SamplerConfig, sample
 
@@ -28,24 +28,24 @@ def main(argv: list[str] | None = None) -> None:
     args, _ = ap.parse_known_args(argv)
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    gen = load_model("shipped:shapes-base", dev).eval()
-    gen.mar.head.set_sampling_steps(args.diffusion_steps)
-    cond = gen.encode_prompts(["a red circle left of a blue square"] * args.batch)
+    model = load_model("shipped:shapes-base", dev).eval()
+    model.head.set_sampling_steps(args.diffusion_steps)
+    cond = model.encode_prompts(["a red circle left of a blue square"] * args.batch)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     def run(**kw):
         cfg = SamplerConfig(num_ar_steps=args.ar_steps, **kw)
         with autocast:
-            return sample(gen.mar, cond, args.batch, cfg, torch.Generator(dev).manual_seed(0),
+            return sample(model.policy, cond, args.batch, cfg, torch.Generator(dev).manual_seed(0),
                           torch.Generator(dev).manual_seed(1))
 
     variants = [
         ("plain", dict(record=False)),
         ("record all steps", dict(record=True, record_z=False)),
         ("record all steps + z", dict(record=True)),
-        ("record, diffuse all unknown", dict(record=True, record_z=False, diffuse="all_unknown")),
+        ("record, diffuse all unknown", dict(record=True, record_z=False, policy_tokens="unknown")),
         ("record + MTE K=4 (commit)", dict(record=True, record_z=False, mte_k=4)),
-        ("CFG 3 + record", dict(record=True, record_z=False, cfg=3.0)),
+        ("CFG 3 + record", dict(record=True, record_z=False, guidance_scale=3.0)),
     ]
     rows = []
     base = None
@@ -55,18 +55,18 @@ def main(argv: list[str] | None = None) -> None:
         base = base or ips
         rows.append({"variant": name, "images/s": ips, "relative time": base / ips, "seconds": t["median_s"]})
     r = run(record=True, record_z=False)
-    js = [j for j in range(r.head_steps) if gen.mar.head.is_stochastic(j)]
+    js = [j for j in range(r.head_steps) if model.head.is_stochastic(j)]
 
     def replay():
         with torch.no_grad(), autocast:
             for i in r.steps:
-                score_transitions(gen.mar.head, r.steps[i].x, js, step_conditions(gen.mar, r, i), r.temperature)
+                score_transitions(model.head, r.steps[i].x, js, step_conditions(model.policy, r, i), r.temperature)
 
     t = timeit(replay, repeats=args.repeats)
     rows.append({"variant": "exact replay of all steps (no grad)", "images/s": args.batch / t["median_s"],
                  "relative time": t["median_s"] / (args.batch / base), "seconds": t["median_s"]})
     meta = {**machine(), "device": args.device, "dtype": args.dtype, "batch": args.batch, "ar_steps": args.ar_steps,
-            "diffusion_steps": args.diffusion_steps, "params": gen.mar.num_parameters()}
+            "diffusion_steps": args.diffusion_steps, "params": model.policy.num_parameters()}
     md = write_results(f"sampling_{args.device}_{args.dtype}", rows,
                        ["variant", "images/s", "relative time", "seconds"], meta)
     print(md.read_text())

@@ -33,12 +33,12 @@ def tiny_kwargs():
 
 def tiny_generator(seed: int = 0):
     """A tiny text-to-image generator whose zero-initialised head layers are perturbed (so z matters)."""
-    from margrpo.models.factory import ModelSpec, build_generator
-    from margrpo.pretrain import vocabulary
+    from margrpo.models.mar.factory import ModelSpec, build_model
+    from margrpo.worlds.shapes.pretrain import vocabulary
 
     spec = ModelSpec(width=32, depth=1, num_heads=2, head_width=32, head_depth=1, diffusion_steps=6, text_dim=16)
     torch.manual_seed(seed)  # only the module initialisers; the code under test never touches this RNG
-    gen = build_generator(spec, vocabulary())
+    gen = build_model(spec, vocabulary())
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in gen.mar.diffloss.parameters():

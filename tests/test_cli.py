@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from margrpo.cli import main
-from margrpo.models.factory import ModelSpec, build_generator
-from margrpo.pretrain import vocabulary
+from margrpo.models.mar.factory import ModelSpec, build_model
+from margrpo.worlds.shapes.pretrain import vocabulary
 
 TINY = ModelSpec(width=32, depth=1, num_heads=2, head_width=32, head_depth=1, diffusion_steps=4, text_dim=16)
 
@@ -15,7 +15,7 @@ TINY = ModelSpec(width=32, depth=1, num_heads=2, head_width=32, head_depth=1, di
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "gen"
-    build_generator(TINY, vocabulary()).save_pretrained(path)
+    build_model(TINY, vocabulary()).save_pretrained(path)
     return path
 
 
@@ -28,7 +28,7 @@ def test_sample_writes_a_grid(model_dir, tmp_path, capsys):
 
 
 def test_eval_prints_a_table_and_writes_json(model_dir, tmp_path, capsys, monkeypatch):
-    import margrpo.evaluate as ev
+    import margrpo.worlds.shapes.evaluate as ev
 
     monkeypatch.setattr(ev, "eval_prompt_set", lambda n=1: ["a red circle", "two blue squares"])
     import margrpo.cli as cli_mod  # noqa: F401  (the command imports eval_prompt_set at call time)
@@ -59,12 +59,12 @@ log: {{checkpoint_every: 1, sample_every: 100, tensorboard: false}}
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
     # a run directory loads as its base model plus the latest checkpoint's policy weights: after the run
     # that is exactly the exported generator, and it differs from the base
-    from margrpo.models.generator import MARGenerator
-    from margrpo.rl.trainer import load_model
+    from margrpo.models.loading import load_model
+    from margrpo.models.mar.image_model import MARImageModel
 
     from_run = dict(load_model(str(tmp_path / "run"), "cpu").named_parameters())
-    exported = dict(MARGenerator.load_pretrained(tmp_path / "run" / "model", device="cpu").named_parameters())
-    base = dict(MARGenerator.load_pretrained(model_dir, device="cpu").named_parameters())
+    exported = dict(MARImageModel.load_pretrained(tmp_path / "run" / "model", device="cpu").named_parameters())
+    base = dict(MARImageModel.load_pretrained(model_dir, device="cpu").named_parameters())
     assert from_run.keys() == exported.keys()
     assert all(torch.equal(from_run[k], exported[k]) for k in exported)
     assert any(not torch.equal(from_run[k], base[k]) for k in base)
@@ -98,7 +98,7 @@ log: {{checkpoint_every: 1, sample_every: 100, tensorboard: false}}
 
 
 def test_a_run_directory_without_a_checkpoint_is_a_clear_error(model_dir, tmp_path):
-    from margrpo.rl.trainer import load_model
+    from margrpo.models.loading import load_model
 
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="without a complete checkpoint"):

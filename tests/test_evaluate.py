@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from margrpo.demo import comparison_table
-from margrpo.evaluate import EvalResult, paired_strict_change
+from margrpo.experiments.demo import comparison_table
 from margrpo.worlds import shapes
+from margrpo.worlds.shapes.evaluate import EvalResult, paired_strict_change
 
 
 def result(prompts: list[str], cats: list[str], strict: list[int]) -> EvalResult:

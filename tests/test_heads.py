@@ -234,7 +234,7 @@ def test_ddpm_score_gain_is_the_mean_slope_over_the_posterior_std(steps):
 
 
 def test_ddpm_score_gain_on_the_respaced_cosine_schedule_flags_the_first_and_last_steps():
-    from margrpo.rl.trainer import scorable_head_steps
+    from margrpo.rl.selection import scorable_head_steps
 
     head = DdpmHead(3, 4, 8, 1, num_sampling_steps=10)
     gains = [head.score_gain(j) for j in range(9)]
@@ -271,7 +271,7 @@ class _OutputFromCondition(torch.nn.Module):
 def test_score_gain_grows_with_guidance_and_shrinks_with_temperature_as_the_step_does(guidance, temperature):
     """Moving the conditional branch's output alone under CFG moves the guided mean `guidance` times as far, and the
     temperature scales the std: the measured slope / std must equal score_gain(j, guidance, temperature)."""
-    from margrpo.rl.trainer import scorable_head_steps
+    from margrpo.rl.selection import scorable_head_steps
 
     head = FlowHead(3, 4, 8, 1, num_sampling_steps=8, noise_level=0.7)
     head.net = _OutputFromCondition(3)

@@ -13,8 +13,8 @@ runs every shipped preset on three.
 import numpy as np
 import pytest
 
-from margrpo.compare import CONTROL, control_trend
 from margrpo.configs import config_path
+from margrpo.experiments.compare import CONTROL, control_trend
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer
 from margrpo.utils.config import load_config

@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-from margrpo.models.factory import ModelSpec, build_generator
-from margrpo.models.generator import MARGenerator
+from margrpo.models.mar.factory import ModelSpec, build_model
+from margrpo.models.mar.image_model import MARImageModel
 from margrpo.models.vae import AutoencoderTokenizer
-from margrpo.pretrain import EvalSpec, PretrainConfig, pretrain, vocabulary
-from margrpo.pretrain_autoencoder import AutoencoderSpec, train_autoencoder
+from margrpo.worlds.shapes.pretrain import EvalSpec, PretrainConfig, pretrain, vocabulary
+from margrpo.worlds.shapes.pretrain_autoencoder import AutoencoderSpec, train_autoencoder
 
 TINY_MODEL = ModelSpec(tokenizer="autoencoder", patch_size=1, width=32, depth=1, num_heads=2, head_width=32,
                        head_depth=1, diffusion_steps=4, text_dim=16, clip_denoised=False)
@@ -26,7 +26,7 @@ def _cfg(out, steps=2, **kw) -> PretrainConfig:
                           checkpoint_every=1, data_workers=0, threads=0, **kw)
 
 
-def _sample(gen: MARGenerator) -> torch.Tensor:
+def _sample(gen: MARImageModel) -> torch.Tensor:
     from margrpo.sampling.sampler import SamplerConfig, sample
 
     cond = gen.encode_prompts(["a red circle", "two blue squares"])
@@ -58,7 +58,7 @@ def test_latent_token_pretrain_is_reproducible_exports_and_resumes(tmp_path):
     gen_b = pretrain(_cfg(tmp_path / "b"), progress=False)
     for (k, a), b in zip(gen_a.state_dict().items(), gen_b.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"same seed, different weights at {k}"
-    loaded = MARGenerator.load_pretrained(tmp_path / "a" / "model")
+    loaded = MARImageModel.load_pretrained(tmp_path / "a" / "model")
     assert isinstance(loaded.tokenizer, AutoencoderTokenizer)
     assert loaded.mar.config.vae_stride == 8 and loaded.mar.config.vae_embed_dim == 4
     assert loaded.tokenizer.scale == pytest.approx(gen_a.tokenizer.scale)
@@ -80,17 +80,17 @@ def test_latent_token_pretrain_is_reproducible_exports_and_resumes(tmp_path):
 
 def test_generator_folder_rejects_a_broken_tokenizer_spec(tmp_path):
     tok = AutoencoderTokenizer(TINY_AE.build(32), scale=0.5)
-    build_generator(TINY_MODEL, vocabulary(), tok).save_pretrained(tmp_path)
+    build_model(TINY_MODEL, vocabulary(), tok).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["tokenizer"]["type"] == "autoencoder_kl" and cfg["tokenizer"]["scale"] == 0.5
     del cfg["tokenizer"]["scale"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="tokenizer.*scale"):
-        MARGenerator.load_pretrained(tmp_path)
+        MARImageModel.load_pretrained(tmp_path)
     cfg["tokenizer"] = {"type": "vqgan"}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="'vqgan'.*valid: 'pixels', 'autoencoder_kl'"):
-        MARGenerator.load_pretrained(tmp_path)
+        MARImageModel.load_pretrained(tmp_path)
 
 
 def test_config_errors_name_the_problem():
@@ -101,16 +101,16 @@ def test_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="num_groups=8 must divide"):
         AutoencoderSpec(ch=12, num_groups=8)
     with pytest.raises(ValueError, match="needs an autoencoder tokenizer"):
-        build_generator(TINY_MODEL, vocabulary())
+        build_model(TINY_MODEL, vocabulary())
     with pytest.raises(ValueError, match="not a multiple"):
-        build_generator(ModelSpec(**{**TINY_MODEL.__dict__, "img_size": 36}), vocabulary(),
+        build_model(ModelSpec(**{**TINY_MODEL.__dict__, "img_size": 36}), vocabulary(),
                         AutoencoderTokenizer(TINY_AE.build(32), scale=1.0))
 
 
 def test_lr_cycles_restart_and_extend_a_shorter_run_exactly():
     import math
 
-    from margrpo.pretrain import lr_at
+    from margrpo.worlds.shapes.pretrain import lr_at
 
     short = PretrainConfig(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
     long = PretrainConfig(steps=300, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, lr_cycle_steps=100)

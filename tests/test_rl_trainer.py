@@ -8,7 +8,8 @@ import torch
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.objective import ObjectiveConfig, ar_step_loss
-from margrpo.rl.trainer import Trainer, select_steps, trainable_parameters
+from margrpo.rl.selection import select_steps
+from margrpo.rl.trainer import Trainer
 from margrpo.sampling.sampler import SamplerConfig, sample
 from margrpo.utils.config import load_config
 from margrpo.utils.metrics import read_metrics
@@ -33,11 +34,12 @@ def test_ratio_is_one_before_the_first_update(cfg_scale, guidance, mte_source, p
     gen = tiny_generator()
     prompts = ["a red circle", "two blue squares"]
     cond = gen.encode_prompts(prompts).repeat_interleave(3)
-    scfg = SamplerConfig(num_ar_steps=4, cfg=cfg_scale, diffuse="all_unknown" if policy_tokens == "unknown"
-                         else "to_predict", mte_k=3, mte_source=mte_source, record_z=False, score_guidance=guidance)
+    scfg = SamplerConfig(num_ar_steps=4, guidance_scale=cfg_scale, policy_tokens=policy_tokens, mte_k=3,
+                         mte_source=mte_source, record_z=False, score_guidance=guidance)
     r = sample(gen.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    ocfg = ObjectiveConfig(guidance=guidance, beta=0.1, consistency=policy_tokens == "unknown", mte_top_fraction=0.3)
+    ocfg = ObjectiveConfig(score_guidance=guidance, beta=0.1, consistency=policy_tokens == "unknown",
+                           mte_top_fraction=0.3)
     gen.mar.train()
     ref = copy.deepcopy(gen.mar).eval()
     cache: dict = {}
@@ -59,7 +61,7 @@ def test_token_pooled_ratio_has_the_elementwise_gradient_at_ratio_one(normalize)
     channels it must be C times that mean: the same gradient as the element-wise term in both reductions."""
     gen = tiny_generator()
     cond = gen.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
-    scfg = SamplerConfig(num_ar_steps=4, diffuse="to_predict", record_z=False)
+    scfg = SamplerConfig(num_ar_steps=4, policy_tokens="committed", record_z=False)
     r = sample(gen.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
     grads = {}
@@ -76,7 +78,7 @@ def test_token_pooled_ratio_has_the_elementwise_gradient_at_ratio_one(normalize)
 def test_pooled_ratios_are_one_and_rollout_normalisation_weighs_every_kept_pair_alike():
     gen = tiny_generator()
     cond = gen.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
-    scfg = SamplerConfig(num_ar_steps=4, diffuse="all_unknown", mte_k=3, mte_source="scored", record_z=False)
+    scfg = SamplerConfig(num_ar_steps=4, policy_tokens="unknown", mte_k=3, mte_source="scored", record_z=False)
     r = sample(gen.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
     for level in ("token", "image"):
@@ -102,11 +104,11 @@ def test_the_recorded_old_log_probs_catch_a_replay_that_differs_from_sampling(mt
     """The ratio-is-1 check is not true by construction: a model changed after sampling moves every ratio."""
     gen = tiny_generator()
     cond = gen.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
-    scfg = SamplerConfig(num_ar_steps=4, cfg=2.0, diffuse="all_unknown", mte_k=3, mte_source=mte_source,
+    scfg = SamplerConfig(num_ar_steps=4, guidance_scale=2.0, policy_tokens="unknown", mte_k=3, mte_source=mte_source,
                          record_z=False, score_guidance="cond_only")
     r = sample(gen.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    ocfg = ObjectiveConfig(guidance="cond_only", beta=0.0, consistency=False, mte_top_fraction=0.3)
+    ocfg = ObjectiveConfig(score_guidance="cond_only", beta=0.0, consistency=False, mte_top_fraction=0.3)
     with torch.no_grad():
         gen.mar.z_proj.weight.add_(0.05 * torch.randn(gen.mar.z_proj.weight.shape,
                                                       generator=torch.Generator().manual_seed(2)))
@@ -119,7 +121,7 @@ def test_matching_estimator_is_the_advantage_weighted_pretraining_loss_at_ratio_
     """AWM: before an update rho = 1 exactly, and the gradient equals that of mean(A x head pretraining loss)."""
     gen = tiny_generator().eval()
     cond = gen.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
-    r = sample(gen.mar, cond, 6, SamplerConfig(num_ar_steps=4, diffuse="to_predict", record_z=False),
+    r = sample(gen.mar, cond, 6, SamplerConfig(num_ar_steps=4, policy_tokens="committed", record_z=False),
                torch.Generator().manual_seed(0))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
     ocfg = ObjectiveConfig(estimator="matching", noise_draws=3, beta=0.0, consistency=False)
@@ -168,13 +170,13 @@ def test_frozen_head_gets_no_gradient_and_does_not_change(tiny_model_dir, tmp_pa
         "algorithm.prompts_per_step=2", "algorithm.group_size=4", "sampling.ar_steps=4", "sampling.diffusion_steps=6",
         "algorithm.head_steps_per_ar_step=2", "optim.lr=1e-2", "log.tensorboard=false"])
     tr = Trainer(cfg, progress=False)
-    head_before = {k: v.clone() for k, v in tr.gen.mar.diffloss.state_dict().items()}
-    body_before = tr.gen.mar.z_proj.weight.clone()
+    head_before = {k: v.clone() for k, v in tr.model.mar.diffloss.state_dict().items()}
+    body_before = tr.model.mar.z_proj.weight.clone()
     tr.run()
-    assert all(torch.equal(head_before[k], v) for k, v in tr.gen.mar.diffloss.state_dict().items())
-    assert all(p.grad is None for p in tr.gen.mar.diffloss.parameters())
-    assert not torch.equal(body_before, tr.gen.mar.z_proj.weight)
-    names = [n for n, _ in trainable_parameters(tr.gen, "head")]
+    assert all(torch.equal(head_before[k], v) for k, v in tr.model.mar.diffloss.state_dict().items())
+    assert all(p.grad is None for p in tr.model.mar.diffloss.parameters())
+    assert not torch.equal(body_before, tr.model.mar.z_proj.weight)
+    names = [n for n, _ in tr.model.trainable_parameters("head")]
     assert names and all(n.startswith("mar.diffloss.") for n in names)
 
 
@@ -203,7 +205,7 @@ def test_end_to_end_run_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path
     Trainer(_cfg(tiny_model_dir, tmp_path / "crash", 2, extra), progress=False).run()
     resumed = Trainer(_cfg(tiny_model_dir, tmp_path / "crash", 4, extra), progress=False)
     m_res = resumed.run(resume=True)
-    for a, b in zip(full.gen.mar.parameters(), resumed.gen.mar.parameters(), strict=True):
+    for a, b in zip(full.model.mar.parameters(), resumed.model.mar.parameters(), strict=True):
         assert torch.equal(a, b)
     drop = ("time/", "memory/")
     clean = [{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_metrics(tmp_path / "crash")]
@@ -256,7 +258,7 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(tiny_model_dir, tmp_path
 def test_prompt_sampling_balances_categories_unless_told_not_to():
     from collections import Counter
 
-    from margrpo.rl.trainer import PromptSource
+    from margrpo.rl.prompts import PromptSource
     from margrpo.worlds import shapes
 
     def shares(balance: bool) -> dict[str, float]:
@@ -315,7 +317,7 @@ def test_ptx_term_trains_on_rendered_batches_even_without_reward_signal(tiny_mod
     assert all(torch.isfinite(torch.tensor(r["loss/ptx"])) for r in rows)
     with torch.no_grad():
         assert ptx.ptx_loss(999).item() < held
-    head = [p for n, p in ptx.gen.mar.named_parameters() if n.startswith("diffloss.")]
+    head = [p for n, p in ptx.model.mar.named_parameters() if n.startswith("diffloss.")]
     assert all(p.grad is None for p in head)  # the frozen head stays frozen under the ptx term too
 
     prompt_file = tmp_path / "prompts.txt"
@@ -404,7 +406,7 @@ def test_training_exceptions_cross_a_process_pool():
     import signal
     from pathlib import Path
 
-    from margrpo.rl.trainer import StepFault, TrainingFault, TrainingStopped
+    from margrpo.rl.faults import StepFault, TrainingFault, TrainingStopped
 
     stopped = pickle.loads(pickle.dumps(TrainingStopped(4, signal.SIGTERM, Path("runs/x"))))
     assert (stopped.step, stopped.signum, str(stopped.out)) == (4, signal.SIGTERM, "runs/x")
@@ -424,7 +426,7 @@ def test_resume_skips_a_truncated_checkpoint_and_still_ends_bit_identical(tiny_m
     assert "skipping a damaged checkpoint" in capsys.readouterr().err and "optimizer.safetensors" in str(damaged)
     resumed = Trainer(_cfg(tiny_model_dir, tmp_path / "crash", 6), progress=False)
     resumed.run(resume=True)
-    for a, b in zip(full.gen.mar.parameters(), resumed.gen.mar.parameters(), strict=True):
+    for a, b in zip(full.model.mar.parameters(), resumed.model.mar.parameters(), strict=True):
         assert torch.equal(a, b)
     drop = ("time/", "memory/")
     assert ([{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_metrics(tmp_path / "crash")]
@@ -433,7 +435,7 @@ def test_resume_skips_a_truncated_checkpoint_and_still_ends_bit_identical(tiny_m
 
 def test_numerical_faults_skip_the_step_and_too_many_in_a_row_stop_the_run(tiny_model_dir, tmp_path, monkeypatch):
     import margrpo.rl.trainer as trainer_mod
-    from margrpo.rl.trainer import TrainingFault
+    from margrpo.rl.faults import TrainingFault
     from margrpo.utils.checkpoint import latest_checkpoint, load_checkpoint
 
     real_loss, real_sample = trainer_mod.ar_step_loss, trainer_mod.sample

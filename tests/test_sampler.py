@@ -59,9 +59,9 @@ def test_masks_follow_the_schedule():
     assert torch.equal(r.tokens[rec.to_pred], rec.x[-1][rec.committed_in_diffused()])
 
 
-def test_diffuse_all_unknown_commits_the_same_positions():
+def test_unknown_policy_tokens_commit_the_same_positions():
     m = make()
-    r = run(m, num_ar_steps=5, diffuse="all_unknown")
+    r = run(m, num_ar_steps=5, policy_tokens="unknown")
     for rec in r.steps.values():
         assert torch.equal(rec.diffused, ~rec.known)
         assert rec.x.shape[1] == int((~rec.known).sum())
@@ -95,7 +95,7 @@ def test_mte_chains_do_not_change_the_images():
     # image's 64 tokens: a position selected at two steps has the same chains at both
     chains: dict[int, torch.Tensor] = {}
     repeats = 0
-    commit_all = run(m, num_ar_steps=4, mte_k=3, mte_source="commit", diffuse="all_unknown")
+    commit_all = run(m, num_ar_steps=4, mte_k=3, mte_source="commit", policy_tokens="unknown")
     assert torch.equal(plain.tokens, commit_all.tokens)
     for rec in commit_all.steps.values():
         flat = rec.diffused.reshape(-1).nonzero().flatten()[rec.mte_tokens]
@@ -109,13 +109,13 @@ def test_mte_chains_do_not_change_the_images():
 
 @pytest.mark.parametrize("head", ["ddpm", "flow"])
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
-@pytest.mark.parametrize("diffuse", ["to_predict", "all_unknown"])
+@pytest.mark.parametrize("policy_tokens", ["committed", "unknown"])
 @pytest.mark.parametrize("branch", [None, 2])
-def test_recomputed_log_probs_equal_recorded(head, cfg, diffuse, branch):
+def test_recomputed_log_probs_equal_recorded(head, cfg, policy_tokens, branch):
     """The invariant: z and log-probs recomputed from the Rollout reproduce the rollout (ratio == 1)."""
     m = make(head)
-    r = run(m, num_ar_steps=5, cfg=cfg, diffuse=diffuse, noise_group=2 if branch is not None else 1,
-            branch_step=branch)
+    r = run(m, num_ar_steps=5, guidance_scale=cfg, policy_tokens=policy_tokens,
+            noise_group=2 if branch is not None else 1, branch_step=branch)
     m.train()  # the trainer keeps the model in train mode; replay must still match (dropout off)
     js = [j for j in range(r.head_steps) if m.head.is_stochastic(j)]
     for i, rec in r.steps.items():
@@ -138,7 +138,7 @@ def test_recomputed_log_probs_equal_recorded(head, cfg, diffuse, branch):
 
 def test_cond_only_scoring_differs_under_guidance():
     m = make(std=0.15)  # large enough weights that the class condition visibly moves z
-    r = run(m, num_ar_steps=4, cfg=3.0, cfg_schedule="constant")
+    r = run(m, num_ar_steps=4, guidance_scale=3.0, guidance_schedule="constant")
     js = [3, 4]  # late steps: early ones are dominated by the x0 clamp
     with torch.no_grad():
         guided = score_transitions(m.head, r.steps[0].x, js, step_conditions(m, r, 0, "rollout"), 1.0)
@@ -159,28 +159,29 @@ def test_images_do_not_depend_on_what_is_diffused_or_recorded():
     """Committed tokens draw their noise from the main stream; extra diffused tokens from their own."""
     m = make()
     plain = run(m, num_ar_steps=6, record=False)
-    for kw in (dict(diffuse="all_unknown"), dict(diffuse="all_unknown", record_steps=(2, 3)),
-               dict(diffuse="to_predict", record_steps=(1,))):
+    for kw in (dict(policy_tokens="unknown"), dict(policy_tokens="unknown", record_steps=(2, 3)),
+               dict(policy_tokens="committed", record_steps=(1,))):
         assert torch.equal(run(m, num_ar_steps=6, **kw).tokens, plain.tokens), kw
-    sub = run(m, num_ar_steps=6, diffuse="all_unknown", record_steps=(2, 3))
+    sub = run(m, num_ar_steps=6, policy_tokens="unknown", record_steps=(2, 3))
     assert torch.equal(sub.steps[2].diffused, ~sub.steps[2].known)
 
 
 def test_bare_label_tensor_with_guidance():
     m = make()
-    r = sample(m, torch.tensor([1, 2]), 2, SamplerConfig(num_ar_steps=3, cfg=2.0), torch.Generator().manual_seed(0))
+    r = sample(m, torch.tensor([1, 2]), 2, SamplerConfig(num_ar_steps=3, guidance_scale=2.0),
+               torch.Generator().manual_seed(0))
     assert r.tokens.shape == (2, 64, 48)
 
 
-@pytest.mark.parametrize("diffuse", ["to_predict", "all_unknown"])
-def test_branched_groups_share_everything_but_the_branch_step(diffuse):
+@pytest.mark.parametrize("policy_tokens", ["committed", "unknown"])
+def test_branched_groups_share_everything_but_the_branch_step(policy_tokens):
     """Images of a group share their order and the tokens of every step before the branch; the branch
     step's committed tokens differ; later steps reuse the group's noise (so differ only through z)."""
     m = make()
     n, group, branch = 6, 3, 2
     cond = Condition(labels=torch.zeros(n, dtype=torch.long))  # one prompt: a group is identical up to noise
-    r = sample(m, cond, n, SamplerConfig(num_ar_steps=5, noise_group=group, branch_step=branch, diffuse=diffuse),
-               torch.Generator().manual_seed(0))
+    r = sample(m, cond, n, SamplerConfig(num_ar_steps=5, noise_group=group, branch_step=branch,
+                                         policy_tokens=policy_tokens), torch.Generator().manual_seed(0))
     step_of = r.committed_step()
     for g in range(n // group):
         rows = range(g * group, (g + 1) * group)

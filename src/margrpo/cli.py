@@ -16,8 +16,8 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _load_generator(path: str | None, device: str):
-    from margrpo.rl.trainer import load_model
+def _load_model(path: str | None, device: str):
+    from margrpo.models.loading import load_model
 
     return load_model(path or "shipped:shapes-base", device)
 
@@ -28,10 +28,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from margrpo.utils.images import make_grid, save_png
 
     _set_threads(args.threads)
-    gen = _load_generator(args.model, args.device)
-    cfg = SamplerConfig(num_ar_steps=args.ar_steps, num_diffusion_steps=args.diffusion_steps, cfg=args.cfg,
-                        temperature=args.temperature, record=False)
-    pipe = MARPipeline(gen, cfg)
+    model = _load_model(args.model, args.device)
+    cfg = SamplerConfig(num_ar_steps=args.ar_steps, num_diffusion_steps=args.diffusion_steps,
+                        guidance_scale=args.guidance_scale, temperature=args.temperature, record=False)
+    pipe = MARPipeline(model, cfg)
     prompts = args.prompt
     t0 = time.perf_counter()
     images = pipe(prompts, num_images_per_prompt=args.n, seed=args.seed, progress=not args.quiet)
@@ -52,7 +52,7 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
                    "or shipped:NAME (default: the shipped shapes model)")
     p.add_argument("--ar-steps", type=int, default=16)
     p.add_argument("--diffusion-steps", type=int, default=None)
-    p.add_argument("--cfg", type=float, default=1.0)
+    p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--upscale", type=int, default=4)
@@ -64,7 +64,7 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from margrpo.demo import run_demo
+    from margrpo.experiments.demo import run_demo
 
     return run_demo(Path(args.out), quick=args.quick, quiet=args.quiet, overrides=args.overrides, config=args.config,
                     readme=Path(args.readme) if args.readme else None)
@@ -89,8 +89,8 @@ def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[st
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from margrpo.pretrain import PretrainConfig, pretrain
     from margrpo.utils.config import load_config
+    from margrpo.worlds.shapes.pretrain import PretrainConfig, pretrain
 
     config, overrides = _config_and_overrides(args)
     cfg = load_config(PretrainConfig, config, overrides)
@@ -143,15 +143,15 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from margrpo.evaluate import eval_prompt_set, evaluate, format_summary
     from margrpo.sampling.sampler import SamplerConfig
+    from margrpo.worlds.shapes.evaluate import eval_prompt_set, evaluate, format_summary
 
     _set_threads(args.threads)
-    gen = _load_generator(args.checkpoint, args.device)
+    model = _load_model(args.checkpoint, args.device)
     prompts = eval_prompt_set(args.per_category)
-    cfg = SamplerConfig(num_ar_steps=args.ar_steps, num_diffusion_steps=args.diffusion_steps, cfg=args.cfg,
-                        temperature=args.temperature, record=False)
-    res = evaluate(gen, prompts, cfg, seed=args.seed, progress=not args.quiet)
+    cfg = SamplerConfig(num_ar_steps=args.ar_steps, num_diffusion_steps=args.diffusion_steps,
+                        guidance_scale=args.guidance_scale, temperature=args.temperature, record=False)
+    res = evaluate(model, prompts, cfg, seed=args.seed, progress=not args.quiet)
     print(format_summary(res.summary))
     print(f"{len(prompts)} images in {res.seconds:.1f}s")
     if args.json:
@@ -170,7 +170,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-category", type=int, default=100, help="held-out images per category")
     p.add_argument("--ar-steps", type=int, default=16)
     p.add_argument("--diffusion-steps", type=int, default=None)
-    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results here")
@@ -181,7 +181,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from margrpo.compare import METHODS, run_compare
+    from margrpo.experiments.compare import METHODS, run_compare
 
     _set_threads(args.threads)
     config, overrides = _config_and_overrides(args)
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from margrpo.rewards.base import RewardFailure
-    from margrpo.rl.trainer import TrainingFault, TrainingStopped
+    from margrpo.rl.faults import TrainingFault, TrainingStopped
     from margrpo.utils.checkpoint import CheckpointError
 
     parser = build_parser()

@@ -1,12 +1,16 @@
-"""Per-token diffusion heads behind one interface: a Gaussian transition per denoising step.
+"""Per-token diffusion heads: a network composed with a scheduler, behind one interface.
 
-The sampler and the RL losses only ever ask a head four things:
+A head is `net` (an `nn.Module` that predicts eps or a velocity from (x_t, t, z)) plus `scheduler` (a
+`schedulers.DdpmScheduler` or `schedulers.FlowMatchScheduler`, which turns a prediction into the step's Gaussian
+and owns the timesteps and the training-noise law), as diffusers composes a model and a scheduler. The sampler and
+the RL losses ask a head:
 
-* `transition(x, j, z, z_uncond, guidance, temperature)`: mean and std of x^{j+1} given x^j at
-  sampling step j (j = 0 is the noisiest), with classifier-free guidance applied to the network
-  prediction exactly as at sampling;
+* `transition(x, j, z, z_uncond, guidance, temperature)` (also the module's `forward`, so that DDP and FSDP2
+  hooks fire): mean and std of x^{j+1} given x^j at sampling step j (j = 0 is the noisiest), with
+  classifier-free guidance applied to the network prediction exactly as at sampling;
 * `is_stochastic(j)`: whether step j adds noise (a deterministic step has no log-probability);
-* `init_noise(...)`: the starting x^0 ~ N(0, I);
+* `set_sampling_steps(T)`: a new sampling chain (the scheduler's `set_timesteps`; the network is unchanged);
+* `init_noise(...)` and `sample_step(...)`: the starting x^0 ~ N(0, I) and one draw from a transition;
 * `loss(target, z)`: the pretraining loss.
 
 Log-probabilities are computed by `gaussian_log_prob` in float32 whatever the autocast dtype,
@@ -20,14 +24,15 @@ Flow-GRPO SDE step of noise level `a`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from margrpo.models.mlp_net import SimpleMLPAdaLN
-from margrpo.models.schedules import DdpmSchedule, flow_sigmas
+from margrpo.models.schedulers import DdpmScheduler, FlowMatchScheduler, Transition
+
+__all__ = ["DdpmHead", "DiffusionHead", "FlowHead", "Transition", "gaussian_log_prob"]
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -41,19 +46,6 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
         return -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
 
 
-@dataclass
-class Transition:
-    """Gaussian law of the next head state: x^{j+1} ~ N(mean, std^2), both float32 [N, C].
-
-    `clamped` [N, C] bool marks elements whose predicted x0 a clamping head clipped (None for other heads):
-    their mean does not depend on the network there.
-    """
-
-    mean: torch.Tensor
-    std: torch.Tensor
-    clamped: torch.Tensor | None = None
-
-
 def _guided(out_c: torch.Tensor, out_u: torch.Tensor | None, guidance: float) -> torch.Tensor:
     if out_u is None:
         return out_c
@@ -61,21 +53,23 @@ def _guided(out_c: torch.Tensor, out_u: torch.Tensor | None, guidance: float) ->
 
 
 class DiffusionHead(nn.Module):
-    """Common part of the heads: the network call with optional classifier-free guidance."""
+    """What every head shares: the network call with optional classifier-free guidance, and the scheduler's
+    chain (step count, stochastic steps, score gain, training-noise levels)."""
 
     token_dim: int
     net: SimpleMLPAdaLN
+    scheduler: DdpmScheduler | FlowMatchScheduler
 
     @property
-    def num_steps(self) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def num_steps(self) -> int:
+        return self.scheduler.num_steps
 
-    def set_sampling_steps(self, num_sampling_steps: str | int) -> None:  # pragma: no cover - abstract
-        """Respace the sampling chain to `num_sampling_steps`; the network is unchanged."""
-        raise NotImplementedError
+    def set_sampling_steps(self, num_sampling_steps: str | int) -> None:
+        """Respace the sampling chain to `num_sampling_steps`: a new schedule, the same network."""
+        self.scheduler.set_timesteps(num_sampling_steps)
 
-    def is_stochastic(self, j: int) -> bool:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def is_stochastic(self, j: int) -> bool:
+        return self.scheduler.is_stochastic(j)
 
     def score_gain(self, j: int, guidance: float = 1.0, temperature: float = 1.0) -> float:
         """|d mean / d conditional network output| / std of stochastic step j: how many standard deviations a unit
@@ -89,9 +83,20 @@ class DiffusionHead(nn.Module):
         """
         return self.unit_score_gain(j) * guidance / temperature
 
-    def unit_score_gain(self, j: int) -> float:  # pragma: no cover - abstract
-        """`score_gain` without guidance and at temperature 1."""
-        raise NotImplementedError
+    def unit_score_gain(self, j: int) -> float:
+        """`score_gain` without guidance and at temperature 1 (the scheduler's)."""
+        return self.scheduler.unit_score_gain(j)
+
+    def loss_noise_levels(self, u: torch.Tensor) -> torch.Tensor:
+        """Map u in [0, 1) to the `t` that `loss` draws by default (its inverse CDF).
+
+        Why: stratified u (one draw per stratum) gives the same expected loss with less variance.
+        """
+        return self.scheduler.loss_noise_levels(u)
+
+    def forward(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
+                guidance: float = 1.0, temperature: float = 1.0) -> Transition:
+        return self.transition(x, j, z, z_uncond, guidance, temperature)
 
     def transition(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
                    guidance: float = 1.0, temperature: float = 1.0) -> Transition:  # pragma: no cover
@@ -109,13 +114,6 @@ class DiffusionHead(nn.Module):
         (DiffusionNFT's implicit policies). DDPM: eps_hat - eps, the space of its training loss (an x0 error
         would weigh noise levels by sqrt(1 / alpha-bar - 1), which spans six orders of magnitude on the cosine
         schedule). Flow: x0_hat - x0 = sigma (v* - v_hat), DiffusionNFT's space for flow models.
-        """
-        raise NotImplementedError
-
-    def loss_noise_levels(self, u: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        """Map u in [0, 1) to the `t` that `loss` draws by default (its inverse CDF).
-
-        Why: stratified u (one draw per stratum) gives the same expected loss with less variance.
         """
         raise NotImplementedError
 
@@ -146,12 +144,12 @@ class DiffusionHead(nn.Module):
         """Full chain for conditions z [N, D]; returns the clean tokens [N, C] (float32)."""
         x = self.init_noise((z.shape[0], self.token_dim), generator, z.device)
         for j in range(self.num_steps):
-            x = self.sample_step(self.transition(x, j, z, z_uncond, guidance, temperature), j, generator)
+            x = self.sample_step(self(x, j, z, z_uncond, guidance, temperature), j, generator)
         return x
 
 
 class DdpmHead(DiffusionHead):
-    """MAR's DiffLoss head: epsilon prediction with learned-range variance.
+    """MAR's DiffLoss head: epsilon prediction with learned-range variance, on a `DdpmScheduler`.
 
     `clip_denoised` clamps the predicted x0 to [-clip_range, clip_range] before forming the posterior
     mean. Why: at the first respaced step of the cosine schedule x0 = (x - sqrt(1 - a) eps) / sqrt(a)
@@ -166,87 +164,40 @@ class DdpmHead(DiffusionHead):
                  clip_denoised: bool = False, grad_checkpointing: bool = False,
                  diffusion_steps: int = 1000, clip_range: float = 1.0):
         super().__init__()
-        if not clip_range > 0:
-            raise ValueError(f"clip_range must be positive, got {clip_range}")
         self.token_dim = token_dim
-        self.clip_denoised = clip_denoised
-        self.clip_range = float(clip_range)
-        self.noise_schedule = noise_schedule
+        self.scheduler = DdpmScheduler(num_sampling_steps, noise_schedule, diffusion_steps, clip_denoised,
+                                       clip_range)
         self.net = SimpleMLPAdaLN(token_dim, width, token_dim * 2, z_channels, depth, grad_checkpointing)
-        self.train_schedule = DdpmSchedule.create(diffusion_steps, noise_schedule, diffusion_steps)
-        self.set_sampling_steps(num_sampling_steps)
-
-    def set_sampling_steps(self, num_sampling_steps: str | int) -> None:
-        """Respace the sampling chain (the network is unchanged; only the Gaussian steps change)."""
-        self.gen_schedule = DdpmSchedule.create(num_sampling_steps, self.noise_schedule,
-                                                len(self.train_schedule.betas))
-        s = self.gen_schedule
-        # float32 copies of the per-step coefficients, as upstream's `_extract_into_tensor(...).float()`
-        self._coef = {
-            name: torch.from_numpy(np.asarray(getattr(s, name))).float()
-            for name in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
-                         "posterior_mean_coef2", "posterior_log_variance_clipped")
-        }
-        self._coef["log_betas"] = torch.from_numpy(np.log(s.betas)).float()
 
     @property
-    def num_steps(self) -> int:
-        return self.gen_schedule.num_steps
+    def gen_schedule(self):
+        """The respaced sampling schedule's float64 arrays (LTH14's `gen_diffusion`)."""
+        return self.scheduler.schedule
+
+    @property
+    def train_schedule(self):
+        """The 1000-step training schedule's float64 arrays (LTH14's `train_diffusion`)."""
+        return self.scheduler.train
 
     def index_of_step(self, j: int) -> int:
-        """Respaced diffusion index k for sampling step j (k counts down to 0)."""
-        return self.num_steps - 1 - j
+        return self.scheduler.index_of_step(j)
 
     def net_timestep(self, j: int) -> int:
-        """Base timestep the network sees at sampling step j (MAR maps respaced k to the original t)."""
-        return int(self.gen_schedule.timestep_map[self.index_of_step(j)])
-
-    def is_stochastic(self, j: int) -> bool:
-        return self.index_of_step(j) != 0
-
-    def unit_score_gain(self, j: int) -> float:
-        """d mean / d eps = posterior_mean_coef1 * sqrt(1 / alpha-bar - 1) over the posterior std (the learned
-        variance's lower bound). On the cosine schedule respaced to 10 steps: about 3,500 at the first step
-        (alpha-bar 2.4e-9), 1.0-1.8 in the middle, 29 at the last stochastic step."""
-        if not self.is_stochastic(j):
-            raise ValueError(f"head step {j} is deterministic and has no score")
-        s, k = self.gen_schedule, self.index_of_step(j)
-        sensitivity = s.posterior_mean_coef1[k] * s.sqrt_recipm1_alphas_cumprod[k]
-        return float(sensitivity / math.exp(0.5 * s.posterior_log_variance_clipped[k]))
+        return self.scheduler.net_timestep(j)
 
     def transition(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
                    guidance: float = 1.0, temperature: float = 1.0) -> Transition:
-        k = self.index_of_step(j)
         c = self.token_dim
-        t = torch.full((x.shape[0],), self.net_timestep(j), device=x.device, dtype=torch.long)
-        out_c, out_u = self._net_out(x, t, z, z_uncond)
+        out_c, out_u = self._net_out(x, self.scheduler.net_time(j, x.shape[0], x.device), z, z_uncond)
         with torch.autocast(device_type=x.device.type, enabled=False):
             eps = _guided(out_c[:, :c].float(), None if out_u is None else out_u[:, :c].float(), guidance)
             var_values = out_c[:, c:].float()  # the conditional branch's variance, as upstream
-            xf = x.float()
-            x0 = self._coef["sqrt_recip_alphas_cumprod"][k] * xf - self._coef["sqrt_recipm1_alphas_cumprod"][k] * eps
-            clamped = None
-            if self.clip_denoised:
-                clamped = x0.abs() > self.clip_range
-                x0 = x0.clamp(-self.clip_range, self.clip_range)
-            mean = self._coef["posterior_mean_coef1"][k] * x0 + self._coef["posterior_mean_coef2"][k] * xf
-            frac = (var_values + 1) / 2
-            log_var = frac * self._coef["log_betas"][k] + (1 - frac) * self._coef["posterior_log_variance_clipped"][k]
-            std = torch.exp(0.5 * log_var) * temperature
-        return Transition(mean=mean, std=std, clamped=clamped)
+            return self.scheduler.step(x, j, eps, var_values, temperature)
 
     # ------------------------------------------------------------------ pretraining loss
-    def loss_noise_levels(self, u: torch.Tensor) -> torch.Tensor:
-        """Uniform training timesteps: floor(u T)."""
-        n = self.train_schedule.num_steps
-        return (u * n).floor().long().clamp(0, n - 1)
-
     def regression_error(self, target: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
                          noise: torch.Tensor) -> torch.Tensor:
-        s = self.train_schedule
-        sa = torch.from_numpy(s.sqrt_alphas_cumprod).to(target.device)[t].float().unsqueeze(-1)
-        sb = torch.from_numpy(s.sqrt_one_minus_alphas_cumprod).to(target.device)[t].float().unsqueeze(-1)
-        out = self.net(sa * target + sb * noise, t, z)
+        out = self.net(self.scheduler.add_noise(target, t, noise), t, z)
         return out[:, :self.token_dim].float() - noise.float()
 
     def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None,
@@ -255,17 +206,17 @@ class DdpmHead(DiffusionHead):
 
         Returns [N]. `t` and `noise` may be given for reproducible tests.
         """
-        s = self.train_schedule
+        s = self.scheduler.train
         n = target.shape[0]
         if t is None:
-            t = torch.randint(0, s.num_steps, (n,), generator=generator, device=target.device)
+            t = self.scheduler.sample_train_levels(n, generator, target.device)
         if noise is None:
             noise = torch.randn(target.shape, generator=generator, device=target.device, dtype=target.dtype)
 
         def ex(arr: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(arr).to(target.device)[t].float().unsqueeze(-1)
 
-        x_t = ex(s.sqrt_alphas_cumprod) * target + ex(s.sqrt_one_minus_alphas_cumprod) * noise
+        x_t = self.scheduler.add_noise(target, t, noise)
         out = self.net(x_t, t, z)
         c = self.token_dim
         eps, var_values = out[:, :c], out[:, c:]
@@ -304,85 +255,42 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor,
 
 
 class FlowHead(DiffusionHead):
-    """Velocity-prediction flow-matching head (x_sigma = (1 - sigma) x0 + sigma eps, v = eps - x0).
-
-    Sampling uses the Flow-GRPO SDE step, which keeps the marginals of the probability-flow ODE and
-    gives every step a Gaussian law:
-
-        mean = x (1 + s^2 dt / (2 sigma)) + v (1 + s^2 (1 - sigma) / (2 sigma)) dt,
-        std  = s sqrt(-dt),     s = a sqrt(sigma / (1 - sigma~)),
-
-    with sigma~ the next sigma at sigma = 1. `noise_level` a = 0 gives the deterministic Euler ODE.
-    """
+    """Velocity-prediction flow-matching head on a `FlowMatchScheduler` (the Flow-GRPO SDE step; noise level
+    a = 0 gives the deterministic Euler ODE)."""
 
     def __init__(self, token_dim: int, z_channels: int, width: int, depth: int, num_sampling_steps: int = 25,
                  noise_level: float = 0.7, shift: float = 1.0, grad_checkpointing: bool = False,
                  train_sigma_sampling: str = "logit_normal"):
         super().__init__()
-        if train_sigma_sampling not in ("uniform", "logit_normal"):
-            raise ValueError(f"train_sigma_sampling={train_sigma_sampling!r}; valid: 'uniform', 'logit_normal'")
         self.token_dim = token_dim
-        self.noise_level = float(noise_level)
-        self.shift = float(shift)
-        self.train_sigma_sampling = train_sigma_sampling
+        self.scheduler = FlowMatchScheduler(num_sampling_steps, shift, noise_level, train_sigma_sampling)
         self.net = SimpleMLPAdaLN(token_dim, width, token_dim, z_channels, depth, grad_checkpointing)
-        self.set_sampling_steps(num_sampling_steps)
-
-    def set_sampling_steps(self, num_sampling_steps: str | int) -> None:
-        self._num_steps = int(num_sampling_steps)
-        self.sigmas = flow_sigmas(self._num_steps, self.shift)
 
     @property
-    def num_steps(self) -> int:
-        return self._num_steps
+    def sigmas(self) -> np.ndarray:
+        """[T + 1] sigmas of the sampling chain, ending in 0 (diffusers' `FlowMatchEulerDiscreteScheduler`)."""
+        return self.scheduler.sigmas
 
-    def is_stochastic(self, j: int) -> bool:
-        return self.noise_level > 0
+    @property
+    def noise_level(self) -> float:
+        """The SDE step's a (settable; 0 = the Euler ODE)."""
+        return self.scheduler.noise_level
 
-    def unit_score_gain(self, j: int) -> float:
-        """(1 + s^2 (1 - sigma) / (2 sigma)) |dt| / (s sqrt(|dt|)). Since s^2 (1 - sigma) / sigma = a^2, this is
-        (1 + a^2 / 2) sqrt(|dt| (1 - sigma~) / sigma) / a: at most (1 + a^2 / 2) / a (1.78 at a = 0.7) at every
-        step and shift, so a flow head has no noise-dominated step unless its noise level is small."""
-        if not self.is_stochastic(j):
-            raise ValueError(f"head step {j} is deterministic and has no score")
-        sigma, sigma_next = float(self.sigmas[j]), float(self.sigmas[j + 1])
-        dt = sigma - sigma_next
-        denom = float(self.sigmas[1]) if sigma == 1.0 else sigma
-        s = self.noise_level * math.sqrt(sigma / (1 - denom))
-        return (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt / (s * math.sqrt(dt))
+    @noise_level.setter
+    def noise_level(self, value: float) -> None:
+        self.scheduler.noise_level = float(value)
 
     def transition(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
                    guidance: float = 1.0, temperature: float = 1.0) -> Transition:
-        sigma = float(self.sigmas[j])
-        sigma_next = float(self.sigmas[j + 1])
-        dt = sigma_next - sigma
-        t = torch.full((x.shape[0],), sigma * 1000.0, device=x.device, dtype=torch.float32)
-        out_c, out_u = self._net_out(x, t, z, z_uncond)
+        out_c, out_u = self._net_out(x, self.scheduler.net_time(j, x.shape[0], x.device), z, z_uncond)
         with torch.autocast(device_type=x.device.type, enabled=False):
             v = _guided(out_c.float(), None if out_u is None else out_u.float(), guidance)
-            xf = x.float()
-            if self.noise_level > 0:
-                denom = float(self.sigmas[1]) if sigma == 1.0 else sigma
-                s = self.noise_level * math.sqrt(sigma / (1 - denom))
-                mean = xf * (1 + s**2 / (2 * sigma) * dt) + v * (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
-                std_val = s * math.sqrt(-dt) * temperature
-            else:
-                mean = xf + v * dt
-                std_val = 0.0
-            std = torch.full_like(mean, std_val)
-        return Transition(mean=mean, std=std)
-
-    def loss_noise_levels(self, u: torch.Tensor) -> torch.Tensor:
-        """sigma = u (uniform) or sigmoid(Phi^-1(u)) (logit-normal), u clamped into the open interval."""
-        u = u.float().clamp(1e-6, 1 - 1e-6)
-        if self.train_sigma_sampling == "uniform":
-            return u
-        return torch.sigmoid(math.sqrt(2.0) * torch.erfinv(2 * u - 1))
+            return self.scheduler.step(x, j, v, temperature)
 
     def regression_error(self, target: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
                          noise: torch.Tensor) -> torch.Tensor:
         sig = t.float().unsqueeze(-1)
-        v = self.net((1 - sig) * target + sig * noise, t.float() * 1000.0, z)
+        v = self.net(self.scheduler.add_noise(target, t, noise), t.float() * 1000.0, z)
         return sig * ((noise - target).float() - v.float())
 
     def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None,
@@ -390,13 +298,8 @@ class FlowHead(DiffusionHead):
         """Per-sample flow-matching MSE on the velocity; `t` here is sigma in (0, 1)."""
         n = target.shape[0]
         if t is None:
-            if self.train_sigma_sampling == "uniform":
-                t = torch.rand((n,), generator=generator, device=target.device)
-            else:
-                t = torch.sigmoid(torch.randn((n,), generator=generator, device=target.device))
+            t = self.scheduler.sample_train_levels(n, generator, target.device)
         if noise is None:
             noise = torch.randn(target.shape, generator=generator, device=target.device, dtype=target.dtype)
-        sig = t.float().unsqueeze(-1)
-        x_s = (1 - sig) * target + sig * noise
-        v = self.net(x_s, t.float() * 1000.0, z)
+        v = self.net(self.scheduler.add_noise(target, t, noise), t.float() * 1000.0, z)
         return ((v.float() - (noise - target).float()) ** 2).mean(dim=-1)

@@ -49,17 +49,17 @@ def mask_schedule(num_steps: int, seq_len: int) -> list[int]:
     return counts
 
 
-def guidance_at_step(cfg: float, schedule: str, seq_len: int, mask_len_next: int) -> float:
+def guidance_at_step(scale: float, schedule: str, seq_len: int, mask_len_next: int) -> float:
     """Classifier-free guidance scale for one AR step (LTH14/mar, following Muse).
 
-    `linear`: 1 + (cfg - 1) * (L - mask_len_next) / L, where mask_len_next is the number of
-    tokens still masked after this step; it grows from ~1 to `cfg`. `constant`: `cfg`.
+    `linear`: 1 + (scale - 1) * (L - mask_len_next) / L, where mask_len_next is the number of
+    tokens still masked after this step; it grows from ~1 to `scale`. `constant`: `scale`.
     """
     if schedule == "linear":
-        return 1.0 + (cfg - 1.0) * (seq_len - mask_len_next) / seq_len
+        return 1.0 + (scale - 1.0) * (seq_len - mask_len_next) / seq_len
     if schedule == "constant":
-        return float(cfg)
-    raise ValueError(f"unknown cfg schedule {schedule!r}; valid: 'linear', 'constant'")
+        return float(scale)
+    raise ValueError(f"unknown guidance schedule {schedule!r}; valid: 'linear', 'constant'")
 
 
 # ----------------------------------------------------------------------------------------------

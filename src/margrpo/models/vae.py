@@ -500,7 +500,7 @@ class AutoencoderTokenizer(nn.Module):
         return self.vae.embed_dim
 
     def spec(self) -> dict[str, Any]:
-        """What `MARGenerator.save_pretrained` records to rebuild this tokenizer (weights go alongside)."""
+        """What `MARImageModel.save_pretrained` records to rebuild this tokenizer (weights go alongside)."""
         return {"type": "autoencoder_kl", "scale": self.scale, "patch_size": self.patch_size,
                 "config": dict(self.vae.config)}
 

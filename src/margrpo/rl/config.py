@@ -24,9 +24,10 @@ class SamplingSection:
                            range=(1, 4096))
     diffusion_steps: int = option(10, "head denoising steps per token (the head's schedule respaced to this)",
                                   range=(1, 1000))
-    cfg: float = option(1.0, "classifier-free guidance scale of rollouts (1 = none: half the cost)", range=(1.0, 50.0))
-    cfg_schedule: str = option("linear", "guidance over AR steps: MAR's linear ramp from 1 to `cfg`, or constant",
-                               choices=("linear", "constant"))
+    guidance_scale: float = option(1.0, "classifier-free guidance scale of rollouts (1 = none: half the cost)",
+                                   range=(1.0, 50.0))
+    guidance_schedule: str = option("linear", "guidance over AR steps: MAR's linear ramp from 1 to `guidance_scale`, "
+                                    "or constant", choices=("linear", "constant"))
     temperature: float = option(1.0, "scale of the head's sampling std", range=(0.01, 10.0))
 
 
@@ -53,7 +54,7 @@ class AlgorithmSection:
                                        "head-steps.md)", range=(0.0, None))
     head_step_weighting: str = option("none", "weight each scored head step's policy term by its mean std (std) "
                                       "or not", choices=("none", "std"))
-    guidance: str = option("rollout", "density the transitions are scored under: the guided one that sampled, or "
+    score_guidance: str = option("rollout", "density the transitions are scored under: the guided one that sampled, or "
                            "the conditional branch alone (the MAR-GRPO release)", choices=GUIDANCE_MODES)
     clip_eps: float = option(0.2, "PPO clip range of the ratio (0 = no clip)", range=(0.0, 10.0))
     dual_clip: float | None = option(None, "dual-clip PPO bound c on negative advantages' objective (Ye et al. "
@@ -133,7 +134,7 @@ class AlgorithmSection:
     def objective(self) -> ObjectiveConfig:
         return ObjectiveConfig(clip_eps=self.clip_eps, dual_clip=self.dual_clip, beta=self.beta, kl=self.kl,
                                normalize=self.normalize, ratio_level=self.ratio_level,
-                               guidance=self.guidance, head_step_weighting=self.head_step_weighting,
+                               score_guidance=self.score_guidance, head_step_weighting=self.head_step_weighting,
                                mte_top_fraction=self.mte_top_fraction if self.mte_k else 0.0,
                                consistency=self.consistency, consistency_start=self.consistency_start,
                                consistency_tau=self.consistency_tau, estimator=self.estimator,
@@ -181,7 +182,7 @@ class LogSection:
 
 @dataclass
 class EvalSection:
-    """Verifier accuracy of the shapes world during and after training (`margrpo.evaluate`).
+    """Verifier accuracy of the shapes world during and after training (`margrpo.worlds.shapes.evaluate`).
 
     The same prompts and seeds at every evaluation, so each change carries a paired standard error against step 0.
     """
@@ -243,19 +244,21 @@ class TrainConfig:
     def eval_sampler(self) -> SamplerConfig:
         """Evaluation samples with the training sampler's settings (what RL optimised), without recording."""
         s = self.sampling
-        return SamplerConfig(num_ar_steps=s.ar_steps, num_diffusion_steps=s.diffusion_steps, cfg=s.cfg,
-                             cfg_schedule=s.cfg_schedule, temperature=s.temperature, record=False)
+        return SamplerConfig(num_ar_steps=s.ar_steps, num_diffusion_steps=s.diffusion_steps,
+                             guidance_scale=s.guidance_scale, guidance_schedule=s.guidance_schedule,
+                             temperature=s.temperature, record=False)
 
     def sampler(self, record_steps: tuple[int, ...] | None, branch_step: int | None = None,
                 head_steps: dict[int, list[int]] | None = None) -> SamplerConfig:
         """The rollout sampler: records `record_steps`, and MTE log-probabilities at the scored `head_steps`."""
         a, s = self.algorithm, self.sampling
         mte_head_steps = None if head_steps is None else {i: tuple(v) for i, v in head_steps.items()}
-        return SamplerConfig(num_ar_steps=s.ar_steps, num_diffusion_steps=s.diffusion_steps, cfg=s.cfg,
-                             cfg_schedule=s.cfg_schedule, temperature=s.temperature,
-                             diffuse="all_unknown" if a.policy_tokens == "unknown" else "to_predict",
+        return SamplerConfig(num_ar_steps=s.ar_steps, num_diffusion_steps=s.diffusion_steps,
+                             guidance_scale=s.guidance_scale, guidance_schedule=s.guidance_schedule,
+                             temperature=s.temperature,
+                             policy_tokens=a.policy_tokens,
                              record=True, record_steps=record_steps, record_z=False, mte_k=a.mte_k,
                              mte_source=a.mte_source, mte_top_fraction=a.mte_top_fraction,
                              mte_head_steps=mte_head_steps,
-                             score_guidance=a.guidance,
+                             score_guidance=a.score_guidance,
                              noise_group=a.group_size if branch_step is not None else 1, branch_step=branch_step)

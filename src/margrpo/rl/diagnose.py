@@ -33,7 +33,8 @@ import torch
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.objective import ar_step_loss
-from margrpo.rl.trainer import Trainer, scorable_head_steps, scored_guidance
+from margrpo.rl.selection import scorable_head_steps, scored_guidance
+from margrpo.rl.trainer import Trainer
 from margrpo.sampling.replay import score_transitions, step_conditions
 from margrpo.sampling.sampler import sample
 from margrpo.utils.rng import make_generator
@@ -44,16 +45,16 @@ def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
     a = cfg.algorithm
     cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(a, beta=0.0, ptx_weight=0.0, mte_k=0))
     tr = Trainer(cfg, progress=False)
-    mar, head = tr.gen.mar, tr.gen.mar.head
+    policy, head = tr.model.policy, tr.model.head
     n_ar = cfg.sampling.ar_steps
     prompts, meta = tr.prompts.batch(step, a.prompts_per_step)
-    cond = tr.gen.encode_prompts(prompts)
+    cond = tr.model.encode_prompts(prompts)
     cond = cond.repeat_interleave(a.group_size) if cond is not None else None
     n = a.prompts_per_step * a.group_size
-    rollout = sample(mar, cond, n, dataclasses.replace(cfg.sampler(tuple(range(n_ar))), mte_k=0),
+    rollout = sample(policy, cond, n, dataclasses.replace(cfg.sampler(tuple(range(n_ar))), mte_k=0),
                      make_generator(cfg.seed, "rollout", 0, step, device=tr.device))
     rollout.group = torch.arange(a.prompts_per_step).repeat_interleave(a.group_size)
-    images = tr.gen.decode(rollout.tokens).float()
+    images = tr.model.decode(rollout.tokens).float()
     out = tr.reward(images, [p for p in prompts for _ in range(a.group_size)],
                     [m for m in meta for _ in range(a.group_size)])
     adv = group_advantages(torch.nan_to_num(out.scores), rollout.group, out.valid, a.advantage_std, a.advantage_eps)
@@ -67,7 +68,7 @@ def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
         for p in params:
             p.grad = None
         for i in range(n_ar):
-            sl = ar_step_loss(mar, None, rollout, i, js, adv.values, adv.use, ocfg, {}, first_epoch=True)
+            sl = ar_step_loss(policy, None, rollout, i, js, adv.values, adv.use, ocfg, {}, first_epoch=True)
             (sl.loss / n_ar).backward()
         return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
@@ -84,7 +85,7 @@ def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
         for j in stochastic:
             log_ratio, clamped, count = 0.0, 0.0, 0
             for i, rec in rollout.steps.items():
-                sc = step_conditions(mar, rollout, i, a.guidance)
+                sc = step_conditions(policy, rollout, i, a.score_guidance)
                 new = score_transitions(head, rec.x, [j], sc, rollout.temperature)
                 log_ratio = max(log_ratio, float((new.logp - rec.logp[[j]]).abs().max()))
                 clamped += float(_clamped_fraction(head, rec.x[j], j, sc)) * rec.x.shape[1]

@@ -54,7 +54,7 @@ class TrainingEvaluator:
     """Held-out (and in-distribution) verifier accuracy of a training run, paired with step 0."""
 
     def __init__(self, cfg: TrainConfig, out_dir: Path):
-        from margrpo.evaluate import eval_prompt_set, train_prompt_set
+        from margrpo.worlds.shapes.evaluate import eval_prompt_set, train_prompt_set
 
         if cfg.prompts.source != "shapes" or cfg.prompts.fixed:
             raise ValueError("eval.every > 0 scores the shapes world's held-out prompts with its verifier; it needs "
@@ -69,15 +69,15 @@ class TrainingEvaluator:
     def _file(self, step: int, tag: str) -> Path:
         return self.dir / f"step-{step}{tag}.json"
 
-    def evaluate(self, gen, step: int, tag: str = "") -> dict[str, float]:
-        """Score `gen` on every split; metrics `eval{tag}/{split}/strict` and, after step 0, the paired change."""
-        from margrpo.evaluate import EvalResult, evaluate, paired_strict_change
+    def evaluate(self, model, step: int, tag: str = "") -> dict[str, float]:
+        """Score `model` on every split; metrics `eval{tag}/{split}/strict` and, after step 0, the paired change."""
+        from margrpo.worlds.shapes.evaluate import EvalResult, evaluate, paired_strict_change
 
         sampler = self.cfg.eval_sampler()
         record: dict[str, dict] = {}
         metrics: dict[str, float] = {}
         for k, (split, prompts) in enumerate(self.splits.items()):
-            res = evaluate(gen, prompts, sampler, seed=self.cfg.eval.seed + k, progress=False)
+            res = evaluate(model, prompts, sampler, seed=self.cfg.eval.seed + k, progress=False)
             record[split] = {"prompts": res.prompts, "results": [
                 {"strict": bool(r["strict"]), "partial": float(r["partial"]), "category": r["category"]}
                 for r in res.results]}

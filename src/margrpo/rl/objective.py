@@ -24,7 +24,7 @@ Per scored element (token x channel x head step j), with rho = exp(logp_theta - 
   [J, N, C] becomes [draws, N, 1]) or `nft` (DiffusionNFT's negative-aware loss on the final value, no ratio).
   Masks, reduction and KL are the same for all three; MTE applies to `trajectory` only.
 * Old log-probabilities are the rollout's own, recorded at sampling time: the main trajectory's under the
-  density the loss scores (the guided one, or the conditional branch alone for `guidance="cond_only"`) and
+  density the loss scores (the guided one, or the conditional branch alone for `score_guidance="cond_only"`) and
   the MTE chains' under this step's scoring conditions. So rho = 1 before the first update is a check of
   replay against sampling, not a copy of one evaluation. The forward-process estimators' old losses come from
   the first PPO epoch (the rollout has none); the frozen reference's transitions are cached across epochs.
@@ -58,7 +58,7 @@ class ObjectiveConfig:
     beta: float = 0.01
     kl: str = "gaussian"  # "gaussian" | "reference"
     normalize: str = "element"  # "element" | "token" | "rollout"
-    guidance: str = "rollout"  # "rollout" | "cond_only"
+    score_guidance: str = "rollout"  # "rollout" | "cond_only"
     head_step_weighting: str = "none"  # "none" | "std"
     mte_top_fraction: float = 0.3
     consistency: bool = True
@@ -88,7 +88,7 @@ def _reduce(values: torch.Tensor, token_mask: torch.Tensor, normalize: str) -> t
     return num / count, float(count)
 
 
-def policy_tokens(rollout: Rollout, step: int, use: torch.Tensor, cfg: ObjectiveConfig,
+def kept_policy_tokens(rollout: Rollout, step: int, use: torch.Tensor, cfg: ObjectiveConfig,
                   stats: dict[str, float] | None = None) -> torch.Tensor:
     """[N] bool over AR step `step`'s diffused tokens: those that enter the policy term.
 
@@ -135,11 +135,11 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
     temperature = rollout.temperature
     js = list(head_steps)
 
-    sc = conditions if conditions is not None else step_conditions(policy, rollout, step, cfg.guidance)
+    sc = conditions if conditions is not None else step_conditions(policy, rollout, step, cfg.score_guidance)
     adv = advantages.to(dev).float()[img][None, :, None]
     stats: dict[str, float] = {}
     main = None
-    keep = policy_tokens(rollout, step, use, cfg, stats)
+    keep = kept_policy_tokens(rollout, step, use, cfg, stats)
     if cfg.estimator not in ESTIMATORS:
         raise ValueError(f"estimator={cfg.estimator!r}; valid: {', '.join(map(repr, ESTIMATORS))}")
     if cfg.estimator == "matching":
@@ -153,10 +153,10 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
     else:
         main = score_transitions(policy.head, rec.x, js, sc, temperature)
         # old log-probabilities: the rollout's own, under the density the loss scores
-        if cfg.guidance == "cond_only" and rollout.cfg != 1.0:
+        if cfg.score_guidance == "cond_only" and rollout.guidance_scale != 1.0:
             if rec.logp_cond is None:
-                raise ValueError("guidance='cond_only' scores the conditional branch, but the rollout recorded no "
-                                 "log-probabilities for it (sample with SamplerConfig.score_guidance='cond_only')")
+                raise ValueError("score_guidance='cond_only' scores the conditional branch, but the rollout recorded "
+                                 "no log-probabilities for it (sample with SamplerConfig.score_guidance='cond_only')")
             old = rec.logp_cond[js]
         else:
             old = rec.logp[js]
@@ -184,7 +184,7 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
     if cfg.normalize == "rollout":
         if policy_denominator is None:
             raise ValueError("normalize='rollout' divides by the rollout's kept (token, head step) pairs: pass "
-                             "policy_denominator (the trainer computes it with policy_tokens)")
+                             "policy_denominator (the trainer computes it with kept_policy_tokens)")
         policy_loss = (pg.mean(dim=-1) * keep.float()[None, :]).sum() / policy_denominator
         n_el = float(keep.sum()) * pg.shape[0]
     else:
@@ -199,7 +199,7 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
         if ref_key not in old_cache:  # the reference is frozen: its transitions are the same in every epoch
             with torch.no_grad():
                 ref_sc = (reference_conditions if reference_conditions is not None
-                          else step_conditions(reference, rollout, step, cfg.guidance))
+                          else step_conditions(reference, rollout, step, cfg.score_guidance))
                 old_cache[ref_key] = score_transitions(reference.head, rec.x, js, ref_sc, temperature)
         kl = kl_terms(main, old_cache[ref_key], cfg.kl)
         kl_loss, _ = _reduce(kl, torch.ones(n_tok, device=dev), "token" if cfg.normalize == "token" else "element")

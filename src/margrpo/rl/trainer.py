@@ -14,9 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,11 +22,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from margrpo.models.generator import MARGenerator
+from margrpo.models.loading import copy_policy_tensors, load_model
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.eval_loop import ParameterEMA, TrainingEvaluator
-from margrpo.rl.objective import ar_step_loss, policy_tokens
+from margrpo.rl.faults import StepFault, StopRequest, TrainingFault, TrainingStopped
+from margrpo.rl.objective import ar_step_loss, kept_policy_tokens
+from margrpo.rl.prompts import PromptSource
+from margrpo.rl.selection import select_steps
 from margrpo.sampling.replay import batched_step_conditions
 from margrpo.sampling.rollout import Rollout
 from margrpo.sampling.sampler import sample
@@ -42,220 +43,10 @@ from margrpo.utils.checkpoint import (
 from margrpo.utils.config import save_config
 from margrpo.utils.images import make_grid, save_png
 from margrpo.utils.metrics import MetricsWriter, StepTimer, read_metrics
-from margrpo.utils.rng import make_generator, numpy_rng
+from margrpo.utils.rng import make_generator
 
 REPORT_KEYS = ["reward/mean", "accuracy/strict", "loss/kl", "grad_norm", "ratio/max", "zero_signal_fraction"]
 EVAL_KEY = "eval/heldout/strict"
-
-
-def load_model(spec: str, device: str | torch.device) -> MARGenerator:
-    """A generator folder, `shipped:NAME` for a model that ships inside the package, or a training run.
-
-    A run directory (one with ``checkpoints/``) gives its base model with the latest checkpoint's policy
-    weights, so a run can be sampled and evaluated while it trains or after a crash, before it has
-    exported ``model/``. Checkpoints hold only the trainable tensors (DESIGN section 5), which is why the
-    base is loaded first.
-    """
-    if spec.startswith("shipped:"):
-        from margrpo.assets import shipped_model_path
-
-        return MARGenerator.load_pretrained(shipped_model_path(spec[len("shipped:"):]), device=device)
-    path = Path(spec)
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-        return _load_run(path, device)
-    return MARGenerator.load_pretrained(spec, device=device)
-
-
-def _load_run(run_dir: Path, device: str | torch.device) -> MARGenerator:
-    from margrpo.utils.checkpoint import latest_checkpoint, load_checkpoint
-
-    ckpt = latest_checkpoint(run_dir, verify=True)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: a training run without a complete checkpoint under "
-                                f"{run_dir / 'checkpoints'} (damaged ones do not count) and no exported generator "
-                                "(config.json)")
-    tensors, state = load_checkpoint(ckpt, groups=["policy"], device=device, verify=False)  # verified above
-    base = state.get("model")
-    if not isinstance(base, str):
-        raise ValueError(f"{ckpt}: state.json does not name the run's base model (key 'model')")
-    gen = load_model(base, device)
-    copy_policy_tensors(dict(gen.named_parameters()), tensors["policy"], f"{ckpt} (base model {base!r})")
-    return gen
-
-
-def copy_policy_tensors(params: dict[str, torch.nn.Parameter], policy: dict[str, torch.Tensor], source: str) -> None:
-    """Copy a checkpoint's policy tensors into same-named parameters, naming `source` on any mismatch."""
-    unknown = sorted(set(policy) - set(params))
-    if unknown:
-        raise ValueError(f"{source}: policy tensors {unknown[:5]} do not exist in the model")
-    with torch.no_grad():
-        for name, t in policy.items():
-            if t.shape != params[name].shape:
-                raise ValueError(f"{source}: policy tensor {name} has shape {tuple(t.shape)}, the model's "
-                                 f"parameter has {tuple(params[name].shape)}")
-            params[name].copy_(t)
-
-
-def trainable_parameters(gen: MARGenerator, which: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """Freeze everything, then unfreeze the AR transformer ("ar"), the head ("head") or both.
-
-    The text encoder stays frozen: conditions are computed once per rollout and stored in it.
-    """
-    for p in gen.parameters():
-        p.requires_grad_(False)
-    out = []
-    for name, p in gen.mar.named_parameters():
-        is_head = name.startswith("diffloss.")
-        if which == "both" or (which == "head") == is_head:
-            p.requires_grad_(True)
-            out.append((f"mar.{name}", p))
-    return out
-
-
-class PromptSource:
-    """Training prompts for step k, a pure function of (seed, k)."""
-
-    def __init__(self, cfg: TrainConfig):
-        p = cfg.prompts
-        self.fixed = list(p.fixed) if p.fixed else None
-        self.prompts: list[str]
-        self.metadata: list[dict]
-        if self.fixed:
-            self.prompts, self.metadata = self.fixed, [{} for _ in self.fixed]
-        elif p.source == "shapes":
-            from margrpo.worlds import shapes
-
-            cats = p.categories or list(shapes.CATEGORIES)
-            unknown = set(cats) - set(shapes.CATEGORIES)
-            if unknown:
-                raise ValueError(f"prompts.categories: unknown {sorted(unknown)}; valid: {shapes.CATEGORIES}")
-            pairs = [(q, c) for c in cats for q in shapes.train_prompts(c)]
-            self.prompts = [q for q, _ in pairs]
-            self.metadata = [{"category": c} for _, c in pairs]
-        else:
-            from margrpo.data.prompt_files import load_prompt_file
-
-            recs = load_prompt_file(p.source)
-            self.prompts = [r.prompt for r in recs]
-            self.metadata = [dict(r.metadata, category=r.category) for r in recs]
-        if not self.prompts:
-            raise ValueError(f"prompts: the source {p.source!r} gave no prompts")
-        self.seed = cfg.seed
-        self.by_category: list[np.ndarray] = []
-        if p.balance_categories and not self.fixed:
-            groups: dict = {}
-            for i, m in enumerate(self.metadata):
-                groups.setdefault(m.get("category"), []).append(i)
-            if len(groups) > 1:
-                self.by_category = [np.asarray(v) for _, v in sorted(groups.items(), key=lambda kv: str(kv[0]))]
-
-    def batch(self, step: int, n: int, rank: int = 0) -> tuple[list[str], list[dict]]:
-        rng = numpy_rng(self.seed, "prompts", rank, step)
-        if self.by_category:
-            cats = rng.integers(len(self.by_category), size=n)
-            idx = [int(self.by_category[c][rng.integers(len(self.by_category[c]))]) for c in cats]
-        else:
-            idx = rng.choice(len(self.prompts), size=n, replace=len(self.prompts) < n)
-        return [self.prompts[i] for i in idx], [self.metadata[i] for i in idx]
-
-
-def scorable_head_steps(head, max_gain: float, guidance: float = 1.0, temperature: float = 1.0) -> list[int]:
-    """Stochastic head steps whose score gain is at most `max_gain` (the others' score terms are noise).
-
-    `guidance` is the largest guidance scale the scored density carries (the gain grows with it) and `temperature`
-    the sampling temperature (the std shrinks with it)."""
-    gains = {j: head.score_gain(j, guidance, temperature) for j in range(head.num_steps) if head.is_stochastic(j)}
-    eligible = [j for j, g in gains.items() if g <= max_gain]
-    if not eligible:
-        raise ValueError(f"no head step has a score gain <= algorithm.head_step_max_gain={max_gain} at guidance "
-                         f"{guidance:g} and temperature {temperature:g}; the gains of this head's stochastic steps "
-                         f"are {', '.join(f'{g:.3g}' for g in gains.values()) or 'none (it has none)'}")
-    return eligible
-
-
-def scored_guidance(cfg: TrainConfig) -> float:
-    """The largest guidance scale in the density the policy term scores (1 when only the conditional branch is)."""
-    return cfg.sampling.cfg if cfg.algorithm.guidance == "rollout" else 1.0
-
-
-def select_steps(cfg: TrainConfig, head, step: int, rank: int = 0
-                 ) -> tuple[list[int], dict[int, list[int]], tuple[int, ...]]:
-    """AR steps to score, head steps per AR step, and the AR steps the sampler must record."""
-    a = cfg.algorithm
-    n_ar = cfg.sampling.ar_steps
-    g = make_generator(cfg.seed, "select", rank, step)
-    if a.branch:
-        count = 1
-    else:
-        count = a.ar_step_count if a.ar_step_count is not None else max(1, round(a.ar_step_fraction * n_ar))
-        count = min(count, n_ar)
-    ar = sorted(torch.randperm(n_ar, generator=g)[:count].tolist())
-    eligible = scorable_head_steps(head, a.head_step_max_gain, scored_guidance(cfg), cfg.sampling.temperature)
-    per = len(eligible) if a.head_steps_per_ar_step is None else min(a.head_steps_per_ar_step, len(eligible))
-    head_steps = {i: sorted(eligible[k] for k in torch.randperm(len(eligible), generator=g)[:per].tolist())
-                  for i in ar}
-    record = set(ar)
-    if a.consistency:
-        record |= {i - 1 for i in ar if i > a.consistency_start}
-    return ar, head_steps, tuple(sorted(record))
-
-
-class StepFault(Exception):
-    """A numerical fault inside one training step: what went wrong, where, and the offending value."""
-
-    def __init__(self, what: str, where: str, value: float):
-        self.what, self.where, self.value = what, where, value
-        super().__init__(f"{what} ({value:.4g}) at {where}")
-
-    def __reduce__(self):  # picklable, so that it crosses a process pool (margrpo compare's workers)
-        return type(self), (self.what, self.where, self.value)
-
-
-class TrainingFault(RuntimeError):
-    """Too many bad steps in a row: the run stopped; its checkpoint holds the last good weights."""
-
-
-class TrainingStopped(Exception):
-    """SIGINT or SIGTERM stopped a run after a step; its checkpoint is written and `--resume` continues it."""
-
-    def __init__(self, step: int, signum: int, out: Path):
-        self.step, self.signum, self.out = step, signum, out
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint written; "
-                         f"continue with: margrpo train --resume {out}")
-
-    def __reduce__(self):  # picklable, so that it crosses a process pool (margrpo compare's workers)
-        return type(self), (self.step, self.signum, self.out)
-
-
-class StopRequest:
-    """Within its block, SIGINT and SIGTERM ask the training loop to stop after the current step.
-
-    Why: a signal in the middle of an update would lose the step (or, in a checkpoint write, leave it to the
-    atomic rename); finishing the step and checkpointing loses nothing. A second signal interrupts at once.
-    Only the main thread can install handlers; elsewhere the block changes nothing.
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, object] = {}
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing the current step, then writing a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr)
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
 
 
 class Trainer:
@@ -266,16 +57,16 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(cfg.device)
         self.out = Path(cfg.out_dir)
-        self.gen = load_model(cfg.model, self.device)
+        self.model = load_model(cfg.model, self.device)
         # RL never wants dropout: sampling and the loss's recomputation (including gradient checkpointing's
         # re-forward during backward) must see the same function.
-        self.gen.eval()
-        self.gen.mar.head.set_sampling_steps(cfg.sampling.diffusion_steps)
+        self.model.eval()
+        self.model.head.set_sampling_steps(cfg.sampling.diffusion_steps)
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        self.params = trainable_parameters(self.gen, cfg.algorithm.train)
+        self.params = self.model.trainable_parameters(cfg.algorithm.train)
         self.reference = None
         if cfg.algorithm.beta > 0:
-            self.reference = copy.deepcopy(self.gen.mar).eval()
+            self.reference = copy.deepcopy(self.model.policy).eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
         o = cfg.optim
@@ -298,10 +89,10 @@ class Trainer:
             if cfg.prompts.source != "shapes":
                 raise ValueError("algorithm.ptx_weight > 0 needs training images, which only the shapes world "
                                  f"renders; prompts.source is {cfg.prompts.source!r} (set ptx_weight: 0)")
-            from margrpo.shapes_data import ShapesBatches
             from margrpo.worlds import shapes
+            from margrpo.worlds.shapes.data import ShapesBatches
 
-            self.ptx_data = ShapesBatches(cfg.seed, cfg.algorithm.ptx_batch_size, 0, self.gen.mar.config.img_size,
+            self.ptx_data = ShapesBatches(cfg.seed, cfg.algorithm.ptx_batch_size, 0, self.model.image_size,
                                           dict.fromkeys(shapes.CATEGORIES, 1.0), stream="ptx")
 
     def _sample_prompts(self) -> list[str]:
@@ -327,12 +118,12 @@ class Trainer:
     def rollout(self, step: int) -> tuple[Rollout, list[str], list[dict], list[int], dict[int, list[int]]]:
         a = self.cfg.algorithm
         prompts, meta = self.prompts.batch(step, a.prompts_per_step, self.rank)
-        ar, head_steps, record = select_steps(self.cfg, self.gen.mar.head, step, self.rank)
-        cond = self.gen.encode_prompts(prompts)
+        ar, head_steps, record = select_steps(self.cfg, self.model.head, step, self.rank)
+        cond = self.model.encode_prompts(prompts)
         cond = cond.repeat_interleave(a.group_size) if cond is not None else None
         n = a.prompts_per_step * a.group_size
         with self._autocast():
-            r = sample(self.gen.mar, cond, n, self.cfg.sampler(record, ar[0] if a.branch else None, head_steps),
+            r = sample(self.model.policy, cond, n, self.cfg.sampler(record, ar[0] if a.branch else None, head_steps),
                        make_generator(self.cfg.seed, "rollout", self.rank, step, device=self.device),
                        make_generator(self.cfg.seed, "mte", self.rank, step, device=self.device))
         r.prompts = [p for p in prompts for _ in range(a.group_size)]
@@ -342,15 +133,15 @@ class Trainer:
 
     def ptx_loss(self, step: int) -> torch.Tensor:
         """The MAR pretraining loss on shapes-world training batch `step` (a pure function of seed and step)."""
-        from margrpo.shapes_data import uint8_to_model_range
+        from margrpo.worlds.shapes.data import uint8_to_model_range
 
         imgs, prompts = self.ptx_data.batch(step)
         g = make_generator(self.cfg.seed, "ptx", self.rank, step, device=self.device)
         with torch.no_grad():
-            cond = self.gen.encode_prompts(list(prompts))
-            tokens = self.gen.encode_images(uint8_to_model_range(imgs, self.device), generator=g)
+            cond = self.model.encode_prompts(list(prompts))
+            tokens = self.model.encode_images(uint8_to_model_range(imgs, self.device), generator=g)
         with self._autocast():
-            loss = self.gen.mar.pretrain_loss(tokens, cond, g, drop_conditions=True)
+            loss = self.model.policy.pretrain_loss(tokens, cond, g, drop_conditions=True)
         if not torch.isfinite(loss):
             raise StepFault("non-finite pretraining (ptx) loss", f"step {step + 1}", float(loss))
         return loss
@@ -370,7 +161,7 @@ class Trainer:
                 rollout, prompts, metas, ar_steps, head_steps = self.rollout(step)
             except FloatingPointError as e:  # the sampler refuses non-finite tokens or log-probabilities
                 raise StepFault(str(e), f"step {step + 1}, the rollout", float("nan")) from e
-            images = self.gen.decode(rollout.tokens).float()
+            images = self.model.decode(rollout.tokens).float()
         with timer("reward"):
             out = self.reward(images, prompts, metas)
             self.guard.update(out)
@@ -384,7 +175,7 @@ class Trainer:
         denominator = None
         if a.normalize == "rollout":  # kept (token, head step) pairs of the whole rollout, per scored AR step
             draws = a.noise_draws if a.estimator != "trajectory" else None
-            pairs = sum(float(policy_tokens(rollout, i, adv.use, objective).sum()) * (draws or len(head_steps[i]))
+            pairs = sum(float(kept_policy_tokens(rollout, i, adv.use, objective).sum()) * (draws or len(head_steps[i]))
                         for i in ar_steps)
             # every AR step's loss is scaled by 1 / len(ar_steps) below; this makes each pair weigh 1 / pairs
             denominator = max(pairs, 1.0) / (1 if a.update == "ar_step" else len(ar_steps))
@@ -396,17 +187,17 @@ class Trainer:
                 conds = ref_conds = None
                 if batched:  # one transformer forward (and backward) for every scored AR step
                     with self._autocast():
-                        conds = batched_step_conditions(self.gen.mar, rollout, ar_steps, a.guidance)
+                        conds = batched_step_conditions(self.model.policy, rollout, ar_steps, a.score_guidance)
                     if epoch == 0 and self.reference is not None and a.beta > 0:
                         with torch.no_grad():
-                            ref_conds = batched_step_conditions(self.reference, rollout, ar_steps, a.guidance)
+                            ref_conds = batched_step_conditions(self.reference, rollout, ar_steps, a.score_guidance)
                 total = None
                 for i in ar_steps:
                     with self._autocast():
                         # the forward-process estimators' draws: the same in every PPO epoch (rho = 1 before updating)
                         g = (make_generator(self.cfg.seed, "matching", self.rank, step, i, device=self.device)
                              if a.estimator != "trajectory" else None)
-                        sl = ar_step_loss(self.gen.mar, self.reference, rollout, i, head_steps[i], adv.values,
+                        sl = ar_step_loss(self.model.policy, self.reference, rollout, i, head_steps[i], adv.values,
                                           adv.use, objective, old_cache, first_epoch=epoch == 0, generator=g,
                                           policy_denominator=denominator,
                                           conditions=conds[i] if conds is not None else None,
@@ -552,17 +343,17 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict[str, float]:
         """In-loop verifier accuracy of the policy (and of its EMA), paired with step 0 (`rl.eval_loop`)."""
-        metrics = self.evaluator.evaluate(self.gen, step)
+        metrics = self.evaluator.evaluate(self.model, step)
         if self.ema is not None and step > 0:  # at step 0 the average is the policy itself
             with self.ema.swapped():
-                metrics.update(self.evaluator.evaluate(self.gen, step, tag="_ema"))
+                metrics.update(self.evaluator.evaluate(self.model, step, tag="_ema"))
         return metrics
 
     def save_samples(self, step: int) -> None:
         from margrpo.sampling.pipeline import MARPipeline
 
-        pipe = MARPipeline(self.gen, dataclasses.replace(self.cfg.sampler(None), record=False, mte_k=0,
-                                                          diffuse="to_predict"))
+        pipe = MARPipeline(self.model, dataclasses.replace(self.cfg.sampler(None), record=False, mte_k=0,
+                                                          policy_tokens="committed"))
         imgs = pipe(self.sample_prompts, num_images_per_prompt=4, seed=self.cfg.seed)
         labels = [p for p in self.sample_prompts for _ in range(4)]
         save_png(make_grid(imgs, nrow=8, labels=labels, upscale=3), self.out / "samples" / f"step-{step}.png")
@@ -646,10 +437,10 @@ class Trainer:
         metrics = read_metrics(self.out)
         keys = REPORT_KEYS + ([EVAL_KEY, f"eval_ema/{EVAL_KEY[5:]}"] if self.evaluator is not None else [])
         plot_report(metrics, keys, self.out / "report.png", title=f"{self.out.name}", smoothing=0.6)
-        self.gen.save_pretrained(self.out / "model", metadata={"trained_from": self.cfg.model,
+        self.model.save_pretrained(self.out / "model", metadata={"trained_from": self.cfg.model,
                                                                "steps": self.cfg.steps})
         if self.ema is not None:
             with self.ema.swapped():
-                self.gen.save_pretrained(self.out / "model_ema", metadata={
+                self.model.save_pretrained(self.out / "model_ema", metadata={
                     "trained_from": self.cfg.model, "steps": self.cfg.steps, "ema_decay": self.cfg.eval.ema_decay})
         return [r for r in metrics if r["step"] > 0]  # the training steps (step 0 holds the first evaluation)

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from PIL import Image
 
-from margrpo.models.generator import MARGenerator
+from margrpo.models.base import ImageModel
 from margrpo.sampling.rollout import Rollout
 from margrpo.sampling.sampler import SamplerConfig, sample
 from margrpo.utils.images import to_pil
@@ -20,8 +20,8 @@ class MARPipeline:
     Randomness comes from `seed` through explicit generators, so the same call gives the same images.
     """
 
-    def __init__(self, generator: MARGenerator, sampler: SamplerConfig | None = None):
-        self.generator = generator
+    def __init__(self, model: ImageModel, sampler: SamplerConfig | None = None):
+        self.model = model
         self.sampler = sampler or SamplerConfig(record=False)
 
     @torch.no_grad()
@@ -31,14 +31,14 @@ class MARPipeline:
         cfg = dataclasses.replace(self.sampler, **sampler_overrides)
         if return_rollout and not cfg.record:
             cfg = dataclasses.replace(cfg, record=True)
-        cond = self.generator.encode_prompts(prompts)
+        cond = self.model.encode_prompts(prompts)
         if cond is not None:
             cond = cond.repeat_interleave(num_images_per_prompt)
         n = len(prompts) * num_images_per_prompt
-        dev = self.generator.device
-        rollout = sample(self.generator.mar, cond, n, cfg, make_generator(seed, "sample", device=dev),
+        dev = self.model.device
+        rollout = sample(self.model.policy, cond, n, cfg, make_generator(seed, "sample", device=dev),
                          make_generator(seed, "mte", device=dev), progress=progress)
         rollout.prompts = [str(p) for p in prompts for _ in range(num_images_per_prompt)]
         rollout.group = torch.arange(len(prompts)).repeat_interleave(num_images_per_prompt)
-        images = to_pil(self.generator.decode(rollout.tokens))
+        images = to_pil(self.model.decode(rollout.tokens))
         return (images, rollout) if return_rollout else images

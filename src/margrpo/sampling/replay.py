@@ -4,8 +4,8 @@ The trainer calls these with gradients on (policy) and off (reference). They reu
 `compute_conditions` and `head_transition`, with the same batch layout, so that before any update the
 recomputed log-probabilities equal the recorded ones (the PPO ratio is exactly 1).
 
-`guidance="rollout"` scores transitions under the guided prediction the sampler used;
-`guidance="cond_only"` scores them under the conditional branch alone, as the MAR-GRPO reference code
+`score_guidance="rollout"` scores transitions under the guided prediction the sampler used;
+`score_guidance="cond_only"` scores them under the conditional branch alone, as the MAR-GRPO reference code
 does (a different density from the one that sampled, see reference-algorithm.md section 12.3).
 """
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from margrpo.models.base import Policy
 from margrpo.models.heads import DiffusionHead
 from margrpo.sampling.rollout import Rollout
 from margrpo.sampling.sampler import GUIDANCE_MODES, compute_conditions, transition_log_probs
@@ -43,27 +44,27 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def step_conditions(model: torch.nn.Module, rollout: Rollout, step: int, guidance: str = "rollout") -> StepConditions:
+def step_conditions(policy: Policy, rollout: Rollout, step: int, score_guidance: str = "rollout") -> StepConditions:
     """z for AR step `step` from its recorded canvas and known set, in eval mode as at sampling."""
-    return batched_step_conditions(model, rollout, [step], guidance)[step]
+    return batched_step_conditions(policy, rollout, [step], score_guidance)[step]
 
 
-def batched_step_conditions(model: torch.nn.Module, rollout: Rollout, steps: Sequence[int],
-                            guidance: str = "rollout") -> dict[int, StepConditions]:
+def batched_step_conditions(policy: Policy, rollout: Rollout, steps: Sequence[int],
+                            score_guidance: str = "rollout") -> dict[int, StepConditions]:
     """z of several AR steps in one transformer call (their canvases stacked; rows with different known counts are
     padded, `MAR.forward_mae_encoder`), so that one forward and one backward serve every scored step."""
-    if guidance not in GUIDANCE_MODES:
-        raise ValueError(f"guidance={guidance!r}; valid: {GUIDANCE_MODES}")
+    if score_guidance not in GUIDANCE_MODES:
+        raise ValueError(f"score_guidance={score_guidance!r}; valid: {GUIDANCE_MODES}")
     missing = [i for i in steps if i not in rollout.steps]
     if missing:
         raise KeyError(f"AR steps {missing} were not recorded; recorded steps: {sorted(rollout.steps)}")
     recs = [rollout.steps[i] for i in steps]
-    guided = rollout.cfg != 1.0 and guidance == "rollout"
+    guided = rollout.guidance_scale != 1.0 and score_guidance == "rollout"
     cond = rollout.cond
     if cond is not None and len(recs) > 1:
         cond = type(cond).cat([cond] * len(recs))
-    with eval_mode(model):
-        z_c, z_u = compute_conditions(model, torch.cat([r.canvas for r in recs]), torch.cat([r.mask for r in recs]),
+    with eval_mode(policy):
+        z_c, z_u = compute_conditions(policy, torch.cat([r.canvas for r in recs]), torch.cat([r.mask for r in recs]),
                                       cond, guided)
     out = {}
     b = rollout.batch_size
@@ -101,7 +102,7 @@ def score_transitions(head: DiffusionHead, x: torch.Tensor, js: Sequence[int], c
     return ScoredTransitions(js=list(js), mean=mean, std=std, logp=logp)
 
 
-def check_head_steps(model: torch.nn.Module, rollout: Rollout) -> None:
-    if model.head.num_steps != rollout.head_steps:
-        raise ValueError(f"the head samples {model.head.num_steps} steps but the rollout recorded "
+def check_head_steps(policy: Policy, rollout: Rollout) -> None:
+    if policy.head.num_steps != rollout.head_steps:
+        raise ValueError(f"the head samples {policy.head.num_steps} steps but the rollout recorded "
                          f"{rollout.head_steps}; call head.set_sampling_steps({rollout.head_steps})")

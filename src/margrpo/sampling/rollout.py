@@ -76,10 +76,10 @@ class Rollout:
     tokens: torch.Tensor  # final tokens [B, L, C]
     steps: dict[int, ARStepRecord]
     head_steps: int
-    cfg: float
-    cfg_schedule: str
+    guidance_scale: float
+    guidance_schedule: str
     temperature: float
-    diffuse: str
+    policy_tokens: str  # which tokens the recorded steps diffused: "committed" or every "unknown" one
     prompts: list[str] = field(default_factory=list)
     group: torch.Tensor | None = None  # [B] prompt index of each image
     mte_source: str | None = None  # where the MTE chains were drawn: "commit" or "scored" (None: no MTE)

@@ -1,10 +1,11 @@
 """The MAR sampling loop that records rollouts.
 
-One loop serves every model family: it only needs `model.condition(tokens, mask, cond, drop)`,
-`model.head` (a `DiffusionHead`) and `model.sample_orders`. The functions `compute_conditions` and
-`head_transition` are shared with `replay.py`, which recomputes the same quantities for the trainer:
-using the same code (same batch layout for guidance) is what makes the recomputed log-probabilities
-equal to the recorded ones.
+One loop serves every model family: it sees only the `Policy` interface (`models/base.py`): the policy module
+itself, `policy(tokens, mask, cond, drop)` -> z, its head module, `policy.head(x, j, z, ...)` -> the step's
+Gaussian, and `policy.sample_orders` / `policy.mask_schedule` for the generation order and the AR schedule.
+The functions `compute_conditions` and `head_transition` are shared with `replay.py`, which recomputes the same
+quantities for the trainer: using the same code (same batch layout for guidance) is what makes the recomputed
+log-probabilities equal to the recorded ones.
 
 All randomness comes from explicit `torch.Generator`s: `generator` for the orders and the main
 head noise, `mte_generator` for the extra multi-trajectory-expectation chains (so that switching
@@ -19,13 +20,14 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from margrpo.models.base import Policy
 from margrpo.models.conditioning import Condition
 from margrpo.models.heads import DiffusionHead, Transition, gaussian_log_prob
-from margrpo.models.schedules import guidance_at_step, mask_len_after_step, mask_schedule
+from margrpo.models.schedules import guidance_at_step
 from margrpo.sampling.mte import token_uncertainty, top_fraction_mask
 from margrpo.sampling.rollout import ARStepRecord, Rollout
 
-DIFFUSE_MODES = ("to_predict", "all_unknown")
+POLICY_TOKENS = ("committed", "unknown")
 MTE_SOURCES = ("commit", "scored")
 GUIDANCE_MODES = ("rollout", "cond_only")
 
@@ -36,10 +38,12 @@ class SamplerConfig:
 
     num_ar_steps: int = 16
     num_diffusion_steps: int | None = None
-    cfg: float = 1.0
-    cfg_schedule: str = "linear"
+    guidance_scale: float = 1.0
+    guidance_schedule: str = "linear"
     temperature: float = 1.0
-    diffuse: str = "to_predict"
+    # which tokens a recorded AR step runs through the head: the ones it commits, or every unknown one (the policy
+    # term of `algorithm.policy_tokens: unknown` and the consistency mask need those)
+    policy_tokens: str = "committed"
     record: bool = True
     record_steps: tuple[int, ...] | None = None  # None = every AR step
     record_z: bool = True
@@ -68,12 +72,12 @@ class SamplerConfig:
                              f"images branch); got noise_group={self.noise_group}, branch_step={self.branch_step}")
         if self.branch_step is not None and not 0 <= self.branch_step < self.num_ar_steps:
             raise ValueError(f"branch_step={self.branch_step} is not an AR step; valid: 0..{self.num_ar_steps - 1}")
-        if self.diffuse not in DIFFUSE_MODES:
-            raise ValueError(f"diffuse={self.diffuse!r}; valid: {DIFFUSE_MODES}")
+        if self.policy_tokens not in POLICY_TOKENS:
+            raise ValueError(f"policy_tokens={self.policy_tokens!r}; valid: {POLICY_TOKENS}")
         if self.mte_source not in MTE_SOURCES:
             raise ValueError(f"mte_source={self.mte_source!r}; valid: {MTE_SOURCES}")
-        if self.cfg_schedule not in ("linear", "constant"):
-            raise ValueError(f"cfg_schedule={self.cfg_schedule!r}; valid: 'linear', 'constant'")
+        if self.guidance_schedule not in ("linear", "constant"):
+            raise ValueError(f"guidance_schedule={self.guidance_schedule!r}; valid: 'linear', 'constant'")
         if self.num_ar_steps < 1:
             raise ValueError(f"num_ar_steps must be >= 1, got {self.num_ar_steps}")
         if self.mte_k < 0:
@@ -87,10 +91,10 @@ class SamplerConfig:
 
     @property
     def guided(self) -> bool:
-        return self.cfg != 1.0
+        return self.guidance_scale != 1.0
 
 
-def compute_conditions(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
+def compute_conditions(policy: Policy, tokens: torch.Tensor, mask: torch.Tensor,
                        cond: Condition | None, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """z for the conditional branch and (when guided) the unconditional one, in one batched call.
 
@@ -98,20 +102,20 @@ def compute_conditions(model: torch.nn.Module, tokens: torch.Tensor, mask: torch
     the batch), selected through `drop` so that both branches share one forward pass.
     """
     if not guided:
-        return model.condition(tokens, mask, cond), None
+        return policy(tokens, mask, cond), None
     b = tokens.shape[0]
     if cond is None:
-        z = model.condition(tokens, mask, None)
+        z = policy(tokens, mask, None)
         return z, z
     drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(tokens.device)
-    z = model.condition(torch.cat([tokens, tokens]), torch.cat([mask, mask]), Condition.cat([cond, cond]), drop)
+    z = policy(torch.cat([tokens, tokens]), torch.cat([mask, mask]), type(cond).cat([cond, cond]), drop)
     return z[:b], z[b:]
 
 
 def head_transition(head: DiffusionHead, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None,
                     guidance: float, temperature: float) -> Transition:
-    """One head step, guided when an unconditional condition is given."""
-    return head.transition(x, j, z, z_uncond, guidance if z_uncond is not None else 1.0, temperature)
+    """One head step, guided when an unconditional condition is given (through the head module's call)."""
+    return head(x, j, z, z_uncond, guidance if z_uncond is not None else 1.0, temperature)
 
 
 def transition_log_probs(head: DiffusionHead, x: torch.Tensor, js: Sequence[int], z: torch.Tensor,
@@ -209,31 +213,34 @@ def _mask_by_order(mask_len: int, orders: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model: torch.nn.Module, cond: Condition | None, batch_size: int, config: SamplerConfig,
+def sample(policy: Policy, cond: Condition | None, batch_size: int, config: SamplerConfig,
            generator: torch.Generator | None = None, mte_generator: torch.Generator | None = None,
            progress: bool = False) -> Rollout:
     """Generate `batch_size` token canvases (one per row of `cond`) and record the rollout.
 
-    The model is put in eval mode for the duration (dropout off), as the trainer's recomputation is.
+    The policy is put in eval mode for the duration (dropout off), as the trainer's recomputation is.
     """
     if cond is not None and len(cond) != batch_size:
         raise ValueError(f"condition batch {len(cond)} != batch_size {batch_size}")
     if isinstance(cond, torch.Tensor):
         cond = Condition(labels=cond)
     cond = cond.detach() if cond is not None else None  # the rollout stores data, never an autograd graph
-    was_training = model.training
-    model.eval()
-    head: DiffusionHead = model.head
+    was_training = policy.training
+    policy.eval()
+    head: DiffusionHead = policy.head
     if config.num_diffusion_steps is not None and config.num_diffusion_steps != head.num_steps:
         head.set_sampling_steps(config.num_diffusion_steps)
     extra_generator = _extra_generator(generator)
-    device = next(model.parameters()).device
-    seq_len, c = model.seq_len, model.token_embed_dim
-    counts = mask_schedule(config.num_ar_steps, seq_len)
+    device = next(policy.parameters()).device
+    seq_len, c = policy.seq_len, policy.token_embed_dim
+    counts = policy.mask_schedule(config.num_ar_steps, seq_len)
+    if len(counts) != config.num_ar_steps or sum(counts) != seq_len or min(counts) < 1:
+        raise ValueError(f"{type(policy).__name__}.mask_schedule({config.num_ar_steps}, {seq_len}) gave {counts}: "
+                         f"it must give {config.num_ar_steps} counts >= 1 that sum to {seq_len}")
     group = config.noise_group
     if batch_size % group:
         raise ValueError(f"batch_size {batch_size} is not a multiple of noise_group {group}")
-    orders = model.sample_orders(batch_size // group, generator, device).repeat_interleave(group, dim=0)
+    orders = policy.sample_orders(batch_size // group, generator, device).repeat_interleave(group, dim=0)
     tokens = torch.zeros(batch_size, seq_len, c, device=device)
     known = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
     record_steps = set(range(config.num_ar_steps) if config.record_steps is None else config.record_steps)
@@ -247,16 +254,15 @@ def sample(model: torch.nn.Module, cond: Condition | None, batch_size: int, conf
     still = seq_len
     for i in tqdm(range(config.num_ar_steps), desc="AR steps", disable=not progress, leave=False):
         mask = (~known).float()
-        mask_len = mask_len_after_step(i, config.num_ar_steps, seq_len, still)
-        if i == config.num_ar_steps - 1:
-            to_pred = ~known
-        else:
-            to_pred = ~known & ~_mask_by_order(mask_len, orders)
-        guidance = guidance_at_step(config.cfg, config.cfg_schedule, seq_len, mask_len) if config.guided else 1.0
-        z_c, z_u = compute_conditions(model, tokens, mask, cond, config.guided)
+        mask_len = still - counts[i]  # tokens still unknown after this step
+        to_pred = ~known & ~_mask_by_order(mask_len, orders)
+        # the linear guidance schedule reads upstream's clamped count, which is 1 (not 0) after the last step
+        guidance = (guidance_at_step(config.guidance_scale, config.guidance_schedule, seq_len, max(1, mask_len))
+                    if config.guided else 1.0)
+        z_c, z_u = compute_conditions(policy, tokens, mask, cond, config.guided)
         rec = config.record and i in record_steps
         # all unknown tokens are diffused only where the step is recorded (the consistency mask needs them)
-        diffused = ~known if (config.diffuse == "all_unknown" and rec) else to_pred
+        diffused = ~known if (config.policy_tokens == "unknown" and rec) else to_pred
         zc_sel = z_c[diffused]
         zu_sel = z_u[diffused] if z_u is not None else None
         committed = to_pred[diffused]
@@ -310,10 +316,11 @@ def sample(model: torch.nn.Module, cond: Condition | None, batch_size: int, conf
             flat = r.diffused.reshape(-1).nonzero().flatten()
             record_mte(r, head, chains[:, :, flat], uncertain[flat], scoring[i], config)
     if was_training:
-        model.train()
+        policy.train()
     return Rollout(cond=cond, orders=orders, counts=counts, tokens=tokens, steps=steps, head_steps=head.num_steps,
-                   cfg=config.cfg, cfg_schedule=config.cfg_schedule, temperature=config.temperature,
-                   diffuse=config.diffuse, mte_source=config.mte_source if config.mte_k else None)
+                   guidance_scale=config.guidance_scale, guidance_schedule=config.guidance_schedule,
+                   temperature=config.temperature, policy_tokens=config.policy_tokens,
+                   mte_source=config.mte_source if config.mte_k else None)
 
 
 def record_mte(rec: ARStepRecord, head: DiffusionHead, chains: torch.Tensor, uncertain: torch.Tensor,

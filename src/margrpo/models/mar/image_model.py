@@ -1,7 +1,7 @@
-"""A MAR model packaged with what turns prompts into conditions and tokens into images.
+"""The MAR family's `ImageModel`: a MAR policy packaged with what turns prompts into conditions and tokens into images.
 
-`MARGenerator` = MAR transformer + diffusion head + tokenizer (pixels or a KL autoencoder) + optional
-text encoder. It saves to and loads from a folder: `config.json` (architecture, tokenizer and
+`MARImageModel` = MAR transformer + diffusion head (the policy, `.mar`) + tokenizer (pixels or a KL autoencoder) +
+optional text encoder. It saves to and loads from a folder: `config.json` (architecture, tokenizer and
 text-encoder specs, format version) and `model.safetensors` (all weights, prefixed `mar.` /
 `text_encoder.` / `tokenizer.`).
 No pickle is involved in either direction.
@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from margrpo.models.base import ImageModel
 from margrpo.models.conditioning import Condition, HashedTextEncoder, TextEncoder
-from margrpo.models.mar import MAR, MARConfig
+from margrpo.models.mar.model import MAR, MARConfig
 from margrpo.models.tokenizers import PixelTokenizer
 from margrpo.models.vae import AutoencoderKL, AutoencoderTokenizer
 from margrpo.models.weights import load_state_strict
@@ -27,7 +28,7 @@ FORMAT = "margrpo-generator"
 FORMAT_VERSION = 1
 
 
-class MARGenerator(nn.Module):
+class MARImageModel(ImageModel):
     def __init__(self, mar: MAR, tokenizer: nn.Module | None = None, text_encoder: TextEncoder | None = None):
         super().__init__()
         self.mar = mar
@@ -37,8 +38,13 @@ class MARGenerator(nn.Module):
             raise ValueError("a text-conditional MAR needs a text encoder")
 
     @property
-    def device(self) -> torch.device:
-        return next(self.mar.parameters()).device
+    def policy(self) -> MAR:
+        """The MAR transformer and its head (stored as `mar`: the folder's and checkpoints' key prefix)."""
+        return self.mar
+
+    @property
+    def image_size(self) -> int:
+        return self.mar.config.img_size
 
     def encode_prompts(self, prompts: list[str] | list[int] | torch.Tensor | None) -> Condition | None:
         """Strings through the text encoder, or class labels; None = unconditional."""
@@ -93,7 +99,7 @@ class MARGenerator(nn.Module):
         return path
 
     @classmethod
-    def load_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> MARGenerator:
+    def load_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> MARImageModel:
         path = Path(path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
@@ -138,8 +144,8 @@ class MARGenerator(nn.Module):
             _load_prefixed(te, tensors, "text_encoder.", path)
         if isinstance(tokenizer, AutoencoderTokenizer):
             _load_prefixed(tokenizer, tensors, "tokenizer.", path)
-        gen = cls(mar, tokenizer, te)
-        return gen.to(device)
+        model = cls(mar, tokenizer, te)
+        return model.to(device)
 
 
 def _build_tokenizer(tok_spec: dict, cfg_file: Path) -> nn.Module:

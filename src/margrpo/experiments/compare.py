@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from margrpo.configs import config_path
-from margrpo.demo import publish_to_readme
-from margrpo.evaluate import eval_prompt_set, evaluate, paired_strict_change, train_prompt_set
+from margrpo.experiments.demo import publish_to_readme
+from margrpo.models.loading import load_model
 from margrpo.rl.config import TrainConfig
-from margrpo.rl.trainer import Trainer, load_model
+from margrpo.rl.trainer import Trainer
 from margrpo.utils.config import load_config
 from margrpo.utils.plots import plot_comparison
+from margrpo.worlds.shapes.evaluate import eval_prompt_set, evaluate, paired_strict_change, train_prompt_set
 
 # The positive control: one prompt, one group of 64 images, every AR step and every scored head step, Adam 1e-4
 # (scale-free, so every estimator gets the same step whatever the size of its loss), no ptx term: it tests the
@@ -94,7 +95,7 @@ def run_job(job: Job) -> dict:
     out = {"job": job.__dict__, "rows": tr.run()}
     if job.kind != "control":
         for split, prompts in _splits(cfg).items():
-            out[split] = _scored(evaluate(tr.gen, prompts, cfg.eval_sampler(), seed=cfg.eval.seed, progress=False))
+            out[split] = _scored(evaluate(tr.model, prompts, cfg.eval_sampler(), seed=cfg.eval.seed, progress=False))
     return out
 
 
@@ -104,8 +105,8 @@ def _splits(cfg: TrainConfig) -> dict[str, list[str]]:
 
 def _change(base: dict, after: dict) -> dict:
     """Final strict accuracy and its paired change against the base (same prompts and seeds)."""
-    from margrpo.evaluate import EvalResult
     from margrpo.worlds import shapes
+    from margrpo.worlds.shapes.evaluate import EvalResult
 
     def result(d: dict) -> EvalResult:
         return EvalResult(prompts=d["prompts"], results=d["results"], summary=shapes.summarize(d["results"]),

@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 
 from margrpo.models.vae import AutoencoderKL, AutoencoderTokenizer
 from margrpo.models.weights import load_state_strict
-from margrpo.shapes_data import ShapesBatches, uint8_to_model_range
 from margrpo.utils.atomic import atomic_write, atomic_write_text
 from margrpo.utils.rng import derive_seed, make_generator
 from margrpo.worlds import shapes
+from margrpo.worlds.shapes.data import ShapesBatches, uint8_to_model_range
 
 
 @dataclass
@@ -95,7 +95,7 @@ def train_autoencoder(spec: AutoencoderSpec, *, img_size: int, seed: int, out_di
         torch.manual_seed(derive_seed(seed, "autoencoder", "init"))
         vae = spec.build(img_size).to(dev)
     data = ShapesBatches(seed, spec.batch_size, 0, img_size, category_weights, stream="autoencoder-data")
-    gen = make_generator(seed, "autoencoder", "posterior", device=dev)
+    posterior_generator = make_generator(seed, "autoencoder", "posterior", device=dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=spec.lr, weight_decay=0.0)
     vae.train()
     t0 = time.perf_counter()
@@ -104,7 +104,7 @@ def train_autoencoder(spec: AutoencoderSpec, *, img_size: int, seed: int, out_di
         x = uint8_to_model_range(data.batch(step)[0], dev)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec)
-        rec, post = vae(x, generator=gen)
+        rec, post = vae(x, generator=posterior_generator)
         recon = (rec - x).abs().mean() + (rec - x).pow(2).mean()
         loss = recon + spec.kl_weight * post.kl().mean()
         if not torch.isfinite(loss):

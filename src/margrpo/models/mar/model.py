@@ -12,9 +12,9 @@ Extensions for text-to-image: `condition="text"` projects text-token embeddings 
 tokens (`condition_mode="buffer"`) or adds cross-attention to them in every block
 (`condition_mode="cross_attention"`). A flow-matching head can replace the DDPM head.
 
-The public surface used by the sampler and the trainer is small: `condition(tokens, mask, cond)`
-returns z [B, L, D] for the head; `head` is the diffusion head; `patchify`/`unpatchify` convert
-between latent images and tokens; `pretrain_loss` is MAR's training objective.
+MAR is the family's `Policy` (`models/base.py`): calling it, `mar(tokens, mask, cond)` (also
+`mar.condition(...)`, LTH14's name), returns z [B, L, D] for the head; `head` is the diffusion head;
+`patchify`/`unpatchify` convert between latent images and tokens; `pretrain_loss` is MAR's training objective.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from margrpo.models.base import Policy
 from margrpo.models.conditioning import Condition
 from margrpo.models.heads import DdpmHead, DiffusionHead, FlowHead
 from margrpo.models.transformer import Block
@@ -109,7 +110,7 @@ def _truncnorm_sample(n: int, lo: float, hi: float, loc: float, scale: float,
     return (loc + scale * x).clamp(lo, hi)
 
 
-class MAR(nn.Module):
+class MAR(Policy):
     def __init__(self, config: MARConfig | None = None, **kwargs):
         super().__init__()
         if config is None:
@@ -296,9 +297,9 @@ class MAR(nn.Module):
         x = x[:, self.buffer_size:]
         return x + self.diffusion_pos_embed_learned
 
-    def condition(self, tokens: torch.Tensor, mask: torch.Tensor,
-                  cond: Condition | torch.Tensor | None = None,
-                  drop: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor,
+                cond: Condition | torch.Tensor | None = None,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
         """Per-token head conditions z [B, L, D] for a canvas `tokens` [B, L, C] and `mask` [B, L] (1 = masked).
 
         `cond` is class labels, a text Condition, or None for the unconditional branch (the learned
@@ -320,11 +321,6 @@ class MAR(nn.Module):
         return self.forward_mae_decoder(x, mask, ctx, ctx_mask, valid)
 
     # ------------------------------------------------------------------ pretraining
-    def sample_orders(self, bsz: int, generator: torch.Generator | None = None,
-                      device: torch.device | str = "cpu") -> torch.Tensor:
-        """A random generation order per image: [B, L] permutations of the positions."""
-        return torch.rand(bsz, self.seq_len, generator=generator, device=device).argsort(dim=1)
-
     def pretrain_loss(self, tokens: torch.Tensor, cond: Condition | torch.Tensor | None,
                       generator: torch.Generator | None = None, drop_conditions: bool | None = None) -> torch.Tensor:
         """MAR's objective: random order, mask ratio ~ truncated N(1, 0.25) on [min, 1], diffusion loss on masked.
@@ -342,7 +338,7 @@ class MAR(nn.Module):
         mask = torch.zeros(bsz, seq_len, device=dev)
         mask.scatter_(1, orders[:, :num_masked], 1.0)
         drop = self.drop_condition(cond, generator, dev) if (drop_conditions and cond is not None) else None
-        z = self.condition(tokens, mask, cond, drop)
+        z = self(tokens, mask, cond, drop)
         return self.masked_diffusion_loss(tokens, z, mask, generator)
 
     def masked_diffusion_loss(self, tokens: torch.Tensor, z: torch.Tensor, mask: torch.Tensor,

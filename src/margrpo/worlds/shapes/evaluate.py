@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from margrpo.models.generator import MARGenerator
+from margrpo.models.mar.image_model import MARImageModel
 from margrpo.sampling.sampler import SamplerConfig, sample
 from margrpo.utils.rng import make_generator
 from margrpo.worlds import shapes
@@ -53,21 +53,21 @@ def train_prompt_set(per_category: int = 64, categories: Sequence[str] | None = 
 
 
 @torch.no_grad()
-def evaluate(gen: MARGenerator, prompts: list[str], sampler: SamplerConfig, seed: int = 0, batch_size: int = 64,
+def evaluate(model: MARImageModel, prompts: list[str], sampler: SamplerConfig, seed: int = 0, batch_size: int = 64,
              progress: bool = True) -> EvalResult:
     """Sample one image per prompt (deterministic from `seed`) and score with the verifier."""
     import time
 
     t0 = time.perf_counter()
     cfg = SamplerConfig(**{**sampler.__dict__, "record": False, "mte_k": 0})
-    dev = gen.device
+    dev = model.device
     all_images, results = [], []
     batches = range(0, len(prompts), batch_size)
     for k, start in enumerate(tqdm(batches, desc="eval", disable=not progress, leave=False)):
         chunk = prompts[start:start + batch_size]
-        cond = gen.encode_prompts(chunk)
-        r = sample(gen.mar, cond, len(chunk), cfg, make_generator(seed, "eval", k, device=dev))
-        images = gen.decode(r.tokens).float().cpu()
+        cond = model.encode_prompts(chunk)
+        r = sample(model.mar, cond, len(chunk), cfg, make_generator(seed, "eval", k, device=dev))
+        images = model.decode(r.tokens).float().cpu()
         all_images.append(images)
         results.extend(shapes.score_tensors(images, chunk))
     images = torch.cat(all_images) if all_images else torch.empty(0, 3, 1, 1)

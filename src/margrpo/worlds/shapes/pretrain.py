@@ -23,12 +23,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from margrpo.evaluate import eval_prompt_set, evaluate, format_summary
-from margrpo.models.factory import ModelSpec, build_generator
-from margrpo.models.generator import MARGenerator
-from margrpo.pretrain_autoencoder import AutoencoderSpec, train_autoencoder
+from margrpo.models.mar.factory import ModelSpec, build_model
+from margrpo.models.mar.image_model import MARImageModel
 from margrpo.sampling.sampler import SamplerConfig
-from margrpo.shapes_data import ShapesBatches, uint8_to_model_range
 from margrpo.utils.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -41,19 +38,22 @@ from margrpo.utils.images import make_grid, save_png, to_pil
 from margrpo.utils.metrics import MetricsWriter
 from margrpo.utils.rng import derive_seed, generator_state, make_generator, set_generator_state
 from margrpo.worlds import shapes
+from margrpo.worlds.shapes.data import ShapesBatches, uint8_to_model_range
+from margrpo.worlds.shapes.evaluate import eval_prompt_set, evaluate, format_summary
+from margrpo.worlds.shapes.pretrain_autoencoder import AutoencoderSpec, train_autoencoder
 
 
 @dataclass
 class EvalSpec:
     per_category: int = field(default=32, metadata={"range": (1, 100000)})
     ar_steps: int = field(default=16, metadata={"range": (1, 4096)})
-    cfg: float = field(default=3.0, metadata={"range": (1.0, 50.0)})
-    cfg_schedule: str = field(default="linear", metadata={"choices": ("linear", "constant")})
+    guidance_scale: float = field(default=3.0, metadata={"range": (1.0, 50.0)})
+    guidance_schedule: str = field(default="linear", metadata={"choices": ("linear", "constant")})
     temperature: float = field(default=1.0, metadata={"range": (0.01, 10.0)})
 
     def sampler(self) -> SamplerConfig:
-        return SamplerConfig(num_ar_steps=self.ar_steps, cfg=self.cfg, cfg_schedule=self.cfg_schedule,
-                             temperature=self.temperature, record=False)
+        return SamplerConfig(num_ar_steps=self.ar_steps, guidance_scale=self.guidance_scale,
+                             guidance_schedule=self.guidance_schedule, temperature=self.temperature, record=False)
 
 
 @dataclass
@@ -116,7 +116,7 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> MARGenerator:
+def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> MARImageModel:
     """Train; returns the EMA generator. Writes config, metrics, samples, checkpoints and `model/` under out_dir."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -130,11 +130,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
                                       category_weights=cfg.category_weights, device=dev, progress=progress)
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's global RNG
         torch.manual_seed(derive_seed(cfg.seed, "pretrain", "init"))
-        gen = build_generator(cfg.model, vocabulary(), tokenizer).to(dev)
-    ema = copy.deepcopy(gen).eval()
+        model = build_model(cfg.model, vocabulary(), tokenizer).to(dev)
+    ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
-    trainable = [(name, p) for name, p in gen.named_parameters() if p.requires_grad]  # not a frozen tokenizer
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # not a frozen tokenizer
     decay, no_decay = [], []
     for name, p in trainable:
         (no_decay if p.ndim < 2 or "pos_embed" in name or "fake_latent" in name or "mask_token" in name
@@ -146,7 +146,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
         tensors, state = load_checkpoint(ckpt, device=dev)
-        gen.load_state_dict(tensors["model"])
+        model.load_state_dict(tensors["model"])
         ema.load_state_dict(tensors["ema"])
         opt.load_state_dict(optimizer_state_from_tensors(tensors["optimizer"], state["optimizer"]))
         set_generator_state(torch_gen, state["torch_generator"])
@@ -158,7 +158,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.data_workers,
                                          prefetch_factor=4 if cfg.data_workers else None)
     eval_prompts = eval_prompt_set(cfg.eval.per_category)
-    gen.train()
+    model.train()
     t0 = time.perf_counter()
     it = iter(loader)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretrain", disable=not progress)
@@ -168,10 +168,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         images = uint8_to_model_range(imgs, dev)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        cond = gen.encode_prompts(list(prompts))
+        cond = model.encode_prompts(list(prompts))
         with torch.no_grad():
-            tokens = gen.encode_images(images, generator=torch_gen)
-        loss = gen.mar.pretrain_loss(tokens, cond, torch_gen)
+            tokens = model.encode_images(images, generator=torch_gen)
+        loss = model.mar.pretrain_loss(tokens, cond, torch_gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -181,7 +181,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         opt.step()
         with torch.no_grad():
             d = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), gen.parameters(), strict=True):
+            for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
                 pe.lerp_(p, 1 - d)
         losses.append(loss.item())
         done = step + 1
@@ -202,7 +202,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
             t0 = time.perf_counter()
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             tens, meta = optimizer_state_to_tensors(opt.state_dict())
-            save_checkpoint(out, done, {"model": gen.state_dict(), "ema": ema.state_dict(), "optimizer": tens},
+            save_checkpoint(out, done, {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": tens},
                             {"optimizer": meta, "torch_generator": generator_state(torch_gen)},
                             keep_last=cfg.keep_checkpoints)
     writer.close()

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from margrpo.configs import config_path
-from margrpo.evaluate import EvalResult, eval_prompt_set, evaluate, paired_strict_change, train_prompt_set
+from margrpo.models.loading import load_model
 from margrpo.rl.config import TrainConfig
-from margrpo.rl.trainer import Trainer, load_model
+from margrpo.rl.trainer import Trainer
 from margrpo.utils.config import load_config
 from margrpo.utils.images import make_grid, save_png, side_by_side, to_pil
 from margrpo.worlds import shapes
+from margrpo.worlds.shapes.evaluate import EvalResult, eval_prompt_set, evaluate, paired_strict_change, train_prompt_set
 
 
 def comparison_table(before: EvalResult, after: EvalResult) -> str:
@@ -90,8 +91,8 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
     t0 = time.perf_counter()
     trainer.run()
     train_s = time.perf_counter() - t0
-    after = evaluate(trainer.gen, prompts, sampler, seed=cfg.eval.seed, progress=not quiet)
-    train_after = evaluate(trainer.gen, train_prompts, sampler, seed=cfg.eval.seed + 1, progress=not quiet)
+    after = evaluate(trainer.model, prompts, sampler, seed=cfg.eval.seed, progress=not quiet)
+    train_after = evaluate(trainer.model, train_prompts, sampler, seed=cfg.eval.seed + 1, progress=not quiet)
     table = comparison_table(before, after)
     delta, se = paired_strict_change(train_before, train_after)["overall"]
     in_dist = (f"In-distribution (training prompts, {len(train_prompts)} images, fresh seeds): "

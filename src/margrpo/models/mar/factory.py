@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from margrpo.models.conditioning import HashedTextEncoder
-from margrpo.models.generator import MARGenerator
-from margrpo.models.mar import MAR, MARConfig
+from margrpo.models.mar.image_model import MARImageModel
+from margrpo.models.mar.model import MAR, MARConfig
 
 
 @dataclass
@@ -16,7 +16,7 @@ class ModelSpec:
     """A text-to-image MAR. Encoder and decoder share width, depth and head count.
 
     `tokenizer`: "pixels" (tokens are raw pixel patches) or "autoencoder" (tokens are patches of a
-    KL autoencoder's latent grid; the autoencoder is passed to `build_generator`, e.g. trained by
+    KL autoencoder's latent grid; the autoencoder is passed to `build_model`, e.g. trained by
     `margrpo pretrain` first).
     """
 
@@ -56,7 +56,7 @@ class ModelSpec:
         )
 
 
-def build_generator(spec: ModelSpec, vocab: list[str], tokenizer: nn.Module | None = None) -> MARGenerator:
+def build_model(spec: ModelSpec, vocab: list[str], tokenizer: nn.Module | None = None) -> MARImageModel:
     """A randomly initialised generator with a small learned text encoder over `vocab`.
 
     `tokenizer` is required iff `spec.tokenizer == "autoencoder"` (an `AutoencoderTokenizer`).
@@ -73,6 +73,6 @@ def build_generator(spec: ModelSpec, vocab: list[str], tokenizer: nn.Module | No
     te = HashedTextEncoder(vocab, dim=spec.text_dim, max_len=spec.text_max_len, depth=spec.text_depth,
                            num_heads=max(1, spec.text_dim // 32))
     if tokenizer is None:
-        return MARGenerator(MAR(spec.mar_config()), text_encoder=te)
+        return MARImageModel(MAR(spec.mar_config()), text_encoder=te)
     mar = MAR(spec.mar_config(tokenizer.latent_channels, tokenizer.stride))
-    return MARGenerator(mar, tokenizer=tokenizer, text_encoder=te)
+    return MARImageModel(mar, tokenizer=tokenizer, text_encoder=te)

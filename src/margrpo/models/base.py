@@ -1,0 +1,160 @@
+"""The two interfaces every model family implements; the sampler, replay, objective and trainer see only these.
+
+* `Policy` (an `nn.Module`): what RL trains. `forward(tokens, mask, cond, drop)` returns the per-token head
+  conditions z; the policy owns its diffusion head (`head`), its generation order and AR schedule
+  (`sample_orders`, `mask_schedule`), its pretraining loss and its named parameter groups ("ar", "head").
+  The sampler and replay call the module itself (and the head module itself), never a helper method, because
+  DDP all-reduces gradients, and FSDP2 unshards parameters, only around a registered module's `forward`.
+* `ImageModel` (an `nn.Module`): a policy packaged with what turns prompts into a condition object and tokens into
+  images, and a folder format. The condition is opaque to the sampler (class labels, text features, an LLM's
+  prompt cache): it is only batched with `cat`, `repeat_interleave` and `detach`, and handed back to the policy.
+
+`ImageModel` also exposes the policy's members that the model-family adapters' public contract shares
+(`seq_len`, `token_embed_dim`, `head`, `condition`, `mask_schedule`, `patchify`, `unpatchify`), so a loaded model
+is used the same way whichever family it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from margrpo.models.heads import DiffusionHead
+from margrpo.models.schedules import mask_schedule
+
+PARAMETER_GROUPS = ("ar", "head")
+
+
+class Policy(nn.Module):
+    """A masked autoregressive transformer with its per-token diffusion head.
+
+    Conventions (shared by every family): `mask` [B, L] is float with 1 = unknown, every row with the same number
+    of known tokens (or the family handles ragged rows); z does not depend on token values at unknown positions;
+    `cond=None`, or `drop[b] = True`, gives row b the family's unconditional prompt; no state survives a call.
+    """
+
+    seq_len: int
+    token_embed_dim: int
+
+    @property
+    def head(self) -> DiffusionHead:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, cond=None,
+                drop: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover - abstract
+        """Per-token head conditions z [B, L, D] for a canvas `tokens` [B, L, C] and `mask` [B, L] (1 = unknown)."""
+        raise NotImplementedError
+
+    def condition(self, tokens: torch.Tensor, mask: torch.Tensor, cond=None,
+                  drop: torch.Tensor | None = None) -> torch.Tensor:
+        """The module call under LTH14/mar's name (`model.condition(tokens, mask, labels)`)."""
+        return self(tokens, mask, cond, drop)
+
+    def mask_schedule(self, num_steps: int, seq_len: int | None = None) -> list[int]:
+        """Tokens predicted at each of `num_steps` AR steps, each >= 1, summing to `seq_len` (default: all).
+
+        MAR's cosine schedule by default; a family with another one overrides this.
+        """
+        return mask_schedule(num_steps, self.seq_len if seq_len is None else seq_len)
+
+    def sample_orders(self, bsz: int, generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+        """A uniformly random generation order per image: [B, L] permutations of the positions."""
+        return torch.rand(bsz, self.seq_len, generator=generator, device=device).argsort(dim=1)
+
+    def pretrain_loss(self, tokens: torch.Tensor, cond, generator: torch.Generator | None = None,
+                      drop_conditions: bool | None = None) -> torch.Tensor:  # pragma: no cover - abstract
+        """The family's pretraining objective on clean tokens (PPO-ptx and `margrpo pretrain`)."""
+        raise NotImplementedError
+
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Named parameters by group: "head" is the diffusion head's, "ar" everything else of the policy."""
+        head = {id(p) for p in self.head.parameters()}
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in PARAMETER_GROUPS}
+        for name, p in self.named_parameters():
+            groups["head" if id(p) in head else "ar"].append((name, p))
+        return groups
+
+
+class ImageModel(nn.Module):
+    """A policy, its prompt encoding, its token codec (pixels or a VAE) and its folder format."""
+
+    @property
+    def policy(self) -> Policy:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    @property
+    def image_size(self) -> int:  # pragma: no cover - abstract
+        """The side of the square images `decode` returns, in pixels."""
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts):  # pragma: no cover - abstract
+        """Prompts (or class labels) -> the family's condition object; None stays None (unconditional)."""
+        raise NotImplementedError
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Tokens [B, L, C] -> images [B, 3, H, W] clamped to [-1, 1]; the argument is not modified."""
+        raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover - abstract
+        """Images [B, 3, H, W] in [-1, 1] -> tokens [B, L, C]."""
+        raise NotImplementedError
+
+    def save_pretrained(self, path: str | Path, metadata: dict | None = None) -> Path:  # pragma: no cover
+        raise NotImplementedError
+
+    def trainable_parameters(self, which: str) -> list[tuple[str, nn.Parameter]]:
+        """Freeze everything, then unfreeze the policy's "ar" group, its "head" group, or "both"; full names.
+
+        The prompt encoder and the codec stay frozen: conditions and tokens are computed once per rollout.
+        """
+        if which not in (*PARAMETER_GROUPS, "both"):
+            raise ValueError(f"trainable group {which!r}; valid: {', '.join(PARAMETER_GROUPS)}, both")
+        wanted = {id(p) for g, ps in self.policy.parameter_groups().items() if which in (g, "both") for _, p in ps}
+        for p in self.parameters():
+            p.requires_grad_(False)
+        out = []
+        for name, p in self.named_parameters():
+            if id(p) in wanted:
+                p.requires_grad_(True)
+                out.append((name, p))
+        return out
+
+    # ---------------------------------------------------------------- the policy's shared members
+    @property
+    def seq_len(self) -> int:
+        return self.policy.seq_len
+
+    @property
+    def token_embed_dim(self) -> int:
+        return self.policy.token_embed_dim
+
+    @property
+    def head(self) -> DiffusionHead:
+        return self.policy.head
+
+    def condition(self, tokens: torch.Tensor, mask: torch.Tensor, cond=None,
+                  drop: torch.Tensor | None = None) -> torch.Tensor:
+        return self.policy(tokens, mask, cond, drop)
+
+    def mask_schedule(self, num_steps: int, seq_len: int | None = None) -> list[int]:
+        return self.policy.mask_schedule(num_steps, seq_len)
+
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.policy.patchify(latents)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.policy.unpatchify(tokens)

@@ -1,0 +1,216 @@
+"""Schedulers: the Gaussian law of each sampling step and the training-noise law of a per-token diffusion head.
+
+A head (`heads.py`) composes a network, which predicts eps or a velocity from (x_t, t, z), and one of these
+scheduler objects, as diffusers composes a model and a scheduler: the scheduler alone knows the timesteps or
+sigmas, turns a (guided) prediction into the next step's mean and std, and says how training draws noise levels.
+`set_timesteps` changes the sampling chain and never touches the network.
+
+* `DdpmScheduler`: MAR's and Harmon's improved-DDPM chain (cosine schedule, respaced to `num_sampling_steps` as
+  LTH14/mar's `create_diffusion`, learned-range variance, optional x0 clamp).
+* `FlowMatchScheduler`: diffusers' `FlowMatchEulerDiscreteScheduler` sigmas with the Flow-GRPO SDE step
+  (noise level `a`; a = 0 is the Euler ODE).
+
+Step arithmetic is float32 whatever the autocast dtype: the PPO ratio exp(logp_new - logp_old) amplifies rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from margrpo.models.schedules import DdpmSchedule, flow_sigmas
+
+
+@dataclass
+class Transition:
+    """Gaussian law of the next head state: x^{j+1} ~ N(mean, std^2), both float32 [N, C].
+
+    `clamped` [N, C] bool marks elements whose predicted x0 a clamping head clipped (None for other heads):
+    their mean does not depend on the network there.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    clamped: torch.Tensor | None = None
+
+
+class DdpmScheduler:
+    """The respaced DDPM chain: eps prediction and learned-range variance -> posterior mean and std.
+
+    Step j = 0 is the noisiest; it uses respaced index k = T - 1 - j, and the network sees the *original* timestep
+    `timestep_map[k]` (MAR's `rescale_timesteps=False`). `clip_denoised` clamps the predicted x0 to
+    [-clip_range, clip_range] before the posterior mean (see `heads.DdpmHead` for why).
+    """
+
+    def __init__(self, num_sampling_steps: str | int = "100", noise_schedule: str = "cosine",
+                 num_train_timesteps: int = 1000, clip_denoised: bool = False, clip_range: float = 1.0):
+        if not clip_range > 0:
+            raise ValueError(f"clip_range must be positive, got {clip_range}")
+        self.noise_schedule = noise_schedule
+        self.clip_denoised = clip_denoised
+        self.clip_range = float(clip_range)
+        self.train = DdpmSchedule.create(num_train_timesteps, noise_schedule, num_train_timesteps)
+        self.set_timesteps(num_sampling_steps)
+
+    def set_timesteps(self, num_sampling_steps: str | int) -> None:
+        """Respace the sampling chain to `num_sampling_steps` ("100", 25, "ddim50", "10,15,20")."""
+        self.schedule = DdpmSchedule.create(num_sampling_steps, self.noise_schedule, self.train.num_steps)
+        s = self.schedule
+        # float32 copies of the per-step coefficients, as upstream's `_extract_into_tensor(...).float()`
+        self._coef = {
+            name: torch.from_numpy(np.asarray(getattr(s, name))).float()
+            for name in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
+                         "posterior_mean_coef2", "posterior_log_variance_clipped")
+        }
+        self._coef["log_betas"] = torch.from_numpy(np.log(s.betas)).float()
+
+    @property
+    def num_steps(self) -> int:
+        return self.schedule.num_steps
+
+    def index_of_step(self, j: int) -> int:
+        """Respaced diffusion index k for sampling step j (k counts down to 0)."""
+        return self.num_steps - 1 - j
+
+    def net_timestep(self, j: int) -> int:
+        """Base timestep the network sees at sampling step j."""
+        return int(self.schedule.timestep_map[self.index_of_step(j)])
+
+    def net_time(self, j: int, n: int, device: torch.device | str) -> torch.Tensor:
+        return torch.full((n,), self.net_timestep(j), device=device, dtype=torch.long)
+
+    def is_stochastic(self, j: int) -> bool:
+        return self.index_of_step(j) != 0
+
+    def unit_score_gain(self, j: int) -> float:
+        """d mean / d eps = posterior_mean_coef1 * sqrt(1 / alpha-bar - 1) over the posterior std (the learned
+        variance's lower bound). On the cosine schedule respaced to 10 steps: about 3,500 at the first step
+        (alpha-bar 2.4e-9), 1.0-1.8 in the middle, 29 at the last stochastic step."""
+        if not self.is_stochastic(j):
+            raise ValueError(f"head step {j} is deterministic and has no score")
+        s, k = self.schedule, self.index_of_step(j)
+        sensitivity = s.posterior_mean_coef1[k] * s.sqrt_recipm1_alphas_cumprod[k]
+        return float(sensitivity / math.exp(0.5 * s.posterior_log_variance_clipped[k]))
+
+    def step(self, x: torch.Tensor, j: int, eps: torch.Tensor, var_values: torch.Tensor,
+             temperature: float) -> Transition:
+        """Posterior mean and std of step j from the (guided) eps and the variance channels, all float32."""
+        k = self.index_of_step(j)
+        xf = x.float()
+        x0 = self._coef["sqrt_recip_alphas_cumprod"][k] * xf - self._coef["sqrt_recipm1_alphas_cumprod"][k] * eps
+        clamped = None
+        if self.clip_denoised:
+            clamped = x0.abs() > self.clip_range
+            x0 = x0.clamp(-self.clip_range, self.clip_range)
+        mean = self._coef["posterior_mean_coef1"][k] * x0 + self._coef["posterior_mean_coef2"][k] * xf
+        frac = (var_values + 1) / 2
+        log_var = frac * self._coef["log_betas"][k] + (1 - frac) * self._coef["posterior_log_variance_clipped"][k]
+        std = torch.exp(0.5 * log_var) * temperature
+        return Transition(mean=mean, std=std, clamped=clamped)
+
+    # ------------------------------------------------------------------ training-noise law
+    def sample_train_levels(self, n: int, generator: torch.Generator | None,
+                            device: torch.device | str) -> torch.Tensor:
+        """Uniform training timesteps in [0, T)."""
+        return torch.randint(0, self.train.num_steps, (n,), generator=generator, device=device)
+
+    def loss_noise_levels(self, u: torch.Tensor) -> torch.Tensor:
+        """Uniform training timesteps as a function of u in [0, 1): floor(u T)."""
+        n = self.train.num_steps
+        return (u * n).floor().long().clamp(0, n - 1)
+
+    def add_noise(self, target: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha-bar_t) x0 + sqrt(1 - alpha-bar_t) noise."""
+        s = self.train
+        sa = torch.from_numpy(s.sqrt_alphas_cumprod).to(target.device)[t].float().unsqueeze(-1)
+        sb = torch.from_numpy(s.sqrt_one_minus_alphas_cumprod).to(target.device)[t].float().unsqueeze(-1)
+        return sa * target + sb * noise
+
+
+class FlowMatchScheduler:
+    """Flow matching, x_sigma = (1 - sigma) x0 + sigma eps, v = eps - x0, with the Flow-GRPO SDE step.
+
+        mean = x (1 + s^2 dt / (2 sigma)) + v (1 + s^2 (1 - sigma) / (2 sigma)) dt,
+        std  = s sqrt(-dt),     s = a sqrt(sigma / (1 - sigma~)),
+
+    with sigma~ the next sigma at sigma = 1, keeps the marginals of the probability-flow ODE and gives every step a
+    Gaussian law. `noise_level` a = 0 is the deterministic Euler ODE. Sigmas are diffusers'
+    `FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(T)` plus a final 0 (`schedules.flow_sigmas`).
+    """
+
+    def __init__(self, num_sampling_steps: int = 25, shift: float = 1.0, noise_level: float = 0.7,
+                 train_sigma_sampling: str = "logit_normal"):
+        if train_sigma_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"train_sigma_sampling={train_sigma_sampling!r}; valid: 'uniform', 'logit_normal'")
+        self.shift = float(shift)
+        self.noise_level = float(noise_level)
+        self.train_sigma_sampling = train_sigma_sampling
+        self.set_timesteps(num_sampling_steps)
+
+    def set_timesteps(self, num_sampling_steps: str | int) -> None:
+        self._num_steps = int(num_sampling_steps)
+        self.sigmas = flow_sigmas(self._num_steps, self.shift)
+
+    @property
+    def num_steps(self) -> int:
+        return self._num_steps
+
+    def net_time(self, j: int, n: int, device: torch.device | str) -> torch.Tensor:
+        """The network's time input: sigma * 1000 (NOVA's and diffusers' timestep units)."""
+        return torch.full((n,), float(self.sigmas[j]) * 1000.0, device=device, dtype=torch.float32)
+
+    def is_stochastic(self, j: int) -> bool:
+        return self.noise_level > 0
+
+    def _sde_scale(self, sigma: float) -> float:
+        denom = float(self.sigmas[1]) if sigma == 1.0 else sigma
+        return self.noise_level * math.sqrt(sigma / (1 - denom))
+
+    def unit_score_gain(self, j: int) -> float:
+        """(1 + s^2 (1 - sigma) / (2 sigma)) |dt| / (s sqrt(|dt|)). Since s^2 (1 - sigma) / sigma = a^2, this is
+        (1 + a^2 / 2) sqrt(|dt| (1 - sigma~) / sigma) / a: at most (1 + a^2 / 2) / a (1.78 at a = 0.7) at every
+        step and shift, so a flow head has no noise-dominated step unless its noise level is small."""
+        if not self.is_stochastic(j):
+            raise ValueError(f"head step {j} is deterministic and has no score")
+        sigma, sigma_next = float(self.sigmas[j]), float(self.sigmas[j + 1])
+        dt = sigma - sigma_next
+        s = self._sde_scale(sigma)
+        return (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt / (s * math.sqrt(dt))
+
+    def step(self, x: torch.Tensor, j: int, v: torch.Tensor, temperature: float) -> Transition:
+        """Mean and std of step j from the (guided) velocity, float32."""
+        sigma = float(self.sigmas[j])
+        sigma_next = float(self.sigmas[j + 1])
+        dt = sigma_next - sigma
+        xf = x.float()
+        if self.noise_level > 0:
+            s = self._sde_scale(sigma)
+            mean = xf * (1 + s**2 / (2 * sigma) * dt) + v * (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
+            std_val = s * math.sqrt(-dt) * temperature
+        else:
+            mean = xf + v * dt
+            std_val = 0.0
+        return Transition(mean=mean, std=torch.full_like(mean, std_val))
+
+    # ------------------------------------------------------------------ training-noise law
+    def sample_train_levels(self, n: int, generator: torch.Generator | None,
+                            device: torch.device | str) -> torch.Tensor:
+        """Training sigmas: uniform, or logit-normal (sigmoid of a standard normal)."""
+        if self.train_sigma_sampling == "uniform":
+            return torch.rand((n,), generator=generator, device=device)
+        return torch.sigmoid(torch.randn((n,), generator=generator, device=device))
+
+    def loss_noise_levels(self, u: torch.Tensor) -> torch.Tensor:
+        """sigma = u (uniform) or sigmoid(Phi^-1(u)) (logit-normal), u clamped into the open interval."""
+        u = u.float().clamp(1e-6, 1 - 1e-6)
+        if self.train_sigma_sampling == "uniform":
+            return u
+        return torch.sigmoid(math.sqrt(2.0) * torch.erfinv(2 * u - 1))
+
+    @staticmethod
+    def add_noise(target: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        sig = sigma.float().unsqueeze(-1)
+        return (1 - sig) * target + sig * noise

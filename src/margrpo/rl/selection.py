@@ -1,0 +1,53 @@
+"""Which AR steps and head steps a training step scores, and which AR steps its rollout must record.
+
+Head steps whose score is dominated by sampling noise are never scored (`scorable_head_steps`; the finding is in
+docs/findings/2026-12-01-noise-dominated-head-steps.md). The choice is a pure function of (seed, rank, step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from margrpo.rl.config import TrainConfig
+from margrpo.utils.rng import make_generator
+
+
+def scorable_head_steps(head, max_gain: float, guidance: float = 1.0, temperature: float = 1.0) -> list[int]:
+    """Stochastic head steps whose score gain is at most `max_gain` (the others' score terms are noise).
+
+    `guidance` is the largest guidance scale the scored density carries (the gain grows with it) and `temperature`
+    the sampling temperature (the std shrinks with it)."""
+    gains = {j: head.score_gain(j, guidance, temperature) for j in range(head.num_steps) if head.is_stochastic(j)}
+    eligible = [j for j, g in gains.items() if g <= max_gain]
+    if not eligible:
+        raise ValueError(f"no head step has a score gain <= algorithm.head_step_max_gain={max_gain} at guidance "
+                         f"{guidance:g} and temperature {temperature:g}; the gains of this head's stochastic steps "
+                         f"are {', '.join(f'{g:.3g}' for g in gains.values()) or 'none (it has none)'}")
+    return eligible
+
+
+def scored_guidance(cfg: TrainConfig) -> float:
+    """The largest guidance scale in the density the policy term scores (1 when only the conditional branch is)."""
+    return cfg.sampling.cfg if cfg.algorithm.guidance == "rollout" else 1.0
+
+
+def select_steps(cfg: TrainConfig, head, step: int, rank: int = 0
+                 ) -> tuple[list[int], dict[int, list[int]], tuple[int, ...]]:
+    """AR steps to score, head steps per AR step, and the AR steps the sampler must record."""
+    a = cfg.algorithm
+    n_ar = cfg.sampling.ar_steps
+    g = make_generator(cfg.seed, "select", rank, step)
+    if a.branch:
+        count = 1
+    else:
+        count = a.ar_step_count if a.ar_step_count is not None else max(1, round(a.ar_step_fraction * n_ar))
+        count = min(count, n_ar)
+    ar = sorted(torch.randperm(n_ar, generator=g)[:count].tolist())
+    eligible = scorable_head_steps(head, a.head_step_max_gain, scored_guidance(cfg), cfg.sampling.temperature)
+    per = len(eligible) if a.head_steps_per_ar_step is None else min(a.head_steps_per_ar_step, len(eligible))
+    head_steps = {i: sorted(eligible[k] for k in torch.randperm(len(eligible), generator=g)[:per].tolist())
+                  for i in ar}
+    record = set(ar)
+    if a.consistency:
+        record |= {i - 1 for i in ar if i > a.consistency_start}
+    return ar, head_steps, tuple(sorted(record))
