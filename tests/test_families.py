@@ -1,0 +1,134 @@
+"""Every model family against the `Policy` / `ImageModel` contract and the invariants RL rests on.
+
+Parametrised over `families.FAMILIES`, so a new family gets all of them by adding one entry there.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from families import FAMILIES
+
+from margrpo.rl.advantages import group_advantages
+from margrpo.rl.objective import ObjectiveConfig, ar_step_loss
+from margrpo.sampling.replay import batched_step_conditions, score_transitions, step_conditions
+from margrpo.sampling.sampler import SamplerConfig, sample
+
+FAMILY_NAMES = list(FAMILIES)
+
+
+def _rollout(model, guidance_scale=1.0, **cfg):
+    fam_prompts = cfg.pop("prompts")
+    cond = model.encode_prompts(list(fam_prompts)).repeat_interleave(3)
+    scfg = SamplerConfig(num_ar_steps=4, guidance_scale=guidance_scale, record_z=True, **cfg)
+    return sample(model.policy, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_the_policy_keeps_the_contract(family, tmp_path):
+    """z depends on known tokens only, `drop` and `cond=None` give the unconditional prompt, calls keep no state,
+    the AR schedule covers every token, decode leaves its argument alone, and a saved folder loads back exactly."""
+    fam = FAMILIES[family]
+    model = fam.build()
+    policy = model.policy
+    g = torch.Generator().manual_seed(3)
+    cond = model.encode_prompts(list(fam.prompts))
+    tokens = torch.randn(2, model.seq_len, model.token_embed_dim, generator=g)
+    order = torch.rand(2, model.seq_len, generator=g).argsort(1)
+    mask = torch.zeros(2, model.seq_len)
+    mask.scatter_(1, order[:, : model.seq_len // 2], 1.0)
+    with torch.no_grad():
+        z = policy(tokens, mask, cond)
+        assert torch.equal(z, policy(tokens, mask, cond))  # stateless: the same call gives the same z
+        assert torch.equal(z, model.condition(tokens, mask, cond)) and torch.equal(z, policy.condition(tokens, mask,
+                                                                                                      cond))
+        other = torch.where(mask.bool()[..., None], torch.randn(tokens.shape, generator=g), tokens)
+        assert torch.allclose(z, policy(other, mask, cond), atol=1e-6)  # unknown positions' values are unseen
+        zu = policy(tokens, mask, None)
+        zd = policy(tokens, mask, cond, drop=torch.tensor([True, False]))
+        assert torch.allclose(zd[0], zu[0], atol=1e-6) and torch.allclose(zd[1], z[1], atol=1e-6)
+        assert float((z[0] - zu[0]).abs().max()) > 1e-5  # the prompt matters (beyond float rounding)
+    for steps in (1, 4, 8):
+        counts = model.mask_schedule(steps)
+        assert len(counts) == steps and sum(counts) == model.seq_len and min(counts) >= 1
+    groups = policy.parameter_groups()
+    assert set(groups) == {"ar", "head"} and groups["ar"] and groups["head"]
+    head_ids = {id(p) for p in policy.head.parameters()}
+    assert all(id(p) in head_ids for _, p in groups["head"]) and not any(id(p) in head_ids for _, p in groups["ar"])
+    trainable = model.trainable_parameters("ar")
+    assert {id(p) for _, p in trainable} == {id(p) for _, p in groups["ar"]}
+    assert all(p.requires_grad == (id(p) in {id(q) for _, q in trainable}) for p in model.parameters())
+    before = tokens.clone()
+    images = model.decode(tokens)
+    assert torch.equal(tokens, before) and images.shape[-1] == model.image_size
+    assert float(images.abs().max()) <= 1.0
+    model.save_pretrained(tmp_path / "m")
+    again = type(model).load_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.equal(again.policy(tokens, mask, again.encode_prompts(list(fam.prompts))), z)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("guidance_scale,score_guidance,mte_source,policy_tokens", [
+    (1.0, "rollout", "commit", "unknown"),
+    (2.0, "rollout", "scored", "unknown"),
+    (2.0, "cond_only", "commit", "committed"),
+    (1.0, "rollout", "scored", "committed"),
+])
+def test_ratio_is_one_before_the_first_update(family, guidance_scale, score_guidance, mte_source, policy_tokens):
+    """The old log-probabilities are the rollout's own (main trajectory and MTE chains, recorded at sampling), so a
+    replay that differed from sampling in any way would show here as a ratio away from 1."""
+    fam = FAMILIES[family]
+    model = fam.build()
+    r = _rollout(model, guidance_scale, prompts=fam.prompts, policy_tokens=policy_tokens, mte_k=3,
+                 mte_source=mte_source, score_guidance=score_guidance)
+    adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
+    ocfg = ObjectiveConfig(score_guidance=score_guidance, beta=0.1, consistency=policy_tokens == "unknown",
+                           mte_top_fraction=0.3)
+    policy = model.policy
+    policy.train()  # the trainer may keep the policy in train mode; replay must still match (dropout off)
+    ref = copy.deepcopy(policy).eval()
+    js = [j for j in range(policy.head.num_steps) if policy.head.is_stochastic(j)][:3]
+    cache: dict = {}
+    for i in range(4):
+        sl = ar_step_loss(policy, ref, r, i, js, adv.values, adv.use, ocfg, cache, first_epoch=True)
+        assert abs(sl.stats["ratio/max"] - 1) < 1e-5 and abs(sl.stats["ratio/min"] - 1) < 1e-5
+        assert abs(sl.stats["mte/ratio_max"] - 1) < 1e-5 and abs(sl.stats["mte/ratio_min"] - 1) < 1e-5
+        assert sl.stats["loss/kl"] == pytest.approx(0.0, abs=1e-10)  # policy == reference before any update
+        sl.loss.backward()
+    ar_grads = [p.grad for _, p in policy.parameter_groups()["ar"] if p.grad is not None]
+    assert ar_grads and sum(float(g.abs().sum()) for g in ar_grads) > 0
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.5])
+def test_replay_recomputes_the_rollouts_conditions_and_log_probs(family, guidance_scale):
+    fam = FAMILIES[family]
+    model = fam.build()
+    r = _rollout(model, guidance_scale, prompts=fam.prompts, policy_tokens="unknown")
+    head = model.policy.head
+    js = [j for j in range(r.head_steps) if head.is_stochastic(j)]
+    for i, rec in r.steps.items():
+        with torch.no_grad():
+            sc = step_conditions(model.policy, r, i)
+            st = score_transitions(head, rec.x, js, sc, r.temperature)
+        assert (sc.z_full - rec.z).abs().max() / rec.z.abs().max() < 1e-5
+        ref = rec.logp[js]
+        assert (st.logp - ref).abs().max() / ref.abs().max() < 1e-5 and torch.isfinite(st.logp).all()
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_batched_steps_give_each_steps_own_conditions(family):
+    """Several AR steps in one transformer call (ragged known sets, padded) equal one call per step."""
+    fam = FAMILIES[family]
+    model = fam.build()
+    r = _rollout(model, 2.0, prompts=fam.prompts)
+    with torch.no_grad():
+        batched = batched_step_conditions(model.policy, r, [0, 1, 3])
+        for i in (0, 1, 3):
+            single = step_conditions(model.policy, r, i)
+            assert torch.allclose(batched[i].z, single.z, atol=1e-5, rtol=1e-4)
+            assert torch.allclose(batched[i].z_uncond, single.z_uncond, atol=1e-5, rtol=1e-4)
+            assert batched[i].guidance == single.guidance
