@@ -142,3 +142,44 @@ def test_head_counts_come_from_the_file_or_the_caller_never_a_guess(tmp_path):
     torch.save({"model": two.state_dict(), "args": upstream_args(encoder_depth=5)}, path)
     with pytest.raises(lth14.CheckpointError, match="encoder_depth=5 .the checkpoint's args. contradicts the weights"):
         lth14.load_checkpoint(path, ema=False)
+
+
+def test_convert_writes_a_model_folder_that_training_can_name(tmp_path, capsys):
+    """`margrpo convert lth14` turns upstream's two files into a folder that `model:` names: same z, decodable
+    tokens, a training step on it; a latent MAR without its autoencoder is one clear error."""
+    from margrpo.cli import main
+    from margrpo.models.loading import load_model
+    from margrpo.models.vae import AutoencoderKL
+    from margrpo.rl.config import TrainConfig
+    from margrpo.rl.trainer import Trainer
+    from margrpo.utils.config import load_config
+
+    kw = dict(UPSTREAM_KW, img_size=32, vae_stride=4, vae_embed_dim=4, class_num=10)
+    mar = randomize(MAR(**kw), seed=4)
+    ckpt = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": mar.state_dict(), "model_ema": mar.state_dict(),
+                "args": upstream_args(img_size=32, vae_stride=4, vae_embed_dim=4, class_num=10)}, ckpt)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(embed_dim=4, ch_mult=(1, 2, 2), ch=32, num_res_blocks=1, resolution=32,
+                        encoder_attn_resolutions=(8,), decoder_attn_resolutions=()).eval()  # 32 groups, as upstream
+    torch.save({"model": vae.state_dict()}, tmp_path / "kl16.ckpt")
+
+    assert main(["convert", "lth14", str(ckpt), str(tmp_path / "nope")]) == 2
+    assert "--vae" in capsys.readouterr().err and not (tmp_path / "nope").exists()
+    assert main(["convert", "lth14", str(ckpt), str(tmp_path / "folder"), "--vae", str(tmp_path / "kl16.ckpt")]) == 0
+    model = load_model(str(tmp_path / "folder"), "cpu")
+    assert not model.training  # loaders return eval mode (dropout off)
+    tokens, mask = torch.randn(2, 64, 4), torch.zeros(2, 64)
+    mask[:, :30] = 1
+    with torch.no_grad():
+        z = model.policy(tokens, mask, model.encode_prompts([3, 7]))
+        z_upstream = mar.eval()(tokens, mask, torch.tensor([3, 7]))
+        assert torch.equal(z, z_upstream)
+        assert model.decode(tokens).shape == (2, 3, 32, 32)
+    cfg = load_config(TrainConfig, None, [f"model={tmp_path / 'folder'}", f"out_dir={tmp_path / 'run'}", "steps=1",
+                                          "rewards={colour_fraction: 1.0}", "prompts.fixed=['3']",
+                                          "algorithm.ptx_weight=0", "algorithm.prompts_per_step=1",
+                                          "algorithm.group_size=2", "sampling.ar_steps=2",
+                                          "sampling.diffusion_steps=4", "log.tensorboard=false"])
+    rows = Trainer(cfg, progress=False).run()
+    assert len(rows) == 1 and (tmp_path / "run" / "model" / "config.json").is_file()

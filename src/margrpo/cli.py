@@ -233,6 +233,24 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_diagnose)
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from margrpo.models.mar import lth14
+
+    out = lth14.convert(args.checkpoint, args.out, vae=args.vae, ema=not args.no_ema)
+    print(f"wrote {out} (name it in a training config as model: {out})")
+    return 0
+
+
+def add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="write another project's checkpoint as a margrpo model folder")
+    p.add_argument("format", choices=["lth14"], help="lth14: LTH14/mar's checkpoint-last.pth (with --vae kl16.ckpt)")
+    p.add_argument("checkpoint", help="the checkpoint file")
+    p.add_argument("out", help="the model folder to write")
+    p.add_argument("--vae", default=None, help="the KL-16 autoencoder (kl16.ckpt) a latent MAR decodes with")
+    p.add_argument("--no-ema", action="store_true", help="take the raw weights ('model'), not 'model_ema'")
+    p.set_defaults(func=cmd_convert)
+
+
 def add_serve_reward_parser(sub: argparse._SubParsersAction) -> None:
     from margrpo.rewards.cli import add_serve_reward_parser as add
     from margrpo.rewards.cli import run_serve_reward
@@ -250,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_parser(sub)
     add_diagnose_parser(sub)
     add_serve_reward_parser(sub)
+    add_convert_parser(sub)
     add_demo_parser(sub)
     return parser
 

@@ -28,7 +28,7 @@ def scorable_head_steps(head, max_gain: float, guidance: float = 1.0, temperatur
 
 def scored_guidance(cfg: TrainConfig) -> float:
     """The largest guidance scale in the density the policy term scores (1 when only the conditional branch is)."""
-    return cfg.sampling.cfg if cfg.algorithm.guidance == "rollout" else 1.0
+    return cfg.sampling.guidance_scale if cfg.algorithm.score_guidance == "rollout" else 1.0
 
 
 def select_steps(cfg: TrainConfig, head, step: int, rank: int = 0

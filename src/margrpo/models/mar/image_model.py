@@ -100,6 +100,7 @@ class MARImageModel(ImageModel):
 
     @classmethod
     def load_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> MARImageModel:
+        """The folder `save_pretrained` (or a converter) wrote, strictly, in eval mode on `device`."""
         path = Path(path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
@@ -145,7 +146,7 @@ class MARImageModel(ImageModel):
         if isinstance(tokenizer, AutoencoderTokenizer):
             _load_prefixed(tokenizer, tensors, "tokenizer.", path)
         model = cls(mar, tokenizer, te)
-        return model.to(device)
+        return model.to(device).eval()  # dropout off: a loaded model computes what it computed when saved
 
 
 def _build_tokenizer(tok_spec: dict, cfg_file: Path) -> nn.Module:

@@ -10,6 +10,7 @@ Public API (kept stable: an external check calls these names):
     load_checkpoint(path, ema=True, **kwargs) -> MAR
     from_state_dict(state_dict, **kwargs) -> MAR
     load_vae(path) -> AutoencoderKL
+    convert(checkpoint, out, vae=None, ema=True, **kwargs) -> Path   (a model folder that `model:` can name)
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ MAR_PRESETS: dict[str, dict[str, int]] = {
 }
 
 # Upstream constructor arguments we accept (anything else is an error naming the key).
-__all__ = ["UPSTREAM_KWARGS", "CheckpointError", "from_state_dict", "infer_config", "load_checkpoint", "load_into",
-           "load_vae", "read_checkpoint"]
+__all__ = ["UPSTREAM_KWARGS", "CheckpointError", "convert", "from_state_dict", "infer_config", "load_checkpoint",
+           "load_into", "load_vae", "read_checkpoint"]
 
 UPSTREAM_KWARGS = {
     "img_size", "vae_stride", "patch_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads",
@@ -176,3 +177,34 @@ def load_vae(path: str | Path, **kwargs: Any):
     from margrpo.models.mar.kl16 import load_kl16
 
     return load_kl16(path, **kwargs)
+
+
+def convert(checkpoint: str | Path, out: str | Path, vae: str | Path | None = None, ema: bool = True,
+            **kwargs: Any) -> Path:
+    """Write an LTH14 checkpoint (and its `kl16.ckpt`) as a margrpo model folder (`config.json` +
+    `model.safetensors`), which a training config's `model:` and `--model` accept.
+
+    A latent MAR (upstream's: 16 VAE channels at stride 16) needs `vae`, the KL-16 autoencoder its tokens decode
+    with (latents scaled by 0.2325, as upstream); only a pixel MAR (3 channels, stride 1) is written without one.
+    The result is class-conditional: prompts are ImageNet class indices.
+    """
+    from margrpo.models.mar.image_model import MARImageModel
+    from margrpo.models.vae import KL16_LATENT_SCALE, AutoencoderTokenizer
+
+    mar = load_checkpoint(checkpoint, ema=ema, **kwargs)
+    cfg = mar.config
+    pixels = cfg.vae_stride == 1 and cfg.vae_embed_dim == 3
+    if vae is None and not pixels:
+        raise ValueError(f"{checkpoint}: a latent MAR ({cfg.vae_embed_dim} channels at stride {cfg.vae_stride}) "
+                         "needs its autoencoder to decode tokens into images: pass vae= (margrpo convert: --vae), "
+                         "the kl16.ckpt it was trained with")
+    tokenizer = None
+    if vae is not None:
+        autoencoder = load_vae(vae)
+        if autoencoder.embed_dim != cfg.vae_embed_dim:
+            raise ValueError(f"{vae}: the autoencoder has {autoencoder.embed_dim} latent channels, the MAR in "
+                             f"{checkpoint} expects {cfg.vae_embed_dim} (vae_embed_dim)")
+        tokenizer = AutoencoderTokenizer(autoencoder, scale=KL16_LATENT_SCALE, patch_size=cfg.patch_size)
+    model = MARImageModel(mar, tokenizer)
+    return model.save_pretrained(out, metadata={"converted_from": str(checkpoint), "ema": ema,
+                                                "vae": None if vae is None else str(vae)})
