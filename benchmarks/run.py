@@ -14,7 +14,7 @@ BENCHMARKS = ["benchmarks.bench_sampling", "benchmarks.bench_train_step", "bench
 
 def update_readme(readme: Path) -> None:
     """Copy every results table into the README's bench-results block."""
-    from margrpo.experiments.demo import update_readme as write_block
+    from margrpo.experiments.readme import update_readme as write_block
 
     parts = []
     for md in sorted(RESULTS.glob("*.md")):

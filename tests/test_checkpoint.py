@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from margrpo.utils import checkpoint as ckpt
+from margrpo.utils import tensor_state
 from margrpo.utils.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    optimizer_state_from_tensors,
-    optimizer_state_to_tensors,
-    safe_torch_load,
     save_checkpoint,
 )
 from margrpo.utils.rng import generator_state, make_generator, set_generator_state
+from margrpo.utils.safe_load import safe_torch_load
+from margrpo.utils.tensor_state import optimizer_state_from_tensors, optimizer_state_to_tensors
 
 torch.set_num_threads(1)
 
@@ -196,8 +196,8 @@ def test_adamw_roundtrip_exact(tmp_path: Path) -> None:
 
 def test_state_encoding_handles_tuples_int_keys_nonfinite() -> None:
     obj = {"a": (1, 2.5), 3: [torch.tensor([1.0]), None], "inf": float("inf"), "__tensor__": "x"}
-    t, meta = ckpt.state_to_tensors(obj)
-    back = ckpt.state_from_tensors(t, json.loads(json.dumps(meta, allow_nan=False)))
+    t, meta = tensor_state.state_to_tensors(obj)
+    back = tensor_state.state_from_tensors(t, json.loads(json.dumps(meta, allow_nan=False)))
     assert back["a"] == (1, 2.5) and back["inf"] == float("inf") and back["__tensor__"] == "x"
     assert torch.equal(back[3][0], torch.tensor([1.0])) and back[3][1] is None
 

@@ -9,7 +9,7 @@ import torch
 
 from margrpo.models.mar.factory import ModelSpec, build_model
 from margrpo.models.mar.image_model import MARImageModel
-from margrpo.models.vae import AutoencoderTokenizer
+from margrpo.models.tokenizers import AutoencoderTokenizer
 from margrpo.worlds.shapes.pretrain import EvalSpec, PretrainConfig, pretrain, vocabulary
 from margrpo.worlds.shapes.pretrain_autoencoder import AutoencoderSpec, train_autoencoder
 

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from margrpo.compat.kl16 import KL16CheckpointError, load_kl16, load_kl16_with_report
+from margrpo.models.tokenizers import AutoencoderTokenizer
 from margrpo.models.vae import (
     AttnBlock,
     AutoencoderKL,
-    AutoencoderTokenizer,
     DiagonalGaussian,
     Downsample,
     ResnetBlock,

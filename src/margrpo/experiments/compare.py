@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from margrpo.configs import config_path
-from margrpo.experiments.demo import publish_to_readme
+from margrpo.experiments.readme import publish_to_readme
 from margrpo.models.loading import load_model
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from margrpo.configs import config_path
+from margrpo.experiments.readme import publish_to_readme
 from margrpo.models.loading import load_model
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer
@@ -37,32 +38,6 @@ def comparison_table(before: EvalResult, after: EvalResult) -> str:
                      f"{100 * delta:+.1f} ± {100 * se:.1f} | {100 * b['partial']:.1f}% | "
                      f"{100 * a['partial']:.1f}% |")
     return "\n".join(lines)
-
-
-README_START, README_END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
-
-
-def update_readme(readme: Path, block: str, start: str = README_START, end: str = README_END) -> None:
-    """Replace the text between two markers (the README's results come from demo and benchmark runs)."""
-    text = readme.read_text()
-    if start not in text or end not in text:
-        raise ValueError(f"{readme}: no {start} ... {end} markers to write the results into")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{start}\n{block.strip()}\n{end}{tail}")
-
-
-def publish_to_readme(readme: Path, text: str, images: list[tuple[Path, str, str]],
-                      start: str = README_START, end: str = README_END) -> None:
-    """Copy each (source, file name, alt text) image to docs/images beside the README and write `text`
-    followed by the image links into the README block between `start` and `end`."""
-    folder = readme.parent / "docs" / "images"
-    folder.mkdir(parents=True, exist_ok=True)
-    links = []
-    for source, name, alt in images:
-        shutil.copy(source, folder / name)
-        links.append(f"![{alt}](docs/images/{name})")
-    update_readme(readme, text.rstrip() + "\n\n" + "\n".join(links) + "\n", start, end)
 
 
 def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: list[str] | None = None,

@@ -128,7 +128,7 @@ def load_state_dict_file(path: str | os.PathLike, *, what: str = "checkpoint") -
 
         obj: Any = load_file(str(p))
     else:
-        from margrpo.utils.checkpoint import safe_torch_load
+        from margrpo.utils.safe_load import safe_torch_load
 
         obj = safe_torch_load(p)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):

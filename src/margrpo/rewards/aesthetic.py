@@ -21,7 +21,8 @@ from PIL import Image
 from torch import nn
 
 from ._clip import build_clip_encoder, load_state_dict_file
-from .base import Reward, ScoreResult, register_reward
+from .base import Reward, ScoreResult
+from .registry import register_reward
 
 __all__ = ["AestheticMLP", "AestheticScore"]
 

@@ -88,7 +88,7 @@ def _load_spec(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def run_serve_reward(args: argparse.Namespace) -> int:
     """Build the rewards, start the server and serve until interrupted; returns the exit code."""
-    from .base import build_rewards
+    from .registry import build_rewards
     from .remote.schema import Limits
     from .remote.server import RewardServer
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import Reward, ScoreResult, register_reward
+from .base import Reward, ScoreResult
+from .registry import register_reward
 
 __all__ = ["ColourFraction", "RandomReward"]
 

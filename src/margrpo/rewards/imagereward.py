@@ -36,7 +36,8 @@ from torch import nn
 
 from ._clip import ClipPreprocess, load_state_dict_file
 from .aesthetic import AestheticMLP
-from .base import Reward, ScoreResult, register_reward
+from .base import Reward, ScoreResult
+from .registry import register_reward
 
 __all__ = ["BlipViT", "MedBertEncoder", "ImageRewardModel", "ImageRewardScore", "IMAGEREWARD_MEAN", "IMAGEREWARD_STD"]
 

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from ._clip import load_hf_clip
-from .base import Reward, ScoreResult, register_reward
+from .base import Reward, ScoreResult
+from .registry import register_reward
 
 __all__ = ["PickScore"]
 

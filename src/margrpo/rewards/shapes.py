@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .base import Reward, ScoreResult, register_reward
+from .base import Reward, ScoreResult
+from .registry import register_reward
 
 __all__ = ["ShapesReward"]
 

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .base import Reward, ScoreResult, register_reward
+from .base import Reward, ScoreResult
+from .registry import register_reward
 
 __all__ = ["JpegCompressibility", "JpegIncompressibility", "jpeg_size_kb"]
 

@@ -36,14 +36,13 @@ from margrpo.sampling.sampler import sample
 from margrpo.utils.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
-    optimizer_state_from_tensors,
-    optimizer_state_to_tensors,
     save_checkpoint,
 )
 from margrpo.utils.config import save_config
 from margrpo.utils.images import make_grid, save_png
 from margrpo.utils.metrics import MetricsWriter, StepTimer, read_metrics
 from margrpo.utils.rng import make_generator
+from margrpo.utils.tensor_state import optimizer_state_from_tensors, optimizer_state_to_tensors
 
 REPORT_KEYS = ["reward/mean", "accuracy/strict", "loss/kl", "grad_norm", "ratio/max", "zero_signal_fraction"]
 EVAL_KEY = "eval/heldout/strict"

@@ -18,9 +18,9 @@ Why it is built this way:
   corrupted file is found before it is read, and resuming skips such a checkpoint for the previous one.
 - **No pickle.** Tensors go into safetensors files; everything else (step, RNG states, data
   position, optimizer hyper-parameters) into ``state.json``. Loading one of our checkpoints never
-  executes code. Foreign ``.pth`` files are read only through :func:`safe_torch_load`.
-- **Optimizer state without pickle.** :func:`optimizer_state_to_tensors` splits a
-  ``state_dict()`` into tensors and a JSON description that restore it exactly.
+  executes code. Foreign ``.pth`` files are read only through ``utils/safe_load.py``.
+- **Optimizer state without pickle.** ``utils/tensor_state.py`` splits a ``state_dict()`` into tensors and a
+  JSON description that restore it exactly.
 
 One writer per run directory is assumed (rank 0): a save removes stale ``.tmp-*`` directories
 left by earlier crashed saves.
@@ -34,7 +34,6 @@ import logging
 import math
 import numbers
 import os
-import pickle
 import re
 import shutil
 import tempfile
@@ -54,11 +53,6 @@ __all__ = [
     "verify_checkpoint",
     "list_checkpoints",
     "prune_checkpoints",
-    "optimizer_state_to_tensors",
-    "optimizer_state_from_tensors",
-    "state_to_tensors",
-    "state_from_tensors",
-    "safe_torch_load",
 ]
 
 log = logging.getLogger(__name__)
@@ -437,141 +431,3 @@ def load_checkpoint(
         except Exception as e:
             raise CheckpointError(f"{f}: cannot read safetensors file: {e}") from e
     return out, payload
-
-
-# --------------------------------------------------------------------------------------------
-# Optimizer (and other state_dict) <-> tensors + JSON.
-
-_T = "__tensor__"
-_TUPLE = "__tuple__"
-_ITEMS = "__items__"
-_FLOAT = "__float__"
-_STATE_FORMAT = "margrpo-state/1"
-
-
-def state_to_tensors(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split a nested state (dicts, lists, tuples, scalars, tensors) into tensors + a JSON description.
-
-    Tensors are replaced by references into the returned flat dict; tuples, non-str dict keys and
-    nan/inf floats are tagged so :func:`state_from_tensors` rebuilds the exact same structure.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-
-    def sub(key: str, k: Any) -> str:
-        return f"{key}.{k}" if key else str(k)
-
-    def enc(x: Any, key: str) -> Any:
-        if isinstance(x, torch.Tensor):
-            if key in tensors:
-                raise CheckpointError(f"state entry '{key}' would be stored twice; rename the keys")
-            tensors[key] = x.detach()
-            return {_T: key}
-        if x is None or isinstance(x, (bool, int, str)):
-            return x
-        if isinstance(x, float):
-            return x if math.isfinite(x) else {_FLOAT: repr(x)}
-        if isinstance(x, tuple):
-            return {_TUPLE: [enc(v, sub(key, i)) for i, v in enumerate(x)]}
-        if isinstance(x, list):
-            return [enc(v, sub(key, i)) for i, v in enumerate(x)]
-        if isinstance(x, Mapping):
-            tags = (_T, _TUPLE, _ITEMS, _FLOAT)
-            plain = all(isinstance(k, str) and k not in tags for k in x)
-            if plain:
-                return {k: enc(v, sub(key, k)) for k, v in x.items()}
-            items = []
-            for k, v in x.items():
-                if isinstance(k, bool) or not isinstance(k, (int, str)):
-                    raise CheckpointError(f"state entry '{key}' has a key of type {type(k).__name__}")
-                items.append([k, enc(v, sub(key, k))])
-            return {_ITEMS: items}
-        raise CheckpointError(f"state entry '{key}' has unsupported type {type(x).__name__}")
-
-    desc = enc(obj, "")
-    return tensors, {"format": _STATE_FORMAT, "data": desc}
-
-
-def state_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Any:
-    """Inverse of :func:`state_to_tensors` (``meta`` may have been through JSON)."""
-    if not isinstance(meta, Mapping) or meta.get("format") != _STATE_FORMAT:
-        raise CheckpointError(f"not a {_STATE_FORMAT} description: {str(meta)[:100]!r}")
-
-    def dec(x: Any) -> Any:
-        if isinstance(x, list):
-            return [dec(v) for v in x]
-        if isinstance(x, dict):
-            if set(x) == {_T}:
-                key = x[_T]
-                if key not in tensors:
-                    raise CheckpointError(f"tensor '{key}' named in the state is missing from the tensors")
-                return tensors[key]
-            if set(x) == {_TUPLE}:
-                return tuple(dec(v) for v in x[_TUPLE])
-            if set(x) == {_FLOAT}:
-                return float(x[_FLOAT])
-            if set(x) == {_ITEMS}:
-                return {k: dec(v) for k, v in x[_ITEMS]}
-            return {k: dec(v) for k, v in x.items()}
-        return x
-
-    return dec(meta["data"])
-
-
-def optimizer_state_to_tensors(
-    state_dict: Mapping[str, Any],
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``opt.state_dict()`` -> (tensors for a safetensors group, JSON-able meta for ``state.json``).
-
-    Round-trips AdamW (and any torch optimizer) exactly, without pickle. Tensor names look like
-    ``state.0.exp_avg``.
-    """
-    return state_to_tensors(dict(state_dict))
-
-
-def optimizer_state_from_tensors(
-    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
-) -> dict[str, Any]:
-    """Rebuild the dict for ``opt.load_state_dict`` from :func:`optimizer_state_to_tensors` output."""
-    return state_from_tensors(tensors, meta)
-
-
-# --------------------------------------------------------------------------------------------
-# Foreign .pth files.
-
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
-
-
-def safe_torch_load(
-    path: str | os.PathLike, allow: Iterable[Any] | None = None, map_location: Any = "cpu"
-) -> Any:
-    """``torch.load(path, weights_only=True)`` with an explicit allow-list of extra globals.
-
-    Old checkpoints (e.g. LTH14/mar ``checkpoint-last.pth``) pickle objects such as
-    ``argparse.Namespace``; pass those classes in ``allow``. Anything else is refused, and the
-    error names the file and the global that would have been unpickled.
-    """
-    path = Path(path)
-    allow = list(allow or [])
-    try:
-        with torch.serialization.safe_globals(allow):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        names: list[str] = []
-        try:
-            names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        except Exception:
-            pass
-        if not names:
-            names = _GLOBAL_RE.findall(str(e))
-        allowed = {f"{getattr(a, '__module__', '')}.{getattr(a, '__qualname__', a)}" for a in allow}
-        names = [n for n in names if n not in allowed] or names
-        if not names:  # not a disallowed global: a corrupt or unusual file; quote torch (minus ANSI codes)
-            lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
-            reason = next((ln for ln in lines if "Unsupported" in ln or "GLOBAL" in ln), lines[-1])
-            raise CheckpointError(f"{path}: torch.load(weights_only=True) failed: {reason}") from e
-        raise CheckpointError(
-            f"{path}: torch.load(weights_only=True) refused to unpickle the global(s) {', '.join(names)}. "
-            "If you trust this file, pass those classes in allow=[...] to safe_torch_load."
-        ) from e
-    except RuntimeError as e:  # e.g. a truncated zip archive; torch's message does not name the file
-        raise CheckpointError(f"{path}: cannot be loaded: {e}") from e

@@ -19,8 +19,8 @@ from torch import nn
 from margrpo.models.base import ImageModel
 from margrpo.models.conditioning import Condition, HashedTextEncoder, TextEncoder
 from margrpo.models.mar.model import MAR, MARConfig
-from margrpo.models.tokenizers import PixelTokenizer
-from margrpo.models.vae import AutoencoderKL, AutoencoderTokenizer
+from margrpo.models.tokenizers import AutoencoderTokenizer, PixelTokenizer
+from margrpo.models.vae import AutoencoderKL
 from margrpo.models.weights import load_state_strict
 from margrpo.utils.atomic import atomic_write, atomic_write_text
 

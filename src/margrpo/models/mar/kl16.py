@@ -84,7 +84,8 @@ def read_kl16_state_dict(path: str | Path, *, safe_globals: Iterable[Any] = ()) 
 
         obj: Any = load_file(str(path), device="cpu")
     else:
-        from margrpo.utils.checkpoint import CheckpointError, safe_torch_load
+        from margrpo.utils.checkpoint import CheckpointError
+        from margrpo.utils.safe_load import safe_torch_load
 
         try:
             obj = safe_torch_load(path, allow=safe_globals)

@@ -145,7 +145,7 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], so
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw upstream checkpoint dict, loaded without executing code (allow-list: argparse.Namespace)."""
-    from margrpo.utils.checkpoint import safe_torch_load
+    from margrpo.utils.safe_load import safe_torch_load
 
     obj = safe_torch_load(path, allow=[argparse.Namespace])
     if not isinstance(obj, dict):
@@ -189,7 +189,8 @@ def convert(checkpoint: str | Path, out: str | Path, vae: str | Path | None = No
     The result is class-conditional: prompts are ImageNet class indices.
     """
     from margrpo.models.mar.image_model import MARImageModel
-    from margrpo.models.vae import KL16_LATENT_SCALE, AutoencoderTokenizer
+    from margrpo.models.tokenizers import AutoencoderTokenizer
+    from margrpo.models.vae import KL16_LATENT_SCALE
 
     mar = load_checkpoint(checkpoint, ema=ema, **kwargs)
     cfg = mar.config

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..base import Reward, RewardOutput, ScoreResult, register_reward
+from ..base import Reward, RewardOutput, ScoreResult
+from ..registry import register_reward
 from .schema import SchemaError, make_score_request, parse_score_response
 
 __all__ = ["RemoteReward", "RewardServerError"]

@@ -29,14 +29,13 @@ from margrpo.sampling.sampler import SamplerConfig
 from margrpo.utils.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
-    optimizer_state_from_tensors,
-    optimizer_state_to_tensors,
     save_checkpoint,
 )
 from margrpo.utils.config import save_config
 from margrpo.utils.images import make_grid, save_png, to_pil
 from margrpo.utils.metrics import MetricsWriter
 from margrpo.utils.rng import derive_seed, generator_state, make_generator, set_generator_state
+from margrpo.utils.tensor_state import optimizer_state_from_tensors, optimizer_state_to_tensors
 from margrpo.worlds import shapes
 from margrpo.worlds.shapes.data import ShapesBatches, uint8_to_model_range
 from margrpo.worlds.shapes.evaluate import eval_prompt_set, evaluate, format_summary

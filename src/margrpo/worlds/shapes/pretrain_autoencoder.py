@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from margrpo.models.vae import AutoencoderKL, AutoencoderTokenizer
+from margrpo.models.tokenizers import AutoencoderTokenizer
+from margrpo.models.vae import AutoencoderKL
 from margrpo.models.weights import load_state_strict
 from margrpo.utils.atomic import atomic_write, atomic_write_text
 from margrpo.utils.rng import derive_seed, make_generator
