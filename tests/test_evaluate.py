@@ -53,3 +53,16 @@ def test_paired_strict_change_treats_images_of_one_prompt_as_correlated():
     assert ch["single"] == (0.5, pytest.approx(0.5))
     one_prompt = paired_strict_change(result(["a", "a"], cats[:2], [0, 0]), result(["a", "a"], cats[:2], [1, 0]))
     assert math.isnan(one_prompt["single"][1])  # one cluster: no standard error
+
+
+def test_eval_curve_table_hand_worked():
+    from margrpo.experiments.demo import eval_curve_table
+
+    rows = [{"step": 0, "eval/heldout/strict": 0.25},
+            {"step": 3, "loss/kl": 0.1},  # a training row without an evaluation is not a table row
+            {"step": 200, "eval/heldout/strict": 0.30, "eval/heldout/strict_change": 0.05,
+             "eval/heldout/strict_change_se": 0.012, "eval_ema/heldout/strict": 0.28,
+             "eval_ema/heldout/strict_change": 0.03, "eval_ema/heldout/strict_change_se": 0.01}]
+    assert eval_curve_table(rows).splitlines() == [
+        "| step | held-out | held-out, EMA |", "|---:|---:|---:|", "| 0 | 25.0% |  |",
+        "| 200 | 30.0% (+5.0 ± 1.2) | 28.0% (+3.0 ± 1.0) |"]

@@ -48,7 +48,7 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     p.add_argument("-n", type=int, default=8, help="images per prompt")
     p.add_argument("--out", default="grid.png", help="output PNG")
-    p.add_argument("--model", default=None, help="generator folder, training run directory (latest checkpoint) "
+    p.add_argument("--model", default=None, help="model folder, training run directory (latest checkpoint) "
                    "or shipped:NAME (default: the shipped shapes model)")
     p.add_argument("--ar-steps", type=int, default=16)
     p.add_argument("--diffusion-steps", type=int, default=None)
@@ -165,7 +165,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="score a model on the held-out shapes prompts with the verifier")
     p.add_argument("checkpoint", nargs="?", default=None,
-                   help="generator folder (a run's model/), a training run directory (its latest checkpoint), "
+                   help="model folder (a run's model/), a training run directory (its latest checkpoint), "
                         "or shipped:NAME (default: the shipped base)")
     p.add_argument("--per-category", type=int, default=100, help="held-out images per category")
     p.add_argument("--ar-steps", type=int, default=16)

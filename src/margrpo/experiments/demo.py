@@ -20,6 +20,7 @@ from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer
 from margrpo.utils.config import load_config
 from margrpo.utils.images import make_grid, save_png, side_by_side, to_pil
+from margrpo.utils.metrics import read_metrics
 from margrpo.worlds import shapes
 from margrpo.worlds.shapes.evaluate import EvalResult, eval_prompt_set, evaluate, paired_strict_change, train_prompt_set
 
@@ -37,6 +38,28 @@ def comparison_table(before: EvalResult, after: EvalResult) -> str:
         lines.append(f"| {c} | {int(b['n'])} | {100 * b['strict']:.1f}% | {100 * a['strict']:.1f}% | "
                      f"{100 * delta:+.1f} ± {100 * se:.1f} | {100 * b['partial']:.1f}% | "
                      f"{100 * a['partial']:.1f}% |")
+    return "\n".join(lines)
+
+
+def eval_curve_table(rows: list[dict]) -> str:
+    """The in-loop evaluations of a run (`eval.every`): strict accuracy and its paired change against step 0, of the
+    weights and (with `eval.ema_decay`) of their EMA, held-out and (with `eval.in_distribution`) in-distribution."""
+
+    def cell(row: dict, prefix: str) -> str:
+        if f"{prefix}/strict" not in row:
+            return ""
+        out = f"{100 * row[f'{prefix}/strict']:.1f}%"
+        if f"{prefix}/strict_change" in row:
+            out += f" ({100 * row[f'{prefix}/strict_change']:+.1f} ± {100 * row[f'{prefix}/strict_change_se']:.1f})"
+        return out
+
+    evals = [r for r in rows if "eval/heldout/strict" in r]
+    columns = [("held-out", "eval/heldout"), ("held-out, EMA", "eval_ema/heldout"),
+               ("in-distribution", "eval/train"), ("in-distribution, EMA", "eval_ema/train")]
+    columns = [(name, key) for name, key in columns if any(f"{key}/strict" in r for r in evals)]
+    lines = ["| step | " + " | ".join(name for name, _ in columns) + " |",
+             "|---:|" + "---:|" * len(columns)]
+    lines += [f"| {r['step']} | " + " | ".join(cell(r, key) for _, key in columns) + " |" for r in evals]
     return "\n".join(lines)
 
 
@@ -87,6 +110,9 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
     md = (f"Held-out strict accuracy, {len(prompts)} prompts, same seeds before and after "
           f"({cfg.steps} steps, {method}, {cfg.threads} threads; {train_s / 60:.1f} min training, "
           f"{total_s / 60:.1f} min total):\n\n{table}\n\n{in_dist}\n")
+    if cfg.eval.every > 0:
+        md += ("\nDuring training (strict accuracy, change ± paired s.e. against step 0 in points):\n\n"
+               f"{eval_curve_table(read_metrics(run_dir))}\n")
     (out / "results.md").write_text(md)
     print(md)
     if readme is not None and not quick:

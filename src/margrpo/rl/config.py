@@ -217,7 +217,7 @@ class FaultSection:
 class TrainConfig:
     """A training run: `margrpo train CONFIG [key=value ...]`."""
 
-    model: str = option("shipped:shapes-base", "a generator folder, a training run directory, or shipped:NAME")
+    model: str = option("shipped:shapes-base", "a model folder, a training run directory, or shipped:NAME")
     out_dir: str = option("runs/train", "the run directory")
     seed: int = option(0, "every random stream of the run derives from (seed, stream, rank, step)")
     steps: int = option(50, "training steps (one rollout each)", range=(1, 10_000_000))

@@ -104,11 +104,11 @@ class MARImageModel(ImageModel):
         path = Path(path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
-            raise FileNotFoundError(f"{cfg_file}: no generator config here (expected config.json + model.safetensors)")
+            raise FileNotFoundError(f"{cfg_file}: no model config here (expected config.json + model.safetensors)")
         try:
             spec = json.loads(cfg_file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{cfg_file}: not valid JSON ({e}); a generator folder's config.json is written by "
+            raise ValueError(f"{cfg_file}: not valid JSON ({e}); a model folder's config.json is written by "
                              "save_pretrained or a margrpo converter") from None
         if not isinstance(spec, dict):
             raise ValueError(f"{cfg_file}: expected a JSON object, got {type(spec).__name__}")
@@ -134,7 +134,7 @@ class MARImageModel(ImageModel):
         tokenizer = _build_tokenizer(spec.get("tokenizer", {"type": "pixels"}), cfg_file)
         weights = path / "model.safetensors"
         if not weights.is_file():
-            raise FileNotFoundError(f"{weights}: missing (a generator folder holds config.json and model.safetensors)")
+            raise FileNotFoundError(f"{weights}: missing (a model folder holds config.json and model.safetensors)")
         try:
             tensors = load_file(str(weights))
         except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
