@@ -23,13 +23,21 @@ class Family:
     prompts: tuple  # two prompts of the family's kind (strings, or class labels)
 
 
-def _text_mar(**spec) -> ImageModel:
+def _text_mar(latent: bool = False, **spec) -> ImageModel:
     from margrpo.models.mar.factory import ModelSpec, build_model
+    from margrpo.models.tokenizers import AutoencoderTokenizer
+    from margrpo.models.vae import AutoencoderKL
     from margrpo.worlds.shapes.pretrain import vocabulary
 
     torch.manual_seed(0)  # only the module initialisers
+    tokenizer = None
+    if latent:  # a KL autoencoder at stride 4 (LTH14's KL-16 layout, tiny): 8 x 8 x 4 latents, 2 x 2 patches
+        tokenizer = AutoencoderTokenizer(AutoencoderKL(embed_dim=4, ch_mult=(1, 2, 2), ch=32, num_res_blocks=1,
+                                                       resolution=32, encoder_attn_resolutions=(),
+                                                       decoder_attn_resolutions=()), scale=0.5, patch_size=2)
+        spec = {"tokenizer": "autoencoder", "patch_size": 2, **spec}
     model = build_model(ModelSpec(width=32, depth=1, num_heads=2, head_width=32, head_depth=1, diffusion_steps=6,
-                                  text_dim=16, **spec), vocabulary())
+                                  text_dim=16, **spec), vocabulary(), tokenizer)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # upstream zero-inits the head's output layers, which would hide z's effect
         for p in model.policy.head.parameters():
@@ -46,5 +54,6 @@ FAMILIES: dict[str, Family] = {
     "mar-text-flow": Family(lambda: _text_mar(head="flow"), ("a red circle", "two blue squares")),
     "mar-text-cross-attention": Family(lambda: _text_mar(condition_mode="cross_attention"),
                                        ("a red circle", "two blue squares")),
+    "mar-text-kl-latents": Family(lambda: _text_mar(latent=True), ("a red circle", "two blue squares")),
     "mar-class-ddpm": Family(lambda: _class_mar("ddpm"), (1, 7)),
 }

@@ -289,3 +289,13 @@ def test_configuration_docs_are_generated_from_the_dataclasses_and_fresh():
     fields = list(every_field(TrainConfig))
     assert len(fields) > 60 and all(f.metadata.get("help") for _, f in fields), [n for n, f in fields
                                                                                if not f.metadata.get("help")]
+
+
+def test_a_renamed_key_points_to_its_new_name():
+    """Configs written before the renames (sampling.cfg, algorithm.guidance) get the new key in the error."""
+    from margrpo.rl.config import TrainConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, None, ["sampling.cfg=3.0", "algorithm.guidance=cond_only"])
+    assert "it was renamed 'sampling.guidance_scale'" in str(err.value)
+    assert "it was renamed 'algorithm.score_guidance'" in str(err.value)

@@ -55,17 +55,27 @@ def test_the_policy_keeps_the_contract(family, tmp_path):
         assert len(counts) == steps and sum(counts) == model.seq_len and min(counts) >= 1
     groups = policy.parameter_groups()
     assert set(groups) == {"ar", "head"} and groups["ar"] and groups["head"]
-    head_ids = {id(p) for p in policy.head.parameters()}
-    assert all(id(p) in head_ids for _, p in groups["head"]) and not any(id(p) in head_ids for _, p in groups["ar"])
+    # the groups partition the policy's parameters, and "head" is exactly what sits under the head's module path
+    head_path = next(name for name, m in policy.named_modules() if m is policy.head)
+    names = {g: {n for n, _ in ps} for g, ps in groups.items()}
+    assert names["head"] == {n for n, _ in policy.named_parameters() if n.startswith(head_path + ".")}
+    assert names["ar"] | names["head"] == {n for n, _ in policy.named_parameters()}
+    assert not names["ar"] & names["head"]
     trainable = model.trainable_parameters("ar")
     assert {id(p) for _, p in trainable} == {id(p) for _, p in groups["ar"]}
     assert all(p.requires_grad == (id(p) in {id(q) for _, q in trainable}) for p in model.parameters())
     before = tokens.clone()
-    images = model.decode(tokens)
-    assert torch.equal(tokens, before) and images.shape[-1] == model.image_size
-    assert float(images.abs().max()) <= 1.0
+    with torch.no_grad():
+        images = model.decode(tokens)
+        assert torch.equal(tokens, before) and images.shape == (2, 3, model.image_size, model.image_size)
+        assert float(images.abs().max()) <= 1.0
+        again_tokens = model.encode_images(images, generator=torch.Generator().manual_seed(0))
+        assert again_tokens.shape == tokens.shape and torch.isfinite(again_tokens).all()
     model.save_pretrained(tmp_path / "m")
-    again = type(model).load_pretrained(tmp_path / "m").eval()
+    again = type(model).load_pretrained(tmp_path / "m")
+    assert not again.training  # loaders return eval mode
+    assert {k: v for k, v in again.state_dict().items()}.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
     with torch.no_grad():
         assert torch.equal(again.policy(tokens, mask, again.encode_prompts(list(fam.prompts))), z)
 
@@ -132,3 +142,26 @@ def test_batched_steps_give_each_steps_own_conditions(family):
             assert torch.allclose(batched[i].z, single.z, atol=1e-5, rtol=1e-4)
             assert torch.allclose(batched[i].z_uncond, single.z_uncond, atol=1e-5, rtol=1e-4)
             assert batched[i].guidance == single.guidance
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s.pop("tokenizer"), "missing key(s) ['tokenizer']"),
+    (lambda s: s["mar"].pop("head"), "lacks ['head']"),
+    (lambda s: s["mar"].update(heads=3), "has unknown fields ['heads']"),
+    (lambda s: s.update(version="1"), "'version' must be an integer"),
+    (lambda s: s["text_encoder"].pop("dim"), "lacks ['dim']"),
+    (lambda s: s.update(tokenizer=None), "key 'tokenizer' must be an object"),
+])
+def test_a_model_folder_states_everything_it_is_read_as(tmp_path, edit, message):
+    """The loader never fills in what config.json does not say: each gap is one error naming the file and key."""
+    import json
+
+    from margrpo.models.loading import load_model
+
+    FAMILIES["mar-text-ddpm"].build().save_pretrained(tmp_path / "m")
+    spec = json.loads((tmp_path / "m" / "config.json").read_text())
+    edit(spec)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError) as err:
+        load_model(str(tmp_path / "m"), "cpu")
+    assert message in str(err.value) and str(tmp_path / "m" / "config.json") in str(err.value)

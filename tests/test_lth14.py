@@ -164,9 +164,19 @@ def test_convert_writes_a_model_folder_that_training_can_name(tmp_path, capsys):
                         encoder_attn_resolutions=(8,), decoder_attn_resolutions=()).eval()  # 32 groups, as upstream
     torch.save({"model": vae.state_dict()}, tmp_path / "kl16.ckpt")
 
-    assert main(["convert", "lth14", str(ckpt), str(tmp_path / "nope")]) == 2
+    with pytest.raises(SystemExit):  # the autoencoder is required: a loader never guesses how tokens decode
+        main(["convert", "lth14", str(ckpt), str(tmp_path / "nope")])
     assert "--vae" in capsys.readouterr().err and not (tmp_path / "nope").exists()
-    assert main(["convert", "lth14", str(ckpt), str(tmp_path / "folder"), "--vae", str(tmp_path / "kl16.ckpt")]) == 0
+    torch.manual_seed(1)
+    other = AutoencoderKL(embed_dim=4, ch_mult=(1, 2), ch=32, num_res_blocks=1, resolution=32,
+                          encoder_attn_resolutions=(), decoder_attn_resolutions=()).eval()  # stride 2, not 4
+    torch.save({"model": other.state_dict()}, tmp_path / "stride2.ckpt")
+    assert main(["convert", "lth14", str(ckpt), str(tmp_path / "bad"), "--vae", str(tmp_path / "stride2.ckpt")]) == 2
+    assert "stride 2" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    args = ["convert", "lth14", str(ckpt), str(tmp_path / "folder"), "--vae", str(tmp_path / "kl16.ckpt")]
+    assert main(args) == 0
+    assert main(args) == 2 and "--force" in capsys.readouterr().err  # an existing folder is not overwritten
+    assert main([*args, "--force"]) == 0
     model = load_model(str(tmp_path / "folder"), "cpu")
     assert not model.training  # loaders return eval mode (dropout off)
     tokens, mask = torch.randn(2, 64, 4), torch.zeros(2, 64)

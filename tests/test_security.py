@@ -13,7 +13,7 @@ import margrpo
 
 PACKAGE = Path(margrpo.__file__).resolve().parent
 SOURCES = sorted(PACKAGE.rglob("*.py"))
-GUARDED_LOADER = PACKAGE / "utils" / "checkpoint.py"  # safe_torch_load: the one torch.load, weights_only=True
+GUARDED_LOADER = PACKAGE / "utils" / "safe_load.py"  # safe_torch_load: the one torch.load, weights_only=True
 
 
 def _calls(tree: ast.AST):

@@ -236,7 +236,9 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     from margrpo.models.mar import lth14
 
-    out = lth14.convert(args.checkpoint, args.out, vae=args.vae, ema=not args.no_ema)
+    heads = {k: v for k, v in (("encoder_num_heads", args.encoder_num_heads),
+                               ("decoder_num_heads", args.decoder_num_heads)) if v is not None}
+    out = lth14.convert(args.checkpoint, args.out, vae=args.vae, ema=not args.no_ema, overwrite=args.force, **heads)
     print(f"wrote {out} (name it in a training config as model: {out})")
     return 0
 
@@ -246,8 +248,12 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("format", choices=["lth14"], help="lth14: LTH14/mar's checkpoint-last.pth (with --vae kl16.ckpt)")
     p.add_argument("checkpoint", help="the checkpoint file")
     p.add_argument("out", help="the model folder to write")
-    p.add_argument("--vae", default=None, help="the KL-16 autoencoder (kl16.ckpt) a latent MAR decodes with")
+    p.add_argument("--vae", required=True, help="the KL-16 autoencoder (kl16.ckpt) the MAR's tokens decode with")
     p.add_argument("--no-ema", action="store_true", help="take the raw weights ('model'), not 'model_ema'")
+    p.add_argument("--encoder-num-heads", type=int, default=None,
+                   help="when the checkpoint's args do not say (a model that is not one of upstream's presets)")
+    p.add_argument("--decoder-num-heads", type=int, default=None, help="likewise for the decoder")
+    p.add_argument("--force", action="store_true", help="write into an existing non-empty folder")
     p.set_defaults(func=cmd_convert)
 
 

@@ -49,7 +49,11 @@ class Policy(nn.Module):
 
     def condition(self, tokens: torch.Tensor, mask: torch.Tensor, cond=None,
                   drop: torch.Tensor | None = None) -> torch.Tensor:
-        """The module call under LTH14/mar's name (`model.condition(tokens, mask, labels)`)."""
+        """The module call under the name the model-family contract shares (`model.condition(tokens, mask, labels)`).
+
+        Not upstream's: LTH14/mar's `MAR.forward(imgs, labels)` returns its training loss; here the pretraining
+        loss is `pretrain_loss` and the module call is the conditions z.
+        """
         return self(tokens, mask, cond, drop)
 
     def mask_schedule(self, num_steps: int, seq_len: int | None = None) -> list[int]:
@@ -114,6 +118,12 @@ class ImageModel(nn.Module):
         raise NotImplementedError
 
     def save_pretrained(self, path: str | Path, metadata: dict | None = None) -> Path:  # pragma: no cover
+        """Write the model as a folder that `load_pretrained` (and a config's `model:`) reads back exactly."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> ImageModel:  # pragma: no cover
+        """The folder `save_pretrained` (or a converter) wrote, strictly, in eval mode on `device`."""
         raise NotImplementedError
 
     def trainable_parameters(self, which: str) -> list[tuple[str, nn.Parameter]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from margrpo.models.base import ImageModel
-from margrpo.models.mar.image_model import MARImageModel
+from margrpo.models.mar.image_model import FORMAT, MARImageModel
 
 
 def load_model(spec: str, device: str | torch.device) -> ImageModel:
@@ -21,17 +21,32 @@ def load_model(spec: str, device: str | torch.device) -> ImageModel:
 
     A run directory (one with ``checkpoints/``) gives its base model with the latest checkpoint's policy
     weights, so a run can be sampled and evaluated while it trains or after a crash, before it has
-    exported ``model/``. Checkpoints hold only the trainable tensors (DESIGN section 5), which is why the
-    base is loaded first.
+    exported ``model/``. Checkpoints hold only the trainable tensors, which is why the base is loaded first.
     """
     if spec.startswith("shipped:"):
         from margrpo.assets import shipped_model_path
 
-        return MARImageModel.load_pretrained(shipped_model_path(spec[len("shipped:"):]), device=device)
+        return load_folder(shipped_model_path(spec[len("shipped:"):]), device)
     path = Path(spec)
     if path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
         return _load_run(path, device)
-    return MARImageModel.load_pretrained(spec, device=device)
+    return load_folder(path, device)
+
+
+# the `format` a model folder's config.json names -> the ImageModel class that reads it
+FOLDER_FORMATS: dict[str, type[ImageModel]] = {FORMAT: MARImageModel}
+
+
+def load_folder(path: Path, device: str | torch.device) -> ImageModel:
+    """A model folder, by the `format` its config.json names; a folder that names none gets the margrpo folder
+    loader, whose errors say what such a folder holds."""
+    import json
+
+    try:
+        fmt = json.loads((path / "config.json").read_text(encoding="utf-8")).get("format")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        fmt = None  # the margrpo loader reports the missing or unreadable file precisely
+    return FOLDER_FORMATS.get(fmt, MARImageModel).load_pretrained(path, device=device)
 
 
 def _load_run(run_dir: Path, device: str | torch.device) -> ImageModel:

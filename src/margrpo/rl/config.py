@@ -10,6 +10,7 @@ margrpo.utils.config_docs`), and a test fails when it is stale.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from margrpo.rl.objective import ESTIMATORS, NORMALIZE_MODES, RATIO_LEVELS, ObjectiveConfig
 from margrpo.sampling.sampler import GUIDANCE_MODES, SamplerConfig
@@ -19,6 +20,8 @@ from margrpo.utils.config import option
 @dataclass
 class SamplingSection:
     """How rollouts are drawn (fewer AR and head steps and no CFG make rollouts cheap)."""
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"cfg": "guidance_scale", "cfg_schedule": "guidance_schedule"}
 
     ar_steps: int = option(8, "AR steps per image (MAR's cosine mask schedule decides how many tokens each commits)",
                            range=(1, 4096))
@@ -34,6 +37,8 @@ class SamplingSection:
 @dataclass
 class AlgorithmSection:
     """The RL objective: GRPO's groups and advantages, PPO's clip and epochs, the KL, and MAR-GRPO's stabilisers."""
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"guidance": "score_guidance"}
 
     group_size: int = option(8, "images per prompt (G); advantages are relative within a group", range=(2, 4096))
     prompts_per_step: int = option(4, "prompts per rollout; a rollout has prompts_per_step x group_size images",

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from margrpo.models.base import Policy
 from margrpo.rl.losses import MAX_LOG_RATIO, clipped_surrogate, gaussian_kl, reference_code_kl
 from margrpo.rl.masks import consistency_mask, token_uncertainty
 from margrpo.sampling.replay import (
@@ -111,7 +112,7 @@ def kept_policy_tokens(rollout: Rollout, step: int, use: torch.Tensor, cfg: Obje
     return keep
 
 
-def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rollout: Rollout, step: int,
+def ar_step_loss(policy: Policy, reference: Policy | None, rollout: Rollout, step: int,
                  head_steps: list[int], advantages: torch.Tensor, use: torch.Tensor, cfg: ObjectiveConfig,
                  old_cache: dict, first_epoch: bool, generator: torch.Generator | None = None,
                  policy_denominator: float | None = None, conditions: StepConditions | None = None,
@@ -217,7 +218,7 @@ def ar_step_loss(policy: torch.nn.Module, reference: torch.nn.Module | None, rol
     return StepLoss(loss=loss, stats=stats)
 
 
-def _mte_log_probs(policy: torch.nn.Module, rec: ARStepRecord, js: list[int], sc: StepConditions,
+def _mte_log_probs(policy: Policy, rec: ARStepRecord, js: list[int], sc: StepConditions,
                    temperature: float, stats: dict[str, float]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The recorded uncertain tokens' K extra chains: (token indices, new log-probs, old log-probs [K, J, n, C]).

@@ -52,7 +52,7 @@ def step_conditions(policy: Policy, rollout: Rollout, step: int, score_guidance:
 def batched_step_conditions(policy: Policy, rollout: Rollout, steps: Sequence[int],
                             score_guidance: str = "rollout") -> dict[int, StepConditions]:
     """z of several AR steps in one transformer call (their canvases stacked; rows with different known counts are
-    padded, `MAR.forward_mae_encoder`), so that one forward and one backward serve every scored step."""
+    padded by the policy), so that one forward and one backward serve every scored step."""
     if score_guidance not in GUIDANCE_MODES:
         raise ValueError(f"score_guidance={score_guidance!r}; valid: {GUIDANCE_MODES}")
     missing = [i for i in steps if i not in rollout.steps]

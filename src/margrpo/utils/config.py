@@ -713,11 +713,14 @@ def _build_dataclass(cls: type, value: Any, path: tuple, ctx: _Ctx) -> Any:
     hints = _hints(cls)
     flds = _init_fields(cls)
     n_errors = len(ctx.errors)
+    renamed: Mapping[str, str] = getattr(cls, "RENAMED_KEYS", {})  # old name -> new, so old configs get a pointer
     for k in value:
         if k not in flds:
             p = path + (k,)
             close = difflib.get_close_matches(str(k), list(flds), n=1, cutoff=0.6)
             hint = f"; did you mean '{_fmt(path + (close[0],))}'?" if close else ""
+            if k in renamed:
+                hint = f"; it was renamed '{_fmt(path + (renamed[k],))}'"
             section = f" of {_fmt(path)}" if path else ""
             ctx.err(p, f"unknown key '{_fmt(p)}'{hint} (valid keys{section}: {', '.join(flds)})")
     kwargs: dict[str, Any] = {}

@@ -114,24 +114,18 @@ class MARImageModel(ImageModel):
             raise ValueError(f"{cfg_file}: expected a JSON object, got {type(spec).__name__}")
         if spec.get("format") != FORMAT:
             raise ValueError(f"{cfg_file}: format {spec.get('format')!r} is not {FORMAT!r}")
-        if int(spec.get("version", 0)) > FORMAT_VERSION:
+        missing = [k for k in ("version", "mar", "tokenizer", "text_encoder") if k not in spec]
+        if missing:
+            raise ValueError(f"{cfg_file}: missing key(s) {missing}; a model folder's config.json names its format "
+                             "version, 'mar' (the architecture), 'tokenizer' and 'text_encoder' (null for none)")
+        if not isinstance(spec["version"], int) or isinstance(spec["version"], bool):
+            raise ValueError(f"{cfg_file}: 'version' must be an integer, got {spec['version']!r}")
+        if spec["version"] > FORMAT_VERSION:
             raise ValueError(f"{cfg_file}: format version {spec['version']} is newer than this margrpo "
                              f"understands ({FORMAT_VERSION}); upgrade margrpo")
-        try:
-            mar = MAR(MARConfig(**spec["mar"]))
-        except KeyError:
-            raise ValueError(f"{cfg_file}: no key 'mar' (the MAR architecture)") from None
-        except TypeError as e:
-            raise ValueError(f"{cfg_file}: key 'mar' has an unknown field ({e})") from e
-        te = None
-        te_spec = spec.get("text_encoder")
-        if te_spec is not None:
-            if te_spec["type"] != "hashed":
-                raise ValueError(f"{cfg_file}: text_encoder type {te_spec['type']!r} cannot be rebuilt from "
-                                 "config; valid: 'hashed'")
-            te = HashedTextEncoder(te_spec["vocab"], te_spec["dim"], te_spec["max_len"], te_spec["depth"],
-                                   te_spec["num_heads"])
-        tokenizer = _build_tokenizer(spec.get("tokenizer", {"type": "pixels"}), cfg_file)
+        mar = MAR(_mar_config(spec["mar"], cfg_file))
+        te = _build_text_encoder(spec["text_encoder"], cfg_file)
+        tokenizer = _build_tokenizer(spec["tokenizer"], cfg_file)
         weights = path / "model.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: missing (a model folder holds config.json and model.safetensors)")
@@ -149,7 +143,42 @@ class MARImageModel(ImageModel):
         return model.to(device).eval()  # dropout off: a loaded model computes what it computed when saved
 
 
-def _build_tokenizer(tok_spec: dict, cfg_file: Path) -> nn.Module:
+def _mar_config(fields: object, cfg_file: Path) -> MARConfig:
+    """The architecture, every field stated (a default would be a guess about what the weights were trained as)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(MARConfig)}
+    if not isinstance(fields, dict):
+        raise ValueError(f"{cfg_file}: key 'mar' must be an object of MARConfig fields, got {fields!r}")
+    missing, unknown = sorted(names - set(fields)), sorted(set(fields) - names)
+    if missing or unknown:
+        raise ValueError(f"{cfg_file}: key 'mar' " + "; ".join(
+            part for part in (f"lacks {missing}" if missing else "", f"has unknown fields {unknown}" if unknown else "")
+            if part) + f" (valid fields: {sorted(names)})")
+    try:
+        return MARConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: key 'mar' is not a valid architecture ({e})") from None
+
+
+def _build_text_encoder(te_spec: object, cfg_file: Path) -> TextEncoder | None:
+    if te_spec is None:
+        return None
+    keys = ("vocab", "dim", "max_len", "depth", "num_heads")
+    if not isinstance(te_spec, dict) or te_spec.get("type") != "hashed":
+        kind = te_spec.get("type") if isinstance(te_spec, dict) else te_spec
+        raise ValueError(f"{cfg_file}: text_encoder type {kind!r} cannot be rebuilt from config; valid: 'hashed' "
+                         "(or null for a class-conditional model)")
+    missing = [k for k in keys if k not in te_spec]
+    if missing:
+        raise ValueError(f"{cfg_file}: key 'text_encoder' lacks {missing} (a hashed encoder needs {list(keys)})")
+    return HashedTextEncoder(*(te_spec[k] for k in keys))
+
+
+def _build_tokenizer(tok_spec: object, cfg_file: Path) -> nn.Module:
+    if not isinstance(tok_spec, dict):
+        raise ValueError(f"{cfg_file}: key 'tokenizer' must be an object with a 'type' ('pixels' or "
+                         f"'autoencoder_kl'), got {tok_spec!r}")
     kind = tok_spec.get("type")
     if kind == "pixels":
         return PixelTokenizer()

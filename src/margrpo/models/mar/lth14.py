@@ -33,10 +33,10 @@ MAR_PRESETS: dict[str, dict[str, int]] = {
     "mar_huge": {"embed": 1280, "depth": 20, "heads": 16},
 }
 
-# Upstream constructor arguments we accept (anything else is an error naming the key).
-__all__ = ["UPSTREAM_KWARGS", "CheckpointError", "convert", "from_state_dict", "infer_config", "load_checkpoint",
-           "load_into", "load_vae", "read_checkpoint"]
+__all__ = ["MAR_PRESETS", "UPSTREAM_KWARGS", "CheckpointError", "convert", "from_state_dict", "infer_config",
+           "load_checkpoint", "load_into", "load_vae", "read_checkpoint"]
 
+# Upstream constructor arguments we accept (anything else is an error naming the key).
 UPSTREAM_KWARGS = {
     "img_size", "vae_stride", "patch_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads",
     "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio", "vae_embed_dim", "mask_ratio_min",
@@ -108,7 +108,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], args: Mapping[str, Any] | None 
         if f not in cfg:
             raise CheckpointError(
                 f"the checkpoint does not say {f} (its args name model={args.get('model')!r}, not one of "
-                f"{sorted(MAR_PRESETS)}, and carry no {f}); pass it, e.g. load_checkpoint(path, {f}=...)")
+                f"{sorted(MAR_PRESETS)}, and carry no {f}); pass it, e.g. load_checkpoint(path, {f}=...) "
+                f"(margrpo convert: --{f.replace('_', '-')})")
     # Geometry: whatever was not given follows from the token count and width (upstream: stride 16, patch 1).
     cfg.setdefault("patch_size", 1)
     cfg.setdefault("vae_stride", 16)
@@ -159,7 +160,8 @@ def load_checkpoint(path: str | Path, ema: bool = True, **kwargs: Any) -> MAR:
     key = "model_ema" if ema else "model"
     if key not in ckpt:
         if "model" in ckpt and ema:
-            raise CheckpointError(f"{path}: no 'model_ema' entry (keys: {sorted(ckpt)}); pass ema=False")
+            raise CheckpointError(f"{path}: no 'model_ema' entry (keys: {sorted(ckpt)}); pass ema=False "
+                                  "(margrpo convert: --no-ema)")
         if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
             sd = ckpt  # a bare state dict
         else:
@@ -179,33 +181,29 @@ def load_vae(path: str | Path, **kwargs: Any):
     return load_kl16(path, **kwargs)
 
 
-def convert(checkpoint: str | Path, out: str | Path, vae: str | Path | None = None, ema: bool = True,
+def convert(checkpoint: str | Path, out: str | Path, vae: str | Path, ema: bool = True, overwrite: bool = False,
             **kwargs: Any) -> Path:
-    """Write an LTH14 checkpoint (and its `kl16.ckpt`) as a margrpo model folder (`config.json` +
-    `model.safetensors`), which a training config's `model:` and `--model` accept.
+    """Write an LTH14 checkpoint and the `kl16.ckpt` its tokens decode with as a margrpo model folder
+    (`config.json` + `model.safetensors`), which a training config's `model:` and `--model` accept.
 
-    A latent MAR (upstream's: 16 VAE channels at stride 16) needs `vae`, the KL-16 autoencoder its tokens decode
-    with (latents scaled by 0.2325, as upstream); only a pixel MAR (3 channels, stride 1) is written without one.
-    The result is class-conditional: prompts are ImageNet class indices.
+    Latents are scaled by 0.2325, as upstream. The autoencoder must match the MAR's latent channels and stride
+    (`vae_embed_dim`, `vae_stride`). The result is class-conditional: prompts are ImageNet class indices. An
+    existing non-empty `out` is refused unless `overwrite`.
     """
     from margrpo.models.mar.image_model import MARImageModel
     from margrpo.models.tokenizers import AutoencoderTokenizer
     from margrpo.models.vae import KL16_LATENT_SCALE
 
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty; choose a new folder (margrpo convert: --force "
+                              "replaces its files)")
     mar = load_checkpoint(checkpoint, ema=ema, **kwargs)
     cfg = mar.config
-    pixels = cfg.vae_stride == 1 and cfg.vae_embed_dim == 3
-    if vae is None and not pixels:
-        raise ValueError(f"{checkpoint}: a latent MAR ({cfg.vae_embed_dim} channels at stride {cfg.vae_stride}) "
-                         "needs its autoencoder to decode tokens into images: pass vae= (margrpo convert: --vae), "
-                         "the kl16.ckpt it was trained with")
-    tokenizer = None
-    if vae is not None:
-        autoencoder = load_vae(vae)
-        if autoencoder.embed_dim != cfg.vae_embed_dim:
-            raise ValueError(f"{vae}: the autoencoder has {autoencoder.embed_dim} latent channels, the MAR in "
-                             f"{checkpoint} expects {cfg.vae_embed_dim} (vae_embed_dim)")
-        tokenizer = AutoencoderTokenizer(autoencoder, scale=KL16_LATENT_SCALE, patch_size=cfg.patch_size)
-    model = MARImageModel(mar, tokenizer)
-    return model.save_pretrained(out, metadata={"converted_from": str(checkpoint), "ema": ema,
-                                                "vae": None if vae is None else str(vae)})
+    autoencoder = load_vae(vae)
+    if (autoencoder.embed_dim, autoencoder.downsample_factor) != (cfg.vae_embed_dim, cfg.vae_stride):
+        raise ValueError(f"{vae}: the autoencoder has {autoencoder.embed_dim} latent channels at stride "
+                         f"{autoencoder.downsample_factor}; the MAR in {checkpoint} expects {cfg.vae_embed_dim} at "
+                         f"stride {cfg.vae_stride} (vae_embed_dim, vae_stride)")
+    model = MARImageModel(mar, AutoencoderTokenizer(autoencoder, scale=KL16_LATENT_SCALE, patch_size=cfg.patch_size))
+    return model.save_pretrained(out, metadata={"converted_from": str(checkpoint), "ema": ema, "vae": str(vae)})

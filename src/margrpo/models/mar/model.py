@@ -13,7 +13,8 @@ tokens (`condition_mode="buffer"`) or adds cross-attention to them in every bloc
 (`condition_mode="cross_attention"`). A flow-matching head can replace the DDPM head.
 
 MAR is the family's `Policy` (`models/base.py`): calling it, `mar(tokens, mask, cond)` (also
-`mar.condition(...)`, LTH14's name), returns z [B, L, D] for the head; `head` is the diffusion head;
+`mar.condition(...)`), returns z [B, L, D] for the head (unlike upstream's `MAR.forward`, which returns the
+training loss: that is `pretrain_loss` here); `head` is the diffusion head;
 `patchify`/`unpatchify` convert between latent images and tokens; `pretrain_loss` is MAR's training objective.
 """
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from margrpo.models.mar.image_model import MARImageModel
+from margrpo.models.base import ImageModel
 from margrpo.sampling.sampler import SamplerConfig, sample
 from margrpo.utils.rng import make_generator
 from margrpo.worlds import shapes
@@ -53,7 +53,7 @@ def train_prompt_set(per_category: int = 64, categories: Sequence[str] | None = 
 
 
 @torch.no_grad()
-def evaluate(model: MARImageModel, prompts: list[str], sampler: SamplerConfig, seed: int = 0, batch_size: int = 64,
+def evaluate(model: ImageModel, prompts: list[str], sampler: SamplerConfig, seed: int = 0, batch_size: int = 64,
              progress: bool = True) -> EvalResult:
     """Sample one image per prompt (deterministic from `seed`) and score with the verifier."""
     import time
@@ -66,7 +66,7 @@ def evaluate(model: MARImageModel, prompts: list[str], sampler: SamplerConfig, s
     for k, start in enumerate(tqdm(batches, desc="eval", disable=not progress, leave=False)):
         chunk = prompts[start:start + batch_size]
         cond = model.encode_prompts(chunk)
-        r = sample(model.mar, cond, len(chunk), cfg, make_generator(seed, "eval", k, device=dev))
+        r = sample(model.policy, cond, len(chunk), cfg, make_generator(seed, "eval", k, device=dev))
         images = model.decode(r.tokens).float().cpu()
         all_images.append(images)
         results.extend(shapes.score_tensors(images, chunk))

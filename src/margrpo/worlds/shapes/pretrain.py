@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -44,6 +45,8 @@ from margrpo.worlds.shapes.pretrain_autoencoder import AutoencoderSpec, train_au
 
 @dataclass
 class EvalSpec:
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"cfg": "guidance_scale", "cfg_schedule": "guidance_schedule"}
+
     per_category: int = field(default=32, metadata={"range": (1, 100000)})
     ar_steps: int = field(default=16, metadata={"range": (1, 4096)})
     guidance_scale: float = field(default=3.0, metadata={"range": (1.0, 50.0)})
@@ -170,7 +173,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         cond = model.encode_prompts(list(prompts))
         with torch.no_grad():
             tokens = model.encode_images(images, generator=torch_gen)
-        loss = model.mar.pretrain_loss(tokens, cond, torch_gen)
+        loss = model.policy.pretrain_loss(tokens, cond, torch_gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
