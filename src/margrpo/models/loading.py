@@ -3,7 +3,8 @@
 * `shipped:NAME`: a model that ships inside the package (`margrpo.assets`);
 * a training run directory (one with `checkpoints/` and no exported `config.json`): its base model with the latest
   undamaged checkpoint's policy weights;
-* a model folder (`config.json` + `model.safetensors`, written by `save_pretrained` or a converter).
+* a model folder (`config.json` + `model.safetensors`, written by `save_pretrained` or a converter);
+* a NOVA folder (diffusers-style, `transformer/config.json`: upstream's `BAAI/nova-*` or a trained NOVA's export).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def load_model(spec: str, device: str | torch.device) -> ImageModel:
     path = Path(spec)
     if path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
         return _load_run(path, device)
+    if path.is_dir() and not (path / "config.json").is_file():
+        from margrpo.models.nova.image_model import is_nova_folder, load
+
+        if is_nova_folder(path):
+            return load(path, device=device)
     return MARImageModel.load_pretrained(spec, device=device)
 
 
