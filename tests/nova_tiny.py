@@ -78,6 +78,8 @@ def write_tiny_nova(path: Path, *, seed: int = 0, shift: float = 1.0, text_encod
         phi = PhiForCausalLM(PhiConfig(vocab_size=len(WORDS) + 2, hidden_size=TEXT_DIM, intermediate_size=32,
                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
                                        pad_token_id=0, bos_token_id=None, eos_token_id=None))
-        phi.save_pretrained(str(path / "text_encoder"))
+        phi.save_pretrained(str(path / "text_encoder"))  # keys `model.*` + `lm_head.*`, as upstream's file
+        te_cfg = path / "text_encoder" / "config.json"
+        te_cfg.write_text(json.dumps({**json.loads(te_cfg.read_text()), "architectures": ["PhiEncoderModel"]}))
         tok.save_pretrained(str(path / "tokenizer"))
     return path

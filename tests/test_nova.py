@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -419,3 +420,16 @@ def test_training_can_name_a_nova_folder(tmp_path):
     assert (export / "transformer" / "config.json").is_file()
     trained = load_model(str(export), "cpu")
     assert type(trained).__name__ == "NOVAModel" and set(trained.state_dict()) == set(nova.load(path).state_dict())
+
+
+def test_a_text_encoder_with_missing_weights_is_an_error(tmp_path):
+    path = write_tiny_nova(tmp_path / "m", vae=False)
+    wfile = path / "text_encoder" / "model.safetensors"
+    sd = load_file(str(wfile))
+    sd.pop("model.final_layernorm.weight")
+    save_file(sd, str(wfile), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="final_layernorm.weight"):
+        nova.load(path)
+    shutil.rmtree(path / "tokenizer")
+    with pytest.raises(FileNotFoundError, match="without tokenizer"):
+        nova.load(path)

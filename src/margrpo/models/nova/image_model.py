@@ -201,8 +201,15 @@ def _load_text_encoder(folder: Path, dtype: torch.dtype, text_token_dim: int) ->
     te_dir, tok_dir = folder / "text_encoder", folder / "tokenizer"
     if not tok_dir.is_dir():
         raise FileNotFoundError(f"{folder}: text_encoder/ without tokenizer/; string prompts need both")
-    model, info = AutoModel.from_pretrained(str(te_dir), dtype=dtype, local_files_only=True,
-                                            output_loading_info=True)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists upstream's lm_head as unexpected: checked below
+    try:
+        model, info = AutoModel.from_pretrained(str(te_dir), dtype=dtype, local_files_only=True,
+                                                output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys") or [])
     unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not k.startswith("lm_head."))
     mismatched = info.get("mismatched_keys") or []
