@@ -420,6 +420,10 @@ def test_training_can_name_a_nova_folder(tmp_path):
     assert (export / "transformer" / "config.json").is_file()
     trained = load_model(str(export), "cpu")
     assert type(trained).__name__ == "NOVAModel" and set(trained.state_dict()) == set(nova.load(path).state_dict())
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+    from_run = load_model(str(tmp_path / "run"), "cpu")  # the run directory: base folder + the last checkpoint
+    a, b = from_run.state_dict(), trained.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_text_encoder_with_missing_weights_is_an_error(tmp_path):
