@@ -49,6 +49,20 @@ def _class_mar(head: str) -> ImageModel:
     return MARImageModel(randomize(MAR(**tiny_mar_kwargs(head=head, num_sampling_steps="6")), seed=1)).eval()
 
 
+def _nova() -> ImageModel:
+    """A tiny random NOVA written in upstream's folder format (tiny Phi + tokenizer + VAE) and loaded strictly."""
+    import tempfile
+
+    from nova_tiny import write_tiny_nova
+
+    from margrpo.compat import nova
+
+    with tempfile.TemporaryDirectory() as d:
+        model = nova.load(write_tiny_nova(d))
+    model.head.set_sampling_steps(6)
+    return model
+
+
 FAMILIES: dict[str, Family] = {
     "mar-text-ddpm": Family(lambda: _text_mar(), ("a red circle", "two blue squares")),
     "mar-text-flow": Family(lambda: _text_mar(head="flow"), ("a red circle", "two blue squares")),
@@ -56,4 +70,5 @@ FAMILIES: dict[str, Family] = {
                                        ("a red circle", "two blue squares")),
     "mar-text-kl-latents": Family(lambda: _text_mar(latent=True), ("a red circle", "two blue squares")),
     "mar-class-ddpm": Family(lambda: _class_mar("ddpm"), (1, 7)),
+    "nova": Family(_nova, ("a red circle", "two blue squares")),
 }

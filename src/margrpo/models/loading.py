@@ -3,7 +3,8 @@
 * `shipped:NAME`: a model that ships inside the package (`margrpo.assets`);
 * a training run directory (one with `checkpoints/` and no exported `config.json`): its base model with the latest
   undamaged checkpoint's policy weights;
-* a model folder (`config.json` + `model.safetensors`, written by `save_pretrained` or a converter).
+* a model folder (`config.json` + `model.safetensors`, written by `save_pretrained` or a converter);
+* a NOVA folder (diffusers-style, `transformer/config.json`: upstream's `BAAI/nova-*` or a trained NOVA's export).
 """
 
 from __future__ import annotations
@@ -38,10 +39,16 @@ FOLDER_FORMATS: dict[str, type[ImageModel]] = {FORMAT: MARImageModel}
 
 
 def load_folder(path: Path, device: str | torch.device) -> ImageModel:
-    """A model folder, by the `format` its config.json names; a folder that names none gets the margrpo folder
-    loader, whose errors say what such a folder holds."""
+    """A model folder: NOVA's diffusers-style layout (`transformer/config.json`, no top-level config.json), or a
+    margrpo folder by the `format` its config.json names; a folder that is neither gets the margrpo folder loader,
+    whose errors say what such a folder holds."""
     import json
 
+    if path.is_dir() and not (path / "config.json").is_file():
+        from margrpo.models.nova.image_model import is_nova_folder, load
+
+        if is_nova_folder(path):
+            return load(path, device=device)
     try:
         fmt = json.loads((path / "config.json").read_text(encoding="utf-8")).get("format")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):

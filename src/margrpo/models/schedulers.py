@@ -142,17 +142,21 @@ class FlowMatchScheduler:
     """
 
     def __init__(self, num_sampling_steps: int = 25, shift: float = 1.0, noise_level: float = 0.7,
-                 train_sigma_sampling: str = "logit_normal"):
+                 train_sigma_sampling: str = "logit_normal", sampling_shift: float | None = None,
+                 num_train_timesteps: int = 1000):
         if train_sigma_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"train_sigma_sampling={train_sigma_sampling!r}; valid: 'uniform', 'logit_normal'")
         self.shift = float(shift)
+        # diffusers' `set_shift` (NOVA's `flow_shift`): the second shift of the sampling sigmas; None = `shift`
+        self.sampling_shift = None if sampling_shift is None else float(sampling_shift)
+        self.num_train_timesteps = int(num_train_timesteps)
         self.noise_level = float(noise_level)
         self.train_sigma_sampling = train_sigma_sampling
         self.set_timesteps(num_sampling_steps)
 
     def set_timesteps(self, num_sampling_steps: str | int) -> None:
         self._num_steps = int(num_sampling_steps)
-        self.sigmas = flow_sigmas(self._num_steps, self.shift)
+        self.sigmas = flow_sigmas(self._num_steps, self.shift, self.num_train_timesteps, self.sampling_shift)
 
     @property
     def num_steps(self) -> int:

@@ -200,8 +200,12 @@ class DdpmSchedule:
 # ----------------------------------------------------------------------------------------------
 
 
-def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> np.ndarray:
+def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000,
+                sampling_shift: float | None = None) -> np.ndarray:
     """Sigmas of diffusers' `FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)`, plus a final 0.
+
+    `sampling_shift` is diffusers' `set_shift(s)` before `set_timesteps` (NOVA's `flow_shift`): the construction
+    shift still fixes sigma_min and sigma_max, the sampling shift replaces it in the second shift.
 
     As diffusers does: the training sigmas t / N (t = 1..N) are shifted, `s * sigma / (1 + (s - 1) * sigma)`, and
     their ends give sigma_max and sigma_min; the inference sigmas are a linspace between those two in timestep
@@ -210,12 +214,12 @@ def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1
     diffusers. Returns num_steps + 1 values, decreasing, ending at 0.
     """
 
-    def shifted(sigma):
-        return shift * sigma / (1 + (shift - 1) * sigma)
+    def shifted(sigma, s=shift):
+        return s * sigma / (1 + (s - 1) * sigma)
 
     sigma_min, sigma_max = shifted(1.0 / num_train_timesteps), shifted(1.0)
     timesteps = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, num_steps)
-    sigmas = shifted(timesteps / num_train_timesteps)
+    sigmas = shifted(timesteps / num_train_timesteps, shift if sampling_shift is None else sampling_shift)
     return np.append(sigmas, 0.0).astype(np.float64)
 
 
