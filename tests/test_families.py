@@ -165,3 +165,37 @@ def test_a_model_folder_states_everything_it_is_read_as(tmp_path, edit, message)
     with pytest.raises(ValueError) as err:
         load_model(str(tmp_path / "m"), "cpu")
     assert message in str(err.value) and str(tmp_path / "m" / "config.json") in str(err.value)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("estimator", ["trajectory", "matching", "nft"])
+def test_rollouts_and_losses_go_through_the_module_calls(family, estimator):
+    """DDP all-reduces, and FSDP2 unshards, only around a module's call: every z comes from calling the policy (in
+    sampling and in every estimator's replay), every transition from calling the head (sampling, and the
+    trajectory estimator's replay). The forward-process estimators evaluate the head's training loss on z, which a
+    frozen head (the default) needs no hook for."""
+    fam = FAMILIES[family]
+    model = fam.build()
+    policy = model.policy
+    calls = {"policy": 0, "head": 0}
+
+    def count(name):
+        def hook(module, args):
+            calls[name] += 1
+        return hook
+
+    handles = [policy.register_forward_pre_hook(count("policy")), policy.head.register_forward_pre_hook(count("head"))]
+    r = _rollout(model, 2.0, prompts=fam.prompts)
+    assert calls["policy"] == r.num_ar_steps and calls["head"] > 0
+    calls.update(policy=0, head=0)
+    adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
+    js = [j for j in range(policy.head.num_steps) if policy.head.is_stochastic(j)][:2]
+    ocfg = ObjectiveConfig(estimator=estimator, beta=0.0, consistency=False, mte_top_fraction=0.0)
+    sl = ar_step_loss(policy, None, r, 1, js, adv.values, adv.use, ocfg, {}, first_epoch=True,
+                      generator=torch.Generator().manual_seed(0))
+    sl.loss.backward()
+    assert calls["policy"] == 1
+    if estimator == "trajectory":
+        assert calls["head"] == len(js)
+    for h in handles:
+        h.remove()

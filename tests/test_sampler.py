@@ -207,3 +207,34 @@ def test_branch_needs_a_group_and_a_valid_step():
     m = make()
     with pytest.raises(ValueError, match="multiple of noise_group"):
         sample(m, None, 5, SamplerConfig(num_ar_steps=4, noise_group=2, branch_step=1), torch.Generator())
+
+
+def test_the_ar_schedule_comes_from_the_policy_and_is_checked():
+    """The sampler takes the policy's schedule (a family may give fewer steps than asked, as NOVA drops the empty
+    ones) and refuses one that does not cover every token once."""
+
+    class TwoSteps(MAR):
+        def mask_schedule(self, num_steps, seq_len=None):
+            return [40, 24]
+
+    class Broken(MAR):
+        def mask_schedule(self, num_steps, seq_len=None):
+            return [40, 20]  # 4 tokens never generated
+
+    kw = tiny_mar_kwargs(num_sampling_steps="6")
+    m = randomize(TwoSteps(**kw), seed=1)
+    r = run(m, num_ar_steps=4)
+    assert r.counts == [40, 24] and r.num_ar_steps == 2 and sorted(r.steps) == [0, 1]
+    assert bool((r.steps[1].known | r.steps[1].to_pred).all())
+    with pytest.raises(ValueError, match="sum to 64"):
+        run(randomize(Broken(**kw), seed=1), num_ar_steps=4)
+
+
+def test_set_sampling_steps_resets_the_scheduler_not_the_network():
+    for head in ("ddpm", "flow"):
+        m = make(head)
+        net = {k: v.clone() for k, v in m.head.net.state_dict().items()}
+        module = m.head.net
+        m.head.set_sampling_steps(4)
+        assert m.head.num_steps == 4 and m.head.net is module
+        assert all(torch.equal(v, m.head.net.state_dict()[k]) for k, v in net.items())

@@ -46,7 +46,7 @@ def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
     cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(a, beta=0.0, ptx_weight=0.0, mte_k=0))
     tr = Trainer(cfg, progress=False)
     policy, head = tr.model.policy, tr.model.head
-    n_ar = cfg.sampling.ar_steps
+    n_ar = len(policy.mask_schedule(cfg.sampling.ar_steps))
     prompts, meta = tr.prompts.batch(step, a.prompts_per_step)
     cond = tr.model.encode_prompts(prompts)
     cond = cond.repeat_interleave(a.group_size) if cond is not None else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from margrpo.models.base import Policy
 from margrpo.rl.config import TrainConfig
 from margrpo.utils.rng import make_generator
 
@@ -31,11 +32,15 @@ def scored_guidance(cfg: TrainConfig) -> float:
     return cfg.sampling.guidance_scale if cfg.algorithm.score_guidance == "rollout" else 1.0
 
 
-def select_steps(cfg: TrainConfig, head, step: int, rank: int = 0
+def select_steps(cfg: TrainConfig, policy: Policy, step: int, rank: int = 0
                  ) -> tuple[list[int], dict[int, list[int]], tuple[int, ...]]:
-    """AR steps to score, head steps per AR step, and the AR steps the sampler must record."""
+    """AR steps to score, head steps per AR step, and the AR steps the sampler must record.
+
+    The AR steps are those of the policy's schedule for `sampling.ar_steps` (a family whose schedule drops empty
+    steps, as NOVA's, has fewer)."""
     a = cfg.algorithm
-    n_ar = cfg.sampling.ar_steps
+    head = policy.head
+    n_ar = len(policy.mask_schedule(cfg.sampling.ar_steps))
     g = make_generator(cfg.seed, "select", rank, step)
     if a.branch:
         count = 1

@@ -117,7 +117,7 @@ class Trainer:
     def rollout(self, step: int) -> tuple[Rollout, list[str], list[dict], list[int], dict[int, list[int]]]:
         a = self.cfg.algorithm
         prompts, meta = self.prompts.batch(step, a.prompts_per_step, self.rank)
-        ar, head_steps, record = select_steps(self.cfg, self.model.head, step, self.rank)
+        ar, head_steps, record = select_steps(self.cfg, self.model.policy, step, self.rank)
         cond = self.model.encode_prompts(prompts)
         cond = cond.repeat_interleave(a.group_size) if cond is not None else None
         n = a.prompts_per_step * a.group_size

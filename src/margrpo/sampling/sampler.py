@@ -233,17 +233,21 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
     extra_generator = _extra_generator(generator)
     device = next(policy.parameters()).device
     seq_len, c = policy.seq_len, policy.token_embed_dim
+    # the policy's AR schedule: at most `num_ar_steps` steps (NOVA's drops the ones that would predict nothing)
     counts = policy.mask_schedule(config.num_ar_steps, seq_len)
-    if len(counts) != config.num_ar_steps or sum(counts) != seq_len or min(counts) < 1:
+    n_steps = len(counts)
+    if not 1 <= n_steps <= config.num_ar_steps or sum(counts) != seq_len or min(counts) < 1:
         raise ValueError(f"{type(policy).__name__}.mask_schedule({config.num_ar_steps}, {seq_len}) gave {counts}: "
-                         f"it must give {config.num_ar_steps} counts >= 1 that sum to {seq_len}")
+                         f"it must give 1 to {config.num_ar_steps} counts >= 1 that sum to {seq_len}")
+    if config.branch_step is not None and config.branch_step >= n_steps:
+        raise ValueError(f"branch_step={config.branch_step} is not an AR step of this schedule ({n_steps} steps)")
     group = config.noise_group
     if batch_size % group:
         raise ValueError(f"batch_size {batch_size} is not a multiple of noise_group {group}")
     orders = policy.sample_orders(batch_size // group, generator, device).repeat_interleave(group, dim=0)
     tokens = torch.zeros(batch_size, seq_len, c, device=device)
     known = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
-    record_steps = set(range(config.num_ar_steps) if config.record_steps is None else config.record_steps)
+    record_steps = set(range(n_steps) if config.record_steps is None else config.record_steps)
     steps: dict[int, ARStepRecord] = {}
     need_commit_z = config.mte_k > 0 and config.mte_source == "commit"
     scoring: dict[int, tuple[torch.Tensor, torch.Tensor | None, float]] = {}
@@ -252,7 +256,7 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
         guidance_commit = torch.ones(batch_size, seq_len, 1, device=device)
 
     still = seq_len
-    for i in tqdm(range(config.num_ar_steps), desc="AR steps", disable=not progress, leave=False):
+    for i in tqdm(range(n_steps), desc="AR steps", disable=not progress, leave=False):
         mask = (~known).float()
         mask_len = still - counts[i]  # tokens still unknown after this step
         to_pred = ~known & ~_mask_by_order(mask_len, orders)
