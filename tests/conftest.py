@@ -31,17 +31,17 @@ def tiny_kwargs():
     return tiny_mar_kwargs
 
 
-def tiny_generator(seed: int = 0):
-    """A tiny text-to-image generator whose zero-initialised head layers are perturbed (so z matters)."""
+def tiny_model(seed: int = 0):
+    """A tiny text-to-image model whose zero-initialised head layers are perturbed (so z matters)."""
     from margrpo.models.mar.factory import ModelSpec, build_model
     from margrpo.worlds.shapes.pretrain import vocabulary
 
     spec = ModelSpec(width=32, depth=1, num_heads=2, head_width=32, head_depth=1, diffusion_steps=6, text_dim=16)
     torch.manual_seed(seed)  # only the module initialisers; the code under test never touches this RNG
-    gen = build_model(spec, vocabulary())
+    model = build_model(spec, vocabulary())
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in gen.mar.diffloss.parameters():
+        for p in model.mar.diffloss.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return gen
+    return model
 

@@ -14,7 +14,7 @@ TINY = ModelSpec(width=32, depth=1, num_heads=2, head_width=32, head_depth=1, di
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli") / "gen"
+    path = tmp_path_factory.mktemp("cli") / "model"
     build_model(TINY, vocabulary()).save_pretrained(path)
     return path
 

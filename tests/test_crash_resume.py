@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from margrpo.utils.checkpoint import latest_checkpoint
 
-from conftest import tiny_generator
+from conftest import tiny_model
 
 STEPS = 8
 
@@ -26,9 +26,9 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("crash")
-    tiny_generator().save_pretrained(root / "gen")
+    tiny_model().save_pretrained(root / "model")
     cfg = root / "train.yaml"
-    cfg.write_text(f"""model: {root / 'gen'}
+    cfg.write_text(f"""model: {root / 'model'}
 steps: {STEPS}
 rewards: {{colour_fraction: 1.0}}
 threads: 1

@@ -26,12 +26,13 @@ def _cfg(out, steps=2, **kw) -> PretrainConfig:
                           checkpoint_every=1, data_workers=0, threads=0, **kw)
 
 
-def _sample(gen: MARImageModel) -> torch.Tensor:
+def _sample(model: MARImageModel) -> torch.Tensor:
     from margrpo.sampling.sampler import SamplerConfig, sample
 
-    cond = gen.encode_prompts(["a red circle", "two blue squares"])
-    r = sample(gen.mar, cond, 2, SamplerConfig(num_ar_steps=2, num_diffusion_steps=3), torch.Generator().manual_seed(3))
-    return gen.decode(r.tokens)
+    cond = model.encode_prompts(["a red circle", "two blue squares"])
+    r = sample(model.policy, cond, 2, SamplerConfig(num_ar_steps=2, num_diffusion_steps=3),
+               torch.Generator().manual_seed(3))
+    return model.decode(r.tokens)
 
 
 def test_autoencoder_stage_writes_scale_and_is_reused(tmp_path):
@@ -54,17 +55,17 @@ def test_autoencoder_stage_writes_scale_and_is_reused(tmp_path):
 
 
 def test_latent_token_pretrain_is_reproducible_exports_and_resumes(tmp_path):
-    gen_a = pretrain(_cfg(tmp_path / "a"), progress=False)
-    gen_b = pretrain(_cfg(tmp_path / "b"), progress=False)
-    for (k, a), b in zip(gen_a.state_dict().items(), gen_b.state_dict().values(), strict=True):
+    model_a = pretrain(_cfg(tmp_path / "a"), progress=False)
+    model_b = pretrain(_cfg(tmp_path / "b"), progress=False)
+    for (k, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"same seed, different weights at {k}"
     loaded = MARImageModel.load_pretrained(tmp_path / "a" / "model")
     assert isinstance(loaded.tokenizer, AutoencoderTokenizer)
     assert loaded.mar.config.vae_stride == 8 and loaded.mar.config.vae_embed_dim == 4
-    assert loaded.tokenizer.scale == pytest.approx(gen_a.tokenizer.scale)
+    assert loaded.tokenizer.scale == pytest.approx(model_a.tokenizer.scale)
     images = _sample(loaded)
     assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1.0
-    assert torch.equal(images, _sample(gen_a.eval()))
+    assert torch.equal(images, _sample(model_a.eval()))
 
     # A crash after step 2 of a 4-step run, then --resume (reusing the autoencoder) == no crash.
     straight = pretrain(_cfg(tmp_path / "c", steps=4, keep_checkpoints=10), progress=False)

@@ -13,13 +13,13 @@ from margrpo.sampling.sampler import SamplerConfig, sample
 from margrpo.utils.config import load_config
 from margrpo.utils.metrics import read_metrics
 
-from conftest import tiny_generator
+from conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "gen"
-    tiny_generator().save_pretrained(path)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model().save_pretrained(path)
     return path
 
 
@@ -28,103 +28,103 @@ def test_token_pooled_ratio_has_the_elementwise_gradient_at_ratio_one(normalize)
     """At ratio 1 (no clip active) the per-token pooled surrogate -A exp(mean_c log-ratio) has gradient
     -A mean_c d logp, so under a mean over elements it equals the element-wise term and under Harmon's sum over
     channels it must be C times that mean: the same gradient as the element-wise term in both reductions."""
-    gen = tiny_generator()
-    cond = gen.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
+    model = tiny_model()
+    cond = model.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
     scfg = SamplerConfig(num_ar_steps=4, policy_tokens="committed", record_z=False)
-    r = sample(gen.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
     grads = {}
     for level in ("element", "token"):
-        gen.mar.zero_grad()
+        model.mar.zero_grad()
         ocfg = ObjectiveConfig(ratio_level=level, normalize=normalize, beta=0.0, consistency=False,
                                mte_top_fraction=0.0)
-        sl = ar_step_loss(gen.mar, None, r, 1, [0, 2], adv.values, adv.use, ocfg, {}, first_epoch=True)
+        sl = ar_step_loss(model.mar, None, r, 1, [0, 2], adv.values, adv.use, ocfg, {}, first_epoch=True)
         sl.loss.backward()
-        grads[level] = gen.mar.z_proj.weight.grad.clone()
+        grads[level] = model.mar.z_proj.weight.grad.clone()
     assert grads["element"].abs().sum() > 0
     torch.testing.assert_close(grads["token"], grads["element"], rtol=1e-4, atol=1e-7)
 
 def test_pooled_ratios_are_one_and_rollout_normalisation_weighs_every_kept_pair_alike():
-    gen = tiny_generator()
-    cond = gen.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
+    model = tiny_model()
+    cond = model.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
     scfg = SamplerConfig(num_ar_steps=4, policy_tokens="unknown", mte_k=3, mte_source="scored", record_z=False)
-    r = sample(gen.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
     for level in ("token", "image"):
         ocfg = ObjectiveConfig(ratio_level=level, beta=0.0, consistency=True, mte_top_fraction=0.3)
-        sl = ar_step_loss(gen.mar, None, r, 2, [0, 2, 4], adv.values, adv.use, ocfg, {}, first_epoch=True)
+        sl = ar_step_loss(model.mar, None, r, 2, [0, 2, 4], adv.values, adv.use, ocfg, {}, first_epoch=True)
         assert abs(sl.stats["ratio/max"] - 1) < 1e-5 and abs(sl.stats["ratio/min"] - 1) < 1e-5
         assert abs(sl.stats["mte/ratio_max"] - 1) < 1e-5
     # per AR step: loss = sum over kept pairs / (kept tokens x head steps); rollout: the same sum / D
-    element = ar_step_loss(gen.mar, None, r, 2, [0, 2, 4], adv.values, adv.use,
+    element = ar_step_loss(model.mar, None, r, 2, [0, 2, 4], adv.values, adv.use,
                            ObjectiveConfig(beta=0.0, consistency=True), {}, True)
-    rollout = ar_step_loss(gen.mar, None, r, 2, [0, 2, 4], adv.values, adv.use,
+    rollout = ar_step_loss(model.mar, None, r, 2, [0, 2, 4], adv.values, adv.use,
                            ObjectiveConfig(beta=0.0, consistency=True, normalize="rollout"), {}, True,
                            policy_denominator=123.0)
     c = r.tokens.shape[-1]
     assert rollout.stats["loss/policy"] * 123.0 == pytest.approx(element.stats["loss/policy"]
                                                                  * element.stats["elements"] / c, rel=1e-5)
     with pytest.raises(ValueError, match="policy_denominator"):
-        ar_step_loss(gen.mar, None, r, 2, [0], adv.values, adv.use, ObjectiveConfig(normalize="rollout"), {}, True)
+        ar_step_loss(model.mar, None, r, 2, [0], adv.values, adv.use, ObjectiveConfig(normalize="rollout"), {}, True)
 
 
 @pytest.mark.parametrize("mte_source", ["commit", "scored"])
 def test_the_recorded_old_log_probs_catch_a_replay_that_differs_from_sampling(mte_source):
     """The ratio-is-1 check is not true by construction: a model changed after sampling moves every ratio."""
-    gen = tiny_generator()
-    cond = gen.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
+    model = tiny_model()
+    cond = model.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
     scfg = SamplerConfig(num_ar_steps=4, guidance_scale=2.0, policy_tokens="unknown", mte_k=3, mte_source=mte_source,
                          record_z=False, score_guidance="cond_only")
-    r = sample(gen.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
     ocfg = ObjectiveConfig(score_guidance="cond_only", beta=0.0, consistency=False, mte_top_fraction=0.3)
     with torch.no_grad():
-        gen.mar.z_proj.weight.add_(0.05 * torch.randn(gen.mar.z_proj.weight.shape,
+        model.mar.z_proj.weight.add_(0.05 * torch.randn(model.mar.z_proj.weight.shape,
                                                       generator=torch.Generator().manual_seed(2)))
-    sl = ar_step_loss(gen.mar, None, r, 2, [0, 2, 4], adv.values, adv.use, ocfg, {}, first_epoch=True)
+    sl = ar_step_loss(model.mar, None, r, 2, [0, 2, 4], adv.values, adv.use, ocfg, {}, first_epoch=True)
     assert max(sl.stats["ratio/max"] - 1, 1 - sl.stats["ratio/min"]) > 1e-3
     assert max(sl.stats["mte/ratio_max"] - 1, 1 - sl.stats["mte/ratio_min"]) > 1e-3
 
 
 def test_matching_estimator_is_the_advantage_weighted_pretraining_loss_at_ratio_one():
     """AWM: before an update rho = 1 exactly, and the gradient equals that of mean(A x head pretraining loss)."""
-    gen = tiny_generator().eval()
-    cond = gen.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
-    r = sample(gen.mar, cond, 6, SamplerConfig(num_ar_steps=4, policy_tokens="committed", record_z=False),
+    model = tiny_model().eval()
+    cond = model.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
+    r = sample(model.mar, cond, 6, SamplerConfig(num_ar_steps=4, policy_tokens="committed", record_z=False),
                torch.Generator().manual_seed(0))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
     ocfg = ObjectiveConfig(estimator="matching", noise_draws=3, beta=0.0, consistency=False)
     step = 2
     cache: dict = {}
-    sl = ar_step_loss(gen.mar, None, r, step, [0], adv.values, adv.use, ocfg, cache, True,
+    sl = ar_step_loss(model.mar, None, r, step, [0], adv.values, adv.use, ocfg, cache, True,
                       generator=torch.Generator().manual_seed(5))
     assert sl.stats["ratio/max"] == 1.0 and sl.stats["ratio/min"] == 1.0
     sl.loss.backward()
-    got = gen.mar.z_proj.weight.grad.clone()
+    got = model.mar.z_proj.weight.grad.clone()
     # a second PPO epoch with the same draws and no update: still exactly 1
-    again = ar_step_loss(gen.mar, None, r, step, [0], adv.values, adv.use, ocfg, cache, False,
+    again = ar_step_loss(model.mar, None, r, step, [0], adv.values, adv.use, ocfg, cache, False,
                          generator=torch.Generator().manual_seed(5))
     assert again.stats["ratio/max"] == 1.0 and again.stats["ratio/min"] == 1.0
     with pytest.raises(RuntimeError, match="no old loss"):
-        ar_step_loss(gen.mar, None, r, step, [0], adv.values, adv.use, ocfg, {}, False,
+        ar_step_loss(model.mar, None, r, step, [0], adv.values, adv.use, ocfg, {}, False,
                      generator=torch.Generator().manual_seed(5))
 
     # explicit: z of the step's committed tokens, the head's loss on their final values, weighted by A
-    gen.mar.zero_grad()
+    model.mar.zero_grad()
     rec = r.steps[step]
-    z = gen.mar.condition(rec.canvas, rec.mask, r.cond)[rec.diffused]
+    z = model.mar.condition(rec.canvas, rec.mask, r.cond)[rec.diffused]
     target = r.tokens[rec.diffused]
     img = torch.arange(6).repeat_interleave(int(rec.diffused.sum()) // 6)
     g = torch.Generator().manual_seed(5)
     # stratified noise levels: draw k of every token has its training timestep in the k-th third of [0, T)
-    n_steps = gen.mar.head.train_schedule.num_steps
+    n_steps = model.mar.head.train_schedule.num_steps
     t = ((torch.arange(3)[:, None] + torch.rand((3, len(target)), generator=g)) / 3 * n_steps).floor().long()
-    loss = gen.mar.head.loss(target.repeat(3, 1), z.repeat(3, 1), generator=g, t=t.reshape(-1))
+    loss = model.mar.head.loss(target.repeat(3, 1), z.repeat(3, 1), generator=g, t=t.reshape(-1))
     (adv.values[img].repeat(3) * loss).mean().backward()
-    assert torch.allclose(got, gen.mar.z_proj.weight.grad, atol=1e-6, rtol=1e-4)
+    assert torch.allclose(got, model.mar.z_proj.weight.grad, atol=1e-6, rtol=1e-4)
     assert got.abs().sum() > 0
     with pytest.raises(ValueError, match="valid: 'trajectory', 'matching'"):  # no silent fallback
-        ar_step_loss(gen.mar, None, r, step, [0], adv.values, adv.use, ObjectiveConfig(estimator="awm"), {}, True)
+        ar_step_loss(model.mar, None, r, step, [0], adv.values, adv.use, ObjectiveConfig(estimator="awm"), {}, True)
     # trajectory-only options are refused with the matching estimator, naming the conflicting key
     with pytest.raises(ValueError, match="mte_k"):
         load_config(TrainConfig, None, ["algorithm.estimator=matching", "algorithm.mte_k=4"])
@@ -192,29 +192,29 @@ def test_end_to_end_run_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path
 
 def test_step_selection_is_reproducible_and_records_predecessors(tiny_model_dir, tmp_path):
     cfg = _cfg(tiny_model_dir, tmp_path / "x", 1, ["sampling.ar_steps=8", "algorithm.ar_step_count=3"])
-    gen = tiny_generator()
-    a = select_steps(cfg, gen.mar, 5)
-    assert a == select_steps(cfg, gen.mar, 5)
+    model = tiny_model()
+    a = select_steps(cfg, model.mar, 5)
+    assert a == select_steps(cfg, model.mar, 5)
     ar, head_steps, record = a
     assert len(ar) == 3 and all(i in record for i in ar)
     assert all(i - 1 in record for i in ar if i > cfg.algorithm.consistency_start)
-    assert all(len(v) == 2 and all(gen.mar.head.is_stochastic(j) for j in v) for v in head_steps.values())
+    assert all(len(v) == 2 and all(model.mar.head.is_stochastic(j) for j in v) for v in head_steps.values())
 
 
 def test_gradient_checkpointing_backward_matches(tmp_path):
     """With checkpointing the re-forward during backward must see the sampling function (no dropout)."""
     grads = []
     for ckpt in (False, True):
-        gen = tiny_generator()
-        gen.mar.config.grad_checkpointing = ckpt
-        gen.mar.config.attn_dropout = gen.mar.config.proj_dropout = 0.1
-        gen.eval()
-        cond = gen.encode_prompts(["a red circle"]).repeat_interleave(4)
-        r = sample(gen.mar, cond, 4, SamplerConfig(num_ar_steps=3, record_z=False), torch.Generator().manual_seed(0))
+        model = tiny_model()
+        model.mar.config.grad_checkpointing = ckpt
+        model.mar.config.attn_dropout = model.mar.config.proj_dropout = 0.1
+        model.eval()
+        cond = model.encode_prompts(["a red circle"]).repeat_interleave(4)
+        r = sample(model.mar, cond, 4, SamplerConfig(num_ar_steps=3, record_z=False), torch.Generator().manual_seed(0))
         adv = group_advantages(torch.tensor([0.0, 1.0, 0.5, 0.2]), torch.zeros(4, dtype=torch.long))
-        sl = ar_step_loss(gen.mar, None, r, 1, [0, 1], adv.values, adv.use, ObjectiveConfig(beta=0.0), {}, True)
+        sl = ar_step_loss(model.mar, None, r, 1, [0, 1], adv.values, adv.use, ObjectiveConfig(beta=0.0), {}, True)
         sl.loss.backward()
-        grads.append(gen.mar.z_proj.weight.grad.clone())
+        grads.append(model.mar.z_proj.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
@@ -318,7 +318,7 @@ def test_diagnose_reports_every_stochastic_head_step_with_shares_that_sum_to_one
 
     cfg = _cfg(tiny_model_dir, tmp_path / "d", 1, ["algorithm.head_step_max_gain=1e9"])
     rows = head_step_diagnostics(cfg)
-    head = tiny_generator().mar.head
+    head = tiny_model().mar.head
     head.set_sampling_steps(cfg.sampling.diffusion_steps)
     assert [r["head_step"] for r in rows] == [j for j in range(head.num_steps) if head.is_stochastic(j)]
     assert sum(r["grad_share"] for r in rows) == pytest.approx(1.0)

@@ -108,13 +108,13 @@ def test_mte_chains_do_not_change_the_images():
 
 
 @pytest.mark.parametrize("head", ["ddpm", "flow"])
-@pytest.mark.parametrize("cfg", [1.0, 2.5])
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.5])
 @pytest.mark.parametrize("policy_tokens", ["committed", "unknown"])
 @pytest.mark.parametrize("branch", [None, 2])
-def test_recomputed_log_probs_equal_recorded(head, cfg, policy_tokens, branch):
+def test_recomputed_log_probs_equal_recorded(head, guidance_scale, policy_tokens, branch):
     """The invariant: z and log-probs recomputed from the Rollout reproduce the rollout (ratio == 1)."""
     m = make(head)
-    r = run(m, num_ar_steps=5, guidance_scale=cfg, policy_tokens=policy_tokens,
+    r = run(m, num_ar_steps=5, guidance_scale=guidance_scale, policy_tokens=policy_tokens,
             noise_group=2 if branch is not None else 1, branch_step=branch)
     m.train()  # the trainer keeps the model in train mode; replay must still match (dropout off)
     js = [j for j in range(r.head_steps) if m.head.is_stochastic(j)]

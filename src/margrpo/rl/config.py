@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from margrpo.rl.objective import ESTIMATORS, NORMALIZE_MODES, RATIO_LEVELS, ObjectiveConfig
-from margrpo.sampling.sampler import GUIDANCE_MODES, SamplerConfig
+from margrpo.sampling.sampler import SCORE_GUIDANCE_MODES, SamplerConfig
 from margrpo.utils.config import option
 
 
@@ -60,7 +60,7 @@ class AlgorithmSection:
     head_step_weighting: str = option("none", "weight each scored head step's policy term by its mean std (std) "
                                       "or not", choices=("none", "std"))
     score_guidance: str = option("rollout", "density the transitions are scored under: the guided one that sampled, or "
-                           "the conditional branch alone (the MAR-GRPO release)", choices=GUIDANCE_MODES)
+                           "the conditional branch alone (the MAR-GRPO release)", choices=SCORE_GUIDANCE_MODES)
     clip_eps: float = option(0.2, "PPO clip range of the ratio (0 = no clip)", range=(0.0, 10.0))
     dual_clip: float | None = option(None, "dual-clip PPO bound c on negative advantages' objective (Ye et al. "
                                      "2020)", range=(1.0, 100.0))

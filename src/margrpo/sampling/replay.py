@@ -20,7 +20,7 @@ import torch
 from margrpo.models.base import Policy
 from margrpo.models.heads import DiffusionHead
 from margrpo.sampling.rollout import Rollout
-from margrpo.sampling.sampler import GUIDANCE_MODES, compute_conditions, transition_log_probs
+from margrpo.sampling.sampler import SCORE_GUIDANCE_MODES, compute_conditions, transition_log_probs
 
 
 @dataclass
@@ -53,8 +53,8 @@ def batched_step_conditions(policy: Policy, rollout: Rollout, steps: Sequence[in
                             score_guidance: str = "rollout") -> dict[int, StepConditions]:
     """z of several AR steps in one transformer call (their canvases stacked; rows with different known counts are
     padded by the policy), so that one forward and one backward serve every scored step."""
-    if score_guidance not in GUIDANCE_MODES:
-        raise ValueError(f"score_guidance={score_guidance!r}; valid: {GUIDANCE_MODES}")
+    if score_guidance not in SCORE_GUIDANCE_MODES:
+        raise ValueError(f"score_guidance={score_guidance!r}; valid: {SCORE_GUIDANCE_MODES}")
     missing = [i for i in steps if i not in rollout.steps]
     if missing:
         raise KeyError(f"AR steps {missing} were not recorded; recorded steps: {sorted(rollout.steps)}")

@@ -29,7 +29,7 @@ from margrpo.sampling.rollout import ARStepRecord, Rollout
 
 POLICY_TOKENS = ("committed", "unknown")
 MTE_SOURCES = ("commit", "scored")
-GUIDANCE_MODES = ("rollout", "cond_only")
+SCORE_GUIDANCE_MODES = ("rollout", "cond_only")
 
 
 @dataclass
@@ -86,8 +86,8 @@ class SamplerConfig:
             raise ValueError("mte_k=1 cannot estimate uncertainty; use 0 (off) or >= 2")
         if not 0.0 <= self.mte_top_fraction <= 1.0:
             raise ValueError(f"mte_top_fraction must be in [0, 1], got {self.mte_top_fraction}")
-        if self.score_guidance not in GUIDANCE_MODES:
-            raise ValueError(f"score_guidance={self.score_guidance!r}; valid: {GUIDANCE_MODES}")
+        if self.score_guidance not in SCORE_GUIDANCE_MODES:
+            raise ValueError(f"score_guidance={self.score_guidance!r}; valid: {SCORE_GUIDANCE_MODES}")
 
     @property
     def guided(self) -> bool:

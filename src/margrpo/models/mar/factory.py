@@ -1,4 +1,4 @@
-"""Build a text-conditional MAR generator from a small, validated spec (used by `pretrain` and configs)."""
+"""Build a text-conditional MAR image model from a small, validated spec (used by `pretrain` and configs)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class ModelSpec:
 
 
 def build_model(spec: ModelSpec, vocab: list[str], tokenizer: nn.Module | None = None) -> MARImageModel:
-    """A randomly initialised generator with a small learned text encoder over `vocab`.
+    """A randomly initialised image model with a small learned text encoder over `vocab`.
 
     `tokenizer` is required iff `spec.tokenizer == "autoencoder"` (an `AutoencoderTokenizer`).
     """

@@ -1,4 +1,4 @@
-"""Score a generator on the shapes world's held-out prompts with the verifier (used by eval, pretrain, demo)."""
+"""Score a model on the shapes world's held-out prompts with the verifier (used by eval, pretrain, demo)."""
 
 from __future__ import annotations
 

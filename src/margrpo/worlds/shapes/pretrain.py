@@ -119,7 +119,7 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> MARImageModel:
-    """Train; returns the EMA generator. Writes config, metrics, samples, checkpoints and `model/` under out_dir."""
+    """Train; returns the EMA model. Writes config, metrics, samples, checkpoints and `model/` under out_dir."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
