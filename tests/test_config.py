@@ -10,6 +10,7 @@ from typing import Literal, Optional
 
 import pytest
 
+from margrpo.configs import CONFIGS
 from margrpo.utils.config import (
     ConfigError,
     config_from_dict,
@@ -299,3 +300,24 @@ def test_a_renamed_key_points_to_its_new_name():
         load_config(TrainConfig, None, ["sampling.cfg=3.0", "algorithm.guidance=cond_only"])
     assert "it was renamed 'sampling.guidance_scale'" in str(err.value)
     assert "it was renamed 'algorithm.score_guidance'" in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")
+                                        if p.name != "shapes-pretrain.yaml"))
+def test_every_shipped_training_config_loads(name):
+    """The shipped configs and presets (the model-family ones included) are valid TrainConfigs."""
+    from margrpo.rl.config import TrainConfig
+
+    cfg = load_config(TrainConfig, CONFIGS / name, [])
+    assert cfg.steps >= 1
+
+
+def test_the_nova_config_states_the_papers_settings():
+    from margrpo.rl.config import TrainConfig
+
+    cfg = load_config(TrainConfig, CONFIGS / "nova-hps.yaml", [])
+    a = cfg.algorithm
+    assert (a.group_size, a.ar_step_count, a.head_steps_per_ar_step, a.mte_k, a.mte_top_fraction, a.beta) == \
+        (4, 12, 10, 3, 0.3, 0.01)
+    assert (cfg.optim.lr, cfg.sampling.guidance_scale, cfg.sampling.guidance_schedule) == (2e-6, 5.0, "constant")
+    assert cfg.rewards == {"hpsv2": 1.0} and a.estimator == "trajectory" and a.train == "ar"

@@ -82,10 +82,23 @@ def run_case(name: str, extra: list[str], root: Path) -> dict[str, str]:
     return out
 
 
+def base_eval() -> dict[str, str]:
+    """The shipped base as loaded (no training), sampled on a few held-out prompts: the demo's "before"."""
+    try:
+        from margrpo.models.loading import load_model
+    except ImportError:  # before issue #14's layout
+        from margrpo.rl.trainer import load_model
+    cfg = load_config(TrainConfig, config_path("demo.yaml"), [])
+    res = evaluate(load_model(cfg.model, "cpu"), eval_prompt_set(2), cfg.eval_sampler(), seed=5, progress=False)
+    return {"eval": hashlib.sha256(res.images.float().numpy().tobytes()).hexdigest()[:16],
+            "strict": str(res.summary["overall"]["strict"])}
+
+
 def main() -> None:
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="fingerprint-"))
-    result = {}
+    result = {"base-eval": base_eval()}
+    print("base-eval", result["base-eval"], flush=True)
     for name, extra in CASES.items():
         result[name] = run_case(name, extra, root)
         print(name, result[name], flush=True)
