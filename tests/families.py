@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from harmon_files import load_tiny_harmon
 
 from margrpo.models.base import ImageModel
 from margrpo.models.mar import MAR, MARImageModel
@@ -47,4 +48,6 @@ FAMILIES: dict[str, Family] = {
     "mar-text-cross-attention": Family(lambda: _text_mar(condition_mode="cross_attention"),
                                        ("a red circle", "two blue squares")),
     "mar-class-ddpm": Family(lambda: _class_mar("ddpm"), (1, 7)),
+    # upstream's .pth + LLM folder (config + tokenizer) + kl16.ckpt, loaded strictly (tests/harmon_files.py)
+    "harmon": Family(load_tiny_harmon, ("a red circle", "two blue squares")),
 }
