@@ -3,7 +3,9 @@
 * `shipped:NAME`: a model that ships inside the package (`margrpo.assets`);
 * a training run directory (one with `checkpoints/` and no exported `config.json`): its base model with the latest
   undamaged checkpoint's policy weights;
-* a model folder (`config.json` + `model.safetensors`, written by `save_pretrained` or a converter).
+* a model folder (`config.json` + `model.safetensors`, written by `save_pretrained` or a converter);
+* a Harmon HF-format folder (`config.json` with `llm` and `mar` objects: `margrpo.compat.harmon.convert` or
+  `HarmonImageModel.save_pretrained`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ def load_model(spec: str, device: str | torch.device) -> ImageModel:
     path = Path(spec)
     if path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
         return _load_run(path, device)
+    from margrpo.models.harmon.loading import is_harmon_folder, load_folder
+
+    if path.is_dir() and is_harmon_folder(path):
+        return load_folder(path, device=device)
     return MARImageModel.load_pretrained(spec, device=device)
 
 

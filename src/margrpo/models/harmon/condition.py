@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache
+
+if TYPE_CHECKING:  # transformers is imported only when a Harmon model is used (`load_model` checks folders cheaply)
+    from transformers import DynamicCache
 
 __all__ = ["HarmonCondition", "cache_tensors", "make_cache", "trim_cache"]
 
@@ -25,6 +28,8 @@ def cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
 
 def make_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     """A `DynamicCache` holding these per-layer tensors (transformers >= 4.56 takes them at construction)."""
+    from transformers import DynamicCache
+
     return DynamicCache([(k, v) for k, v in kv])
 
 
