@@ -195,6 +195,7 @@ class HarmonPolicy(Policy):
         bsz = tokens.shape[0]
         cond = self._resolve(cond, drop, bsz)
         mar = self.mar
+        tokens = tokens.to(mar.fake_latent.dtype)  # upstream's `x.to(self.dtype)` (bfloat16 weights)
         d = mar.config.encoder_embed_dim
         buffer = mar.fake_latent.to(tokens.dtype).unsqueeze(1).expand(bsz, mar.buffer_size, d)
         shape = self._image_shape
