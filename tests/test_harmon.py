@@ -224,13 +224,23 @@ def test_clear_errors(tmp_path, files):
         harmon.load(tmp_path / "nested.pth", llm=files["llm"], vae=files["vae"], **LOAD_KW)
 
 
-def test_convert_writes_a_folder_that_training_can_name(tmp_path, files, model):
+def test_convert_writes_a_folder_that_training_can_name(tmp_path, files, model, capsys):
+    """`margrpo convert harmon` writes the HF-format folder; `model:` names it; two training steps run on it and
+    export a folder of the same format."""
+    from margrpo.cli import main
     from margrpo.models.loading import load_model
     from margrpo.rl.config import TrainConfig
     from margrpo.rl.trainer import Trainer
     from margrpo.utils.config import load_config
 
-    out = harmon.convert(files["pth"], tmp_path / "harmon", llm=files["llm"], vae=files["vae"], **LOAD_KW)
+    out = tmp_path / "harmon"
+    args = ["convert", "harmon", str(files["pth"]), str(out), "--vae", str(files["vae"])]
+    heads = [a for kv in ("encoder_num_heads=2", "decoder_num_heads=2", "num_sampling_steps=6")
+             for a in ("--mar-arg", kv)]
+    assert main(args + heads) == 2 and "--llm" in capsys.readouterr().err and not out.exists()
+    assert main(args + ["--llm", str(files["llm"])]) == 2  # a custom width: the heads must be given
+    assert "encoder_num_heads" in capsys.readouterr().err
+    assert main(args + ["--llm", str(files["llm"]), *heads]) == 0
     spec = json.loads((out / "config.json").read_text())
     assert spec["llm"]["model_type"] == "qwen2" and spec["mar"]["type"] == "custom"
     from safetensors.torch import load_file

@@ -124,9 +124,10 @@ class DiffusionHead(nn.Module):
         Inputs are cast to the net's weight dtype (a no-op for float32 weights): a model loaded in bfloat16
         (Harmon's `dtype=`) gets the sampler's float32 chain states; the step arithmetic stays float32.
         """
-        dt = self.net.input_proj.weight.dtype
-        x, z = x.to(dt), z.to(dt)
-        z_uncond = z_uncond.to(dt) if z_uncond is not None else None
+        w = next(self.net.parameters(), None)
+        if w is not None and w.is_floating_point():
+            x, z = x.to(w.dtype), z.to(w.dtype)
+            z_uncond = z_uncond.to(w.dtype) if z_uncond is not None else None
         if z_uncond is None:
             return self.net(x, t, z), None
         n = x.shape[0]
