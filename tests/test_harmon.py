@@ -263,6 +263,10 @@ def test_convert_writes_a_folder_that_training_can_name(tmp_path, files, model, 
     assert len(rows) == 2 and (tmp_path / "run" / "model" / "config.json").is_file()
     again = load_model(str(tmp_path / "run" / "model"), "cpu")
     assert type(again).__name__ == "HarmonImageModel"
+    resumed = load_model(str(tmp_path / "run"), "cpu")  # the run directory: base folder + last checkpoint
+    trained = dict(again.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in resumed.named_parameters())
+    assert any(not torch.equal(p, dict(loaded.named_parameters())[n]) for n, p in trained.items())
 
 
 def test_bfloat16_weights_sample_with_float32_log_probs(files):
