@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from harmon_files import load_tiny_harmon
 
 from margrpo.models.base import ImageModel
 from margrpo.models.mar import MAR, MARImageModel
@@ -71,4 +72,6 @@ FAMILIES: dict[str, Family] = {
     "mar-text-kl-latents": Family(lambda: _text_mar(latent=True), ("a red circle", "two blue squares")),
     "mar-class-ddpm": Family(lambda: _class_mar("ddpm"), (1, 7)),
     "nova": Family(_nova, ("a red circle", "two blue squares")),
+    # upstream's .pth + LLM folder (config + tokenizer) + kl16.ckpt, loaded strictly (tests/harmon_files.py)
+    "harmon": Family(load_tiny_harmon, ("a red circle", "two blue squares")),
 }

@@ -233,27 +233,55 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_diagnose)
 
 
+def _mar_args(items: list[str]) -> dict:
+    """`--mar-arg KEY=VALUE` pairs; values are JSON where they parse (2, 0.1, "100"), else strings."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--mar-arg {item!r}: expected KEY=VALUE, e.g. encoder_num_heads=16")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
+    if args.format == "harmon":
+        from margrpo.models.harmon import loading as harmon
+
+        if args.llm is None:
+            raise ValueError("convert harmon needs --llm (the Qwen2.5-*-Instruct folder: config.json + tokenizer)")
+        out = harmon.convert(args.checkpoint, args.out, llm=args.llm, vae=args.vae, **_mar_args(args.mar_arg))
+        print(f"wrote {out} (name it in a training config as model: {out})")
+        return 0
     from margrpo.models.mar import lth14
 
-    heads = {k: v for k, v in (("encoder_num_heads", args.encoder_num_heads),
-                               ("decoder_num_heads", args.decoder_num_heads)) if v is not None}
-    out = lth14.convert(args.checkpoint, args.out, vae=args.vae, ema=not args.no_ema, overwrite=args.force, **heads)
+    if args.vae is None:
+        raise ValueError("convert lth14 needs --vae (the kl16.ckpt the MAR's tokens decode with)")
+    out = lth14.convert(args.checkpoint, args.out, vae=args.vae, ema=not args.no_ema, overwrite=args.force,
+                        **_mar_args(args.mar_arg))
     print(f"wrote {out} (name it in a training config as model: {out})")
     return 0
 
 
 def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="write another project's checkpoint as a margrpo model folder")
-    p.add_argument("format", choices=["lth14"], help="lth14: LTH14/mar's checkpoint-last.pth (with --vae kl16.ckpt)")
+    p.add_argument("format", choices=["lth14", "harmon"],
+                   help="lth14: LTH14/mar's checkpoint-last.pth (with --vae kl16.ckpt); harmon: wusize/Harmon's "
+                        ".pth (with --llm QWEN_FOLDER and --vae kl16.ckpt)")
     p.add_argument("checkpoint", help="the checkpoint file")
     p.add_argument("out", help="the model folder to write")
-    p.add_argument("--vae", required=True, help="the KL-16 autoencoder (kl16.ckpt) the MAR's tokens decode with")
+    p.add_argument("--vae", default=None, help="the KL-16 autoencoder (kl16.ckpt) the tokens decode with (lth14: "
+                   "required; harmon: when the .pth holds no vae.* weights)")
     p.add_argument("--no-ema", action="store_true", help="take the raw weights ('model'), not 'model_ema'")
-    p.add_argument("--encoder-num-heads", type=int, default=None,
-                   help="when the checkpoint's args do not say (a model that is not one of upstream's presets)")
-    p.add_argument("--decoder-num-heads", type=int, default=None, help="likewise for the decoder")
-    p.add_argument("--force", action="store_true", help="write into an existing non-empty folder")
+    p.add_argument("--llm", default=None, help="harmon: the Qwen2.5 folder (only config.json and the tokenizer)")
+    p.add_argument("--mar-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an upstream MAR argument the weights cannot give (e.g. encoder_num_heads=16); repeatable")
+    p.add_argument("--force", action="store_true", help="lth14: write into an existing non-empty folder")
     p.set_defaults(func=cmd_convert)
 
 

@@ -80,7 +80,9 @@ class Policy(nn.Module):
         raise NotImplementedError
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Named parameters by group: "head" is the diffusion head's, "ar" everything else of the policy."""
+        """Named parameters by group, a partition of the policy's: "head" is the diffusion head's, "ar" the
+        transformer's (`algorithm.train` picks "ar", "head" or both). By default "ar" is everything but the head; a
+        family may set parts apart in groups of its own that RL does not train (Harmon's "llm")."""
         head = {id(p) for p in self.head.parameters()}
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in PARAMETER_GROUPS}
         for name, p in self.named_parameters():
@@ -133,7 +135,8 @@ class ImageModel(nn.Module):
         """
         if which not in (*PARAMETER_GROUPS, "both"):
             raise ValueError(f"trainable group {which!r}; valid: {', '.join(PARAMETER_GROUPS)}, both")
-        wanted = {id(p) for g, ps in self.policy.parameter_groups().items() if which in (g, "both") for _, p in ps}
+        chosen = PARAMETER_GROUPS if which == "both" else (which,)
+        wanted = {id(p) for g, ps in self.policy.parameter_groups().items() if g in chosen for _, p in ps}
         for p in self.parameters():
             p.requires_grad_(False)
         out = []

@@ -119,7 +119,15 @@ class DiffusionHead(nn.Module):
 
     def _net_out(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
                  z_uncond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the net on the conditional (and, when guided, unconditional) condition in one batch."""
+        """Run the net on the conditional (and, when guided, unconditional) condition in one batch.
+
+        Inputs are cast to the net's weight dtype (a no-op for float32 weights): a model loaded in bfloat16
+        (Harmon's `dtype=`) gets the sampler's float32 chain states; the step arithmetic stays float32.
+        """
+        w = next(self.parameters(), None)  # the head's weights (its network's, or NOVA's head-level ones)
+        if w is not None and w.is_floating_point():
+            x, z = x.to(w.dtype), z.to(w.dtype)
+            z_uncond = z_uncond.to(w.dtype) if z_uncond is not None else None
         if z_uncond is None:
             return self.net(x, t, z), None
         n = x.shape[0]

@@ -5,6 +5,8 @@
   undamaged checkpoint's policy weights;
 * a model folder (`config.json` + `model.safetensors`, written by `save_pretrained` or a converter);
 * a NOVA folder (diffusers-style, `transformer/config.json`: upstream's `BAAI/nova-*` or a trained NOVA's export).
+* a Harmon HF-format folder (`config.json` with `llm` and `mar` objects: `margrpo.compat.harmon.convert` or
+  `HarmonImageModel.save_pretrained`).
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ FOLDER_FORMATS: dict[str, type[ImageModel]] = {FORMAT: MARImageModel}
 
 
 def load_folder(path: Path, device: str | torch.device) -> ImageModel:
-    """A model folder: NOVA's diffusers-style layout (`transformer/config.json`, no top-level config.json), or a
-    margrpo folder by the `format` its config.json names; a folder that is neither gets the margrpo folder loader,
-    whose errors say what such a folder holds."""
+    """A model folder: NOVA's diffusers-style layout (`transformer/config.json`, no top-level config.json), Harmon's
+    HF format (config.json with `llm` and `mar`), or a margrpo folder by the `format` its config.json names; a
+    folder that is none of them gets the margrpo folder loader, whose errors say what such a folder holds."""
     import json
 
     if path.is_dir() and not (path / "config.json").is_file():
@@ -49,6 +51,11 @@ def load_folder(path: Path, device: str | torch.device) -> ImageModel:
 
         if is_nova_folder(path):
             return load(path, device=device)
+    from margrpo.models.harmon.loading import is_harmon_folder
+    from margrpo.models.harmon.loading import load_folder as load_harmon_folder
+
+    if path.is_dir() and is_harmon_folder(path):
+        return load_harmon_folder(path, device=device)
     try:
         fmt = json.loads((path / "config.json").read_text(encoding="utf-8")).get("format")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):

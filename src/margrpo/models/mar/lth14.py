@@ -109,7 +109,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], args: Mapping[str, Any] | None 
             raise CheckpointError(
                 f"the checkpoint does not say {f} (its args name model={args.get('model')!r}, not one of "
                 f"{sorted(MAR_PRESETS)}, and carry no {f}); pass it, e.g. load_checkpoint(path, {f}=...) "
-                f"(margrpo convert: --{f.replace('_', '-')})")
+                f"(margrpo convert: --mar-arg {f}=N)")
     # Geometry: whatever was not given follows from the token count and width (upstream: stride 16, patch 1).
     cfg.setdefault("patch_size", 1)
     cfg.setdefault("vae_stride", 16)

@@ -24,6 +24,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from margrpo.models.base import Policy
@@ -247,22 +248,50 @@ class MAR(Policy):
         n = len(cond) if isinstance(cond, Condition) else cond.shape[0]
         return torch.rand(n, generator=generator, device=device) < self.config.label_drop_prob
 
+    # ------------------------------------------------------------------ position embeddings
+    def _grid_pos_embed(self, pe: torch.Tensor, image_shape: tuple[int, int] | None, buffer: int) -> torch.Tensor:
+        """`pe` ([1, buffer + seq_h * seq_h, D]) for a token grid of `image_shape` (Harmon's `get_*_pos_embed`).
+
+        The native grid (or None) returns the learned parameter itself, so MAR's arithmetic is untouched; another
+        grid interpolates the image rows bilinearly (align_corners=False, as upstream's `F.interpolate`) and keeps
+        the buffer rows.
+        """
+        side = self.config.seq_h
+        if image_shape is None or tuple(image_shape) == (side, side):
+            return pe
+        h, w = image_shape
+        buf, img = pe.split([buffer, side * side], dim=1)
+        img = img.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        img = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False)
+        img = img.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return torch.cat([buf, img], dim=1)
+
+    def get_encoder_pos_embed(self, image_shape: tuple[int, int] | None = None) -> torch.Tensor:
+        return self._grid_pos_embed(self.encoder_pos_embed_learned, image_shape, self.buffer_size)
+
+    def get_decoder_pos_embed(self, image_shape: tuple[int, int] | None = None) -> torch.Tensor:
+        return self._grid_pos_embed(self.decoder_pos_embed_learned, image_shape, self.buffer_size)
+
+    def get_diffusion_pos_embed(self, image_shape: tuple[int, int] | None = None) -> torch.Tensor:
+        return self._grid_pos_embed(self.diffusion_pos_embed_learned, image_shape, 0)
+
     # ------------------------------------------------------------------ encoder / decoder
     def forward_mae_encoder(self, x: torch.Tensor, mask: torch.Tensor, buffer: torch.Tensor,
-                            ctx: torch.Tensor | None = None, ctx_mask: torch.Tensor | None = None
+                            ctx: torch.Tensor | None = None, ctx_mask: torch.Tensor | None = None,
+                            image_shape: tuple[int, int] | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encode the buffer and the known tokens. Returns (x [B, n, D], valid [B, n] or None).
 
         Rows with the same number of known tokens drop the masked ones by reshaping, as upstream (valid None).
         Rows with different numbers (several AR steps of a rollout in one batch) gather their known tokens to the
         front, pad to the longest row and mask the padding out of every attention: the same function of each
-        row, up to float rounding.
+        row, up to float rounding. `image_shape` (m, n): a token grid other than the native one (Harmon).
         """
         x = self.z_proj(x)
         bsz, _, d = x.shape
         x = torch.cat([buffer.to(x.dtype), x], dim=1)
         mask_with_buffer = torch.cat([torch.zeros(bsz, self.buffer_size, device=x.device), mask.float()], dim=1)
-        x = x + self.encoder_pos_embed_learned
+        x = x + self.get_encoder_pos_embed(image_shape)
         x = self.z_proj_ln(x)
         keep = (1 - mask_with_buffer).bool()
         counts = keep.sum(1)
@@ -282,13 +311,14 @@ class MAR(Policy):
         return self.encoder_norm(x), valid
 
     def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor, ctx: torch.Tensor | None = None,
-                            ctx_mask: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+                            ctx_mask: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                            image_shape: tuple[int, int] | None = None) -> torch.Tensor:
         x = self.decoder_embed(x)
         bsz = x.shape[0]
         mask_with_buffer = torch.cat([torch.zeros(bsz, self.buffer_size, device=x.device), mask.float()], dim=1)
         padded = self.mask_token.to(x.dtype).expand(bsz, mask_with_buffer.shape[1], -1).clone()
         padded[(1 - mask_with_buffer).bool()] = x.reshape(-1, x.shape[2]) if valid is None else x[valid]
-        x = padded + self.decoder_pos_embed_learned
+        x = padded + self.get_decoder_pos_embed(image_shape)
         for blk in self.decoder_blocks:
             if self.config.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk, x, ctx, ctx_mask, use_reentrant=False)
@@ -296,7 +326,7 @@ class MAR(Policy):
                 x = blk(x, ctx, ctx_mask)
         x = self.decoder_norm(x)
         x = x[:, self.buffer_size:]
-        return x + self.diffusion_pos_embed_learned
+        return x + self.get_diffusion_pos_embed(image_shape)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor,
                 cond: Condition | torch.Tensor | None = None,
@@ -331,16 +361,21 @@ class MAR(Policy):
         """
         if drop_conditions is None:
             drop_conditions = self.training
-        bsz, seq_len, _ = tokens.shape
         dev = tokens.device
-        orders = self.sample_orders(bsz, generator, dev)
-        rate = float(_truncnorm_sample(1, self.config.mask_ratio_min, 1.0, 1.0, 0.25, generator)[0])
-        num_masked = int(math.ceil(seq_len * rate))
-        mask = torch.zeros(bsz, seq_len, device=dev)
-        mask.scatter_(1, orders[:, :num_masked], 1.0)
+        mask = self.random_masking(self.sample_orders(tokens.shape[0], generator, dev), generator)
         drop = self.drop_condition(cond, generator, dev) if (drop_conditions and cond is not None) else None
         z = self(tokens, mask, cond, drop)
         return self.masked_diffusion_loss(tokens, z, mask, generator)
+
+    def random_masking(self, orders: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Upstream `random_masking`: the first ceil(L * r) positions of each order masked, r ~ truncated
+        N(1, 0.25) on [mask_ratio_min, 1] (one r per batch). Shared with Harmon, whose pretraining is MAR's."""
+        bsz, seq_len = orders.shape
+        rate = float(_truncnorm_sample(1, self.config.mask_ratio_min, 1.0, 1.0, 0.25, generator)[0])
+        num_masked = int(math.ceil(seq_len * rate))
+        mask = torch.zeros(bsz, seq_len, device=orders.device)
+        mask.scatter_(1, orders[:, :num_masked], 1.0)
+        return mask
 
     def masked_diffusion_loss(self, tokens: torch.Tensor, z: torch.Tensor, mask: torch.Tensor,
                               generator: torch.Generator | None = None, t: torch.Tensor | None = None,

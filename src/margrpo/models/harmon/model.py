@@ -1,0 +1,348 @@
+"""Harmon (Wu et al. 2025; wusize/Harmon): a MAR encoder and decoder around a Qwen2.5 LLM, LTH14's DDPM head,
+LTH14's KL-16 VAE.
+
+`HarmonPolicy` is the `Policy`: it holds one of our `MAR` modules (LTH14 parameter names, so upstream's `mar.*`
+keys load as they are) and calls its `forward_mae_encoder` / `forward_mae_decoder` pieces with the LLM in between,
+as upstream's `Harmon.forward_mae_encoder`:
+
+    x_enc = MAR encoder(known tokens, `fake_latent` in every buffer row)
+    h     = LLM(proj_in(x_enc) as [visible tokens in raster order; buffer], prompt KV cache,
+                positions continuing at each row's number of real prompt tokens, pad keys masked)
+    z     = MAR decoder(x_enc + proj_out(h back in encoder order))
+
+`HarmonImageModel` is the `ImageModel`: the policy, the prompt template and tokenizer, and the frozen VAE. Its
+`state_dict()` has upstream's keys (`llm.*`, `mar.*`, `proj_in.*`, `proj_out.*`, `vae.*`) because it registers the
+policy's sub-modules directly (the policy object itself is shared, not a child, so no key appears twice).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from margrpo.models.base import ImageModel, Policy
+from margrpo.models.harmon.condition import HarmonCondition, make_cache, trim_cache
+from margrpo.models.heads import DiffusionHead
+from margrpo.models.mar.model import MAR
+from margrpo.models.vae import KL16_LATENT_SCALE, AutoencoderKL
+
+__all__ = ["CFG_PROMPT", "HARMON_FORMAT", "PROMPT_TEMPLATE", "HarmonImageModel", "HarmonPolicy", "build_mlp",
+           "format_prompt"]
+
+# upstream's `prompt_template["INSTRUCTION"]` (configs/models/*.py) and the prompt wrapping of scripts/text2image.py
+PROMPT_TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
+CFG_PROMPT = "Generate an image."
+HARMON_FORMAT = "harmon"
+
+
+def format_prompt(prompt: str) -> str:
+    """The text the tokenizer sees for a user prompt: no system turn, not `apply_chat_template` (upstream's)."""
+    return PROMPT_TEMPLATE.format(input=f"Generate an image: {prompt}")
+
+
+def build_mlp(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
+    """Upstream's projector: Linear, SiLU, Linear (keys `.0.*` and `.2.*`)."""
+    return nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(), nn.Linear(projector_dim, z_dim))
+
+
+def _cache_kwarg(llm_model: nn.Module, cache) -> dict:
+    """The cache argument under the name this transformers takes: `cache` (5.x), `past_key_values` (4.x, and 5.x
+    before 5.40 with a deprecation warning)."""
+    params = inspect.signature(type(llm_model).forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+class HarmonPolicy(Policy):
+    """Harmon's text-to-image path as a `Policy`: `policy(tokens, mask, cond, drop)` -> z [B, L, D_dec].
+
+    `cond` is a `HarmonCondition` (its prompt cache is used and trimmed back to the prompt after every call),
+    `None` for the unconditional prompt "Generate an image." in the same template, and `drop[b]` gives row b that
+    prompt. Only `mar.*` is in the trainable groups: the LLM and the projectors are frozen, as in MAR-GRPO's Harmon
+    runs (the prompt cache is computed once per rollout, so a trained LLM would condition on a stale prompt).
+    """
+
+    def __init__(self, llm: nn.Module, mar: MAR, uncond_input_ids: torch.Tensor):
+        super().__init__()
+        hidden = int(llm.config.hidden_size)
+        d_enc = mar.config.encoder_embed_dim
+        self.llm = llm
+        self.mar = mar
+        self.proj_in = build_mlp(d_enc, hidden, hidden)
+        self.proj_out = build_mlp(hidden, hidden, d_enc)
+        # a plain attribute (no buffer): the ImageModel moves the shared sub-modules, not this object
+        self.uncond_input_ids = uncond_input_ids.long().reshape(1, -1).cpu()
+        side = mar.config.seq_h
+        self._image_shape = (side, side)
+        self.token_embed_dim = mar.config.token_dim
+
+    # ---------------------------------------------------------------- geometry
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(m, n) token grid; the native grid by default, another one interpolates the position embeddings."""
+        return self._image_shape
+
+    @image_shape.setter
+    def image_shape(self, shape: tuple[int, int]) -> None:
+        m, n = (int(v) for v in shape)
+        if m < 1 or n < 1:
+            raise ValueError(f"image_shape must be two positive ints, got {shape}")
+        self._image_shape = (m, n)
+
+    @property
+    def seq_len(self) -> int:  # type: ignore[override]
+        m, n = self._image_shape
+        return m * n
+
+    @property
+    def head(self) -> DiffusionHead:
+        """LTH14's DDPM head, `mar.diffloss` (upstream's key names)."""
+        return self.mar.diffloss
+
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, c, m*p, n*p] -> [B, m*n, c*p*p], upstream's `b c (m p) (n q) -> b (m n) (c p q)`."""
+        b, c, h, w = latents.shape
+        p = self.mar.config.patch_size
+        x = latents.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Inverse of `patchify` on the current `image_shape` grid."""
+        b = tokens.shape[0]
+        m, n = self._image_shape
+        p = self.mar.config.patch_size
+        c = tokens.shape[-1] // (p * p)
+        x = tokens.reshape(b, m, n, c, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, c, m * p, n * p)
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """"head" = `mar.diffloss`, "ar" = the rest of `mar`, "llm" = the LLM and `proj_in`/`proj_out`, which RL
+        does not train: the prompt's KV cache is computed once per rollout, and a trained LLM would condition
+        every later call on a stale prompt."""
+        head = {id(p) for p in self.head.parameters()}
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"ar": [], "head": [], "llm": []}
+        for name, p in self.named_parameters():
+            group = ("head" if id(p) in head else "ar") if name.startswith("mar.") else "llm"
+            groups[group].append((name, p))
+        return groups
+
+    # ---------------------------------------------------------------- prompts
+    @property
+    def _device(self) -> torch.device:
+        return self.mar.fake_latent.device
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> HarmonCondition:
+        """The prompt's KV cache: the LLM over all T positions, no attention mask, positions 0..T-1 (upstream)."""
+        input_ids = input_ids.to(self._device)
+        cache = make_cache([])
+        self.llm.model(input_ids=input_ids, use_cache=True, return_dict=True, **_cache_kwarg(self.llm.model, cache))
+        return HarmonCondition(input_ids, attention_mask.to(self._device), cache)
+
+    def unconditional(self, bsz: int) -> HarmonCondition:
+        """The unconditional prompt ("Generate an image." in the template) for `bsz` rows, prefilled afresh."""
+        ids = self.uncond_input_ids.to(self._device)
+        return self.prefill(ids, torch.ones_like(ids, dtype=torch.bool)).repeat_interleave(bsz)
+
+    def _resolve(self, cond: HarmonCondition | None, drop: torch.Tensor | None, bsz: int) -> HarmonCondition:
+        if cond is None:
+            return self.unconditional(bsz)
+        if not isinstance(cond, HarmonCondition):
+            raise TypeError(f"Harmon is conditioned on a HarmonCondition (model.encode_prompts), got "
+                            f"{type(cond).__name__}")
+        if len(cond) != bsz:
+            raise ValueError(f"condition batch {len(cond)} does not match token batch {bsz}")
+        if drop is None or not bool(drop.any()):
+            return cond
+        if bool(drop.all()):
+            return self.unconditional(bsz)
+        return cond.where(drop, self.unconditional(bsz))
+
+    # ---------------------------------------------------------------- the condition
+    def _llm(self, z_enc: torch.Tensor, valid: torch.Tensor | None, cond: HarmonCondition) -> torch.Tensor:
+        """The LLM over the encoder tokens with the prompt cache; returns its hidden states in encoder order.
+
+        Encoder rows are [buffer; known tokens; padding] (padding only for ragged batches, `valid`); the LLM reads
+        [known tokens; buffer; padding], causally, so a row's padding never reaches its real tokens. Upstream's
+        position ids are cumsum(mask) - 1 over [prompt mask; ones], i.e. image token k at (real prompt tokens) + k.
+        """
+        b, n, _ = z_enc.shape
+        buf = self.mar.buffer_size
+        dev = z_enc.device
+        counts = valid.sum(1) if valid is not None else torch.full((b,), n, device=dev)
+        j = torch.arange(n, device=dev)[None, :]
+        counts = counts[:, None]
+        # LLM position of each encoder position: known tokens first, then the buffer, then padding
+        rank = torch.where(j < buf, counts - buf + j, torch.where(j < counts, j - buf, j))
+        order = torch.argsort(rank, dim=1)  # encoder position at each LLM position
+        seq = torch.gather(z_enc, 1, order[..., None].expand(-1, -1, z_enc.shape[-1]))
+        keys = torch.cat([cond.attention_mask, (j < counts).expand(b, n)], dim=1)
+        positions = cond.lengths[:, None] + j
+        cache = cond.past_key_values
+        try:
+            out = self.llm.model(inputs_embeds=seq.to(self.llm.dtype), attention_mask=keys, position_ids=positions,
+                                 use_cache=True, return_dict=True, **_cache_kwarg(self.llm.model, cache))
+        finally:
+            trim_cache(cache, cond.prompt_length)
+        h = out.last_hidden_state
+        return torch.gather(h, 1, rank[..., None].expand(-1, -1, h.shape[-1]))
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, cond: HarmonCondition | None = None,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """z [B, L, D] for a canvas `tokens` [B, L, C] and `mask` [B, L] (1 = unknown), upstream's
+        `forward_mae_encoder` then `mar.forward_mae_decoder` on `image_shape`."""
+        bsz = tokens.shape[0]
+        cond = self._resolve(cond, drop, bsz)
+        mar = self.mar
+        tokens = tokens.to(mar.fake_latent.dtype)  # upstream's `x.to(self.dtype)` (bfloat16 weights)
+        d = mar.config.encoder_embed_dim
+        buffer = mar.fake_latent.to(tokens.dtype).unsqueeze(1).expand(bsz, mar.buffer_size, d)
+        shape = self._image_shape
+        x_enc, valid = mar.forward_mae_encoder(tokens, mask, buffer, image_shape=shape)
+        h = self._llm(self.proj_in(x_enc), valid, cond)
+        x_enc = x_enc + self.proj_out(h.to(x_enc.dtype))
+        return mar.forward_mae_decoder(x_enc, mask, valid=valid, image_shape=shape)
+
+    # ---------------------------------------------------------------- pretraining
+    def pretrain_loss(self, tokens: torch.Tensor, cond: HarmonCondition | None,
+                      generator: torch.Generator | None = None, drop_conditions: bool | None = None) -> torch.Tensor:
+        """Upstream's `text2image_loss`: MAR's masking and diffusion loss around this policy's z; dropped rows (CFG
+        training, `label_drop_prob`) get the unconditional prompt."""
+        if drop_conditions is None:
+            drop_conditions = self.training
+        dev = tokens.device
+        mask = self.mar.random_masking(self.sample_orders(tokens.shape[0], generator, dev), generator)
+        drop = None
+        if drop_conditions and cond is not None:
+            drop = torch.rand(len(cond), generator=generator, device=dev) < self.mar.config.label_drop_prob
+        z = self(tokens, mask, cond, drop)
+        return self.mar.masked_diffusion_loss(tokens, z, mask, generator)
+
+
+class HarmonImageModel(ImageModel):
+    """Harmon as an `ImageModel`: the policy, its text tokenizer and prompt template, and the frozen KL-16 VAE.
+
+    `encode_images`: VAE posterior mean * `vae_scale` (0.2325) -> tokens; `decode`: tokens / `vae_scale` -> VAE
+    decoder, clamped to [-1, 1] (upstream divides its argument in place; this does not).
+    """
+
+    def __init__(self, policy: HarmonPolicy, vae: AutoencoderKL, tokenizer, vae_scale: float = KL16_LATENT_SCALE):
+        super().__init__()
+        if vae.embed_dim * policy.mar.config.patch_size ** 2 != policy.token_embed_dim:
+            raise ValueError(f"the VAE has {vae.embed_dim} latent channels, the MAR's tokens have "
+                             f"{policy.token_embed_dim} values (patch {policy.mar.config.patch_size})")
+        # the policy's sub-modules, registered here under upstream's names; the policy object itself is shared
+        self.llm = policy.llm
+        self.mar = policy.mar
+        self.proj_in = policy.proj_in
+        self.proj_out = policy.proj_out
+        self.vae = vae
+        self.vae.requires_grad_(False)
+        self.vae.eval()
+        object.__setattr__(self, "_policy", policy)
+        self.text_tokenizer = tokenizer
+        self.vae_scale = float(vae_scale)
+
+    @property
+    def policy(self) -> HarmonPolicy:
+        return self._policy
+
+    def train(self, mode: bool = True) -> HarmonImageModel:
+        super().train(mode)
+        self._policy.training = mode
+        self.vae.eval()  # frozen, as upstream's `train` keeps it
+        return self
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return self._policy.image_shape
+
+    @image_shape.setter
+    def image_shape(self, shape: tuple[int, int]) -> None:
+        self._policy.image_shape = shape
+
+    @property
+    def image_size(self) -> int:
+        """Pixels per side of `decode`'s images (the grid's first side times the VAE stride and the patch)."""
+        return self.image_shape[0] * self.vae.downsample_factor * self.mar.config.patch_size
+
+    # ---------------------------------------------------------------- prompts
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Templated prompts -> right-padded ids [B, T] and mask [B, T] (upstream's `prepare_text_conditions`)."""
+        ids = [self.text_tokenizer.encode(format_prompt(p), add_special_tokens=True) for p in prompts]
+        t = max(len(i) for i in ids)
+        out = torch.zeros(len(ids), t, dtype=torch.long)
+        mask = torch.zeros(len(ids), t, dtype=torch.bool)
+        for r, i in enumerate(ids):
+            out[r, :len(i)] = torch.tensor(i, dtype=torch.long)
+            mask[r, :len(i)] = True
+        return out, mask
+
+    def encode_prompts(self, prompts: list[str] | None) -> HarmonCondition | None:
+        """Strings -> a `HarmonCondition` with the prompt prefill; None stays None (unconditional)."""
+        if prompts is None:
+            return None
+        prompts = list(prompts)
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad or not prompts:
+            raise TypeError(f"Harmon takes a non-empty list of string prompts; got {bad[:3] or prompts}")
+        ids, mask = self.tokenize(prompts)
+        return self._policy.prefill(ids, mask)
+
+    # ---------------------------------------------------------------- images
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> tokens: the posterior mean (upstream's `mode()`) * vae_scale."""
+        p = next(self.vae.parameters())
+        z = self.vae.encode(images.to(device=p.device, dtype=p.dtype)).mode() * self.vae_scale
+        return self._policy.patchify(z.float())
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, L, C] -> images [B, 3, H, W] clamped to [-1, 1]; `tokens` is left as it was."""
+        p = next(self.vae.parameters())
+        latents = self._policy.unpatchify(tokens) / self.vae_scale  # a new tensor: no in-place division
+        return self.vae.decode(latents.to(device=p.device, dtype=p.dtype)).float().clamp(-1, 1)
+
+    # ---------------------------------------------------------------- persistence (the HF-style folder)
+    def harmon_config(self) -> dict:
+        from margrpo.models.harmon.loading import mar_type_and_kwargs
+
+        mar_type, mar_kwargs = mar_type_and_kwargs(self.mar)
+        return {"format": HARMON_FORMAT, "llm": self.llm.config.to_dict(), "mar": {"type": mar_type, **mar_kwargs},
+                "vae_scale": self.vae_scale, "image_shape": list(self.image_shape)}
+
+    def save_pretrained(self, path: str | Path, metadata: dict | None = None) -> Path:
+        """The HF-format folder: `config.json` (`llm`, `mar`), `model.safetensors` (every key but the tied
+        `llm.lm_head.weight`), the tokenizer files."""
+        from safetensors.torch import save
+
+        from margrpo.utils.atomic import atomic_write, atomic_write_text
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = self.harmon_config()
+        if metadata:
+            cfg["metadata"] = metadata
+        tied = _is_tied(self.llm)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                   if not (tied and k == "llm.lm_head.weight")}
+        blob = save(tensors, metadata={"format": HARMON_FORMAT})
+        atomic_write(path / "model.safetensors", lambda f: f.write(blob), binary=True)
+        self.text_tokenizer.save_pretrained(str(path))
+        atomic_write_text(path / "config.json", json.dumps(cfg, indent=2))
+        return path
+
+    @classmethod
+    def load_pretrained(cls, path: str | Path, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32, **mar_kwargs) -> HarmonImageModel:
+        from margrpo.models.harmon.loading import load_folder
+
+        return load_folder(path, dtype=dtype, device=device, **mar_kwargs)
+
+
+def _is_tied(llm: nn.Module) -> bool:
+    return llm.get_output_embeddings().weight is llm.get_input_embeddings().weight
