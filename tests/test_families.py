@@ -199,3 +199,13 @@ def test_rollouts_and_losses_go_through_the_module_calls(family, estimator):
         assert calls["head"] == len(js)
     for h in handles:
         h.remove()
+
+
+def test_a_folder_that_is_no_model_is_one_error_naming_what_is_valid(tmp_path):
+    from margrpo.models.loading import load_model
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError) as err:
+        load_model(str(tmp_path / "empty"), "cpu")
+    msg = str(err.value)
+    assert str(tmp_path / "empty") in msg and all(w in msg for w in ("margrpo or Harmon", "NOVA", "checkpoints/"))

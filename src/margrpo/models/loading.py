@@ -51,6 +51,10 @@ def load_folder(path: Path, device: str | torch.device) -> ImageModel:
 
         if is_nova_folder(path):
             return load(path, device=device)
+        raise FileNotFoundError(
+            f"{path}: not a model folder margrpo reads. Valid: a margrpo or Harmon folder (config.json + "
+            "model.safetensors; `margrpo convert` writes them), a NOVA folder (transformer/config.json + "
+            "scheduler/scheduler_config.json), or a training run directory (checkpoints/)")
     from margrpo.models.harmon.loading import is_harmon_folder
     from margrpo.models.harmon.loading import load_folder as load_harmon_folder
 
