@@ -146,3 +146,22 @@ def test_rollout_shards_must_split_the_batch_into_whole_groups_per_process(runs,
                                           "distributed.rollout_shards=3"])
     with pytest.raises(ValueError, match="rollout_shards"):
         Trainer(cfg, progress=False)
+
+
+def test_a_committed_dcp_folder_is_in_the_manifest_and_a_damaged_file_is_found(tmp_path):
+    """`save_checkpoint(extra_dirs=...)` moves the ranks' DCP folder in before the atomic rename and hashes its
+    files, so resuming skips a distributed checkpoint with a truncated shard as it does a safetensors one."""
+    from margrpo.utils.checkpoint import latest_checkpoint, save_checkpoint, verify_checkpoint
+
+    for step in (1, 2):
+        d = tmp_path / f".dcp-{step}"
+        d.mkdir()
+        (d / ".metadata").write_bytes(b"meta")
+        (d / "__0_0.distcp").write_bytes(b"shard zero" * 10)
+        ckpt = save_checkpoint(tmp_path, step, {}, {"dcp": True}, extra_dirs={"dcp": d})
+        assert not d.exists() and (ckpt / "dcp" / "__0_0.distcp").is_file()
+        assert verify_checkpoint(ckpt) is None
+    shard = tmp_path / "checkpoints" / "step-2" / "dcp" / "__0_0.distcp"
+    shard.write_bytes(b"shard")
+    assert "__0_0.distcp" in verify_checkpoint(shard.parent.parent)
+    assert latest_checkpoint(tmp_path, verify=True).name == "step-1"
