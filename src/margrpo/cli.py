@@ -125,7 +125,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if config is None:
             raise ValueError("margrpo train needs a CONFIG file (see configs/) or --resume RUN_DIR")
         cfg = load_config(TrainConfig, config, overrides)
-    metrics = Trainer(cfg, progress=not args.quiet).run(resume=bool(args.resume))
+    trainer = Trainer(cfg, progress=not args.quiet)
+    metrics = trainer.run(resume=bool(args.resume))
+    if trainer.rank != 0:  # under torchrun, rank 0 reports (the other ranks return no rows)
+        return 0
     last = metrics[-1] if metrics else {}
     print(f"done: {cfg.out_dir} (step {last.get('step')}, reward {last.get('reward/mean', float('nan')):.4f})")
     return 0

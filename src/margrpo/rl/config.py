@@ -219,6 +219,22 @@ class FaultSection:
 
 
 @dataclass
+class DistributedSection:
+    """Multi-process runs under `torchrun` (WORLD_SIZE > 1; ignored by a single process but for the shards).
+
+    The global batch is `algorithm.prompts_per_step` groups drawn as `rollout_shards` shards of whole groups, each
+    from its own random streams; a process draws the shards it owns. With the shard count fixed, the run's result
+    does not depend on the number of processes (docs/design.md, "Distributed").
+    """
+
+    strategy: str = option("ddp", "how the processes share the policy: DDP (a replica each) or FSDP2 "
+                           "(fully_shard: parameters, gradients and optimizer state sharded)", choices=("ddp", "fsdp"))
+    rollout_shards: int | None = option(None, "shards the global batch is drawn in, a multiple of the world size "
+                                        "dividing prompts_per_step (null = the world size: one per process)",
+                                        range=(1, 4096))
+
+
+@dataclass
 class TrainConfig:
     """A training run: `margrpo train CONFIG [key=value ...]`."""
 
@@ -238,6 +254,7 @@ class TrainConfig:
     log: LogSection = option(factory=LogSection, help="run-directory outputs")
     eval: EvalSection = option(factory=EvalSection, help="in-loop evaluation")
     faults: FaultSection = option(factory=FaultSection, help="numerical faults")
+    distributed: DistributedSection = option(factory=DistributedSection, help="multi-process runs (torchrun)")
     device: str = option("cpu", "torch device (cpu, cuda, cuda:1, ...)")
     autocast: str = option("none", "bf16 autocast for the networks (log-probs stay float32)", choices=("none", "bf16"))
     threads: int = option(1, "torch CPU threads (0 = torch's default)", range=(0, 256))

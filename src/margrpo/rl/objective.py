@@ -116,8 +116,12 @@ def ar_step_loss(policy: Policy, reference: Policy | None, rollout: Rollout, ste
                  head_steps: list[int], advantages: torch.Tensor, use: torch.Tensor, cfg: ObjectiveConfig,
                  old_cache: dict, first_epoch: bool, generator: torch.Generator | None = None,
                  policy_denominator: float | None = None, conditions: StepConditions | None = None,
-                 reference_conditions: StepConditions | None = None) -> StepLoss:
+                 reference_conditions: StepConditions | None = None, policy_weight: float = 1.0) -> StepLoss:
     """Loss of AR step `step` of `rollout` at head steps `head_steps` (see the module docstring).
+
+    `policy_weight` multiplies the policy term (not the KL) in the returned loss: a distributed trainer weighs each
+    rank's mean by its share of the global batch's kept elements, so that the ranks' averaged gradient is the
+    gradient of the mean over the global batch (`stats` keep the unweighted value).
 
     `advantages` [B] and `use` [B] (valid and informative samples) are per image. `old_cache` keeps, across
     PPO epochs, the forward-process estimators' old losses and the frozen reference's transitions (one
@@ -204,7 +208,7 @@ def ar_step_loss(policy: Policy, reference: Policy | None, rollout: Rollout, ste
                 old_cache[ref_key] = score_transitions(reference.head, rec.x, js, ref_sc, temperature)
         kl = kl_terms(main, old_cache[ref_key], cfg.kl)
         kl_loss, _ = _reduce(kl, torch.ones(n_tok, device=dev), "token" if cfg.normalize == "token" else "element")
-    loss = policy_loss + cfg.beta * kl_loss
+    loss = (policy_loss if policy_weight == 1.0 else policy_weight * policy_loss) + cfg.beta * kl_loss
 
     stats.update({"loss/policy": float(policy_loss.detach()), "loss/kl": float(kl_loss.detach()), "elements": n_el})
     if ratio is not None:

@@ -2,7 +2,8 @@
 
 Every stage is a function of explicit inputs; the loop only wires them, logs, and checkpoints. All
 randomness per step comes from generators derived from (seed, stream, step), so a run resumed from a
-checkpoint continues exactly as the uninterrupted run would have.
+checkpoint continues exactly as the uninterrupted run would have. Under torchrun the same loop runs on every
+process, each on its shards of the global batch (`rl/distributed.py`; docs/design.md, "Distributed").
 
 Run directory (`out_dir`): `config.yaml`, `metrics.jsonl` + TensorBoard events, `checkpoints/step-N/`
 (trainable weights, optimizer, step; the frozen reference and head are not duplicated: they come from
@@ -23,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from margrpo.models.loading import copy_policy_tensors, load_model
-from margrpo.rl.advantages import group_advantages
+from margrpo.rl import distributed as D
+from margrpo.rl.advantages import Advantages, group_advantages
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.eval_loop import ParameterEMA, TrainingEvaluator
 from margrpo.rl.faults import StepFault, StopRequest, TrainingFault, TrainingStopped
@@ -54,20 +56,30 @@ class Trainer:
         self.progress = progress
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = torch.device(cfg.device)
+        self.dist = D.init_from_env(cfg.device)  # torchrun's processes join here (WORLD_SIZE > 1)
+        self.rank, self.world = self.dist.rank, self.dist.world
+        self.device = self.dist.device
         self.out = Path(cfg.out_dir)
+        self.shards = self._check_distributed(cfg)
+        self.progress = progress and self.rank == 0  # one progress bar, rank 0's
         self.model = load_model(cfg.model, self.device)
         # RL never wants dropout: sampling and the loss's recomputation (including gradient checkpointing's
         # re-forward during backward) must see the same function.
         self.model.eval()
         self.model.head.set_sampling_steps(cfg.sampling.diffusion_steps)
-        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.params = self.model.trainable_parameters(cfg.algorithm.train)
         self.reference = None
-        if cfg.algorithm.beta > 0:
+        if cfg.algorithm.beta > 0:  # copied before wrapping: a plain frozen replica on every rank, no gradients
             self.reference = copy.deepcopy(self.model.policy).eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
+        # what the sampler and replay call: the DDP / FSDP2 module in a multi-process run (so its hooks fire)
+        self.policy = self.model.policy
+        if self.world > 1:
+            self.policy = D.wrap_policy(self.model.policy, cfg.distributed.strategy, self.dist)
+            if self.fsdp:  # fully_shard swapped in sharded parameters: the optimizer must hold those
+                named = dict(self.model.named_parameters())
+                self.params = [(n, named[n]) for n, _ in self.params]
         o = cfg.optim
         params = [p for _, p in self.params]
         if o.name == "sgd":
@@ -81,7 +93,8 @@ class Trainer:
         self.prompts = PromptSource(cfg)
         self.sample_prompts = self._sample_prompts()
         self.ema = ParameterEMA(self.params, cfg.eval.ema_decay) if cfg.eval.ema_decay > 0 else None
-        self.evaluator = TrainingEvaluator(cfg, self.out) if cfg.eval.every > 0 else None
+        # rank 0 evaluates alone (DDP: its unwrapped replica needs no collectives; FSDP2 refuses eval for now)
+        self.evaluator = TrainingEvaluator(cfg, self.out) if cfg.eval.every > 0 and self.rank == 0 else None
         self.bad_steps = 0  # consecutive steps skipped for a numerical fault
         self.ptx_data = None
         if cfg.algorithm.ptx_weight > 0:
@@ -93,6 +106,25 @@ class Trainer:
 
             self.ptx_data = ShapesBatches(cfg.seed, cfg.algorithm.ptx_batch_size, 0, self.model.image_size,
                                           dict.fromkeys(shapes.CATEGORIES, 1.0), stream="ptx")
+
+    @property
+    def fsdp(self) -> bool:
+        return self.world > 1 and self.cfg.distributed.strategy == "fsdp"
+
+    def _check_distributed(self, cfg: TrainConfig) -> int:
+        """The number of rollout shards; refuses what a multi-process run does not support (yet)."""
+        shards = cfg.distributed.rollout_shards or self.world
+        if shards % self.world or cfg.algorithm.prompts_per_step % shards:
+            raise ValueError(f"distributed.rollout_shards={shards} must be a multiple of the world size {self.world} "
+                             f"and divide algorithm.prompts_per_step={cfg.algorithm.prompts_per_step} (whole groups "
+                             "per shard, equal shards per process)")
+        if self.world > 1:
+            if cfg.algorithm.ptx_weight > 0:
+                raise ValueError("algorithm.ptx_weight > 0 is not supported in a multi-process run yet (set it to 0)")
+            if cfg.distributed.strategy == "fsdp" and (cfg.eval.every > 0 or cfg.eval.ema_decay > 0):
+                raise ValueError("distributed.strategy=fsdp: in-loop evaluation and the EMA are not supported yet "
+                                 "(set eval.every=0 and eval.ema_decay=0, or use strategy=ddp)")
+        return shards
 
     def _sample_prompts(self) -> list[str]:
         if self.cfg.prompts.fixed:
@@ -115,19 +147,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def rollout(self, step: int) -> tuple[Rollout, list[str], list[dict], list[int], dict[int, list[int]]]:
+        """This process's shards of the global batch, as one rollout (groups numbered locally).
+
+        Shard k draws its prompts and noise from streams keyed by k, so the global batch depends on the shard count,
+        not on how many processes share it. The scored steps are keyed by rank 0 on every rank: all ranks score the
+        same AR steps (their optimizer steps must line up under update=ar_step)."""
         a = self.cfg.algorithm
-        prompts, meta = self.prompts.batch(step, a.prompts_per_step, self.rank)
-        ar, head_steps, record = select_steps(self.cfg, self.model.policy, step, self.rank)
-        cond = self.model.encode_prompts(prompts)
-        cond = cond.repeat_interleave(a.group_size) if cond is not None else None
-        n = a.prompts_per_step * a.group_size
-        with self._autocast():
-            r = sample(self.model.policy, cond, n, self.cfg.sampler(record, ar[0] if a.branch else None, head_steps),
-                       make_generator(self.cfg.seed, "rollout", self.rank, step, device=self.device),
-                       make_generator(self.cfg.seed, "mte", self.rank, step, device=self.device))
-        r.prompts = [p for p in prompts for _ in range(a.group_size)]
-        r.group = torch.arange(a.prompts_per_step).repeat_interleave(a.group_size)
-        metas = [m for m in meta for _ in range(a.group_size)]
+        ar, head_steps, record = select_steps(self.cfg, self.model.policy, step, 0)
+        per_rank, groups = self.shards // self.world, a.prompts_per_step // self.shards
+        parts, metas = [], []
+        for shard in range(self.rank * per_rank, (self.rank + 1) * per_rank):
+            prompts, meta = self.prompts.batch(step, groups, shard)
+            cond = self.model.encode_prompts(prompts)
+            cond = cond.repeat_interleave(a.group_size) if cond is not None else None
+            with self._autocast():
+                r = sample(self.policy, cond, groups * a.group_size,
+                           self.cfg.sampler(record, ar[0] if a.branch else None, head_steps),
+                           make_generator(self.cfg.seed, "rollout", shard, step, device=self.device),
+                           make_generator(self.cfg.seed, "mte", shard, step, device=self.device))
+            r.prompts = [p for p in prompts for _ in range(a.group_size)]
+            parts.append(r)
+            metas += [m for m in meta for _ in range(a.group_size)]
+        r = D.cat_rollouts(parts)
+        r.group = torch.arange(groups * per_rank).repeat_interleave(a.group_size)
         return r, r.prompts, metas, ar, head_steps
 
     def ptx_loss(self, step: int) -> torch.Tensor:
@@ -156,16 +198,24 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         with timer("rollout"):
+            fault = None
             try:
                 rollout, prompts, metas, ar_steps, head_steps = self.rollout(step)
             except FloatingPointError as e:  # the sampler refuses non-finite tokens or log-probabilities
-                raise StepFault(str(e), f"step {step + 1}, the rollout", float("nan")) from e
+                fault = StepFault(str(e), f"step {step + 1}, the rollout", float("nan"))
+            self._raise_on_any_rank(fault, f"step {step + 1}, the rollout")
             images = self.model.decode(rollout.tokens).float()
         with timer("reward"):
-            out = self.reward(images, prompts, metas)
+            # the global batch's rewards on every rank: advantages, statistics and the guard are one process's
+            out = D.gather_reward_output(self.reward(images, prompts, metas))
             self.guard.update(out)
-            adv = group_advantages(torch.nan_to_num(out.scores), rollout.group, out.valid, a.advantage_std,
-                                   a.advantage_eps, clip=a.advantage_clip)
+            groups = (rollout.group if self.world == 1
+                      else torch.arange(a.prompts_per_step).repeat_interleave(a.group_size))
+            gadv = group_advantages(torch.nan_to_num(out.scores), groups, out.valid, a.advantage_std,
+                                    a.advantage_eps, clip=a.advantage_clip)
+            mine = slice(self.rank * rollout.batch_size, (self.rank + 1) * rollout.batch_size)
+            adv = gadv if self.world == 1 else Advantages(gadv.values[mine], gadv.use[mine], gadv.num_groups,
+                                                          gadv.tied_groups, gadv.invalid)
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(step)
         stats: dict[str, list[float]] = {}
@@ -177,7 +227,9 @@ class Trainer:
             pairs = sum(float(kept_policy_tokens(rollout, i, adv.use, objective).sum()) * (draws or len(head_steps[i]))
                         for i in ar_steps)
             # every AR step's loss is scaled by 1 / len(ar_steps) below; this makes each pair weigh 1 / pairs
+            pairs = D.all_reduce_sum([pairs])[0]  # the global batch's pairs
             denominator = max(pairs, 1.0) / (1 if a.update == "ar_step" else len(ar_steps))
+        weights = self._policy_weights(rollout, ar_steps, adv, objective)
         with timer("update"):
             old_cache: dict = {}
             batched = a.batch_ar_steps and a.update == "rollout"
@@ -186,27 +238,32 @@ class Trainer:
                 conds = ref_conds = None
                 if batched:  # one transformer forward (and backward) for every scored AR step
                     with self._autocast():
-                        conds = batched_step_conditions(self.model.policy, rollout, ar_steps, a.score_guidance)
+                        conds = batched_step_conditions(self.policy, rollout, ar_steps, a.score_guidance)
                     if epoch == 0 and self.reference is not None and a.beta > 0:
                         with torch.no_grad():
                             ref_conds = batched_step_conditions(self.reference, rollout, ar_steps, a.score_guidance)
                 total = None
-                for i in ar_steps:
-                    with self._autocast():
-                        # the forward-process estimators' draws: the same in every PPO epoch (rho = 1 before updating)
-                        g = (make_generator(self.cfg.seed, "matching", self.rank, step, i, device=self.device)
-                             if a.estimator != "trajectory" else None)
-                        sl = ar_step_loss(self.model.policy, self.reference, rollout, i, head_steps[i], adv.values,
-                                          adv.use, objective, old_cache, first_epoch=epoch == 0, generator=g,
-                                          policy_denominator=denominator,
-                                          conditions=conds[i] if conds is not None else None,
-                                          reference_conditions=ref_conds[i] if ref_conds is not None else None)
-                    self._check_step_loss(sl, step, i, epoch)
-                    scale = 1.0 if a.update == "ar_step" else 1.0 / len(ar_steps)
-                    if batched:
-                        total = sl.loss * scale if total is None else total + sl.loss * scale
-                    else:
-                        (sl.loss * scale).backward()
+                for k, i in enumerate(ar_steps):
+                    # accumulated backwards (one per AR step, one optimizer step) communicate only on the last
+                    sync = batched or a.update == "ar_step" or k == len(ar_steps) - 1
+                    with D.gradient_sync(self.policy, sync):
+                        with self._autocast():
+                            # the forward-process estimators' draws: the same in every PPO epoch (rho = 1 before
+                            # updating)
+                            g = (make_generator(self.cfg.seed, "matching", self.rank, step, i, device=self.device)
+                                 if a.estimator != "trajectory" else None)
+                            sl = ar_step_loss(self.policy, self.reference, rollout, i, head_steps[i], adv.values,
+                                              adv.use, objective, old_cache, first_epoch=epoch == 0, generator=g,
+                                              policy_denominator=denominator,
+                                              conditions=conds[i] if conds is not None else None,
+                                              reference_conditions=ref_conds[i] if ref_conds is not None else None,
+                                              policy_weight=weights[i])
+                        self._check_step_loss(sl, step, i, epoch)
+                        scale = 1.0 if a.update == "ar_step" else 1.0 / len(ar_steps)
+                        if batched:
+                            total = sl.loss * scale if total is None else total + sl.loss * scale
+                        else:
+                            (sl.loss * scale).backward()
                     for k, v in sl.stats.items():
                         stats.setdefault(k, []).append(v)
                     if a.update == "ar_step":
@@ -221,16 +278,17 @@ class Trainer:
         if "ratio/max" in stats:
             rec["ratio/max"] = float(np.max(stats["ratio/max"]))
             rec["ratio/min"] = float(np.min(stats["ratio/min"]))
+        rec = D.all_reduce_stats(rec)  # the loss statistics of the global batch (equal shards: mean of means)
         rec.update(out.summary("reward"))
         valid = out.valid
         key = next((k for k in out.components if k.endswith("/strict")), None)
         if key is not None:
             rec["accuracy/strict"] = float(out.components[key][valid].float().mean()) if bool(valid.any()) else 0.0
         rec.update({
-            "advantage/mean": float(adv.values[adv.use].mean()) if bool(adv.use.any()) else 0.0,
-            "advantage/std": float(adv.values[adv.use].std()) if int(adv.use.sum()) > 1 else 0.0,
-            "advantage/abs_max": float(adv.values.abs().max()),
-            "zero_signal_fraction": adv.zero_signal_fraction, "reward/invalid": float(adv.invalid),
+            "advantage/mean": float(gadv.values[gadv.use].mean()) if bool(gadv.use.any()) else 0.0,
+            "advantage/std": float(gadv.values[gadv.use].std()) if int(gadv.use.sum()) > 1 else 0.0,
+            "advantage/abs_max": float(gadv.values.abs().max()),
+            "zero_signal_fraction": gadv.zero_signal_fraction, "reward/invalid": float(gadv.invalid),
             "grad_norm": float(np.mean(grad_norms)), "grad_norm/max": float(np.max(grad_norms)),
             "lr": self.lr_at(step), "rollout/mbytes": rollout.nbytes() / 2**20,
         })
@@ -242,6 +300,23 @@ class Trainer:
 
             rec["memory/peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return rec
+
+    def _policy_weights(self, rollout: Rollout, ar_steps: list[int], adv: Advantages, objective) -> dict[int, float]:
+        """Per scored AR step, the factor on this rank's policy term that makes the ranks' averaged gradient the
+        gradient of one mean over the global batch.
+
+        A rank's term is a mean over its k_r kept elements; DDP / FSDP average over W ranks; the one-process term is
+        sum / K with K = sum_r k_r. So rank r's mean is weighed W k_r / K (k counts kept tokens: head steps and
+        channels are the same on every rank). With normalize=rollout the term already divides by the global count,
+        so the weight is W. The KL is a mean over all tokens of equal shards: its average needs no weight."""
+        a = self.cfg.algorithm
+        if self.world == 1:
+            return dict.fromkeys(ar_steps, 1.0)
+        if a.normalize == "rollout":
+            return dict.fromkeys(ar_steps, float(self.world))
+        local = [float(kept_policy_tokens(rollout, i, adv.use, objective).sum()) for i in ar_steps]
+        total = D.all_reduce_sum(local)
+        return {i: self.world * k / t if t > 0 else 1.0 for i, k, t in zip(ar_steps, local, total, strict=True)}
 
     def _add_ptx(self, step: int, stats: dict[str, list[float]], first: bool) -> None:
         """Accumulate ptx_weight x the pretraining loss into the first optimizer step of each rollout.
@@ -255,19 +330,29 @@ class Trainer:
         (self.cfg.algorithm.ptx_weight * loss).backward()
         stats.setdefault("loss/ptx", []).append(float(loss.detach()))
 
+    def _raise_on_any_rank(self, fault: StepFault | None, where: str) -> None:
+        """Raise `fault`, or, when another rank found one, a fault saying so: a step is skipped on every rank or on
+        none (one rank skipping alone would leave the others waiting in its collectives)."""
+        if self.world > 1 and D.all_reduce_sum([fault is not None])[0] > 0 and fault is None:
+            raise StepFault("a fault on another rank", where, float("nan"))
+        if fault is not None:
+            raise fault
+
     def _check_step_loss(self, sl, step: int, ar_step: int, epoch: int) -> None:
         """Non-finite losses, and KL or PPO log-ratios beyond `faults.max_kl` / `faults.max_log_ratio`, are faults."""
         where = f"step {step + 1}, AR step {ar_step}, PPO epoch {epoch}"
         f = self.cfg.faults
+        fault = None
         if not torch.isfinite(sl.loss):
-            raise StepFault("non-finite loss", where, float(sl.loss.detach()))
-        if f.max_kl is not None and sl.stats.get("loss/kl", 0.0) > f.max_kl:
-            raise StepFault(f"KL to the reference above faults.max_kl={f.max_kl}", where, sl.stats["loss/kl"])
-        if f.max_log_ratio is not None:
+            fault = StepFault("non-finite loss", where, float(sl.loss.detach()))
+        elif f.max_kl is not None and sl.stats.get("loss/kl", 0.0) > f.max_kl:
+            fault = StepFault(f"KL to the reference above faults.max_kl={f.max_kl}", where, sl.stats["loss/kl"])
+        elif f.max_log_ratio is not None:
             keys = ("ratio/max", "ratio/min", "mte/ratio_max", "mte/ratio_min")  # MTE chains carry their own ratios
             log_ratio = max(abs(math.log(max(sl.stats.get(k, 1.0), 1e-30))) for k in keys)
             if log_ratio > f.max_log_ratio:
-                raise StepFault(f"PPO log-ratio above faults.max_log_ratio={f.max_log_ratio}", where, log_ratio)
+                fault = StepFault(f"PPO log-ratio above faults.max_log_ratio={f.max_log_ratio}", where, log_ratio)
+        self._raise_on_any_rank(fault, where)
 
     def _snapshot(self) -> tuple[dict, dict, dict | None]:
         """Trainable weights, optimizer state and EMA, to put back when a step turns out bad."""
@@ -290,6 +375,8 @@ class Trainer:
         clip = self.cfg.optim.grad_clip
         params = [p for _, p in self.params]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the shards
+            norm = norm.full_tensor()
         if not torch.isfinite(norm):
             raise StepFault("non-finite gradient norm", "the optimizer step", float(norm))
         self.opt.step()
@@ -299,7 +386,51 @@ class Trainer:
         return float(norm)
 
     # ------------------------------------------------------------------ persistence
+    def _state(self) -> dict:
+        return {"model": self.cfg.model, "bad_steps": self.bad_steps,
+                "reward_guard": {"total": self.guard.total, "invalid": self.guard.invalid}}
+
+    def _dcp_state(self) -> dict:
+        """The trainable weights and optimizer state keyed by parameter name (not by rank or shard), the form
+        `torch.distributed.checkpoint` reshards on load: the same for DDP, FSDP2 and one process."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model, optim = get_state_dict(self.policy, self.opt, options=StateDictOptions(ignore_frozen_params=True))
+        state = {"model": model, "optim": optim}
+        if self.ema is not None:
+            state["ema"] = self.ema.shadow
+        return state
+
+    def _save_distributed(self, step: int) -> Path:
+        """Every rank writes its part through DCP into a hidden folder; rank 0 then commits it atomically, with
+        state.json and a manifest, as `checkpoints/step-N/dcp/` (`save_checkpoint(extra_dirs=...)`)."""
+        import shutil
+
+        import torch.distributed.checkpoint as dcp
+
+        root = self.out / "checkpoints"
+        tmp = root / f".dcp-step-{step}"
+        if self.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier save of this step
+        D.barrier()
+        dcp.save(self._dcp_state(), checkpoint_id=str(tmp))
+        D.barrier()
+        final = root / f"step-{step}"
+        if self.rank == 0:
+            save_checkpoint(self.out, step, {}, {**self._state(), "dcp": True, "world_size": self.world,
+                                                 "rollout_shards": self.shards},
+                            keep_last=self.cfg.log.keep_checkpoints, extra_dirs={"dcp": tmp})
+        D.barrier()
+        return final
+
     def save(self, step: int) -> Path:
+        """A checkpoint of step `step`: safetensors in one process, `torch.distributed.checkpoint` in several.
+
+        Both resume in any world size: a DCP one is resharded on load (also into one process), a safetensors one
+        holds full tensors that every DDP replica reads."""
+        if self.world > 1:
+            return self._save_distributed(step)
         tens, meta = optimizer_state_to_tensors(self.opt.state_dict())
         groups = {"policy": {n: p.detach() for n, p in self.params}, "optimizer": tens}
         if self.ema is not None:
@@ -321,6 +452,36 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no complete, undamaged checkpoint under {self.out / 'checkpoints'}"
                                     + (f" ({len(skipped)} damaged)" if skipped else ""))
         tensors, state = load_checkpoint(ckpt, device=self.device, verify=False)  # latest_checkpoint verified it
+        if state.get("dcp"):
+            self._restore_distributed(ckpt)
+        else:
+            self._restore_tensors(ckpt, tensors, state)
+        self.bad_steps = int(state.get("bad_steps", 0))  # restored: a resume after a crash must not change the run
+        if self.bad_steps >= self.cfg.faults.max_consecutive:  # the run stopped for them: the user changed something
+            self.bad_steps = 0
+        self.guard.total = int(state["reward_guard"]["total"])
+        self.guard.invalid = int(state["reward_guard"]["invalid"])
+        return int(state["step"])
+
+    def _restore_distributed(self, ckpt: Path) -> None:
+        """Load a DCP checkpoint into this run's layout, whatever world size wrote it."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = self._dcp_state()
+        dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
+        # not strict: the frozen parameters (the head under train=ar) are not in a checkpoint, they come from the base
+        # model; every trainable one is, or dcp.load above would have refused
+        set_state_dict(self.policy, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        if self.ema is not None:
+            self.ema.shadow = state["ema"]
+
+    def _restore_tensors(self, ckpt: Path, tensors: dict, state: dict) -> None:
+        """Load a single-process (safetensors) checkpoint: full tensors, read by every DDP replica alike."""
+        if self.fsdp:
+            raise ValueError(f"{ckpt} is a single-process checkpoint; resume it with distributed.strategy=ddp (or "
+                             "in one process), whose checkpoints FSDP2 runs can resume")
         named = dict(self.params)
         missing = set(named) - set(tensors["policy"])
         if missing:
@@ -333,12 +494,6 @@ class Trainer:
                 raise ValueError(f"{ckpt}: eval.ema_decay > 0 but the checkpoint holds no EMA weights (the run was "
                                  "started without one; resume with eval.ema_decay=0)")
             copy_policy_tensors(self.ema.shadow, {n: tensors["ema"][n] for n in self.ema.shadow}, f"{ckpt} (EMA)")
-        self.bad_steps = int(state.get("bad_steps", 0))  # restored: a resume after a crash must not change the run
-        if self.bad_steps >= self.cfg.faults.max_consecutive:  # the run stopped for them: the user changed something
-            self.bad_steps = 0
-        self.guard.total = int(state["reward_guard"]["total"])
-        self.guard.invalid = int(state["reward_guard"]["invalid"])
-        return int(state["step"])
 
     def evaluate(self, step: int) -> dict[str, float]:
         """In-loop verifier accuracy of the policy (and of its EMA), paired with step 0 (`rl.eval_loop`)."""
@@ -349,31 +504,41 @@ class Trainer:
         return metrics
 
     def save_samples(self, step: int) -> None:
+        """Rank 0's sample grid. Under DDP it samples alone (the unwrapped replica: no collectives); FSDP2's
+        sharded policy needs every rank in the call, and rank 0 alone writes the file."""
+        if self.rank != 0 and not self.fsdp:
+            return
         from margrpo.sampling.pipeline import MARPipeline
 
         pipe = MARPipeline(self.model, dataclasses.replace(self.cfg.sampler(None), record=False, mte_k=0,
                                                           policy_tokens="committed"))
         imgs = pipe(self.sample_prompts, num_images_per_prompt=4, seed=self.cfg.seed)
         labels = [p for p in self.sample_prompts for _ in range(4)]
-        save_png(make_grid(imgs, nrow=8, labels=labels, upscale=3), self.out / "samples" / f"step-{step}.png")
+        if self.rank == 0:
+            save_png(make_grid(imgs, nrow=8, labels=labels, upscale=3), self.out / "samples" / f"step-{step}.png")
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False) -> list[dict]:
         """Train to `cfg.steps`; returns the logged rows of the training steps (metrics.jsonl less step 0)."""
         from margrpo.rewards import RewardFailure
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not resume and latest_checkpoint(self.out) is not None:
+        # only rank 0 writes files (config, metrics, samples, checkpoint metadata, the exported model)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        taken = D.broadcast_flag(latest_checkpoint(self.out) is not None) if not resume else False
+        if taken:
             raise FileExistsError(f"{self.out} already holds checkpoints of another run; pass --resume to continue "
                                   "it, or choose a new out_dir")
         start = self.restore() if resume else 0
-        if not resume:
+        if not resume and self.rank == 0:
             save_config(self.cfg, self.out / "config.yaml")
-        writer = MetricsWriter(self.out, tensorboard=self.cfg.log.tensorboard,
-                               resume_step=start if resume else None, overwrite=not resume)
+        writer = (MetricsWriter(self.out, tensorboard=self.cfg.log.tensorboard,
+                                resume_step=start if resume else None, overwrite=not resume)
+                  if self.rank == 0 else _NoWriter())
+        D.barrier()
         if start == 0:
             self.save_samples(0)
-            if self.evaluator is not None:
+            if self.evaluator is not None and self.rank == 0:
                 writer.log(0, self.evaluate(0))
         bar = tqdm(range(start, self.cfg.steps), initial=start, total=self.cfg.steps, desc="train",
                    disable=not self.progress)
@@ -382,12 +547,13 @@ class Trainer:
             with stop:
                 for step in bar:
                     self._run_step(step, writer, bar)
-                    if stop.signum is not None:
+                    stopped = D.all_reduce_sum([stop.signum is not None])[0] > 0  # one rank's signal stops all
+                    if stopped:
                         done = step + 1
                         if latest_checkpoint(self.out) != self.out / "checkpoints" / f"step-{done}":
                             self.save(done)
                         writer.close()
-                        raise TrainingStopped(done, stop.signum, self.out)
+                        raise TrainingStopped(done, stop.signum or 0, self.out)
         except RewardFailure:
             self.save(step)
             writer.close()
@@ -418,7 +584,8 @@ class Trainer:
                     f"margrpo train --resume {self.out}") from fault
         rec["time/step"] = time.perf_counter() - t0
         done = step + 1
-        evaluate_now = self.evaluator is not None and (done % self.cfg.eval.every == 0 or done == self.cfg.steps)
+        evaluate_now = (self.evaluator is not None and self.rank == 0
+                        and (done % self.cfg.eval.every == 0 or done == self.cfg.steps))
         if evaluate_now:
             rec.update(self.evaluate(done))
         if done % self.cfg.log.log_every == 0 or done == self.cfg.steps or evaluate_now:
@@ -430,16 +597,41 @@ class Trainer:
             self.save(done)
 
     def _finish(self) -> list[dict]:
-        """The report, the exported model(s); the logged rows of the training steps."""
+        """The report, the exported model(s); the logged rows of the training steps (rank 0 writes them)."""
         from margrpo.utils.plots import plot_report
+
+        export = self.model
+        if self.fsdp:  # gather the full weights (a collective) into a fresh copy of the base model on rank 0
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.model.policy,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.rank == 0:
+                export = load_model(self.cfg.model, "cpu")
+                export.head.set_sampling_steps(self.cfg.sampling.diffusion_steps)
+                export.policy.load_state_dict(full)
+        D.barrier()
+        if self.rank != 0:
+            D.barrier()
+            return []
 
         metrics = read_metrics(self.out)
         keys = REPORT_KEYS + ([EVAL_KEY, f"eval_ema/{EVAL_KEY[5:]}"] if self.evaluator is not None else [])
         plot_report(metrics, keys, self.out / "report.png", title=f"{self.out.name}", smoothing=0.6)
-        self.model.save_pretrained(self.out / "model", metadata={"trained_from": self.cfg.model,
-                                                               "steps": self.cfg.steps})
+        export.save_pretrained(self.out / "model", metadata={"trained_from": self.cfg.model, "steps": self.cfg.steps})
         if self.ema is not None:
             with self.ema.swapped():
                 self.model.save_pretrained(self.out / "model_ema", metadata={
                     "trained_from": self.cfg.model, "steps": self.cfg.steps, "ema_decay": self.cfg.eval.ema_decay})
+        D.barrier()  # the other ranks wait for the export, so a launcher sees the run's files once all exit
         return [r for r in metrics if r["step"] > 0]  # the training steps (step 0 holds the first evaluation)
+
+
+class _NoWriter:
+    """The metrics writer of ranks other than 0: they log nothing (rank 0 logs the global batch's metrics)."""
+
+    def log(self, step: int, row: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

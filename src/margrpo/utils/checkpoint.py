@@ -225,6 +225,8 @@ def verify_checkpoint(d: str | os.PathLike, groups: Iterable[str] | None = None)
         files = meta.get("files") or {}
         names = [f"{g}.safetensors" for g in (meta.get("groups") or [])] if groups is None else \
             [f"{g}.safetensors" for g in groups]
+        if groups is None:  # also folders moved in whole (a torch.distributed.checkpoint under dcp/)
+            names += [n for n in files if n not in names]
         for name in names:
             f = d / name
             if not f.is_file():
@@ -254,6 +256,7 @@ def save_checkpoint(
     tensors: Mapping[str, Mapping[str, torch.Tensor]],
     state: Mapping[str, Any] | None = None,
     keep_last: int | None = None,
+    extra_dirs: Mapping[str, str | os.PathLike] | None = None,
 ) -> Path:
     """Atomically write ``run_dir/checkpoints/step-<step>/`` and point ``latest`` at it.
 
@@ -261,7 +264,8 @@ def save_checkpoint(
     safetensors file per group. ``state`` is any JSON-able dict (RNG states, data position, the
     optimizer's JSON half); it is stored in ``state.json`` together with ``step``. Re-saving an
     existing step replaces it. ``keep_last=k`` then deletes all but the k newest checkpoints.
-    Returns the checkpoint directory.
+    ``extra_dirs`` maps a name to a finished folder (a ``torch.distributed.checkpoint`` the ranks wrote) that is
+    moved into the checkpoint before it is committed, its files in the manifest. Returns the checkpoint directory.
     """
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise CheckpointError(f"step must be a non-negative int, got {step!r}")
@@ -290,6 +294,15 @@ def save_checkpoint(
         for g in groups:
             _write_group(tmp / f"{g}.safetensors", _prepare_group(g, tensors[g]))
             files[f"{g}.safetensors"] = _file_digest(tmp / f"{g}.safetensors")
+        for name, src in (extra_dirs or {}).items():
+            if not _GROUP_RE.fullmatch(name):
+                raise CheckpointError(f"invalid extra folder name {name!r}")
+            os.rename(src, tmp / name)
+            for f in sorted((tmp / name).rglob("*")):
+                if f.is_file():
+                    _fsync_file(f)
+                    files[f.relative_to(tmp).as_posix()] = _file_digest(f)
+            _fsync_dir(tmp / name)
         _write_text(tmp / STATE_FILE, _state_json(step, groups, state, files))
         _fsync_dir(tmp)
         if final.exists():
