@@ -79,6 +79,13 @@ class Policy(nn.Module):
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute the transformer's block activations during backward instead of storing them (`gradient_
+        checkpointing`): memory for one extra forward. One method per family so the trainer needs no family
+        knowledge; the gradient is the same because RL runs without dropout (the re-forward sees the same function).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement gradient checkpointing")
+
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Named parameters by group, a partition of the policy's: "head" is the diffusion head's, "ar" the
         transformer's (`algorithm.train` picks "ar", "head" or both). By default "ar" is everything but the head; a

@@ -240,6 +240,8 @@ class TrainConfig:
     faults: FaultSection = option(factory=FaultSection, help="numerical faults")
     device: str = option("cpu", "torch device (cpu, cuda, cuda:1, ...)")
     autocast: str = option("none", "bf16 autocast for the networks (log-probs stay float32)", choices=("none", "bf16"))
+    gradient_checkpointing: bool = option(False, "recompute the transformer's activations in backward instead of "
+                                          "storing them (`Policy.set_gradient_checkpointing`; the same gradient)")
     threads: int = option(1, "torch CPU threads (0 = torch's default)", range=(0, 256))
 
     def __post_init__(self) -> None:

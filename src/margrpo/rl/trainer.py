@@ -61,6 +61,8 @@ class Trainer:
         # re-forward during backward) must see the same function.
         self.model.eval()
         self.model.head.set_sampling_steps(cfg.sampling.diffusion_steps)
+        if cfg.gradient_checkpointing:
+            self.model.policy.set_gradient_checkpointing(True)
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.params = self.model.trainable_parameters(cfg.algorithm.train)
         self.reference = None

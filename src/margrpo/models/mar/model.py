@@ -165,6 +165,11 @@ class MAR(Policy):
                                      int(cfg.num_sampling_steps), cfg.flow_noise_level, cfg.flow_shift,
                                      cfg.grad_checkpointing)
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """The encoder and decoder blocks read upstream's `config.grad_checkpointing` at every call (the head's
+        own flag is fixed at construction and is left alone: RL freezes it by default)."""
+        self.config.grad_checkpointing = bool(enabled)
+
     @property
     def head(self) -> DiffusionHead:
         """The per-token diffusion head (stored as `diffloss` to keep LTH14's parameter names)."""

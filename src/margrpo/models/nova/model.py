@@ -369,6 +369,10 @@ class NOVATransformer(Policy):
         self.register_buffer("video_space_embed", sincos_2d(cfg.video_encoder.embed_dim, *cfg.video_base_size[1:]),
                              persistent=False)
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """The video and image encoders read `grad_checkpointing` at every call (the flow head keeps its own)."""
+        self.grad_checkpointing = bool(enabled)
+
     @property
     def head(self) -> NOVAFlowHead:
         """The flow head, stored as upstream's `image_decoder`."""
