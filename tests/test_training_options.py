@@ -117,3 +117,131 @@ def test_bf16_autocast_keeps_rl_statistics_float32_and_close_to_float32(family):
     assert float((z16 - z32).norm() / z32.norm()) < 2e-2
     assert float((lp16 - lp32).abs().mean()) < 5e-3
     assert abs(float(kl16.mean()) - float(kl32.mean())) < 2e-2 * float(kl32.mean())
+
+
+# ---------------------------------------------------------------------------------------------------------- LoRA
+def _with_adapters(model, seed: int = 0):
+    """Adapters on the family's default targets, with B random and non-zero (peft zero-inits B, which would make
+    the adapters invisible to every test below)."""
+    from margrpo.models.lora import add_lora, lora_layers
+
+    names = add_lora(model.policy, 4, 8.0, model.policy.lora_target_modules(), torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, layer in lora_layers(model.policy):
+            b = layer.lora_B["default"].weight
+            b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+    return names
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lora_adapters_keep_the_ratio_at_one_and_only_they_get_gradients(family):
+    """The adapted policy is still the module the sampler and replay call: ratio 1 and its own KL 0 before any
+    update, the default targets avoid the head (and Harmon's LLM), and only adapter weights are trainable."""
+    import copy
+
+    fam = FAMILIES[family]
+    model = fam.build()
+    names = _with_adapters(model)
+    head_path = next(name for name, m in model.policy.named_modules() if m is model.policy.head)
+    assert names and not any(n.startswith(head_path + ".") or n.startswith("llm.") for n in names)
+    trainable = model.trainable_parameters("lora")
+    assert trainable and all(".lora_" in n for n, _ in trainable)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in trainable}
+    policy = model.policy
+    reference = copy.deepcopy(policy).eval()
+    r = _rollout(model, fam.prompts, mte_k=3, policy_tokens="unknown")
+    adv = group_advantages(*ADV)
+    js = [j for j in range(policy.head.num_steps) if policy.head.is_stochastic(j)][:3]
+    ocfg = ObjectiveConfig(beta=0.1, consistency=False, mte_top_fraction=0.3)
+    for i in range(4):
+        sl = ar_step_loss(policy, reference, r, i, js, adv.values, adv.use, ocfg, {}, first_epoch=True)
+        for k in ("ratio/max", "ratio/min", "mte/ratio_max", "mte/ratio_min"):
+            assert abs(sl.stats[k] - 1) < 1e-5, (i, k, sl.stats[k])
+        assert sl.stats["loss/kl"] == pytest.approx(0.0, abs=1e-10)
+        sl.loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
+    assert sum(float(p.grad.abs().sum()) for _, p in trainable if p.grad is not None) > 0
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lora_merged_export_is_a_plain_folder_with_the_adapted_z(family, tmp_path):
+    from margrpo.models.lora import lora_layers, merged
+
+    fam = FAMILIES[family]
+    model = fam.build()
+    plain_keys = set(model.state_dict())
+    _with_adapters(model)
+    g = torch.Generator().manual_seed(3)
+    cond = model.encode_prompts(list(fam.prompts))
+    tokens = torch.randn(2, model.seq_len, model.token_embed_dim, generator=g)
+    mask = (torch.rand(2, model.seq_len, generator=g).argsort(1) < model.seq_len // 2).float()
+    with torch.no_grad():
+        z = model.policy(tokens, mask, cond)
+        with merged(model.policy):
+            assert set(model.state_dict()) == plain_keys and not lora_layers(model.policy)
+            model.save_pretrained(tmp_path / "m")
+        assert lora_layers(model.policy) and torch.equal(model.policy(tokens, mask, cond), z)  # adapters back
+        again = type(model).load_pretrained(tmp_path / "m")
+        assert not any(".lora_" in k or "base_layer" in k for k in again.state_dict())
+        z_merged = again.policy(tokens, mask, again.encode_prompts(list(fam.prompts)))
+    assert torch.allclose(z_merged, z, atol=1e-5, rtol=1e-4), float((z_merged - z).abs().max())
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from conftest import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model().save_pretrained(path)
+    return path
+
+
+def _lora_cfg(model_dir, out, steps, extra=()):
+    from margrpo.rl.config import TrainConfig
+    from margrpo.utils.config import load_config
+
+    return load_config(TrainConfig, None, [
+        f"model={model_dir}", f"out_dir={out}", f"steps={steps}", "rewards={colour_fraction: 1.0}",
+        "algorithm.prompts_per_step=2", "algorithm.group_size=4", "sampling.ar_steps=4", "sampling.diffusion_steps=6",
+        "algorithm.head_steps_per_ar_step=2", "algorithm.ppo_epochs=2", "log.checkpoint_every=2",
+        "log.sample_every=100", "log.tensorboard=false", "optim.lr=3e-2", "algorithm.train=lora",
+        "algorithm.lora_rank=2", *extra])
+
+
+def test_lora_run_trains_only_adapters_checkpoints_them_and_resumes_exactly(tiny_model_dir, tmp_path):
+    from margrpo.models.loading import load_model
+    from margrpo.rl.trainer import Trainer
+    from margrpo.utils.checkpoint import latest_checkpoint, load_checkpoint
+    from margrpo.utils.metrics import read_metrics
+
+    full = Trainer(_lora_cfg(tiny_model_dir, tmp_path / "full", 4), progress=False)
+    base = {n: p.detach().clone() for n, p in full.model.named_parameters() if ".lora_" not in n}
+    adapters = {n: p.detach().clone() for n, p in full.params}
+    assert adapters and all(".lora_" in n for n in adapters)
+    assert {id(p) for g in full.opt.param_groups for p in g["params"]} == {id(p) for _, p in full.params}
+    full.run()
+    after = dict(full.model.named_parameters())
+    assert all(torch.equal(base[n], after[n]) for n in base)  # the base model (head included) is untouched
+    assert any(not torch.equal(adapters[n], after[n]) for n in adapters if "lora_B" in n)
+    tensors, _ = load_checkpoint(latest_checkpoint(tmp_path / "full"), device="cpu")
+    assert set(tensors["policy"]) == set(adapters)  # the checkpoint holds the adapters only
+    # "crash" after step 2, resume to 4: the same adapters and the same logged rows
+    Trainer(_lora_cfg(tiny_model_dir, tmp_path / "crash", 2), progress=False).run()
+    resumed = Trainer(_lora_cfg(tiny_model_dir, tmp_path / "crash", 4), progress=False)
+    resumed.run(resume=True)
+    for (na, a), (nb, b) in zip(full.params, resumed.params, strict=True):
+        assert na == nb and torch.equal(a, b), na
+    drop = ("time/", "memory/")
+    rows = [[{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_metrics(tmp_path / d)]
+            for d in ("full", "crash")]
+    assert rows[0] == rows[1]
+    # the exported model is a plain folder with the adapters merged
+    exported = load_model(str(tmp_path / "full" / "model"), "cpu")
+    assert not any(".lora_" in k or "base_layer" in k for k in exported.state_dict())
+    cond = exported.encode_prompts(["a red circle"])
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(1, exported.seq_len, exported.token_embed_dim, generator=g)
+    mask = (torch.rand(1, exported.seq_len, generator=g).argsort(1) < exported.seq_len // 2).float()
+    with torch.no_grad():
+        assert torch.allclose(exported.policy(tokens, mask, cond), full.model.policy(tokens, mask, cond), atol=1e-5)

@@ -78,8 +78,14 @@ class AlgorithmSection:
     beta: float = option(0.01, "KL coefficient against the frozen reference", range=(0.0, 1e6))
     kl: str = option("gaussian", "the KL: analytic Gaussian per element (Flow-GRPO), or the release's e^d - d - 1 on "
                      "means", choices=("gaussian", "reference"))
-    train: str = option("ar", "which parameters train: the AR transformer (MAR-GRPO's frozen head), the head, or "
-                        "both", choices=("ar", "head", "both"))
+    train: str = option("ar", "which parameters train: the AR transformer (MAR-GRPO's frozen head), the head, "
+                        "both, or LoRA adapters on the transformer (lora; peft)",
+                        choices=("ar", "head", "both", "lora"))
+    lora_rank: int = option(8, "LoRA rank r (train: lora)", range=(1, 4096))
+    lora_alpha: float = option(16.0, "LoRA alpha: the update is scaled by alpha / r", range=(1e-6, 1e6))
+    lora_target_modules: list[str] | None = option(None, "module-name suffixes the adapters go on (peft's "
+                                                   "target_modules); null = the family's transformer attention and "
+                                                   "MLP linears (`Policy.lora_target_modules`), never the head")
     policy_tokens: str = option("unknown", "tokens in the policy term: those each scored AR step commits, or every "
                                 "still-unknown one (MAR-GRPO)", choices=("committed", "unknown"))
     mte_k: int = option(4, "MAR-GRPO's multi-trajectory expectation: K extra head chains per token (0 = off)",

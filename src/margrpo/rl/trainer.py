@@ -11,6 +11,7 @@ the base model), `samples/step-N.png`, `report.png`, and `model/` (the final gen
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -64,12 +65,20 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.model.policy.set_gradient_checkpointing(True)
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        self.params = self.model.trainable_parameters(cfg.algorithm.train)
         self.reference = None
-        if cfg.algorithm.beta > 0:
+        if cfg.algorithm.beta > 0:  # copied before any adapter goes in: the reference is the plain base model
             self.reference = copy.deepcopy(self.model.policy).eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
+        self.lora = cfg.algorithm.train == "lora"
+        if self.lora:
+            from margrpo.models.lora import add_lora
+
+            a = cfg.algorithm
+            add_lora(self.model.policy, a.lora_rank, a.lora_alpha,
+                     a.lora_target_modules or self.model.policy.lora_target_modules(),
+                     make_generator(cfg.seed, "lora", 0, device=self.device))  # the same adapters on every rank
+        self.params = self.model.trainable_parameters(cfg.algorithm.train)
         o = cfg.optim
         params = [p for _, p in self.params]
         if o.name == "sgd":
@@ -431,6 +440,14 @@ class Trainer:
         if done % self.cfg.log.checkpoint_every == 0 or done == self.cfg.steps:
             self.save(done)
 
+    def _exportable(self):
+        """LoRA runs export the adapters merged into the base weights (a plain folder that loads without peft)."""
+        if not self.lora:
+            return contextlib.nullcontext()
+        from margrpo.models.lora import merged
+
+        return merged(self.model.policy)
+
     def _finish(self) -> list[dict]:
         """The report, the exported model(s); the logged rows of the training steps."""
         from margrpo.utils.plots import plot_report
@@ -438,10 +455,11 @@ class Trainer:
         metrics = read_metrics(self.out)
         keys = REPORT_KEYS + ([EVAL_KEY, f"eval_ema/{EVAL_KEY[5:]}"] if self.evaluator is not None else [])
         plot_report(metrics, keys, self.out / "report.png", title=f"{self.out.name}", smoothing=0.6)
-        self.model.save_pretrained(self.out / "model", metadata={"trained_from": self.cfg.model,
-                                                               "steps": self.cfg.steps})
+        with self._exportable():
+            self.model.save_pretrained(self.out / "model", metadata={"trained_from": self.cfg.model,
+                                                                   "steps": self.cfg.steps})
         if self.ema is not None:
-            with self.ema.swapped():
+            with self.ema.swapped(), self._exportable():
                 self.model.save_pretrained(self.out / "model_ema", metadata={
                     "trained_from": self.cfg.model, "steps": self.cfg.steps, "ema_decay": self.cfg.eval.ema_decay})
         return [r for r in metrics if r["step"] > 0]  # the training steps (step 0 holds the first evaluation)

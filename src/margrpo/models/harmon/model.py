@@ -28,6 +28,7 @@ from torch import nn
 from margrpo.models.base import ImageModel, Policy
 from margrpo.models.harmon.condition import HarmonCondition, make_cache, trim_cache
 from margrpo.models.heads import DiffusionHead
+from margrpo.models.mar.model import LORA_TARGETS as MAR_LORA_TARGETS
 from margrpo.models.mar.model import MAR
 from margrpo.models.vae import KL16_LATENT_SCALE, AutoencoderKL
 
@@ -130,6 +131,10 @@ class HarmonPolicy(Policy):
         """
         self.mar.set_gradient_checkpointing(enabled)
         self.llm_checkpointing = bool(enabled)
+
+    def lora_target_modules(self) -> str:
+        """MAR's transformer linears under `mar.`; never the LLM or the projectors, which RL keeps frozen."""
+        return r"mar\." + MAR_LORA_TARGETS
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """"head" = `mar.diffloss`, "ar" = the rest of `mar`, "llm" = the LLM and `proj_in`/`proj_out`, which RL

@@ -373,6 +373,10 @@ class NOVATransformer(Policy):
         """The video and image encoders read `grad_checkpointing` at every call (the flow head keeps its own)."""
         self.grad_checkpointing = bool(enabled)
 
+    def lora_target_modules(self) -> str:
+        """The video and image encoders' attention and MLP linears; not the flow head (`image_decoder`)."""
+        return r"(video_encoder|image_encoder)\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+
     @property
     def head(self) -> NOVAFlowHead:
         """The flow head, stored as upstream's `image_decoder`."""
