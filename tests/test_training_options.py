@@ -245,3 +245,41 @@ def test_lora_run_trains_only_adapters_checkpoints_them_and_resumes_exactly(tiny
     mask = (torch.rand(1, exported.seq_len, generator=g).argsort(1) < exported.seq_len // 2).float()
     with torch.no_grad():
         assert torch.allclose(exported.policy(tokens, mask, cond), full.model.policy(tokens, mask, cond), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------- W&B
+def test_wandb_offline_gets_the_metrics_rows_from_rank_zero(tiny_model_dir, tmp_path, monkeypatch):
+    """`log.wandb: true` with `wandb_mode: offline` runs without a network and forwards exactly the rows of
+    metrics.jsonl; the offline run lands in `log.wandb_dir` and a resume continues the same W&B run id."""
+    pytest.importorskip("wandb")
+    from margrpo.rl.trainer import Trainer
+    from margrpo.utils import wandb_log
+    from margrpo.utils.metrics import read_metrics
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_env"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sent: list[dict] = []
+    real_log = wandb_log.WandbMirror.log
+    monkeypatch.setattr(wandb_log.WandbMirror, "log", lambda self, row: (sent.append(dict(row)), real_log(self, row)))
+    extra = ["log.wandb=true", "log.wandb_mode=offline", f"log.wandb_dir={tmp_path / 'wb'}", "algorithm.train=ar"]
+    Trainer(_lora_cfg(tiny_model_dir, tmp_path / "run", 2, extra), progress=False).run()
+    assert sent and sent == read_metrics(tmp_path / "run")
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    run_id = (tmp_path / "run" / wandb_log.ID_FILE).read_text().strip()
+    assert runs[0].name.endswith(run_id)
+    sent.clear()
+    Trainer(_lora_cfg(tiny_model_dir, tmp_path / "run", 3, extra), progress=False).run(resume=True)
+    assert sent == read_metrics(tmp_path / "run")[2:]  # the resumed run's new row, under the same id
+    assert (tmp_path / "run" / wandb_log.ID_FILE).read_text().strip() == run_id
+
+
+def test_wandb_is_not_started_off_rank_zero(monkeypatch):
+    from margrpo.utils import wandb_log
+
+    monkeypatch.setattr("torch.distributed.is_initialized", lambda: True)
+    monkeypatch.setattr("torch.distributed.get_rank", lambda: 1)
+    assert not wandb_log.is_rank_zero()
+    monkeypatch.setattr("torch.distributed.get_rank", lambda: 0)
+    assert wandb_log.is_rank_zero()

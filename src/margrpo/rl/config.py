@@ -189,6 +189,12 @@ class LogSection:
     checkpoint_every: int = option(10, "steps between checkpoints", range=(1, None))
     keep_checkpoints: int = option(2, "checkpoints kept (older ones are deleted)", range=(1, None))
     tensorboard: bool = option(True, "also write TensorBoard events")
+    wandb: bool = option(False, "also log the metrics.jsonl rows to Weights & Biases (rank 0 only; pip install wandb)")
+    wandb_project: str = option("margrpo", "W&B project")
+    wandb_run_name: str | None = option(None, "W&B run name (null = the run directory's name)")
+    wandb_mode: str = option("online", "W&B mode: online, offline (no network; `wandb sync` later) or disabled",
+                             choices=("online", "offline", "disabled"))
+    wandb_dir: str | None = option(None, "where W&B writes its files (null = the run directory)")
 
 
 @dataclass

@@ -381,7 +381,8 @@ class Trainer:
         if not resume:
             save_config(self.cfg, self.out / "config.yaml")
         writer = MetricsWriter(self.out, tensorboard=self.cfg.log.tensorboard,
-                               resume_step=start if resume else None, overwrite=not resume)
+                               resume_step=start if resume else None, overwrite=not resume,
+                               mirrors=self._wandb(resume))
         if start == 0:
             self.save_samples(0)
             if self.evaluator is not None:
@@ -405,6 +406,16 @@ class Trainer:
             raise
         writer.close()
         return self._finish()
+
+    def _wandb(self, resume: bool) -> list:
+        """The W&B mirror of the metrics rows (`log.wandb`), on rank 0 only; none otherwise."""
+        from margrpo.utils.wandb_log import WandbMirror, is_rank_zero
+
+        lg = self.cfg.log
+        if not lg.wandb or not is_rank_zero():
+            return []
+        return [WandbMirror(self.out, lg.wandb_project, lg.wandb_run_name, lg.wandb_mode,
+                            config=dataclasses.asdict(self.cfg), resume=resume, directory=lg.wandb_dir)]
 
     def _run_step(self, step: int, writer: MetricsWriter, bar) -> None:
         """One training step and its logging, evaluation, samples and checkpoint."""
