@@ -243,8 +243,12 @@ def test_lora_run_trains_only_adapters_checkpoints_them_and_resumes_exactly(tiny
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(1, exported.seq_len, exported.token_embed_dim, generator=g)
     mask = (torch.rand(1, exported.seq_len, generator=g).argsort(1) < exported.seq_len // 2).float()
+    from_run = load_model(str(tmp_path / "full"), "cpu")  # the run directory: base + latest adapters, merged
+    assert not any(".lora_" in k or "base_layer" in k for k in from_run.state_dict())
     with torch.no_grad():
-        assert torch.allclose(exported.policy(tokens, mask, cond), full.model.policy(tokens, mask, cond), atol=1e-5)
+        z = full.model.policy(tokens, mask, cond)
+        assert torch.allclose(exported.policy(tokens, mask, cond), z, atol=1e-5)
+        assert torch.allclose(from_run.policy(tokens, mask, cond), z, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------- W&B

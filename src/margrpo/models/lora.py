@@ -84,3 +84,15 @@ def merged(policy: nn.Module) -> Iterator[nn.Module]:
         for parent, child, layer, base, original in reversed(swapped):
             base.weight.data = original
             setattr(parent, child, layer)
+
+
+def merge_and_remove(policy: nn.Module) -> nn.Module:
+    """Fold the adapters into the base weights for good and drop the peft modules (a run directory loaded as a
+    model: its latest checkpoint's adapters become a plain policy, which a new LoRA run can adapt again)."""
+    with torch.no_grad():
+        for name, layer in lora_layers(policy):
+            base = layer.get_base_layer()
+            base.weight.data = base.weight.data + layer.get_delta_weight(ADAPTER_NAME).to(base.weight.dtype)
+            parent, child = _parent(policy, name)
+            setattr(parent, child, base)
+    return policy

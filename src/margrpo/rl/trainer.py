@@ -75,8 +75,8 @@ class Trainer:
             from margrpo.models.lora import add_lora
 
             a = cfg.algorithm
-            add_lora(self.model.policy, a.lora_rank, a.lora_alpha,
-                     a.lora_target_modules or self.model.policy.lora_target_modules(),
+            self.lora_targets = a.lora_target_modules or self.model.policy.lora_target_modules()
+            add_lora(self.model.policy, a.lora_rank, a.lora_alpha, self.lora_targets,
                      make_generator(cfg.seed, "lora", 0, device=self.device))  # the same adapters on every rank
         self.params = self.model.trainable_parameters(cfg.algorithm.train)
         o = cfg.optim
@@ -315,8 +315,11 @@ class Trainer:
         groups = {"policy": {n: p.detach() for n, p in self.params}, "optimizer": tens}
         if self.ema is not None:
             groups["ema"] = self.ema.shadow
+        a = self.cfg.algorithm
+        lora = ({"rank": a.lora_rank, "alpha": a.lora_alpha, "target_modules": self.lora_targets}
+                if self.lora else None)  # what `load_model(run_dir)` needs to rebuild the adapters
         return save_checkpoint(self.out, step, groups,
-                               {"optimizer": meta, "model": self.cfg.model, "bad_steps": self.bad_steps,
+                               {"optimizer": meta, "model": self.cfg.model, "bad_steps": self.bad_steps, "lora": lora,
                                 "reward_guard": {
                                    "total": self.guard.total, "invalid": self.guard.invalid}},
                                keep_last=self.cfg.log.keep_checkpoints)
