@@ -54,20 +54,18 @@ def _bf16(enabled: bool = True):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
-BF16_FAMILIES = [f if f != "nova" else pytest.param(f, marks=pytest.mark.xfail(
-    raises=RuntimeError, strict=True, reason="NOVA's forward mixes bf16 and float32 in masked_scatter under autocast "
-    "(a known gap: autocast: bf16 is not usable with NOVA yet)")) for f in FAMILIES]
-
-
-@pytest.mark.parametrize("family", BF16_FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_bf16_autocast_keeps_rl_statistics_float32_and_close_to_float32(family):
     """Under `autocast: bf16` (the trainer's `_autocast` on CPU) the rollout's log-probabilities, the advantages, the
     replayed log-probs, the KL and the loss are float32, and a bf16 rollout replayed under bf16 has ratio 1.
 
-    Against float32 on the same (float32) rollout, measured on the tiny MAR families: z relative error <= 4.7e-3
-    (bf16 keeps 8 mantissa bits, ~2e-3 rounding per op, over a few layers), mean |d log-prob| <= 5.4e-4 nats per
-    element, KL relative <= 2.6e-3. The tolerances below are 4-10x those. The element-wise *maximum* |d log-prob|
-    reaches ~1 nat (a z error of 0.5% times a head step's score gain), which is why the trainer scores bf16 rollouts
+    Against float32 on the same (float32) rollout, measured on the tiny MAR and NOVA families (first three stochastic
+    head steps): z relative error 8.7e-4 to 5.9e-3 (bf16 keeps 8 mantissa bits, ~4e-3 relative rounding, over a few
+    layers), mean |d log-prob| 3.8e-4 to 9.2e-4 nats per element (NOVA the largest), KL relative 5.7e-4 to 4.6e-3
+    (NOVA). The tolerances below, 2e-2 / 5e-3 / 2e-2, are 3-5x the worst measured: loose enough for other CPUs'
+    kernels, tight enough that a log-prob or KL computed in bf16 (errors ~1e-2 relative) would fail. The
+    element-wise *maximum* |d log-prob| reaches 1.3 nats (a 0.5% z error times a low-noise head step's score
+    gain; ratios 0.27 to 3.5), which is why the trainer scores bf16 rollouts
     under bf16 too: a rollout must be replayed in the precision it was sampled in, never compared element-wise
     across precisions. Harmon is checked for dtypes and the ratio only: its tiny random LLM amplifies bf16 rounding
     (mean |d log-prob| ~20 nats at the first head step against float32), so no float32 tolerance is claimed for it.
@@ -287,3 +285,12 @@ def test_wandb_is_not_started_off_rank_zero(monkeypatch):
     assert not wandb_log.is_rank_zero()
     monkeypatch.setattr("torch.distributed.get_rank", lambda: 0)
     assert wandb_log.is_rank_zero()
+
+
+def test_the_gradient_checkpointing_key_reaches_the_policy(tiny_model_dir, tmp_path):
+    from margrpo.rl.trainer import Trainer
+
+    for enabled in (False, True):
+        extra = ["algorithm.train=ar", f"gradient_checkpointing={str(enabled).lower()}"]
+        tr = Trainer(_lora_cfg(tiny_model_dir, tmp_path / f"r{enabled}", 1, extra), progress=False)
+        assert tr.model.policy.config.grad_checkpointing is enabled

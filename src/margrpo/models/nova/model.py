@@ -470,7 +470,9 @@ class NOVATransformer(Policy):
                 key_mask = torch.cat([torch.ones(bsz, n_c, dtype=torch.bool, device=x.device), valid], dim=1)
             h = enc.run(torch.cat([c, xk], dim=1), self.grad_checkpointing, slice(None, enc.encoder_depth), key_mask)
             c, hk = h[:, :n_c], h[:, n_c:]
-            x = x.masked_scatter(known[..., None], hk.reshape(-1, d) if valid is None else hk[valid])
+            # under autocast the blocks end in float32 (LayerNorm) while the patch embedding is bf16: scatter into
+            # the wider dtype (a no-op without autocast)
+            x = x.to(hk.dtype).masked_scatter(known[..., None], hk.reshape(-1, d) if valid is None else hk[valid])
         h = enc.run(torch.cat([c, x], dim=1), self.grad_checkpointing, slice(enc.encoder_depth, None))
         return enc.norm(h[:, n_c:])
 
