@@ -79,6 +79,20 @@ class Policy(nn.Module):
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute the transformer's block activations during backward instead of storing them (`gradient_
+        checkpointing`): memory for one extra forward. One method per family so the trainer needs no family
+        knowledge; the gradient is the same because RL runs without dropout (the re-forward sees the same function).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement gradient checkpointing")
+
+    def lora_target_modules(self) -> str:
+        """peft's `target_modules` for `algorithm.train: lora` when the config names none: a regex full-matched
+        against module names, the transformer's attention and MLP linears, never the diffusion head (frozen under
+        LoRA) nor what the family keeps out of RL (Harmon's LLM)."""
+        raise NotImplementedError(f"{type(self).__name__} names no default LoRA targets "
+                                  "(set algorithm.lora_target_modules)")
+
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Named parameters by group, a partition of the policy's: "head" is the diffusion head's, "ar" the
         transformer's (`algorithm.train` picks "ar", "head" or both). By default "ar" is everything but the head; a
@@ -132,11 +146,17 @@ class ImageModel(nn.Module):
         """Freeze everything, then unfreeze the policy's "ar" group, its "head" group, or "both"; full names.
 
         The prompt encoder and the codec stay frozen: conditions and tokens are computed once per rollout.
+        "lora" unfreezes only the policy's LoRA adapters (`margrpo.models.lora.add_lora` injects them first).
         """
-        if which not in (*PARAMETER_GROUPS, "both"):
-            raise ValueError(f"trainable group {which!r}; valid: {', '.join(PARAMETER_GROUPS)}, both")
-        chosen = PARAMETER_GROUPS if which == "both" else (which,)
-        wanted = {id(p) for g, ps in self.policy.parameter_groups().items() if g in chosen for _, p in ps}
+        if which not in (*PARAMETER_GROUPS, "both", "lora"):
+            raise ValueError(f"trainable group {which!r}; valid: {', '.join(PARAMETER_GROUPS)}, both, lora")
+        if which == "lora":
+            wanted = {id(p) for n, p in self.policy.named_parameters() if ".lora_" in n}
+            if not wanted:
+                raise ValueError("trainable group 'lora': the policy has no LoRA adapters (margrpo.models.lora)")
+        else:
+            chosen = PARAMETER_GROUPS if which == "both" else (which,)
+            wanted = {id(p) for g, ps in self.policy.parameter_groups().items() if g in chosen for _, p in ps}
         for p in self.parameters():
             p.requires_grad_(False)
         out = []

@@ -2,7 +2,7 @@
 
 * `shipped:NAME`: a model that ships inside the package (`margrpo.assets`);
 * a training run directory (one with `checkpoints/` and no exported `config.json`): its base model with the latest
-  undamaged checkpoint's policy weights;
+  undamaged checkpoint's policy weights (a LoRA run's adapters merged in);
 * a model folder (`config.json` + `model.safetensors`, written by `save_pretrained` or a converter);
 * a NOVA folder (diffusers-style, `transformer/config.json`: upstream's `BAAI/nova-*` or a trained NOVA's export).
 * a Harmon HF-format folder (`config.json` with `llm` and `mar` objects: `margrpo.compat.harmon.convert` or
@@ -80,7 +80,15 @@ def _load_run(run_dir: Path, device: str | torch.device) -> ImageModel:
     if not isinstance(base, str):
         raise ValueError(f"{ckpt}: state.json does not name the run's base model (key 'model')")
     model = load_model(base, device)
+    lora = state.get("lora")
+    if lora:  # a LoRA run's checkpoint holds adapters: put them on the base model, load them, merge them
+        from margrpo.models.lora import add_lora, merge_and_remove
+
+        add_lora(model.policy, int(lora["rank"]), float(lora["alpha"]), lora["target_modules"],
+                 torch.Generator(device=device))  # A is overwritten by the checkpoint's
     copy_policy_tensors(dict(model.named_parameters()), tensors["policy"], f"{ckpt} (base model {base!r})")
+    if lora:
+        merge_and_remove(model.policy)
     return model
 
 

@@ -78,8 +78,14 @@ class AlgorithmSection:
     beta: float = option(0.01, "KL coefficient against the frozen reference", range=(0.0, 1e6))
     kl: str = option("gaussian", "the KL: analytic Gaussian per element (Flow-GRPO), or the release's e^d - d - 1 on "
                      "means", choices=("gaussian", "reference"))
-    train: str = option("ar", "which parameters train: the AR transformer (MAR-GRPO's frozen head), the head, or "
-                        "both", choices=("ar", "head", "both"))
+    train: str = option("ar", "which parameters train: the AR transformer (MAR-GRPO's frozen head), the head, "
+                        "both, or LoRA adapters on the transformer (lora; peft)",
+                        choices=("ar", "head", "both", "lora"))
+    lora_rank: int = option(8, "LoRA rank r (train: lora)", range=(1, 4096))
+    lora_alpha: float = option(16.0, "LoRA alpha: the update is scaled by alpha / r", range=(1e-6, 1e6))
+    lora_target_modules: list[str] | None = option(None, "module-name suffixes the adapters go on (peft's "
+                                                   "target_modules); null = the family's transformer attention and "
+                                                   "MLP linears (`Policy.lora_target_modules`), never the head")
     policy_tokens: str = option("unknown", "tokens in the policy term: those each scored AR step commits, or every "
                                 "still-unknown one (MAR-GRPO)", choices=("committed", "unknown"))
     mte_k: int = option(4, "MAR-GRPO's multi-trajectory expectation: K extra head chains per token (0 = off)",
@@ -183,6 +189,12 @@ class LogSection:
     checkpoint_every: int = option(10, "steps between checkpoints", range=(1, None))
     keep_checkpoints: int = option(2, "checkpoints kept (older ones are deleted)", range=(1, None))
     tensorboard: bool = option(True, "also write TensorBoard events")
+    wandb: bool = option(False, "also log the metrics.jsonl rows to Weights & Biases (rank 0 only; pip install wandb)")
+    wandb_project: str = option("margrpo", "W&B project")
+    wandb_run_name: str | None = option(None, "W&B run name (null = the run directory's name)")
+    wandb_mode: str = option("online", "W&B mode: online, offline (no network; `wandb sync` later) or disabled",
+                             choices=("online", "offline", "disabled"))
+    wandb_dir: str | None = option(None, "where W&B writes its files (null = the run directory)")
 
 
 @dataclass
@@ -257,6 +269,8 @@ class TrainConfig:
     distributed: DistributedSection = option(factory=DistributedSection, help="multi-process runs (torchrun)")
     device: str = option("cpu", "torch device (cpu, cuda, cuda:1, ...)")
     autocast: str = option("none", "bf16 autocast for the networks (log-probs stay float32)", choices=("none", "bf16"))
+    gradient_checkpointing: bool = option(False, "recompute the transformer's activations in backward instead of "
+                                          "storing them (`Policy.set_gradient_checkpointing`; the same gradient)")
     threads: int = option(1, "torch CPU threads (0 = torch's default)", range=(0, 256))
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ the base model), `samples/step-N.png`, `report.png`, and `model/` (the final gen
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -67,12 +68,22 @@ class Trainer:
         # re-forward during backward) must see the same function.
         self.model.eval()
         self.model.head.set_sampling_steps(cfg.sampling.diffusion_steps)
-        self.params = self.model.trainable_parameters(cfg.algorithm.train)
+        if cfg.gradient_checkpointing:
+            self.model.policy.set_gradient_checkpointing(True)
         self.reference = None
-        if cfg.algorithm.beta > 0:  # copied before wrapping: a plain frozen replica on every rank, no gradients
+        if cfg.algorithm.beta > 0:  # copied before wrapping and before any adapter: a plain frozen replica of the base
             self.reference = copy.deepcopy(self.model.policy).eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
+        self.lora = cfg.algorithm.train == "lora"
+        if self.lora:
+            from margrpo.models.lora import add_lora
+
+            a = cfg.algorithm
+            self.lora_targets = a.lora_target_modules or self.model.policy.lora_target_modules()
+            add_lora(self.model.policy, a.lora_rank, a.lora_alpha, self.lora_targets,
+                     make_generator(cfg.seed, "lora", 0, device=self.device))  # the same adapters on every rank
+        self.params = self.model.trainable_parameters(cfg.algorithm.train)
         # what the sampler and replay call: the DDP / FSDP2 module in a multi-process run (so its hooks fire)
         self.policy = self.model.policy
         if self.world > 1:
@@ -435,8 +446,11 @@ class Trainer:
         groups = {"policy": {n: p.detach() for n, p in self.params}, "optimizer": tens}
         if self.ema is not None:
             groups["ema"] = self.ema.shadow
+        a = self.cfg.algorithm
+        lora = ({"rank": a.lora_rank, "alpha": a.lora_alpha, "target_modules": self.lora_targets}
+                if self.lora else None)  # what `load_model(run_dir)` needs to rebuild the adapters
         return save_checkpoint(self.out, step, groups,
-                               {"optimizer": meta, "model": self.cfg.model, "bad_steps": self.bad_steps,
+                               {"optimizer": meta, "model": self.cfg.model, "bad_steps": self.bad_steps, "lora": lora,
                                 "reward_guard": {
                                    "total": self.guard.total, "invalid": self.guard.invalid}},
                                keep_last=self.cfg.log.keep_checkpoints)
@@ -533,7 +547,8 @@ class Trainer:
         if not resume and self.rank == 0:
             save_config(self.cfg, self.out / "config.yaml")
         writer = (MetricsWriter(self.out, tensorboard=self.cfg.log.tensorboard,
-                                resume_step=start if resume else None, overwrite=not resume)
+                                resume_step=start if resume else None, overwrite=not resume,
+                                mirrors=self._wandb(resume))
                   if self.rank == 0 else _NoWriter())
         D.barrier()
         if start == 0:
@@ -560,6 +575,16 @@ class Trainer:
             raise
         writer.close()
         return self._finish()
+
+    def _wandb(self, resume: bool) -> list:
+        """The W&B mirror of the metrics rows (`log.wandb`), on rank 0 only; none otherwise."""
+        from margrpo.utils.wandb_log import WandbMirror, is_rank_zero
+
+        lg = self.cfg.log
+        if not lg.wandb or not is_rank_zero():
+            return []
+        return [WandbMirror(self.out, lg.wandb_project, lg.wandb_run_name, lg.wandb_mode,
+                            config=dataclasses.asdict(self.cfg), resume=resume, directory=lg.wandb_dir)]
 
     def _run_step(self, step: int, writer: MetricsWriter, bar) -> None:
         """One training step and its logging, evaluation, samples and checkpoint."""
@@ -596,6 +621,14 @@ class Trainer:
         if done % self.cfg.log.checkpoint_every == 0 or done == self.cfg.steps:
             self.save(done)
 
+    def _exportable(self):
+        """LoRA runs export the adapters merged into the base weights (a plain folder that loads without peft)."""
+        if not self.lora:
+            return contextlib.nullcontext()
+        from margrpo.models.lora import merged
+
+        return merged(self.model.policy)
+
     def _finish(self) -> list[dict]:
         """The report, the exported model(s); the logged rows of the training steps (rank 0 writes them)."""
         from margrpo.utils.plots import plot_report
@@ -618,9 +651,11 @@ class Trainer:
         metrics = read_metrics(self.out)
         keys = REPORT_KEYS + ([EVAL_KEY, f"eval_ema/{EVAL_KEY[5:]}"] if self.evaluator is not None else [])
         plot_report(metrics, keys, self.out / "report.png", title=f"{self.out.name}", smoothing=0.6)
-        export.save_pretrained(self.out / "model", metadata={"trained_from": self.cfg.model, "steps": self.cfg.steps})
+        with self._exportable():
+            export.save_pretrained(self.out / "model", metadata={"trained_from": self.cfg.model,
+                                                                 "steps": self.cfg.steps})
         if self.ema is not None:
-            with self.ema.swapped():
+            with self.ema.swapped(), self._exportable():
                 self.model.save_pretrained(self.out / "model_ema", metadata={
                     "trained_from": self.cfg.model, "steps": self.cfg.steps, "ema_decay": self.cfg.eval.ema_decay})
         D.barrier()  # the other ranks wait for the export, so a launcher sees the run's files once all exit

@@ -102,6 +102,7 @@ class MetricsWriter:
 
     TensorBoard events go into ``run_dir`` itself (so ``tensorboard --logdir runs/`` lists runs).
     If ``tensorboard`` is not installed, a warning is given once and only the JSONL is written.
+    ``mirrors`` receive every written row too (W&B: :class:`margrpo.utils.wandb_log.WandbMirror`).
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class MetricsWriter:
         tensorboard: bool = True,
         resume_step: int | None = None,
         overwrite: bool = False,
+        mirrors: list[Any] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +132,8 @@ class MetricsWriter:
         self._tb_enabled = tensorboard
         self._tb: Any = None
         self._purge_step = None if resume_step is None else resume_step + 1
+        # further views of each written row (`log(row)`, `close()`), e.g. `margrpo.utils.wandb_log.WandbMirror`
+        self.mirrors = list(mirrors or [])
 
     def _tb_writer(self) -> Any:
         global _TB_WARNED
@@ -174,6 +178,8 @@ class MetricsWriter:
             for key, value in row.items():
                 if key != "step":
                     tb.add_scalar(key, value, step)
+        for mirror in self.mirrors:
+            mirror.log(row)
         return row
 
     def flush(self) -> None:
@@ -191,6 +197,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        for mirror in self.mirrors:
+            mirror.close()
+        self.mirrors = []
 
     def __enter__(self) -> MetricsWriter:
         return self

@@ -22,11 +22,13 @@ import json
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from margrpo.models.base import ImageModel, Policy
 from margrpo.models.harmon.condition import HarmonCondition, make_cache, trim_cache
 from margrpo.models.heads import DiffusionHead
+from margrpo.models.mar.model import LORA_TARGETS as MAR_LORA_TARGETS
 from margrpo.models.mar.model import MAR
 from margrpo.models.vae import KL16_LATENT_SCALE, AutoencoderKL
 
@@ -78,6 +80,7 @@ class HarmonPolicy(Policy):
         side = mar.config.seq_h
         self._image_shape = (side, side)
         self.token_embed_dim = mar.config.token_dim
+        self.llm_checkpointing = False  # `set_gradient_checkpointing`
 
     # ---------------------------------------------------------------- geometry
     @property
@@ -117,6 +120,21 @@ class HarmonPolicy(Policy):
         c = tokens.shape[-1] // (p * p)
         x = tokens.reshape(b, m, n, c, p, p).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(b, c, m * p, n * p)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """MAR's blocks through its config, and the LLM call as one checkpointed segment.
+
+        Not transformers' `gradient_checkpointing_enable`: its layers drop the KV cache (`use_cache=False`) when
+        checkpointing in train mode, which would lose the prompt, and do nothing in eval mode (the trainer's). The
+        LLM is frozen but gradients pass through it to `mar`, so its activations are the larger part of the memory;
+        the segment re-runs `_llm` (which extends and trims the prompt cache back) during backward.
+        """
+        self.mar.set_gradient_checkpointing(enabled)
+        self.llm_checkpointing = bool(enabled)
+
+    def lora_target_modules(self) -> str:
+        """MAR's transformer linears under `mar.`; never the LLM or the projectors, which RL keeps frozen."""
+        return r"mar\." + MAR_LORA_TARGETS
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """"head" = `mar.diffloss`, "ar" = the rest of `mar`, "llm" = the LLM and `proj_in`/`proj_out`, which RL
@@ -202,7 +220,10 @@ class HarmonPolicy(Policy):
         buffer = mar.fake_latent.to(tokens.dtype).unsqueeze(1).expand(bsz, mar.buffer_size, d)
         shape = self._image_shape
         x_enc, valid = mar.forward_mae_encoder(tokens, mask, buffer, image_shape=shape)
-        h = self._llm(self.proj_in(x_enc), valid, cond)
+        if self.llm_checkpointing and torch.is_grad_enabled():
+            h = torch.utils.checkpoint.checkpoint(self._llm, self.proj_in(x_enc), valid, cond, use_reentrant=False)
+        else:
+            h = self._llm(self.proj_in(x_enc), valid, cond)
         x_enc = x_enc + self.proj_out(h.to(x_enc.dtype))
         return mar.forward_mae_decoder(x_enc, mask, valid=valid, image_shape=shape)
 

@@ -112,6 +112,9 @@ def _truncnorm_sample(n: int, lo: float, hi: float, loc: float, scale: float,
     return (loc + scale * x).clamp(lo, hi)
 
 
+LORA_TARGETS = r"(encoder|decoder)_blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q|kv|proj)|mlp\.(fc1|fc2))"
+
+
 class MAR(Policy):
     def __init__(self, config: MARConfig | None = None, **kwargs):
         super().__init__()
@@ -164,6 +167,15 @@ class MAR(Policy):
             self.diffloss = FlowHead(cfg.token_dim, d_dec, cfg.diffloss_w, cfg.diffloss_d,
                                      int(cfg.num_sampling_steps), cfg.flow_noise_level, cfg.flow_shift,
                                      cfg.grad_checkpointing)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """The encoder and decoder blocks read upstream's `config.grad_checkpointing` at every call (the head's
+        own flag is fixed at construction and is left alone: RL freezes it by default)."""
+        self.config.grad_checkpointing = bool(enabled)
+
+    def lora_target_modules(self) -> str:
+        """The encoder's and decoder's attention (self and cross) and MLP linears; not the head (`diffloss`)."""
+        return LORA_TARGETS
 
     @property
     def head(self) -> DiffusionHead:

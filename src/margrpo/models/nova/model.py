@@ -369,6 +369,14 @@ class NOVATransformer(Policy):
         self.register_buffer("video_space_embed", sincos_2d(cfg.video_encoder.embed_dim, *cfg.video_base_size[1:]),
                              persistent=False)
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """The video and image encoders read `grad_checkpointing` at every call (the flow head keeps its own)."""
+        self.grad_checkpointing = bool(enabled)
+
+    def lora_target_modules(self) -> str:
+        """The video and image encoders' attention and MLP linears; not the flow head (`image_decoder`)."""
+        return r"(video_encoder|image_encoder)\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+
     @property
     def head(self) -> NOVAFlowHead:
         """The flow head, stored as upstream's `image_decoder`."""
@@ -462,7 +470,9 @@ class NOVATransformer(Policy):
                 key_mask = torch.cat([torch.ones(bsz, n_c, dtype=torch.bool, device=x.device), valid], dim=1)
             h = enc.run(torch.cat([c, xk], dim=1), self.grad_checkpointing, slice(None, enc.encoder_depth), key_mask)
             c, hk = h[:, :n_c], h[:, n_c:]
-            x = x.masked_scatter(known[..., None], hk.reshape(-1, d) if valid is None else hk[valid])
+            # under autocast the blocks end in float32 (LayerNorm) while the patch embedding is bf16: scatter into
+            # the wider dtype (a no-op without autocast)
+            x = x.to(hk.dtype).masked_scatter(known[..., None], hk.reshape(-1, d) if valid is None else hk[valid])
         h = enc.run(torch.cat([c, x], dim=1), self.grad_checkpointing, slice(enc.encoder_depth, None))
         return enc.norm(h[:, n_c:])
 
