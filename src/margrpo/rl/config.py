@@ -88,6 +88,10 @@ class AlgorithmSection:
                                      "chains", range=(0.0, 1.0))
     mte_source: str = option("commit", "condition the K chains are drawn under: each token's committing step (the "
                              "release) or the scored step", choices=("commit", "scored"))
+    chunk_head_steps: int = option(0, "memory-flat MTE: the trajectory loss's main trajectory and each MTE chain are "
+                                   "back-propagated this many scored head steps at a time, so one chunk's head graph "
+                                   "is alive instead of (1 + K) x J (the same gradient; 0 = one graph)",
+                                   range=(0, 4096))
     consistency: bool = option(True, "MAR-GRPO's consistency-aware selection: a still-unknown token stays in the "
                                "policy term only if its head output moved toward its final value")
     consistency_start: int = option(1, "AR steps up to this one are not filtered", range=(0, 4096))
@@ -132,6 +136,10 @@ class AlgorithmSection:
         if self.estimator != "trajectory" and self.ratio_level != "element":
             raise ValueError("algorithm.ratio_level pools the trajectory estimator's log-ratios; with "
                              f"algorithm.estimator={self.estimator!r} set it to 'element'")
+        if self.chunk_head_steps and (self.ratio_level != "element" or self.head_step_weighting != "none"):
+            raise ValueError("algorithm.chunk_head_steps > 0 back-propagates chunks of independent terms; "
+                             "pooled ratios (ratio_level) and std weights (head_step_weighting) couple them "
+                             "(set chunk_head_steps=0)")
         if self.estimator != "trajectory" and self.head_step_weighting != "none":
             raise ValueError("algorithm.head_step_weighting weighs head steps of the trajectory estimator; "
                              f"with algorithm.estimator={self.estimator!r} set it to 'none'")
@@ -144,7 +152,7 @@ class AlgorithmSection:
                                consistency=self.consistency, consistency_start=self.consistency_start,
                                consistency_tau=self.consistency_tau, estimator=self.estimator,
                                noise_draws=self.noise_draws, nft_beta=self.nft_beta, nft_adv_clip=self.nft_adv_clip,
-                               nft_weighting=self.nft_weighting)
+                               nft_weighting=self.nft_weighting, chunk_head_steps=self.chunk_head_steps)
 
 
 @dataclass
