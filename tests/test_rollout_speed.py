@@ -54,3 +54,18 @@ def test_non_finite_chains_still_raise_after_the_loop():
         next(m.head.parameters()).fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite"):
         _run(m, mte_k=2)
+
+
+@pytest.mark.slow
+def test_compiled_rollout_is_allclose_to_the_eager_one():
+    """`SamplerConfig.compile`: the same rollout up to rounding (inductor fuses and reorders float ops)."""
+    m = _model()
+    eager = _run(m, mte_k=2)
+    try:
+        comp = _run(m, mte_k=2, compile=True)
+    except Exception as e:  # noqa: BLE001 - no working compiler / inductor backend here: say which, do not fail
+        pytest.skip(f"torch.compile does not work on this machine: {type(e).__name__}: {str(e)[:200]}")
+    assert "net" in m.head._modules and not hasattr(m.head._modules["net"], "_orig_mod")  # the swap is undone
+    torch.testing.assert_close(comp.tokens, eager.tokens, atol=1e-3, rtol=1e-3)
+    for i, r in eager.steps.items():
+        torch.testing.assert_close(comp.steps[i].logp, r.logp, atol=1e-3, rtol=1e-3)

@@ -32,6 +32,10 @@ class SamplingSection:
     guidance_schedule: str = option("linear", "guidance over AR steps: MAR's linear ramp from 1 to `guidance_scale`, "
                                     "or constant", choices=("linear", "constant"))
     temperature: float = option(1.0, "scale of the head's sampling std", range=(0.01, 10.0))
+    batch_mte_chains: bool = option(False, "draw the K MTE chains as one batch of K x N tokens (each chain's noise "
+                                    "drawn first, in the sequential order: equal up to matmul rounding)")
+    compile: bool = option(False, "torch.compile the transformer and the head network for rollouts (minutes of "
+                           "compiling, then faster steps; the trainer's replay stays eager)")
 
 
 @dataclass
@@ -259,7 +263,7 @@ class TrainConfig:
         s = self.sampling
         return SamplerConfig(num_ar_steps=s.ar_steps, num_diffusion_steps=s.diffusion_steps,
                              guidance_scale=s.guidance_scale, guidance_schedule=s.guidance_schedule,
-                             temperature=s.temperature, record=False)
+                             temperature=s.temperature, record=False, compile=s.compile)
 
     def sampler(self, record_steps: tuple[int, ...] | None, branch_step: int | None = None,
                 head_steps: dict[int, list[int]] | None = None) -> SamplerConfig:
@@ -274,4 +278,5 @@ class TrainConfig:
                              mte_source=a.mte_source, mte_top_fraction=a.mte_top_fraction,
                              mte_head_steps=mte_head_steps,
                              score_guidance=a.score_guidance,
-                             noise_group=a.group_size if branch_step is not None else 1, branch_step=branch_step)
+                             noise_group=a.group_size if branch_step is not None else 1, branch_step=branch_step,
+                             batch_mte_chains=s.batch_mte_chains, compile=s.compile)
