@@ -15,12 +15,13 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import machine, write_results
+from benchmarks.common import PeakMemory, machine, median_spread, write_results
 from margrpo.configs import config_path
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer
@@ -47,6 +48,109 @@ def measure(files: list[str], tmp: Path, name: str, steps: int, device: str, dty
             "rollout s": float(np.median([m["time/rollout"] for m in metrics])),
             "update s": float(np.median([m["time/update"] for m in metrics])),
             "peak GB": float(max(m["memory/peak_gb"] for m in metrics)), "images/step": images}
+
+
+SCALING_COLUMNS = ["sweep", "method", "G", "K", "scored AR steps", "chunk", "s/step", "s/step IQR",
+                   "time vs grpo", "time vs grpo IQR", "peak MB", "peak MB IQR", "memory vs grpo",
+                   "memory vs grpo IQR", "grpo s/step", "grpo peak MB", "marginal s/unit", "marginal MB/unit",
+                   "repeats"]
+
+
+class _Runner:
+    """A trainer kept alive so that its steps can be interleaved with another's (paired in time)."""
+
+    def __init__(self, files: list[str], tmp: Path, name: str, overrides: list[str], device: str, dtype: str):
+        cfg = load_config(TrainConfig, files, [
+            f"out_dir={tmp / name}", "steps=1000", "rewards={colour_fraction: 1.0}", "log.sample_every=1000",
+            "log.checkpoint_every=1000", "log.tensorboard=false", "eval.every=0", f"device={device}",
+            f"autocast={'bf16' if dtype == 'bfloat16' else 'none'}", "threads=1", "algorithm.ptx_weight=0",
+            "algorithm.ppo_epochs=1", "algorithm.head_steps_per_ar_step=4", *overrides])
+        self.trainer = Trainer(cfg, progress=False)
+        self.peak = PeakMemory(device)
+        self.step = 0
+        self.step_once()  # warm-up: caches and allocators
+
+    def step_once(self) -> tuple[float, float]:
+        """(seconds, peak MB) of one training step."""
+        t0 = time.perf_counter()
+        with self.peak.measure():
+            self.trainer.train_step(self.step)
+        self.step += 1
+        return time.perf_counter() - t0, self.peak.peak_bytes / 2**20
+
+
+def _paired(base: _Runner, variant: _Runner, repeats: int) -> dict:
+    """Baseline and variant steps alternated, so each ratio compares two steps measured seconds apart (the
+    machine's load drifts over minutes); medians and IQRs over the repetitions."""
+    bt, bm, vt, vm = [], [], [], []
+    for _ in range(repeats):
+        t, m = base.step_once()
+        bt.append(t)
+        bm.append(m)
+        t, m = variant.step_once()
+        vt.append(t)
+        vm.append(m)
+    out = {}
+    out["s/step"], out["s/step IQR"] = median_spread(vt)
+    out["peak MB"], out["peak MB IQR"] = median_spread(vm)
+    out["time vs grpo"], out["time vs grpo IQR"] = median_spread([v / b for v, b in zip(vt, bt, strict=True)])
+    out["memory vs grpo"], out["memory vs grpo IQR"] = median_spread(
+        [v / b for v, b in zip(vm, bm, strict=True) if b > 0] or [float("nan")])
+    out["grpo s/step"], out["grpo peak MB"] = median_spread(bt)[0], median_spread(bm)[0]
+    out["memory_method"] = variant.peak.method
+    out["repeats"] = repeats
+    return out
+
+
+def scaling(tmp: Path, quick: bool, device: str, dtype: str) -> list[dict]:
+    """Step time and peak memory of mar-grpo against G, K and the scored AR steps, with and without chunking.
+
+    Every row is a ratio to plain grpo at the same group size G and scored AR steps, its steps alternated with the
+    row's in this run; `marginal */unit` is the increase from the sweep's previous point per unit of the swept
+    quantity (constant = linear growth).
+    """
+    demo = [config_path("demo.yaml")]
+    grpo, mar = config_path("presets/grpo.yaml"), config_path("presets/mar-grpo.yaml")
+    repeats = 3 if quick else 5
+    prompts = ["algorithm.prompts_per_step=1"] if quick else ["algorithm.prompts_per_step=2"]
+    ar_default = 4
+    bases: dict[tuple[int, int], _Runner] = {}
+
+    def base(g: int, ar: int) -> _Runner:
+        if (g, ar) not in bases:
+            bases[(g, ar)] = _Runner([*demo, grpo], tmp, f"grpo-g{g}-ar{ar}",
+                                     [*prompts, f"algorithm.group_size={g}", f"algorithm.ar_step_count={ar}"],
+                                     device, dtype)
+        return bases[(g, ar)]
+
+    def run(g: int, k: int, ar: int, chunk: int) -> dict:
+        over = [*prompts, f"algorithm.group_size={g}", f"algorithm.ar_step_count={ar}", f"algorithm.mte_k={k}",
+                f"algorithm.chunk_head_steps={chunk}"]
+        variant = _Runner([*demo, mar], tmp, f"mar-g{g}-k{k}-ar{ar}-c{chunk}", over, device, dtype)
+        r = _paired(base(g, ar), variant, repeats)
+        del variant
+        r.update({"method": f"mar-grpo{' chunked' if chunk else ''}", "G": g, "K": k, "scored AR steps": ar,
+                  "chunk": chunk})
+        return r
+
+    rows: list[dict] = []
+
+    def add(sweep: str, points: list[dict]) -> None:
+        prev = None
+        for r in points:
+            r["sweep"] = sweep
+            if prev is not None and r[sweep] != prev[sweep]:
+                d = r[sweep] - prev[sweep]
+                r["marginal s/unit"] = (r["s/step"] - prev["s/step"]) / d
+                r["marginal MB/unit"] = (r["peak MB"] - prev["peak MB"]) / d
+            prev = r
+            rows.append(r)
+
+    for chunk in (0, 1):
+        add("K", [run(8, k, ar_default, chunk) for k in (2, 4, 8)])
+    add("G", [run(g, 4, ar_default, 1) for g in (4, 8, 16)])
+    add("scored AR steps", [run(8, 4, ar, 1) for ar in (1, 2, 4)])
+    return rows
 
 
 def measure_revision(rev: str, steps: int, device: str, dtype: str) -> dict:
@@ -88,7 +192,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--against", metavar="REV", help="also measure the demo's step of the code at this git revision")
+    ap.add_argument("--quick", action="store_true", help="fewer images and repetitions in the scaling sweep")
+    ap.add_argument("--scaling-only", action="store_true", help="only the G / K / scored-AR-step sweep")
     args, _ = ap.parse_known_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        srows = scaling(Path(tmp), args.quick, args.device, args.dtype)
+    md = write_results(f"train_step_scaling_{args.device}_{args.dtype}", srows, SCALING_COLUMNS,
+                       {**machine(), "device": args.device, "dtype": args.dtype, "quick": args.quick,
+                        "memory": srows[0]["memory_method"], "threads": 1})
+    print(md.read_text())
+    if args.scaling_only:
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         demo = [config_path("demo.yaml")]

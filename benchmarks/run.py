@@ -10,6 +10,7 @@ from pathlib import Path
 from benchmarks.common import RESULTS
 
 BENCHMARKS = ["benchmarks.bench_sampling", "benchmarks.bench_train_step", "benchmarks.bench_rewards"]
+GPU_BENCHMARKS = ["benchmarks.bench_gpu"]  # full-size models: only where a GPU is (`--tiny` runs it on a CPU)
 
 
 def update_readme(readme: Path) -> None:
@@ -26,7 +27,9 @@ def update_readme(readme: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    for name in BENCHMARKS:
+    import torch
+
+    for name in BENCHMARKS + (GPU_BENCHMARKS if torch.cuda.is_available() else []):
         print(f"== {name}")
         importlib.import_module(name).main(argv)
     update_readme(Path(__file__).resolve().parents[1] / "README.md")

@@ -32,6 +32,10 @@ class SamplingSection:
     guidance_schedule: str = option("linear", "guidance over AR steps: MAR's linear ramp from 1 to `guidance_scale`, "
                                     "or constant", choices=("linear", "constant"))
     temperature: float = option(1.0, "scale of the head's sampling std", range=(0.01, 10.0))
+    batch_mte_chains: bool = option(False, "draw the K MTE chains as one batch of K x N tokens (each chain's noise "
+                                    "drawn first, in the sequential order: equal up to matmul rounding)")
+    compile: bool = option(False, "torch.compile the transformer and the head network for rollouts (minutes of "
+                           "compiling, then faster steps; the trainer's replay stays eager)")
 
 
 @dataclass
@@ -94,6 +98,10 @@ class AlgorithmSection:
                                      "chains", range=(0.0, 1.0))
     mte_source: str = option("commit", "condition the K chains are drawn under: each token's committing step (the "
                              "release) or the scored step", choices=("commit", "scored"))
+    chunk_head_steps: int = option(0, "memory-flat MTE: the trajectory loss's main trajectory and each MTE chain are "
+                                   "back-propagated this many scored head steps at a time, so one chunk's head graph "
+                                   "is alive instead of (1 + K) x J (the same gradient; 0 = one graph)",
+                                   range=(0, 4096))
     consistency: bool = option(True, "MAR-GRPO's consistency-aware selection: a still-unknown token stays in the "
                                "policy term only if its head output moved toward its final value")
     consistency_start: int = option(1, "AR steps up to this one are not filtered", range=(0, 4096))
@@ -138,6 +146,10 @@ class AlgorithmSection:
         if self.estimator != "trajectory" and self.ratio_level != "element":
             raise ValueError("algorithm.ratio_level pools the trajectory estimator's log-ratios; with "
                              f"algorithm.estimator={self.estimator!r} set it to 'element'")
+        if self.chunk_head_steps and (self.ratio_level != "element" or self.head_step_weighting != "none"):
+            raise ValueError("algorithm.chunk_head_steps > 0 back-propagates chunks of independent terms; "
+                             "pooled ratios (ratio_level) and std weights (head_step_weighting) couple them "
+                             "(set chunk_head_steps=0)")
         if self.estimator != "trajectory" and self.head_step_weighting != "none":
             raise ValueError("algorithm.head_step_weighting weighs head steps of the trajectory estimator; "
                              f"with algorithm.estimator={self.estimator!r} set it to 'none'")
@@ -150,7 +162,7 @@ class AlgorithmSection:
                                consistency=self.consistency, consistency_start=self.consistency_start,
                                consistency_tau=self.consistency_tau, estimator=self.estimator,
                                noise_draws=self.noise_draws, nft_beta=self.nft_beta, nft_adv_clip=self.nft_adv_clip,
-                               nft_weighting=self.nft_weighting)
+                               nft_weighting=self.nft_weighting, chunk_head_steps=self.chunk_head_steps)
 
 
 @dataclass
@@ -282,7 +294,7 @@ class TrainConfig:
         s = self.sampling
         return SamplerConfig(num_ar_steps=s.ar_steps, num_diffusion_steps=s.diffusion_steps,
                              guidance_scale=s.guidance_scale, guidance_schedule=s.guidance_schedule,
-                             temperature=s.temperature, record=False)
+                             temperature=s.temperature, record=False, compile=s.compile)
 
     def sampler(self, record_steps: tuple[int, ...] | None, branch_step: int | None = None,
                 head_steps: dict[int, list[int]] | None = None) -> SamplerConfig:
@@ -297,4 +309,5 @@ class TrainConfig:
                              mte_source=a.mte_source, mte_top_fraction=a.mte_top_fraction,
                              mte_head_steps=mte_head_steps,
                              score_guidance=a.score_guidance,
-                             noise_group=a.group_size if branch_step is not None else 1, branch_step=branch_step)
+                             noise_group=a.group_size if branch_step is not None else 1, branch_step=branch_step,
+                             batch_mte_chains=s.batch_mte_chains, compile=s.compile)

@@ -71,6 +71,10 @@ class ObjectiveConfig:
     nft_beta: float = 1.0
     nft_adv_clip: float = 5.0
     nft_weighting: str = "adaptive"  # "adaptive" | "mse"
+    # > 0: the trajectory estimator's head terms (main trajectory and each of the K MTE chains) are scored
+    # `chunk_head_steps` head steps at a time, each chunk back-propagated at once into the step's conditions
+    # (`chunked_trajectory_loss`); 0 = one graph for everything
+    chunk_head_steps: int = 0
 
 
 @dataclass
@@ -155,6 +159,9 @@ def ar_step_loss(policy: Policy, reference: Policy | None, rollout: Rollout, ste
                                   ("nft", step), first_epoch, generator)
         ratio = None
         stats.update(nft_stats)
+    elif cfg.chunk_head_steps > 0:
+        return chunked_trajectory_loss(policy, reference, rollout, step, js, adv, keep, sc, cfg, old_cache,
+                                       policy_denominator, stats, reference_conditions)
     else:
         main = score_transitions(policy.head, rec.x, js, sc, temperature)
         # old log-probabilities: the rollout's own, under the density the loss scores
@@ -219,6 +226,145 @@ def ar_step_loss(policy: Policy, reference: Policy | None, rollout: Rollout, ste
                 "ratio/mean": float(r.mean()), "ratio/max": float(r.max()), "ratio/min": float(r.min()),
                 "clip_fraction": float(((r - 1).abs() > cfg.clip_eps).float().mean()) if cfg.clip_eps > 0 else 0.0,
             })
+    return StepLoss(loss=loss, stats=stats)
+
+
+def _old_main_log_probs(rollout: Rollout, rec: ARStepRecord, js: list[int], cfg: ObjectiveConfig) -> torch.Tensor:
+    if cfg.score_guidance == "cond_only" and rollout.guidance_scale != 1.0:
+        if rec.logp_cond is None:
+            raise ValueError("score_guidance='cond_only' scores the conditional branch, but the rollout recorded "
+                             "no log-probabilities for it (sample with SamplerConfig.score_guidance='cond_only')")
+        return rec.logp_cond[js]
+    return rec.logp[js]
+
+
+def chunked_trajectory_loss(policy: Policy, reference: Policy | None, rollout: Rollout, step: int, js: list[int],
+                            adv: torch.Tensor, keep: torch.Tensor, sc: StepConditions, cfg: ObjectiveConfig,
+                            old_cache: dict, policy_denominator: float | None, stats: dict[str, float],
+                            reference_conditions: StepConditions | None = None) -> StepLoss:
+    """The trajectory estimator's loss of one AR step with the head graphs of one chunk alive at a time.
+
+    Why: MTE scores K extra chains of the uncertain tokens at every scored head step; in one graph the head
+    activations of all (1 + K) x J transitions are alive at the backward, so peak memory grows with K and J.
+    The loss is a sum over (trajectory, head step) terms with weights known in advance (the element-level ratio,
+    the kept-token masks and the reduction's counts), so each chunk -- one trajectory, `chunk_head_steps` head
+    steps -- is differentiated alone (`torch.autograd.grad`) into the step's conditions z (and the head's trainable
+    weights) and its graph freed. The returned loss has the unchunked value and, through
+    `(z * dL/dz).sum()` (+ the same for the head weights; those terms are exactly 0 in value), the unchunked
+    gradient up to float summation order, for the caller's backward through the transformer.
+    Needs `ratio_level='element'` and `head_step_weighting='none'` (both couple head steps or chains nonlinearly).
+    """
+    if cfg.ratio_level != "element" or cfg.head_step_weighting != "none":
+        raise ValueError("chunk_head_steps > 0 needs ratio_level='element' and head_step_weighting='none' (pooled "
+                         "ratios and std weights couple the chunks)")
+    rec = rollout.steps[step]
+    dev = rec.x.device
+    temperature = rollout.temperature
+    n_tok, c = rec.x.shape[1], rec.x.shape[2]
+    n_j = len(js)
+    keep_f = keep.float()
+    # per-token weight of a (head step, channel) element of the policy term
+    if cfg.normalize == "rollout":
+        if policy_denominator is None:
+            raise ValueError("normalize='rollout' divides by the rollout's kept (token, head step) pairs: pass "
+                             "policy_denominator (the trainer computes it with kept_policy_tokens)")
+        count = float(policy_denominator) * c
+        n_el = float(keep.sum()) * n_j
+    else:
+        count = float(keep_f.sum()) * n_j * (c if cfg.normalize == "element" else 1)
+        n_el = count
+    w = keep_f / count if count > 0 else torch.zeros_like(keep_f)
+    mte = None
+    if cfg.mte_top_fraction > 0 and rec.mte_x is not None:
+        idx = rec.mte_tokens
+        stats["mte/token_fraction"] = len(idx) / max(1, n_tok)
+        stats["mte/uncertainty_mean"] = float(token_uncertainty(rec.mte_x[:, -1]).mean()) if len(idx) else 0.0
+        if len(idx):
+            missing = sorted(set(js) - set(rec.mte_head_steps))
+            if missing:
+                raise ValueError(f"AR step {rec.step}: the rollout recorded MTE log-probabilities at head steps "
+                                 f"{rec.mte_head_steps}, not at {missing} (sample with SamplerConfig.mte_head_steps)")
+            mte = (idx, rec.mte_logp[:, [rec.mte_head_steps.index(j) for j in js]])
+    w_main = w
+    if mte is not None:
+        w_main = w.clone()
+        w_main[mte[0]] = 0.0
+    old = _old_main_log_probs(rollout, rec, js, cfg)
+    use_kl = reference is not None and cfg.beta > 0
+    if use_kl:
+        ref_key = ("reference", step, tuple(js))
+        if ref_key not in old_cache:
+            with torch.no_grad():
+                ref_sc = (reference_conditions if reference_conditions is not None
+                          else step_conditions(reference, rollout, step, cfg.score_guidance))
+                old_cache[ref_key] = score_transitions(reference.head, rec.x, js, ref_sc, temperature)
+        ref = old_cache[ref_key]
+        kl_count = n_tok * n_j * (1 if cfg.normalize == "token" else c)
+
+    z = sc.z.detach().requires_grad_(True)
+    zu = sc.z_uncond.detach().requires_grad_(True) if sc.z_uncond is not None else None
+    leaf_sc = StepConditions(z=z, z_uncond=zu, guidance=sc.guidance, z_full=sc.z_full)
+    head_params = [p for p in policy.head.parameters() if p.requires_grad]
+    leaves = [z, *([zu] if zu is not None else []), *head_params]
+    grads: list[torch.Tensor | None] = [None] * len(leaves)
+    zero = torch.zeros((), device=dev)
+    policy_value, kl_value = zero, zero
+    kept = keep[None, :, None]
+    r_sum, r_n, r_max, r_min, r_clip = zero, 0, None, None, zero
+    mte_max, mte_min = None, None
+
+    def accumulate(term: torch.Tensor) -> None:
+        for k, g in enumerate(torch.autograd.grad(term, leaves, allow_unused=True)):
+            if g is not None:
+                grads[k] = g if grads[k] is None else grads[k] + g
+
+    size = cfg.chunk_head_steps
+    for c0 in range(0, n_j, size):
+        jc = js[c0:c0 + size]
+        main = score_transitions(policy.head, rec.x, jc, leaf_sc, temperature)
+        pg, ratio = clipped_surrogate(main.logp, old[c0:c0 + size], adv, cfg.clip_eps, cfg.dual_clip)
+        pol = (pg * w_main[None, :, None]).sum()
+        term = pol
+        if use_kl:
+            kl = kl_terms(main, ScoredTransitions(js=jc, mean=ref.mean[c0:c0 + size], std=ref.std[c0:c0 + size],
+                                                  logp=ref.logp[c0:c0 + size]), cfg.kl).sum() / kl_count
+            term = term + cfg.beta * kl
+            kl_value = kl_value + kl.detach()
+        accumulate(term)
+        policy_value = policy_value + pol.detach()
+        with torch.no_grad():
+            r = ratio[kept.expand_as(ratio)] if bool(keep.any()) else ratio.reshape(-1)
+            r_sum, r_n = r_sum + r.sum(), r_n + r.numel()
+            r_max = r.max() if r_max is None else torch.maximum(r_max, r.max())
+            r_min = r.min() if r_min is None else torch.minimum(r_min, r.min())
+            r_clip = r_clip + ((r - 1).abs() > cfg.clip_eps).float().sum()
+        del main, pg, ratio, pol, term
+        if mte is not None:
+            idx, old_k = mte
+            k_chains = rec.mte_x.shape[0]
+            for k in range(k_chains):
+                new = score_transitions(policy.head, rec.mte_x[k], jc, leaf_sc, temperature, tokens=idx).logp
+                pg_k = clipped_surrogate(new, old_k[k, c0:c0 + size], adv[:, idx], cfg.clip_eps, cfg.dual_clip)[0]
+                pol = (pg_k * w[idx][None, :, None]).sum() / k_chains
+                accumulate(pol)
+                policy_value = policy_value + pol.detach()
+                with torch.no_grad():
+                    rk = torch.exp((new - old_k[k, c0:c0 + size]).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+                    mte_max = rk.max() if mte_max is None else torch.maximum(mte_max, rk.max())
+                    mte_min = rk.min() if mte_min is None else torch.minimum(mte_min, rk.min())
+                del new, pg_k, pol
+    # the loss: the chunks' value, and the gradient they left on z (and the head) for the caller's backward
+    loss = policy_value + cfg.beta * kl_value
+    sources = [sc.z, *([sc.z_uncond] if zu is not None else []), *head_params]
+    for src, g in zip(sources, grads, strict=True):
+        if g is not None and src.requires_grad:
+            loss = loss + (src * g).sum() - (src.detach() * g).sum()
+    if mte is not None and mte_max is not None:
+        stats["mte/ratio_max"], stats["mte/ratio_min"] = float(mte_max), float(mte_min)
+    stats.update({"loss/policy": float(policy_value), "loss/kl": float(kl_value), "elements": n_el})
+    if r_n:
+        stats.update({"ratio/mean": float(r_sum / r_n), "ratio/max": float(r_max), "ratio/min": float(r_min),
+                      "clip_fraction": float(r_clip / r_n) if cfg.clip_eps > 0 else 0.0})
     return StepLoss(loss=loss, stats=stats)
 
 

@@ -14,7 +14,9 @@ MTE on does not change the images).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +65,13 @@ class SamplerConfig:
     # group are then caused by that one step's tokens alone (see `margrpo.rl` for why that matters).
     noise_group: int = 1
     branch_step: int | None = None
+    # MTE: run the K extra chains as one batch of K x N tokens instead of K calls of N (their noise drawn first,
+    # in the sequential order, so each chain sees the draws it would see alone). Equal up to the head's matmul
+    # blocking for a larger batch (allclose, not bitwise on every CPU), so off by default.
+    batch_mte_chains: bool = False
+    # torch.compile the policy's transformer and the head's network for the rollout (compiled once per module and
+    # kept); off by default: compiling costs minutes, pays off only on long runs, and needs a working compiler
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.noise_group < 1:
@@ -138,11 +147,13 @@ def transition_log_probs(head: DiffusionHead, x: torch.Tensor, js: Sequence[int]
 
 def run_chain(head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | None, guidance: float | torch.Tensor,
               temperature: float, generator: torch.Generator | None, record: bool,
-              noise_fn: Callable[[], torch.Tensor] | None = None
+              noise_fn: Callable[[], torch.Tensor] | None = None, finite: list[torch.Tensor] | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Full head chain for N tokens. Returns the final x [N, C] and, if `record`, the x and logp stacks.
 
-    `noise_fn()` (if given) supplies each standard-normal draw [N, C] instead of `generator`.
+    `noise_fn()` (if given) supplies each standard-normal draw [N, C] instead of `generator`. With `finite` (a
+    list), the all-finite flag is appended as a tensor for the caller to check once (`check_finite`) instead of
+    being read here: reading it is a device-to-host sync per call, i.e. per AR step.
     """
     t_steps = head.num_steps
     shape = (z.shape[0], head.token_dim)
@@ -158,29 +169,45 @@ def run_chain(head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | Non
                 logps.append(gaussian_log_prob(x, tr.mean, tr.std))
             else:
                 logps.append(torch.zeros_like(x))
-    if not torch.isfinite(x).all() or (record and not all(torch.isfinite(lp).all() for lp in logps)):
-        raise FloatingPointError("the diffusion head produced non-finite values (tokens or log-probabilities); "
-                                 "the model weights or the sampling settings are broken")
+    ok = torch.isfinite(x).all()
+    if record:
+        ok = ok & torch.stack([torch.isfinite(lp).all() for lp in logps]).all()
+    if finite is not None:
+        finite.append(ok)
+    else:
+        check_finite([ok])
     if not record:
         return x, None
     return x, {"x": torch.stack(xs), "logp": torch.stack(logps)}
 
 
+def check_finite(flags: list[torch.Tensor]) -> None:
+    """Raise if any of the chains' all-finite flags is false (one host read for all of them)."""
+    if flags and not bool(torch.stack(flags).all()):
+        raise FloatingPointError("the diffusion head produced non-finite values (tokens or log-probabilities); "
+                                 "the model weights or the sampling settings are broken")
+
+
 def split_noise(committed: torch.Tensor, token_dim: int, main: torch.Generator | None,
-                extra: torch.Generator | None) -> Callable[[], torch.Tensor]:
+                extra: torch.Generator | None, n_commit: int | None = None) -> Callable[[], torch.Tensor]:
     """Standard-normal draws [N, C] where committed tokens use `main` and the others `extra`.
 
     The committed tokens then see exactly the noise they would see if only they were diffused, so the
-    images do not depend on which AR steps diffuse (and record) all unknown tokens.
+    images do not depend on which AR steps diffuse (and record) all unknown tokens. `n_commit` (the number of
+    committed tokens, known to the sampler's schedule) saves a host read; the rows are placed through a stable
+    sort instead of boolean masks (the same rows in the same order, without a sync).
     """
-    n_commit = int(committed.sum())
+    if n_commit is None:
+        n_commit = int(committed.sum())
     n_other = committed.numel() - n_commit
     dev = committed.device
+    perm = torch.argsort((~committed).to(torch.int8), stable=True)  # committed rows first, each part ascending
+    rows_c, rows_o = perm[:n_commit], perm[n_commit:]
 
     def draw() -> torch.Tensor:
         out = torch.empty(committed.numel(), token_dim, device=dev)
-        out[committed] = torch.randn(n_commit, token_dim, generator=main, device=dev)
-        out[~committed] = torch.randn(n_other, token_dim, generator=extra, device=dev)
+        out[rows_c] = torch.randn(n_commit, token_dim, generator=main, device=dev)
+        out[rows_o] = torch.randn(n_other, token_dim, generator=extra, device=dev)
         return out
 
     return draw
@@ -203,6 +230,76 @@ def _extra_generator(generator: torch.Generator | None) -> torch.Generator | Non
         return None
     seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(generator.initial_seed())))
     return torch.Generator(device=generator.device).manual_seed(seed ^ 0x5DEECE66D)
+
+
+def _flat_positions(orders: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Flat indices into [B * L] of the positions orders[:, lo:hi], ascending per row, rows in order: the rows a
+    boolean mask of those positions selects, in the same order, found without a host sync."""
+    b, seq_len = orders.shape
+    pos = orders[:, lo:hi].sort(dim=1).values
+    return (torch.arange(b, device=orders.device)[:, None] * seq_len + pos).reshape(-1)
+
+
+def run_chains(head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | None,
+               guidance: float | torch.Tensor, temperature: float, generator: torch.Generator | None, k: int,
+               batched: bool, finite: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """K independent recorded chains for the same N conditions: their states [K, T+1, N, C].
+
+    `batched` runs them as one chain of K x N tokens; the noise is drawn first, chain by chain in the order of
+    the K sequential calls (init, then each stochastic step), so chain k sees exactly its sequential draws.
+    """
+    if not batched:
+        return torch.stack([run_chain(head, z, z_uncond, guidance, temperature, generator, True,
+                                      finite=finite)[1]["x"] for _ in range(k)])
+    n = z.shape[0]
+    shape = (n, head.token_dim)
+    draws = [[head.init_noise(shape, generator, z.device)]
+             + [torch.randn(shape, generator=generator, device=z.device, dtype=torch.float32)
+                for j in range(head.num_steps) if head.is_stochastic(j)] for _ in range(k)]
+    it = iter(range(len(draws[0])))
+
+    def noise_fn() -> torch.Tensor:
+        s = next(it)
+        return torch.cat([d[s] for d in draws])
+
+    g = guidance.repeat(k, 1) if isinstance(guidance, torch.Tensor) else guidance
+    x = run_chain(head, z.repeat(k, 1), z_uncond.repeat(k, 1) if z_uncond is not None else None, g, temperature,
+                  generator, True, noise_fn, finite)[1]["x"]
+    return x.reshape(x.shape[0], k, n, x.shape[-1]).transpose(0, 1)
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled(module: torch.nn.Module) -> Callable:
+    """`torch.compile(module)`, built once per module (dynamic shapes: AR steps differ in their token counts)."""
+    fn = _COMPILED.get(module)
+    if fn is None:
+        fn = _COMPILED[module] = torch.compile(module, dynamic=True)
+    return fn
+
+
+@contextmanager
+def rollout_forward(policy: Policy, enabled: bool) -> Iterator[Callable]:
+    """The policy call the rollout uses: the policy, or (`enabled`) its compiled form, with the head's network
+    swapped for its compiled form for the duration (restored after, so state dicts and training see the module).
+
+    Only the rollout is compiled: the trainer's replay must be the eager function the gradients flow through, and
+    the compiled one computes the same function (the test checks allclose) so the recorded log-probabilities
+    still give ratio 1 up to rounding.
+    """
+    if not enabled:
+        yield policy
+        return
+    head = policy.head
+    net = head._modules.get("net") if isinstance(head, torch.nn.Module) else None
+    if net is not None:
+        head._modules["net"] = compiled(net)
+    try:
+        yield compiled(policy)
+    finally:
+        if net is not None:
+            head._modules["net"] = net
 
 
 def _mask_by_order(mask_len: int, orders: torch.Tensor) -> torch.Tensor:
@@ -255,70 +352,88 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
     if need_commit_z:
         guidance_commit = torch.ones(batch_size, seq_len, 1, device=device)
 
-    still = seq_len
-    for i in tqdm(range(n_steps), desc="AR steps", disable=not progress, leave=False):
-        mask = (~known).float()
-        mask_len = still - counts[i]  # tokens still unknown after this step
-        to_pred = ~known & ~_mask_by_order(mask_len, orders)
-        # the linear guidance schedule reads upstream's clamped count, which is 1 (not 0) after the last step
-        guidance = (guidance_at_step(config.guidance_scale, config.guidance_schedule, seq_len, max(1, mask_len))
-                    if config.guided else 1.0)
-        z_c, z_u = compute_conditions(policy, tokens, mask, cond, config.guided)
-        rec = config.record and i in record_steps
-        # all unknown tokens are diffused only where the step is recorded (the consistency mask needs them)
-        diffused = ~known if (config.policy_tokens == "unknown" and rec) else to_pred
-        zc_sel = z_c[diffused]
-        zu_sel = z_u[diffused] if z_u is not None else None
-        committed = to_pred[diffused]
-        if group > 1 and i != config.branch_step:  # every image of a group has the same masks here
-            per_image = int(diffused[0].sum())
-            first = committed.reshape(batch_size, per_image)[::group].reshape(-1)
-            noise_fn = shared_within_groups(split_noise(first, head.token_dim, generator, extra_generator),
-                                            group, per_image)
-        else:
-            noise_fn = None if bool(committed.all()) else split_noise(committed, head.token_dim, generator,
-                                                                       extra_generator)
-        x_final, traj = run_chain(head, zc_sel, zu_sel, guidance, config.temperature, generator, rec, noise_fn)
-        canvas_before = tokens.clone() if rec else None
-        tokens[to_pred] = x_final[committed].to(tokens.dtype)
-        if need_commit_z:
-            if z_commit is None:
-                z_commit = torch.zeros_like(z_c)
-                z_u_commit = torch.zeros_like(z_c) if z_u is not None else None
-            z_commit[to_pred] = z_c[to_pred]
-            if z_u is not None:
-                z_u_commit[to_pred] = z_u[to_pred]
-            guidance_commit[to_pred] = guidance
-        if rec:
-            # the conditions the trainer scores this step's transitions under (the sampling ones, or cond-only)
-            scoring[i] = (zc_sel, zu_sel, guidance) if config.score_guidance == "rollout" else (zc_sel, None, 1.0)
-            logp_cond = None
-            if config.guided and config.score_guidance == "cond_only":
-                logp_cond = torch.zeros_like(traj["logp"])
-                js = [j for j in range(head.num_steps) if head.is_stochastic(j)]
-                logp_cond[js] = transition_log_probs(head, traj["x"], js, zc_sel, None, 1.0, config.temperature)[2]
-            steps[i] = ARStepRecord(
-                step=i, known=known.clone(), to_pred=to_pred.clone(), diffused=diffused.clone(),
-                canvas=canvas_before, guidance=float(guidance), x=traj["x"], logp=traj["logp"], logp_cond=logp_cond,
-                z=z_c.clone() if config.record_z else None,
-                z_uncond=z_u.clone() if (config.record_z and z_u is not None) else None)
-            if config.mte_k > 0 and config.mte_source == "scored":
-                chains = torch.stack([run_chain(head, zc_sel, zu_sel, guidance, config.temperature, mte_generator,
-                                                True)[1]["x"] for _ in range(config.mte_k)])
-                uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
-                                              config.mte_top_fraction).reshape(-1)
-                record_mte(steps[i], head, chains, uncertain, scoring[i], config)
-        known = known | to_pred
-        still -= counts[i]
+    finite: list[torch.Tensor] = []
+    flat_b = batch_size * seq_len
+    forward_ctx = rollout_forward(policy, config.compile)
+    forward = forward_ctx.__enter__()
+    try:
+        still = seq_len
+        for i in tqdm(range(n_steps), desc="AR steps", disable=not progress, leave=False):
+            mask = (~known).float()
+            mask_len = still - counts[i]  # tokens still unknown after this step
+            to_pred = ~known & ~_mask_by_order(mask_len, orders)
+            # the linear guidance schedule reads upstream's clamped count, which is 1 (not 0) after the last step
+            guidance = (guidance_at_step(config.guidance_scale, config.guidance_schedule, seq_len, max(1, mask_len))
+                        if config.guided else 1.0)
+            z_c, z_u = compute_conditions(forward, tokens, mask, cond, config.guided)
+            rec = config.record and i in record_steps
+            # all unknown tokens are diffused only where the step is recorded (the consistency mask needs them)
+            diffuse_all = config.policy_tokens == "unknown" and rec
+            diffused = ~known if diffuse_all else to_pred
+            # the selected rows by index (ascending positions per image, as the boolean masks select them): the
+            # counts come from the schedule, so no step reads a tensor back to the host
+            flat_pred = _flat_positions(orders, mask_len, still)
+            all_committed = not diffuse_all or mask_len == 0
+            flat_diff = flat_pred if all_committed else _flat_positions(orders, 0, still)
+            per_image = counts[i] if all_committed else still
+            d = z_c.shape[-1]
+            zc_sel = z_c.reshape(flat_b, d)[flat_diff]
+            zu_sel = z_u.reshape(flat_b, d)[flat_diff] if z_u is not None else None
+            committed = to_pred.reshape(-1)[flat_diff]
+            if group > 1 and i != config.branch_step:  # every image of a group has the same masks here
+                first = committed.reshape(batch_size, per_image)[::group].reshape(-1)
+                noise_fn = shared_within_groups(split_noise(first, head.token_dim, generator, extra_generator,
+                                                            batch_size // group * counts[i]), group, per_image)
+            else:
+                noise_fn = None if all_committed else split_noise(committed, head.token_dim, generator,
+                                                                  extra_generator, batch_size * counts[i])
+            x_final, traj = run_chain(head, zc_sel, zu_sel, guidance, config.temperature, generator, rec, noise_fn,
+                                      finite)
+            canvas_before = tokens.clone() if rec else None
+            x_commit = x_final if all_committed else x_final[torch.argsort((~committed).to(torch.int8),
+                                                                           stable=True)[:batch_size * counts[i]]]
+            tokens.view(flat_b, c)[flat_pred] = x_commit.to(tokens.dtype)
+            if need_commit_z:
+                if z_commit is None:
+                    z_commit = torch.zeros_like(z_c)
+                    z_u_commit = torch.zeros_like(z_c) if z_u is not None else None
+                z_commit.view(flat_b, d)[flat_pred] = z_c.reshape(flat_b, d)[flat_pred]
+                if z_u is not None:
+                    z_u_commit.view(flat_b, d)[flat_pred] = z_u.reshape(flat_b, d)[flat_pred]
+                guidance_commit.view(flat_b, 1)[flat_pred] = guidance
+            if rec:
+                # the conditions the trainer scores this step's transitions under (the sampling ones, or cond-only)
+                scoring[i] = (zc_sel, zu_sel, guidance) if config.score_guidance == "rollout" else (zc_sel, None, 1.0)
+                logp_cond = None
+                if config.guided and config.score_guidance == "cond_only":
+                    logp_cond = torch.zeros_like(traj["logp"])
+                    js = [j for j in range(head.num_steps) if head.is_stochastic(j)]
+                    logp_cond[js] = transition_log_probs(head, traj["x"], js, zc_sel, None, 1.0, config.temperature)[2]
+                steps[i] = ARStepRecord(
+                    step=i, known=known.clone(), to_pred=to_pred.clone(), diffused=diffused.clone(),
+                    canvas=canvas_before, guidance=float(guidance), x=traj["x"], logp=traj["logp"], logp_cond=logp_cond,
+                    z=z_c.clone() if config.record_z else None,
+                    z_uncond=z_u.clone() if (config.record_z and z_u is not None) else None)
+                if config.mte_k > 0 and config.mte_source == "scored":
+                    chains = run_chains(head, zc_sel, zu_sel, guidance, config.temperature, mte_generator, config.mte_k,
+                                        config.batch_mte_chains, finite)
+                    uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
+                                                  config.mte_top_fraction).reshape(-1)
+                    record_mte(steps[i], head, chains, uncertain, scoring[i], config)
+            known = known | to_pred
+            still -= counts[i]
 
-    if need_commit_z:
-        chains = sample_commit_mte(head, z_commit, z_u_commit, guidance_commit, config, mte_generator)
-        # uncertainty per image over all its tokens (the reference code's), then each step's share of them
-        uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
-                                      config.mte_top_fraction).reshape(-1)
-        for i, r in steps.items():
-            flat = r.diffused.reshape(-1).nonzero().flatten()
-            record_mte(r, head, chains[:, :, flat], uncertain[flat], scoring[i], config)
+        if need_commit_z:
+            chains = sample_commit_mte(head, z_commit, z_u_commit, guidance_commit, config, mte_generator, finite)
+            # uncertainty per image over all its tokens (the reference code's), then each step's share of them
+            uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
+                                          config.mte_top_fraction).reshape(-1)
+            for i, r in steps.items():
+                flat = r.diffused.reshape(-1).nonzero().flatten()
+                record_mte(r, head, chains[:, :, flat], uncertain[flat], scoring[i], config)
+    finally:
+        forward_ctx.__exit__(None, None, None)
+    check_finite(finite)
     if was_training:
         policy.train()
     return Rollout(cond=cond, orders=orders, counts=counts, tokens=tokens, steps=steps, head_steps=head.num_steps,
@@ -347,7 +462,7 @@ def record_mte(rec: ARStepRecord, head: DiffusionHead, chains: torch.Tensor, unc
 
 def sample_commit_mte(head: DiffusionHead, z_commit: torch.Tensor, z_u_commit: torch.Tensor | None,
                       guidance_commit: torch.Tensor, config: SamplerConfig,
-                      generator: torch.Generator | None) -> torch.Tensor:
+                      generator: torch.Generator | None, finite: list[torch.Tensor] | None = None) -> torch.Tensor:
     """K extra chains per token under the condition of the step that committed it (reference-code MTE).
 
     Returns [K, T+1, B*L, C]. The guidance of each token is the one used at its committing step.
@@ -356,7 +471,4 @@ def sample_commit_mte(head: DiffusionHead, z_commit: torch.Tensor, z_u_commit: t
     z = z_commit.reshape(b * seq_len, d)
     zu = z_u_commit.reshape(b * seq_len, d) if z_u_commit is not None else None
     g = guidance_commit.reshape(b * seq_len, 1)
-    chains = []
-    for _ in range(config.mte_k):
-        chains.append(run_chain(head, z, zu, g, config.temperature, generator, True)[1]["x"])
-    return torch.stack(chains)
+    return run_chains(head, z, zu, g, config.temperature, generator, config.mte_k, config.batch_mte_chains, finite)
