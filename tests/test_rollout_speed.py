@@ -7,7 +7,8 @@ import torch
 
 from margrpo.models.conditioning import Condition
 from margrpo.models.mar import MAR
-from margrpo.sampling.sampler import SamplerConfig, run_chains, sample
+from margrpo.sampling.chains import run_chains
+from margrpo.sampling.sampler import SamplerConfig, sample
 
 from conftest import randomize, tiny_mar_kwargs
 

@@ -374,7 +374,7 @@ def _mte_log_probs(policy: Policy, rec: ARStepRecord, js: list[int], sc: StepCon
     """The recorded uncertain tokens' K extra chains: (token indices, new log-probs, old log-probs [K, J, n, C]).
 
     The rollout chose the tokens and recorded the chains' log-probabilities under this step's scoring conditions
-    (`sampling.sampler.record_mte`): those are the old log-probabilities, so rho = 1 before the first update holds
+    (`sampling.mte.record_mte`): those are the old log-probabilities, so rho = 1 before the first update holds
     here too, and a replay that recomputed anything differently would show in `mte/ratio_*`.
     """
     if rec.mte_x is None:

@@ -5,13 +5,23 @@
 * `top_fraction_mask`: per image, the `fraction` most uncertain tokens (at least one when fraction > 0), ties
   broken by position.
 
-The sampler draws the chains and records, for the selected tokens only, their states and log-probabilities; the
-objective averages the policy term over them (`margrpo.rl.objective`).
+The sampler draws the chains (`sample_commit_mte` from each token's committing condition, or per recorded step)
+and records, for the selected tokens only, their states and log-probabilities (`record_mte`); the objective
+averages the policy term over them (`margrpo.rl.objective`).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+from margrpo.models.heads import DiffusionHead
+from margrpo.sampling.chains import run_chains, transition_log_probs
+from margrpo.sampling.rollout import ARStepRecord
+
+if TYPE_CHECKING:
+    from margrpo.sampling.sampler import SamplerConfig
 
 
 def token_uncertainty(final_values: torch.Tensor) -> torch.Tensor:
@@ -36,3 +46,35 @@ def top_fraction_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     order = torch.argsort(-scores.float(), dim=1, stable=True)
     mask.scatter_(1, order[:, :k], True)
     return mask
+
+
+def record_mte(rec: ARStepRecord, head: DiffusionHead, chains: torch.Tensor, uncertain: torch.Tensor,
+               scoring: tuple[torch.Tensor, torch.Tensor | None, float], config: SamplerConfig) -> None:
+    """Keep the K chains [K, T+1, N, C] of a step's `uncertain` tokens and their log-probabilities under the
+    step's scoring conditions, at the head steps the trainer will score: what replay reads, nothing more."""
+    if config.mte_head_steps is not None and rec.step not in config.mte_head_steps:
+        return  # recorded for another reason (the consistency mask of the next step), never scored
+    js = (list(config.mte_head_steps[rec.step]) if config.mte_head_steps is not None
+          else [j for j in range(head.num_steps) if head.is_stochastic(j)])
+    idx = uncertain.nonzero().flatten()
+    z, zu, guidance = scoring
+    z, zu = z[idx], zu[idx] if zu is not None else None
+    rec.mte_tokens = idx
+    rec.mte_head_steps = js
+    rec.mte_x = chains[:, :, idx]
+    rec.mte_logp = (torch.stack([transition_log_probs(head, x, js, z, zu, guidance, config.temperature)[2]
+                                 for x in rec.mte_x]) if len(idx) and js else None)
+
+
+def sample_commit_mte(head: DiffusionHead, z_commit: torch.Tensor, z_u_commit: torch.Tensor | None,
+                      guidance_commit: torch.Tensor, config: SamplerConfig,
+                      generator: torch.Generator | None, finite: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """K extra chains per token under the condition of the step that committed it (reference-code MTE).
+
+    Returns [K, T+1, B*L, C]. The guidance of each token is the one used at its committing step.
+    """
+    b, seq_len, d = z_commit.shape
+    z = z_commit.reshape(b * seq_len, d)
+    zu = z_u_commit.reshape(b * seq_len, d) if z_u_commit is not None else None
+    g = guidance_commit.reshape(b * seq_len, 1)
+    return run_chains(head, z, zu, g, config.temperature, generator, config.mte_k, config.batch_mte_chains, finite)

@@ -19,8 +19,9 @@ import torch
 
 from margrpo.models.base import Policy
 from margrpo.models.heads import DiffusionHead
+from margrpo.sampling.chains import transition_log_probs
 from margrpo.sampling.rollout import Rollout
-from margrpo.sampling.sampler import SCORE_GUIDANCE_MODES, compute_conditions, transition_log_probs
+from margrpo.sampling.sampler import SCORE_GUIDANCE_MODES, compute_conditions
 
 
 @dataclass

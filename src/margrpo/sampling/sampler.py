@@ -3,9 +3,9 @@
 One loop serves every model family: it sees only the `Policy` interface (`models/base.py`): the policy module
 itself, `policy(tokens, mask, cond, drop)` -> z, its head module, `policy.head(x, j, z, ...)` -> the step's
 Gaussian, and `policy.sample_orders` / `policy.mask_schedule` for the generation order and the AR schedule.
-The functions `compute_conditions` and `head_transition` are shared with `replay.py`, which recomputes the same
-quantities for the trainer: using the same code (same batch layout for guidance) is what makes the recomputed
-log-probabilities equal to the recorded ones.
+`compute_conditions` (here) and the head chains (`chains.py`) are shared with `replay.py`, which recomputes the
+same quantities for the trainer: using the same code (same batch layout for guidance) is what makes the
+recomputed log-probabilities equal to the recorded ones; the MTE chains are drawn and recorded by `mte.py`.
 
 All randomness comes from explicit `torch.Generator`s: `generator` for the orders and the main
 head noise, `mte_generator` for the extra multi-trajectory-expectation chains (so that switching
@@ -15,7 +15,7 @@ MTE on does not change the images).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -24,9 +24,17 @@ from tqdm.auto import tqdm
 
 from margrpo.models.base import Policy
 from margrpo.models.conditioning import Condition
-from margrpo.models.heads import DiffusionHead, Transition, gaussian_log_prob
+from margrpo.models.heads import DiffusionHead
 from margrpo.models.schedules import guidance_at_step
-from margrpo.sampling.mte import token_uncertainty, top_fraction_mask
+from margrpo.sampling.chains import (
+    check_finite,
+    run_chain,
+    run_chains,
+    shared_within_groups,
+    split_noise,
+    transition_log_probs,
+)
+from margrpo.sampling.mte import record_mte, sample_commit_mte, token_uncertainty, top_fraction_mask
 from margrpo.sampling.rollout import ARStepRecord, Rollout
 
 POLICY_TOKENS = ("committed", "unknown")
@@ -121,109 +129,6 @@ def compute_conditions(policy: Policy, tokens: torch.Tensor, mask: torch.Tensor,
     return z[:b], z[b:]
 
 
-def head_transition(head: DiffusionHead, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None,
-                    guidance: float, temperature: float) -> Transition:
-    """One head step, guided when an unconditional condition is given (through the head module's call)."""
-    return head(x, j, z, z_uncond, guidance if z_uncond is not None else 1.0, temperature)
-
-
-def transition_log_probs(head: DiffusionHead, x: torch.Tensor, js: Sequence[int], z: torch.Tensor,
-                         z_uncond: torch.Tensor | None, guidance: float | torch.Tensor, temperature: float
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean, std and log-probability of x[j] -> x[j+1] for each j in `js` ([J, N, C] each, float32).
-
-    `x` is a trajectory stack [T+1, N, C]. The sampler records with it and replay recomputes with it.
-    """
-    means, stds, logps = [], [], []
-    for j in js:
-        if not head.is_stochastic(j):
-            raise ValueError(f"head step {j} is deterministic and has no log-probability")
-        tr = head_transition(head, x[j], j, z, z_uncond, guidance, temperature)
-        means.append(tr.mean)
-        stds.append(tr.std)
-        logps.append(gaussian_log_prob(x[j + 1], tr.mean, tr.std))
-    return torch.stack(means), torch.stack(stds), torch.stack(logps)
-
-
-def run_chain(head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | None, guidance: float | torch.Tensor,
-              temperature: float, generator: torch.Generator | None, record: bool,
-              noise_fn: Callable[[], torch.Tensor] | None = None, finite: list[torch.Tensor] | None = None
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """Full head chain for N tokens. Returns the final x [N, C] and, if `record`, the x and logp stacks.
-
-    `noise_fn()` (if given) supplies each standard-normal draw [N, C] instead of `generator`. With `finite` (a
-    list), the all-finite flag is appended as a tensor for the caller to check once (`check_finite`) instead of
-    being read here: reading it is a device-to-host sync per call, i.e. per AR step.
-    """
-    t_steps = head.num_steps
-    shape = (z.shape[0], head.token_dim)
-    x = noise_fn() if noise_fn is not None else head.init_noise(shape, generator, z.device)
-    xs, logps = [x], []
-    for j in range(t_steps):
-        tr = head_transition(head, x, j, z, z_uncond, guidance, temperature)
-        eps = noise_fn() if (noise_fn is not None and head.is_stochastic(j)) else None
-        x = head.sample_step(tr, j, generator, eps)
-        if record:
-            xs.append(x)
-            if head.is_stochastic(j):
-                logps.append(gaussian_log_prob(x, tr.mean, tr.std))
-            else:
-                logps.append(torch.zeros_like(x))
-    ok = torch.isfinite(x).all()
-    if record:
-        ok = ok & torch.stack([torch.isfinite(lp).all() for lp in logps]).all()
-    if finite is not None:
-        finite.append(ok)
-    else:
-        check_finite([ok])
-    if not record:
-        return x, None
-    return x, {"x": torch.stack(xs), "logp": torch.stack(logps)}
-
-
-def check_finite(flags: list[torch.Tensor]) -> None:
-    """Raise if any of the chains' all-finite flags is false (one host read for all of them)."""
-    if flags and not bool(torch.stack(flags).all()):
-        raise FloatingPointError("the diffusion head produced non-finite values (tokens or log-probabilities); "
-                                 "the model weights or the sampling settings are broken")
-
-
-def split_noise(committed: torch.Tensor, token_dim: int, main: torch.Generator | None,
-                extra: torch.Generator | None, n_commit: int | None = None) -> Callable[[], torch.Tensor]:
-    """Standard-normal draws [N, C] where committed tokens use `main` and the others `extra`.
-
-    The committed tokens then see exactly the noise they would see if only they were diffused, so the
-    images do not depend on which AR steps diffuse (and record) all unknown tokens. `n_commit` (the number of
-    committed tokens, known to the sampler's schedule) saves a host read; the rows are placed through a stable
-    sort instead of boolean masks (the same rows in the same order, without a sync).
-    """
-    if n_commit is None:
-        n_commit = int(committed.sum())
-    n_other = committed.numel() - n_commit
-    dev = committed.device
-    perm = torch.argsort((~committed).to(torch.int8), stable=True)  # committed rows first, each part ascending
-    rows_c, rows_o = perm[:n_commit], perm[n_commit:]
-
-    def draw() -> torch.Tensor:
-        out = torch.empty(committed.numel(), token_dim, device=dev)
-        out[rows_c] = torch.randn(n_commit, token_dim, generator=main, device=dev)
-        out[rows_o] = torch.randn(n_other, token_dim, generator=extra, device=dev)
-        return out
-
-    return draw
-
-
-def shared_within_groups(draw_first: Callable[[], torch.Tensor], group: int, per_image: int
-                         ) -> Callable[[], torch.Tensor]:
-    """Expand draws made for the first image of each group ([B/G * per_image, C]) to all its G images."""
-
-    def draw() -> torch.Tensor:
-        x = draw_first()
-        return x.reshape(-1, per_image, x.shape[-1]).repeat_interleave(group, dim=0).reshape(-1, x.shape[-1])
-
-    return draw
-
-
 def _extra_generator(generator: torch.Generator | None) -> torch.Generator | None:
     """An independent stream for the noise of diffused-but-not-committed tokens, seeded from `generator`."""
     if generator is None:
@@ -238,34 +143,6 @@ def _flat_positions(orders: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     b, seq_len = orders.shape
     pos = orders[:, lo:hi].sort(dim=1).values
     return (torch.arange(b, device=orders.device)[:, None] * seq_len + pos).reshape(-1)
-
-
-def run_chains(head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | None,
-               guidance: float | torch.Tensor, temperature: float, generator: torch.Generator | None, k: int,
-               batched: bool, finite: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """K independent recorded chains for the same N conditions: their states [K, T+1, N, C].
-
-    `batched` runs them as one chain of K x N tokens; the noise is drawn first, chain by chain in the order of
-    the K sequential calls (init, then each stochastic step), so chain k sees exactly its sequential draws.
-    """
-    if not batched:
-        return torch.stack([run_chain(head, z, z_uncond, guidance, temperature, generator, True,
-                                      finite=finite)[1]["x"] for _ in range(k)])
-    n = z.shape[0]
-    shape = (n, head.token_dim)
-    draws = [[head.init_noise(shape, generator, z.device)]
-             + [torch.randn(shape, generator=generator, device=z.device, dtype=torch.float32)
-                for j in range(head.num_steps) if head.is_stochastic(j)] for _ in range(k)]
-    it = iter(range(len(draws[0])))
-
-    def noise_fn() -> torch.Tensor:
-        s = next(it)
-        return torch.cat([d[s] for d in draws])
-
-    g = guidance.repeat(k, 1) if isinstance(guidance, torch.Tensor) else guidance
-    x = run_chain(head, z.repeat(k, 1), z_uncond.repeat(k, 1) if z_uncond is not None else None, g, temperature,
-                  generator, True, noise_fn, finite)[1]["x"]
-    return x.reshape(x.shape[0], k, n, x.shape[-1]).transpose(0, 1)
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -440,35 +317,3 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
                    guidance_scale=config.guidance_scale, guidance_schedule=config.guidance_schedule,
                    temperature=config.temperature, policy_tokens=config.policy_tokens,
                    mte_source=config.mte_source if config.mte_k else None)
-
-
-def record_mte(rec: ARStepRecord, head: DiffusionHead, chains: torch.Tensor, uncertain: torch.Tensor,
-               scoring: tuple[torch.Tensor, torch.Tensor | None, float], config: SamplerConfig) -> None:
-    """Keep the K chains [K, T+1, N, C] of a step's `uncertain` tokens and their log-probabilities under the
-    step's scoring conditions, at the head steps the trainer will score: what replay reads, nothing more."""
-    if config.mte_head_steps is not None and rec.step not in config.mte_head_steps:
-        return  # recorded for another reason (the consistency mask of the next step), never scored
-    js = (list(config.mte_head_steps[rec.step]) if config.mte_head_steps is not None
-          else [j for j in range(head.num_steps) if head.is_stochastic(j)])
-    idx = uncertain.nonzero().flatten()
-    z, zu, guidance = scoring
-    z, zu = z[idx], zu[idx] if zu is not None else None
-    rec.mte_tokens = idx
-    rec.mte_head_steps = js
-    rec.mte_x = chains[:, :, idx]
-    rec.mte_logp = (torch.stack([transition_log_probs(head, x, js, z, zu, guidance, config.temperature)[2]
-                                 for x in rec.mte_x]) if len(idx) and js else None)
-
-
-def sample_commit_mte(head: DiffusionHead, z_commit: torch.Tensor, z_u_commit: torch.Tensor | None,
-                      guidance_commit: torch.Tensor, config: SamplerConfig,
-                      generator: torch.Generator | None, finite: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """K extra chains per token under the condition of the step that committed it (reference-code MTE).
-
-    Returns [K, T+1, B*L, C]. The guidance of each token is the one used at its committing step.
-    """
-    b, seq_len, d = z_commit.shape
-    z = z_commit.reshape(b * seq_len, d)
-    zu = z_u_commit.reshape(b * seq_len, d) if z_u_commit is not None else None
-    g = guidance_commit.reshape(b * seq_len, 1)
-    return run_chains(head, z, zu, g, config.temperature, generator, config.mte_k, config.batch_mte_chains, finite)
