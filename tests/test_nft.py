@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from margrpo.models.heads import DdpmHead, FlowHead
-from margrpo.rl.objective import ObjectiveConfig, nft_terms, stratified_uniform
+from margrpo.rl.forward_process import nft_terms, stratified_uniform
+from margrpo.rl.objective import ObjectiveConfig
 
 
 class LinearHead(torch.nn.Module):

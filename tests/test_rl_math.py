@@ -169,7 +169,7 @@ def test_mte_trajectories_drawn_under_the_scored_condition_carry_zero_mean_gradi
 
 
 def test_stratified_uniform_puts_one_draw_per_stratum_and_keeps_the_uniform_law():
-    from margrpo.rl.objective import stratified_uniform
+    from margrpo.rl.forward_process import stratified_uniform
 
     u = stratified_uniform(4, 1000, torch.Generator().manual_seed(0), "cpu")
     assert u.shape == (4, 1000)
