@@ -12,9 +12,7 @@ the base model), `samples/step-N.png`, `report.png`, and `model/` (the final gen
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 import math
 import sys
 import time
@@ -24,13 +22,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from margrpo.models.loading import copy_policy_tensors, load_model
+from margrpo.models.loading import load_model
 from margrpo.rl import distributed as D
 from margrpo.rl.advantages import Advantages, group_advantages
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.eval_loop import ParameterEMA, TrainingEvaluator
 from margrpo.rl.faults import StepFault, StopRequest, TrainingFault, TrainingStopped
 from margrpo.rl.objective import ar_step_loss, kept_policy_tokens
+from margrpo.rl.outputs import NoWriter, RunOutputsMixin
+from margrpo.rl.persistence import CheckpointMixin
 from margrpo.rl.prompts import PromptSource
 from margrpo.rl.selection import select_steps
 from margrpo.sampling.replay import batched_step_conditions
@@ -38,20 +38,15 @@ from margrpo.sampling.rollout import Rollout
 from margrpo.sampling.sampler import sample
 from margrpo.utils.checkpoint import (
     latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
 )
 from margrpo.utils.config import save_config
-from margrpo.utils.images import make_grid, save_png
-from margrpo.utils.metrics import MetricsWriter, StepTimer, read_metrics
+from margrpo.utils.metrics import MetricsWriter, StepTimer
 from margrpo.utils.rng import make_generator
-from margrpo.utils.tensor_state import optimizer_state_from_tensors, optimizer_state_to_tensors
-
-REPORT_KEYS = ["reward/mean", "accuracy/strict", "loss/kl", "grad_norm", "ratio/max", "zero_signal_fraction"]
-EVAL_KEY = "eval/heldout/strict"
 
 
-class Trainer:
+class Trainer(CheckpointMixin, RunOutputsMixin):
+    """One training run: `Trainer(cfg).run()`; `train_step` is one GRPO / MAR-GRPO step read top to bottom."""
+
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         self.cfg = cfg
         self.progress = progress
@@ -396,142 +391,6 @@ class Trainer:
             self.ema.update()
         return float(norm)
 
-    # ------------------------------------------------------------------ persistence
-    def _state(self) -> dict:
-        return {"model": self.cfg.model, "bad_steps": self.bad_steps,
-                "reward_guard": {"total": self.guard.total, "invalid": self.guard.invalid}}
-
-    def _dcp_state(self) -> dict:
-        """The trainable weights and optimizer state keyed by parameter name (not by rank or shard), the form
-        `torch.distributed.checkpoint` reshards on load: the same for DDP, FSDP2 and one process."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        model, optim = get_state_dict(self.policy, self.opt, options=StateDictOptions(ignore_frozen_params=True))
-        state = {"model": model, "optim": optim}
-        if self.ema is not None:
-            state["ema"] = self.ema.shadow
-        return state
-
-    def _save_distributed(self, step: int) -> Path:
-        """Every rank writes its part through DCP into a hidden folder; rank 0 then commits it atomically, with
-        state.json and a manifest, as `checkpoints/step-N/dcp/` (`save_checkpoint(extra_dirs=...)`)."""
-        import shutil
-
-        import torch.distributed.checkpoint as dcp
-
-        root = self.out / "checkpoints"
-        tmp = root / f".dcp-step-{step}"
-        if self.rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier save of this step
-        D.barrier()
-        dcp.save(self._dcp_state(), checkpoint_id=str(tmp))
-        D.barrier()
-        final = root / f"step-{step}"
-        if self.rank == 0:
-            save_checkpoint(self.out, step, {}, {**self._state(), "dcp": True, "world_size": self.world,
-                                                 "rollout_shards": self.shards},
-                            keep_last=self.cfg.log.keep_checkpoints, extra_dirs={"dcp": tmp})
-        D.barrier()
-        return final
-
-    def save(self, step: int) -> Path:
-        """A checkpoint of step `step`: safetensors in one process, `torch.distributed.checkpoint` in several.
-
-        Both resume in any world size: a DCP one is resharded on load (also into one process), a safetensors one
-        holds full tensors that every DDP replica reads."""
-        if self.world > 1:
-            return self._save_distributed(step)
-        tens, meta = optimizer_state_to_tensors(self.opt.state_dict())
-        groups = {"policy": {n: p.detach() for n, p in self.params}, "optimizer": tens}
-        if self.ema is not None:
-            groups["ema"] = self.ema.shadow
-        a = self.cfg.algorithm
-        lora = ({"rank": a.lora_rank, "alpha": a.lora_alpha, "target_modules": self.lora_targets}
-                if self.lora else None)  # what `load_model(run_dir)` needs to rebuild the adapters
-        return save_checkpoint(self.out, step, groups,
-                               {"optimizer": meta, "model": self.cfg.model, "bad_steps": self.bad_steps, "lora": lora,
-                                "reward_guard": {
-                                   "total": self.guard.total, "invalid": self.guard.invalid}},
-                               keep_last=self.cfg.log.keep_checkpoints)
-
-    def restore(self) -> int:
-        """Load the newest checkpoint whose files match their manifest; damaged newer ones are reported and skipped
-        (the run then repeats their steps, with the same result, since every step is a function of the seed)."""
-        skipped: list[str] = []
-        ckpt = latest_checkpoint(self.out, verify=True, skipped=skipped)
-        for problem in skipped:
-            print(f"resume: skipping a damaged checkpoint: {problem}", file=sys.stderr)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no complete, undamaged checkpoint under {self.out / 'checkpoints'}"
-                                    + (f" ({len(skipped)} damaged)" if skipped else ""))
-        tensors, state = load_checkpoint(ckpt, device=self.device, verify=False)  # latest_checkpoint verified it
-        if state.get("dcp"):
-            self._restore_distributed(ckpt)
-        else:
-            self._restore_tensors(ckpt, tensors, state)
-        self.bad_steps = int(state.get("bad_steps", 0))  # restored: a resume after a crash must not change the run
-        if self.bad_steps >= self.cfg.faults.max_consecutive:  # the run stopped for them: the user changed something
-            self.bad_steps = 0
-        self.guard.total = int(state["reward_guard"]["total"])
-        self.guard.invalid = int(state["reward_guard"]["invalid"])
-        return int(state["step"])
-
-    def _restore_distributed(self, ckpt: Path) -> None:
-        """Load a DCP checkpoint into this run's layout, whatever world size wrote it."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        state = self._dcp_state()
-        dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
-        # not strict: the frozen parameters (the head under train=ar) are not in a checkpoint, they come from the base
-        # model; every trainable one is, or dcp.load above would have refused
-        set_state_dict(self.policy, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
-        if self.ema is not None:
-            self.ema.shadow = state["ema"]
-
-    def _restore_tensors(self, ckpt: Path, tensors: dict, state: dict) -> None:
-        """Load a single-process (safetensors) checkpoint: full tensors, read by every DDP replica alike."""
-        if self.fsdp:
-            raise ValueError(f"{ckpt} is a single-process checkpoint; resume it with distributed.strategy=ddp (or "
-                             "in one process), whose checkpoints FSDP2 runs can resume")
-        named = dict(self.params)
-        missing = set(named) - set(tensors["policy"])
-        if missing:
-            raise ValueError(f"{ckpt}: checkpoint lacks trainable tensors {sorted(missing)[:5]} "
-                             "(was it written with another algorithm.train setting?)")
-        copy_policy_tensors(named, {n: tensors["policy"][n] for n in named}, str(ckpt))
-        self.opt.load_state_dict(optimizer_state_from_tensors(tensors["optimizer"], state["optimizer"]))
-        if self.ema is not None:
-            if "ema" not in tensors:
-                raise ValueError(f"{ckpt}: eval.ema_decay > 0 but the checkpoint holds no EMA weights (the run was "
-                                 "started without one; resume with eval.ema_decay=0)")
-            copy_policy_tensors(self.ema.shadow, {n: tensors["ema"][n] for n in self.ema.shadow}, f"{ckpt} (EMA)")
-
-    def evaluate(self, step: int) -> dict[str, float]:
-        """In-loop verifier accuracy of the policy (and of its EMA), paired with step 0 (`rl.eval_loop`)."""
-        metrics = self.evaluator.evaluate(self.model, step)
-        if self.ema is not None and step > 0:  # at step 0 the average is the policy itself
-            with self.ema.swapped():
-                metrics.update(self.evaluator.evaluate(self.model, step, tag="_ema"))
-        return metrics
-
-    def save_samples(self, step: int) -> None:
-        """Rank 0's sample grid. Under DDP it samples alone (the unwrapped replica: no collectives); FSDP2's
-        sharded policy needs every rank in the call, and rank 0 alone writes the file."""
-        if self.rank != 0 and not self.fsdp:
-            return
-        from margrpo.sampling.pipeline import MARPipeline
-
-        pipe = MARPipeline(self.model, dataclasses.replace(self.cfg.sampler(None), record=False, mte_k=0,
-                                                          policy_tokens="committed"))
-        imgs = pipe(self.sample_prompts, num_images_per_prompt=4, seed=self.cfg.seed)
-        labels = [p for p in self.sample_prompts for _ in range(4)]
-        if self.rank == 0:
-            save_png(make_grid(imgs, nrow=8, labels=labels, upscale=3), self.out / "samples" / f"step-{step}.png")
-
-    # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False) -> list[dict]:
         """Train to `cfg.steps`; returns the logged rows of the training steps (metrics.jsonl less step 0)."""
         from margrpo.rewards import RewardFailure
@@ -549,7 +408,7 @@ class Trainer:
         writer = (MetricsWriter(self.out, tensorboard=self.cfg.log.tensorboard,
                                 resume_step=start if resume else None, overwrite=not resume,
                                 mirrors=self._wandb(resume))
-                  if self.rank == 0 else _NoWriter())
+                  if self.rank == 0 else NoWriter())
         D.barrier()
         if start == 0:
             self.save_samples(0)
@@ -575,16 +434,6 @@ class Trainer:
             raise
         writer.close()
         return self._finish()
-
-    def _wandb(self, resume: bool) -> list:
-        """The W&B mirror of the metrics rows (`log.wandb`), on rank 0 only; none otherwise."""
-        from margrpo.utils.wandb_log import WandbMirror, is_rank_zero
-
-        lg = self.cfg.log
-        if not lg.wandb or not is_rank_zero():
-            return []
-        return [WandbMirror(self.out, lg.wandb_project, lg.wandb_run_name, lg.wandb_mode,
-                            config=dataclasses.asdict(self.cfg), resume=resume, directory=lg.wandb_dir)]
 
     def _run_step(self, step: int, writer: MetricsWriter, bar) -> None:
         """One training step and its logging, evaluation, samples and checkpoint."""
@@ -620,53 +469,3 @@ class Trainer:
             self.save_samples(done)
         if done % self.cfg.log.checkpoint_every == 0 or done == self.cfg.steps:
             self.save(done)
-
-    def _exportable(self):
-        """LoRA runs export the adapters merged into the base weights (a plain folder that loads without peft)."""
-        if not self.lora:
-            return contextlib.nullcontext()
-        from margrpo.models.lora import merged
-
-        return merged(self.model.policy)
-
-    def _finish(self) -> list[dict]:
-        """The report, the exported model(s); the logged rows of the training steps (rank 0 writes them)."""
-        from margrpo.utils.plots import plot_report
-
-        export = self.model
-        if self.fsdp:  # gather the full weights (a collective) into a fresh copy of the base model on rank 0
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            full = get_model_state_dict(self.model.policy,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if self.rank == 0:
-                export = load_model(self.cfg.model, "cpu")
-                export.head.set_sampling_steps(self.cfg.sampling.diffusion_steps)
-                export.policy.load_state_dict(full)
-        D.barrier()
-        if self.rank != 0:
-            D.barrier()
-            return []
-
-        metrics = read_metrics(self.out)
-        keys = REPORT_KEYS + ([EVAL_KEY, f"eval_ema/{EVAL_KEY[5:]}"] if self.evaluator is not None else [])
-        plot_report(metrics, keys, self.out / "report.png", title=f"{self.out.name}", smoothing=0.6)
-        with self._exportable():
-            export.save_pretrained(self.out / "model", metadata={"trained_from": self.cfg.model,
-                                                                 "steps": self.cfg.steps})
-        if self.ema is not None:
-            with self.ema.swapped(), self._exportable():
-                self.model.save_pretrained(self.out / "model_ema", metadata={
-                    "trained_from": self.cfg.model, "steps": self.cfg.steps, "ema_decay": self.cfg.eval.ema_decay})
-        D.barrier()  # the other ranks wait for the export, so a launcher sees the run's files once all exit
-        return [r for r in metrics if r["step"] > 0]  # the training steps (step 0 holds the first evaluation)
-
-
-class _NoWriter:
-    """The metrics writer of ranks other than 0: they log nothing (rank 0 logs the global batch's metrics)."""
-
-    def log(self, step: int, row: dict[str, float]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
