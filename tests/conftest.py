@@ -37,7 +37,7 @@ def tiny_model(seed: int = 0):
     from margrpo.worlds.shapes.pretrain import vocabulary
 
     spec = ModelSpec(width=32, depth=1, num_heads=2, head_width=32, head_depth=1, diffusion_steps=6, text_dim=16)
-    torch.manual_seed(seed)  # only the module initialisers; the code under test never touches this RNG
+    torch.manual_seed(seed)  # only the module initialisers (the loaders fork the global RNG, tests/test_families.py)
     model = build_model(spec, vocabulary())
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -58,7 +58,7 @@ def write_tiny_nova(path: Path, *, seed: int = 0, shift: float = 1.0, text_encod
          "num_train_timesteps": 1000, "shift": shift}))
     if state is None:
         config, _ = read_transformer_config(path)
-        torch.manual_seed(seed)  # only the module initialisers; the code under test never touches this RNG
+        torch.manual_seed(seed)  # only the module initialisers (loaders fork the global RNG: test_families.py)
         state = NOVATransformer(config).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / "transformer" /
                                                                   "diffusion_pytorch_model.safetensors"))

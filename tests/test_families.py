@@ -11,6 +11,7 @@ import pytest
 import torch
 from families import FAMILIES
 
+from margrpo.models.loading import load_model
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.objective import ObjectiveConfig, ar_step_loss
 from margrpo.sampling.replay import batched_step_conditions, score_transitions, step_conditions
@@ -72,7 +73,10 @@ def test_the_policy_keeps_the_contract(family, tmp_path):
         again_tokens = model.encode_images(images, generator=torch.Generator().manual_seed(0))
         assert again_tokens.shape == tokens.shape and torch.isfinite(again_tokens).all()
     model.save_pretrained(tmp_path / "m")
-    again = type(model).load_pretrained(tmp_path / "m")
+    rng = torch.get_rng_state()
+    again = load_model(str(tmp_path / "m"), "cpu")  # the folder is recognised by its layout
+    assert torch.equal(rng, torch.get_rng_state())  # building the modules did not draw from the global RNG
+    assert type(again) is type(model)
     assert not again.training  # loaders return eval mode
     assert {k: v for k, v in again.state_dict().items()}.keys() == model.state_dict().keys()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
@@ -209,3 +213,21 @@ def test_a_folder_that_is_no_model_is_one_error_naming_what_is_valid(tmp_path):
         load_model(str(tmp_path / "empty"), "cpu")
     msg = str(err.value)
     assert str(tmp_path / "empty") in msg and all(w in msg for w in ("margrpo or Harmon", "NOVA", "checkpoints/"))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_guidance_follows_the_familys_schedule_unless_the_config_names_one(family):
+    """MAR ramps the guidance scale over AR steps (LTH14); NOVA and Harmon keep it constant (upstream)."""
+    fam = FAMILIES[family]
+    model = fam.build()
+    expected = "linear" if family.startswith("mar") else "constant"
+    assert model.policy.default_guidance_schedule == expected
+    r = _rollout(model, 3.0, prompts=fam.prompts)
+    scales = [rec.guidance for _, rec in sorted(r.steps.items())]
+    assert r.guidance_schedule == expected
+    if expected == "constant":
+        assert scales == [3.0] * len(scales)
+    else:
+        assert scales == sorted(scales) and 1.0 < scales[0] < scales[-1] < 3.0  # (LTH14 stops 1 token short)
+    forced = _rollout(model, 3.0, prompts=fam.prompts, guidance_schedule="constant")
+    assert [rec.guidance for rec in forced.steps.values()] == [3.0] * len(forced.steps)

@@ -37,6 +37,9 @@ class Policy(nn.Module):
 
     seq_len: int
     token_embed_dim: int
+    # guidance over AR steps when a sampler config leaves it open: MAR's (and LTH14's) linear ramp; NOVA and Harmon
+    # guide with a constant scale upstream
+    default_guidance_schedule: str = "linear"
 
     @property
     def head(self) -> DiffusionHead:  # pragma: no cover - abstract

@@ -96,6 +96,8 @@ class DiffusionHead(nn.Module):
 
     def forward(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
                 guidance: float = 1.0, temperature: float = 1.0) -> Transition:
+        if not 0 <= j < self.num_steps:  # a DDPM index would wrap round to another step silently
+            raise IndexError(f"head step {j} is outside the sampling chain (steps 0..{self.num_steps - 1})")
         return self.transition(x, j, z, z_uncond, guidance, temperature)
 
     def transition(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
@@ -286,6 +288,8 @@ class FlowHead(DiffusionHead):
 
     @noise_level.setter
     def noise_level(self, value: float) -> None:
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"noise_level must be a finite number >= 0 (0 = the Euler ODE), got {value!r}")
         self.scheduler.noise_level = float(value)
 
     def transition(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,

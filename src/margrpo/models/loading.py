@@ -17,8 +17,10 @@ import torch
 
 from margrpo.models.base import ImageModel
 from margrpo.models.mar.image_model import FORMAT, MARImageModel
+from margrpo.models.weights import preserves_global_rng
 
 
+@preserves_global_rng
 def load_model(spec: str, device: str | torch.device) -> ImageModel:
     """A model folder, `shipped:NAME` for a model that ships inside the package, or a training run.
 

@@ -57,6 +57,9 @@ class DdpmScheduler:
 
     def set_timesteps(self, num_sampling_steps: str | int) -> None:
         """Respace the sampling chain to `num_sampling_steps` ("100", 25, "ddim50", "10,15,20")."""
+        if str(num_sampling_steps).strip() in ("0", "-1") or (isinstance(num_sampling_steps, int)
+                                                                and num_sampling_steps < 1):
+            raise ValueError(f"a sampling chain needs at least one step, got {num_sampling_steps!r}")
         self.schedule = DdpmSchedule.create(num_sampling_steps, self.noise_schedule, self.train.num_steps)
         s = self.schedule
         # float32 copies of the per-step coefficients, as upstream's `_extract_into_tensor(...).float()`
@@ -155,6 +158,8 @@ class FlowMatchScheduler:
         self.set_timesteps(num_sampling_steps)
 
     def set_timesteps(self, num_sampling_steps: str | int) -> None:
+        if int(num_sampling_steps) < 1:
+            raise ValueError(f"a sampling chain needs at least one step, got {num_sampling_steps!r}")
         self._num_steps = int(num_sampling_steps)
         self.sigmas = flow_sigmas(self._num_steps, self.shift, self.num_train_timesteps, self.sampling_shift)
 

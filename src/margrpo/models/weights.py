@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
+
+F = TypeVar("F", bound=Callable)
+
+
+def preserves_global_rng(fn: F) -> F:
+    """Run a loader with torch's global CPU generator forked: building modules initialises their weights from it
+    (before the file's weights replace them), and margrpo never lets a call advance the global RNG behind its
+    caller's back (every draw of ours comes from an explicit `torch.Generator`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class WeightsMismatchError(ValueError):

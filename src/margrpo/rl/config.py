@@ -29,8 +29,10 @@ class SamplingSection:
                                   range=(1, 1000))
     guidance_scale: float = option(1.0, "classifier-free guidance scale of rollouts (1 = none: half the cost)",
                                    range=(1.0, 50.0))
-    guidance_schedule: str = option("linear", "guidance over AR steps: MAR's linear ramp from 1 to `guidance_scale`, "
-                                    "or constant", choices=("linear", "constant"))
+    guidance_schedule: str | None = option(None, "guidance over AR steps: MAR's linear ramp from 1 to "
+                                           "`guidance_scale`, or constant; null = the model family's (linear for "
+                                           "MAR, constant for NOVA and Harmon, as upstream)",
+                                           choices=("linear", "constant"))
     temperature: float = option(1.0, "scale of the head's sampling std", range=(0.01, 10.0))
     batch_mte_chains: bool = option(False, "draw the K MTE chains as one batch of K x N tokens (each chain's noise "
                                     "drawn first, in the sequential order: equal up to matmul rounding)")

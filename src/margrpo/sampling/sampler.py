@@ -49,7 +49,7 @@ class SamplerConfig:
     num_ar_steps: int = 16
     num_diffusion_steps: int | None = None
     guidance_scale: float = 1.0
-    guidance_schedule: str = "linear"
+    guidance_schedule: str | None = None  # "linear" | "constant"; None = the policy family's own
     temperature: float = 1.0
     # which tokens a recorded AR step runs through the head: the ones it commits, or every unknown one (the policy
     # term of `algorithm.policy_tokens: unknown` and the consistency mask need those)
@@ -93,8 +93,9 @@ class SamplerConfig:
             raise ValueError(f"policy_tokens={self.policy_tokens!r}; valid: {POLICY_TOKENS}")
         if self.mte_source not in MTE_SOURCES:
             raise ValueError(f"mte_source={self.mte_source!r}; valid: {MTE_SOURCES}")
-        if self.guidance_schedule not in ("linear", "constant"):
-            raise ValueError(f"guidance_schedule={self.guidance_schedule!r}; valid: 'linear', 'constant'")
+        if self.guidance_schedule not in (None, "linear", "constant"):
+            raise ValueError(f"guidance_schedule={self.guidance_schedule!r}; valid: 'linear', 'constant', or None "
+                             "(the model family's)")
         if self.num_ar_steps < 1:
             raise ValueError(f"num_ar_steps must be >= 1, got {self.num_ar_steps}")
         if self.mte_k < 0:
@@ -207,6 +208,7 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
     extra_generator = _extra_generator(generator)
     device = next(policy.parameters()).device
     seq_len, c = policy.seq_len, policy.token_embed_dim
+    schedule = config.guidance_schedule or policy.default_guidance_schedule
     # the policy's AR schedule: at most `num_ar_steps` steps (NOVA's drops the ones that would predict nothing)
     counts = policy.mask_schedule(config.num_ar_steps, seq_len)
     n_steps = len(counts)
@@ -240,7 +242,7 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
             mask_len = still - counts[i]  # tokens still unknown after this step
             to_pred = ~known & ~_mask_by_order(mask_len, orders)
             # the linear guidance schedule reads upstream's clamped count, which is 1 (not 0) after the last step
-            guidance = (guidance_at_step(config.guidance_scale, config.guidance_schedule, seq_len, max(1, mask_len))
+            guidance = (guidance_at_step(config.guidance_scale, schedule, seq_len, max(1, mask_len))
                         if config.guided else 1.0)
             z_c, z_u = compute_conditions(forward, tokens, mask, cond, config.guided)
             rec = config.record and i in record_steps
@@ -314,6 +316,6 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
     if was_training:
         policy.train()
     return Rollout(cond=cond, orders=orders, counts=counts, tokens=tokens, steps=steps, head_steps=head.num_steps,
-                   guidance_scale=config.guidance_scale, guidance_schedule=config.guidance_schedule,
+                   guidance_scale=config.guidance_scale, guidance_schedule=schedule,
                    temperature=config.temperature, policy_tokens=config.policy_tokens,
                    mte_source=config.mte_source if config.mte_k else None)

@@ -27,7 +27,7 @@ from margrpo.models.harmon.model import CFG_PROMPT, HARMON_FORMAT, PROMPT_TEMPLA
 from margrpo.models.mar.lth14 import MAR_PRESETS, UPSTREAM_KWARGS, infer_config
 from margrpo.models.mar.model import MAR
 from margrpo.models.vae import KL16_LATENT_SCALE, AutoencoderKL
-from margrpo.models.weights import WeightsMismatchError
+from margrpo.models.weights import WeightsMismatchError, preserves_global_rng
 
 __all__ = ["HarmonCheckpointError", "convert", "is_harmon_folder", "load", "load_folder", "load_pth",
            "mar_type_and_kwargs"]
@@ -159,6 +159,7 @@ def _assemble(sd: dict[str, torch.Tensor], source: str, llm_config, tokenizer, v
 
 
 # ------------------------------------------------------------------------------------------------ public
+@preserves_global_rng
 def load_pth(checkpoint: str | Path, llm: str | Path | None = None, vae: str | Path | None = None, *,
              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
              **mar_kwargs: Any) -> HarmonImageModel:
@@ -207,6 +208,7 @@ def is_harmon_folder(path: str | Path) -> bool:
     return isinstance(spec, dict) and isinstance(spec.get("llm"), dict) and isinstance(spec.get("mar"), dict)
 
 
+@preserves_global_rng
 def load_folder(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                 **mar_kwargs: Any) -> HarmonImageModel:
     """The HF-format folder (what `HarmonImageModel.save_pretrained` and `convert` write)."""

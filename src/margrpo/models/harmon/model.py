@@ -67,6 +67,8 @@ class HarmonPolicy(Policy):
     runs (the prompt cache is computed once per rollout, so a trained LLM would condition on a stale prompt).
     """
 
+    default_guidance_schedule = "constant"  # upstream's Harmon guides with a constant scale by default
+
     def __init__(self, llm: nn.Module, mar: MAR, uncond_input_ids: torch.Tensor):
         super().__init__()
         hidden = int(llm.config.hidden_size)
@@ -306,6 +308,8 @@ class HarmonImageModel(ImageModel):
         """Strings -> a `HarmonCondition` with the prompt prefill; None stays None (unconditional)."""
         if prompts is None:
             return None
+        if isinstance(prompts, str):  # one prompt, not its characters
+            prompts = [prompts]
         prompts = list(prompts)
         bad = [p for p in prompts if not isinstance(p, str)]
         if bad or not prompts:

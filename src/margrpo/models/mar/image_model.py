@@ -21,7 +21,7 @@ from margrpo.models.conditioning import Condition, HashedTextEncoder, TextEncode
 from margrpo.models.mar.model import MAR, MARConfig
 from margrpo.models.tokenizers import AutoencoderTokenizer, PixelTokenizer
 from margrpo.models.vae import AutoencoderKL
-from margrpo.models.weights import load_state_strict
+from margrpo.models.weights import load_state_strict, preserves_global_rng
 from margrpo.utils.atomic import atomic_write, atomic_write_text
 
 FORMAT = "margrpo-generator"
@@ -99,6 +99,7 @@ class MARImageModel(ImageModel):
         return path
 
     @classmethod
+    @preserves_global_rng
     def load_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> MARImageModel:
         """The folder `save_pretrained` (or a converter) wrote, strictly, in eval mode on `device`."""
         path = Path(path)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from margrpo.models.mar.model import MAR, MARConfig
-from margrpo.models.weights import WeightsMismatchError, load_state_strict
+from margrpo.models.weights import WeightsMismatchError, load_state_strict, preserves_global_rng
 
 # LTH14/mar `models/mar.py` presets: (embed dim, depth, heads) for encoder and decoder alike.
 MAR_PRESETS: dict[str, dict[str, int]] = {
@@ -154,6 +154,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return obj
 
 
+@preserves_global_rng
 def load_checkpoint(path: str | Path, ema: bool = True, **kwargs: Any) -> MAR:
     """Load `checkpoint-last.pth` (entry `model_ema` if `ema` else `model`) into our MAR, in eval mode."""
     ckpt = read_checkpoint(path)

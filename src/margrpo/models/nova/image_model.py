@@ -38,7 +38,7 @@ from margrpo.models.nova.model import (
     ViTSpec,
 )
 from margrpo.models.schedulers import FlowMatchScheduler
-from margrpo.models.weights import load_state_strict
+from margrpo.models.weights import load_state_strict, preserves_global_rng
 from margrpo.utils.atomic import atomic_write, atomic_write_text
 
 __all__ = ["NOVAModel", "is_nova_folder", "load", "read_scheduler", "read_transformer_config"]
@@ -246,6 +246,15 @@ class NOVAModel(ImageModel):
     def policy(self) -> NOVATransformer:
         return self.transformer
 
+    def train(self, mode: bool = True) -> NOVAModel:
+        """The VAE and Phi stay in eval mode (frozen, and Phi's dropout would make prompt features random, drawn
+        from the global RNG); only the transformer follows `mode`."""
+        super().train(mode)
+        for frozen in (self.vae, self.text_encoder):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
     @property
     def config(self) -> NOVAConfig:
         return self.transformer.config
@@ -267,6 +276,8 @@ class NOVAModel(ImageModel):
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
+        if not prompts:
+            raise ValueError("encode_prompts: no prompts (give strings, or raw text-encoder feature tensors)")
         cfg = self.config
         weight = self.transformer.text_embed.weight
         if all(isinstance(p, str) for p in prompts):
@@ -363,6 +374,7 @@ class NOVAModel(ImageModel):
         return load(path, flow_shift=flow_shift, dtype=dtype, device=device)
 
 
+@preserves_global_rng
 def load(folder: str | Path, *, flow_shift: float | None = None, dtype: torch.dtype = torch.float32,
          device: torch.device | str = "cpu") -> NOVAModel:
     """A NOVA diffusers-style folder -> `NOVAModel` in eval mode, `dtype` on `device`; every weight file strictly.

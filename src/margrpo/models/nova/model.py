@@ -343,6 +343,8 @@ class NOVAFlowHead(FlowHead):
 class NOVATransformer(Policy):
     """NOVA's text-to-image transformer with its flow head: z = f(canvas, mask, text), stateless per call."""
 
+    default_guidance_schedule = "constant"  # upstream's guidance scale is the same at every AR step
+
     MASK_RATIO_MIN = 0.7  # upstream `MaskEmbed(mask_ratios=(0.7, 1.0))`, truncated normal with scale 0.25
     TEXT_DROP_PROB = 0.1  # upstream `TextEmbed(dropout=0.1)`
     LOSS_REPEAT = 4  # upstream `Transformer3DModel.loss_repeat`
@@ -387,6 +389,9 @@ class NOVATransformer(Policy):
         """[B, c, H, W] latents -> [B, L, p*p*c] tokens, (p, q, channel) inside, channel fastest (upstream's)."""
         b, c, hh, ww = latents.shape
         p = self.config.patch_size
+        if (c, hh, ww) != (self.config.image_dim, *self.config.latent_size):
+            raise ValueError(f"patchify: latents of shape {tuple(latents.shape)}; this NOVA takes [B, "
+                             f"{self.config.image_dim}, {self.config.latent_size[0]}, {self.config.latent_size[1]}]")
         x = latents.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 3, 5, 1)
         return x.reshape(b, (hh // p) * (ww // p), p * p * c)
 
@@ -394,6 +399,9 @@ class NOVATransformer(Policy):
         b = tokens.shape[0]
         p, c = self.config.patch_size, self.config.image_dim
         h, w = self.config.grid
+        if tuple(tokens.shape[1:]) != (h * w, p * p * c):
+            raise ValueError(f"unpatchify: tokens of shape {tuple(tokens.shape)}; this NOVA's are [B, {h * w}, "
+                             f"{p * p * c}]")
         x = tokens.reshape(b, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, h * p, w * p)
 
