@@ -16,7 +16,6 @@ whose width and depth the weights have, and `mar_kwargs` (upstream MAR construct
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 
 from margrpo.models.harmon.model import CFG_PROMPT, HARMON_FORMAT, PROMPT_TEMPLATE, HarmonImageModel, HarmonPolicy
-from margrpo.models.mar.lth14 import MAR_PRESETS, UPSTREAM_KWARGS, infer_config
+from margrpo.models.mar.lth14 import MAR_PRESETS, UPSTREAM_KWARGS, count_blocks, infer_config
 from margrpo.models.mar.model import MAR
 from margrpo.models.vae import KL16_LATENT_SCALE, AutoencoderKL
 from margrpo.models.weights import WeightsMismatchError, preserves_global_rng
@@ -42,12 +41,6 @@ class HarmonCheckpointError(WeightsMismatchError):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
-    pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-    idx = {int(m.group(1)) for k in sd if (m := pat.match(k))}
-    return max(idx) + 1 if idx else 0
-
-
 def _strip(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
@@ -57,7 +50,7 @@ def _preset_for(mar_sd: Mapping[str, torch.Tensor]) -> str | None:
     if "z_proj.weight" not in mar_sd:
         return None
     width = mar_sd["z_proj.weight"].shape[0]
-    depths = (_count(mar_sd, "encoder_blocks"), _count(mar_sd, "decoder_blocks"))
+    depths = (count_blocks(mar_sd, "encoder_blocks"), count_blocks(mar_sd, "decoder_blocks"))
     for name, p in MAR_PRESETS.items():
         if p["embed"] == width and depths == (p["depth"], p["depth"]):
             return name

@@ -56,7 +56,8 @@ class CheckpointError(WeightsMismatchError):
     """A checkpoint that does not fit the model; the message names the file and the keys."""
 
 
-def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
+def count_blocks(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """Number of `prefix.N.*` blocks in a state dict (the depth the weights have)."""
     pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
     idx = {int(m.group(1)) for k in sd if (m := pat.match(k))}
     return max(idx) + 1 if idx else 0
@@ -80,9 +81,9 @@ def infer_config(sd: Mapping[str, torch.Tensor], args: Mapping[str, Any] | None 
     buffer = sd["encoder_pos_embed_learned"].shape[1] - seq_len
     cfg: dict[str, Any] = {
         "encoder_embed_dim": d_enc, "decoder_embed_dim": d_dec,
-        "encoder_depth": _count(sd, "encoder_blocks"), "decoder_depth": _count(sd, "decoder_blocks"),
+        "encoder_depth": count_blocks(sd, "encoder_blocks"), "decoder_depth": count_blocks(sd, "decoder_blocks"),
         "buffer_size": buffer, "diffloss_w": sd["diffloss.net.input_proj.weight"].shape[0],
-        "diffloss_d": _count(sd, "diffloss.net.res_blocks"),
+        "diffloss_d": count_blocks(sd, "diffloss.net.res_blocks"),
     }
     if "class_emb.weight" in sd:
         cfg["class_num"] = sd["class_emb.weight"].shape[0]
