@@ -12,9 +12,11 @@ shapes with random weights and nothing is downloaded:
 
 The step is MAR-GRPO's: a recorded rollout of G images with K=4 MTE chains (commit source, 30% most uncertain
 tokens), then the trajectory loss (consistency filter, KL to a frozen reference) on `--ar-steps-scored` AR steps x 4
-head steps, backward and AdamW on the AR transformer (the head frozen). Advantages are random: the reward model is
-not part of this benchmark. `--tiny` shrinks every width and depth so the script runs on a CPU in CI
-(`tests/test_benchmarks.py`). Run: `python -m benchmarks.bench_gpu --device cuda [--dtype bfloat16]`.
+head steps, backward and AdamW on the AR transformer (the head frozen). Plain GRPO's step on the same model (no
+chains, the committed tokens only) alternates with it, and each MAR-GRPO figure is also given as a ratio to it.
+Advantages are random: the reward model is not part of this benchmark. `--tiny` shrinks every width and depth so
+the script runs on a CPU in CI (`tests/test_benchmarks.py`).
+Run: `python -m benchmarks.bench_gpu --device cuda [--dtype bfloat16]`.
 """
 
 from __future__ import annotations
@@ -89,12 +91,14 @@ MODELS = {"NOVA-0.6B": nova_policy, "Harmon-1.5B": harmon_policy}
 
 
 def grpo_step(policy: Policy, reference: Policy, opt: torch.optim.Optimizer, cond, g_size: int, k: int,
-              n_scored: int, chunk: int, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, float]:
-    """One MAR-GRPO step; returns the rollout and update times (seconds)."""
+              n_scored: int, chunk: int, device: torch.device, dtype: torch.dtype, seed: int,
+              mar: bool = True) -> dict[str, float]:
+    """One MAR-GRPO step (`mar`), or plain GRPO's; returns the rollout and update times (seconds)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    cfg = SamplerConfig(num_ar_steps=8, num_diffusion_steps=10, policy_tokens="unknown", record=True, record_z=False,
-                        mte_k=k, mte_source="commit", mte_top_fraction=0.3)
+    cfg = SamplerConfig(num_ar_steps=8, num_diffusion_steps=10, policy_tokens="unknown" if mar else "committed",
+                        record=True, record_z=False, mte_k=k if mar else 0, mte_source="commit",
+                        mte_top_fraction=0.3)
     sync()
     t0 = time.perf_counter()
     with autocast:
@@ -107,7 +111,8 @@ def grpo_step(policy: Policy, reference: Policy, opt: torch.optim.Optimizer, con
     use = torch.ones(g_size, dtype=torch.bool, device=device)
     js = [j for j in range(r.head_steps) if policy.head.is_stochastic(j)][:4]
     scored = sorted(r.steps)[-n_scored:]
-    obj = ObjectiveConfig(mte_top_fraction=0.3, beta=0.01, chunk_head_steps=chunk)
+    obj = ObjectiveConfig(mte_top_fraction=0.3 if mar else 0.0, consistency=mar, beta=0.01,
+                          chunk_head_steps=chunk if mar else 0)
     opt.zero_grad(set_to_none=True)
     cache: dict = {}
     for i in scored:
@@ -153,29 +158,43 @@ def main(argv: list[str] | None = None) -> None:
         opt = torch.optim.AdamW(train, lr=1e-6)
         cond = condition(args.group, device, torch.Generator(device).manual_seed(0))
         peak = PeakMemory(device)
-        times, peaks = [], []
+        times: dict[bool, list[dict]] = {True: [], False: []}
+        peaks: dict[bool, list[float]] = {True: [], False: []}
         for rep in range(args.repeats + 1):
-            with peak.measure():
-                t = grpo_step(policy, reference, opt, cond, args.group, args.mte_k, args.ar_steps_scored, args.chunk,
-                              device, dtype, seed=rep)
-            if rep:  # the first step warms kernels and allocators up
-                times.append(t)
-                peaks.append(peak.peak_bytes / 2**30)
-        step, step_iqr = median_spread([t["rollout_s"] + t["update_s"] for t in times])
-        roll, roll_iqr = median_spread([t["rollout_s"] for t in times])
-        mem, mem_iqr = median_spread(peaks)
-        rows.append({"model": name, "params M": sum(p.numel() for p in policy.parameters()) / 1e6,
-                     "G": args.group, "K": args.mte_k, "chunk": args.chunk, "s/step": step, "s/step IQR": step_iqr,
-                     "rollout images/s": args.group / roll, "rollout s IQR": roll_iqr,
-                     "update s": median_spread([t["update_s"] for t in times])[0],
-                     "peak GB": mem, "peak GB IQR": mem_iqr, "repeats": args.repeats})
+            for mar in (False, True):  # GRPO and MAR-GRPO alternate: each ratio pairs two steps seconds apart
+                with peak.measure():
+                    t = grpo_step(policy, reference, opt, cond, args.group, args.mte_k, args.ar_steps_scored,
+                                  args.chunk, device, dtype, seed=rep, mar=mar)
+                if rep:  # the first step warms kernels and allocators up
+                    times[mar].append(t)
+                    peaks[mar].append(peak.peak_bytes / 2**30)
+
+        def total(t: dict) -> float:
+            return t["rollout_s"] + t["update_s"]
+
+        for mar in (True, False):
+            step, step_iqr = median_spread([total(t) for t in times[mar]])
+            roll, roll_iqr = median_spread([t["rollout_s"] for t in times[mar]])
+            mem, mem_iqr = median_spread(peaks[mar])
+            pairs = list(zip(times[mar], times[False], strict=True))
+            rows.append({"model": name, "method": "mar-grpo" if mar else "grpo",
+                         "params M": sum(p.numel() for p in policy.parameters()) / 1e6,
+                         "G": args.group, "K": args.mte_k if mar else 0, "chunk": args.chunk if mar else 0,
+                         "s/step": step, "s/step IQR": step_iqr,
+                         "time vs grpo": median_spread([total(a) / total(b) for a, b in pairs])[0],
+                         "rollout images/s": args.group / roll, "rollout s IQR": roll_iqr,
+                         "update s": median_spread([t["update_s"] for t in times[mar]])[0],
+                         "peak GB": mem, "peak GB IQR": mem_iqr,
+                         "memory vs grpo": median_spread([a / b for a, b in zip(peaks[mar], peaks[False], strict=True)
+                                                          if b > 0] or [float("nan")])[0],
+                         "repeats": args.repeats})
         del policy, reference, opt, cond
         if device.type == "cuda":
             torch.cuda.empty_cache()
     stem = args.name or f"gpu_{args.device.replace(':', '')}_{args.dtype}{'_tiny' if args.tiny else ''}"
-    md = write_results(stem, rows, ["model", "params M", "G", "K", "chunk", "s/step", "s/step IQR",
-                                    "rollout images/s", "rollout s IQR", "update s", "peak GB", "peak GB IQR",
-                                    "repeats"],
+    md = write_results(stem, rows, ["model", "method", "params M", "G", "K", "chunk", "s/step", "s/step IQR",
+                                    "time vs grpo", "rollout images/s", "rollout s IQR", "update s", "peak GB",
+                                    "peak GB IQR", "memory vs grpo", "repeats"],
                        {**machine(), "device": args.device, "dtype": args.dtype, "tiny": args.tiny,
                         "memory": PeakMemory(device).method})
     print(md.read_text())

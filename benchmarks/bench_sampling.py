@@ -56,6 +56,14 @@ def main(argv: list[str] | None = None) -> None:
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     old = sampler_at(args.against) if args.against else None
+    if old is not None:  # an old sampler module runs on this checkout's package: say so if they no longer fit
+        try:
+            cfg = old.SamplerConfig(num_ar_steps=args.ar_steps, record=True)
+            probe = model.encode_prompts(["a red circle"])
+            old.sample(model.policy, probe, 1, cfg, torch.Generator(dev).manual_seed(0))
+        except Exception as e:  # noqa: BLE001 - any mismatch between the old module and this package
+            raise SystemExit(f"--against {args.against}: that revision's sampler does not run on this checkout's "
+                             f"package ({type(e).__name__}: {e}); pick a revision nearer this one") from None
     import time
 
     def run(module=None, **kw):
@@ -77,13 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     ]
     # Each variant's alternatives run alternately, repetition by repetition, so every "vs this sampler" ratio
     # pairs two runs measured seconds apart (a loaded machine drifts over minutes): this checkout's sampler, the
-    # sampler at --against, and, for MTE, the batched chains.
+    # sampler at --against, and, for MTE, the chains one by one.
     rows = []
     base = None
     for name, kw in variants:
         alts = {name: (None, kw)}
-        if kw.get("mte_k"):
-            alts[f"{name}, batched chains"] = (None, {**kw, "batch_mte_chains": True})
+        if kw.get("mte_k"):  # the chains together (the default) against one by one
+            alts[f"{name}, chains one by one"] = (None, {**kw, "batch_mte_chains": False})
         if args.compile and kw.get("policy_tokens") == "unknown" and kw.get("mte_k"):
             alts[f"{name}, compiled"] = (None, {**kw, "compile": True})
         if old is not None and kw.get("record", True):

@@ -9,8 +9,24 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS
 
-BENCHMARKS = ["benchmarks.bench_sampling", "benchmarks.bench_train_step", "benchmarks.bench_rewards"]
+BENCHMARKS = ["benchmarks.bench_sampling", "benchmarks.bench_train_step", "benchmarks.bench_distributed",
+              "benchmarks.bench_rewards"]
+# `--against REV` goes to the train step only: it runs the old revision whole in a worktree. The sampling
+# benchmark's `--against` loads one old module into this package, which only works for revisions near this one.
+TAKES_AGAINST = {"benchmarks.bench_train_step"}
 GPU_BENCHMARKS = ["benchmarks.bench_gpu"]  # full-size models: only where a GPU is (`--tiny` runs it on a CPU)
+
+
+def _without_against(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--against":
+            skip = True
+        elif not a.startswith("--against="):
+            out.append(a)
+    return out
 
 
 def update_readme(readme: Path) -> None:
@@ -31,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in BENCHMARKS + (GPU_BENCHMARKS if torch.cuda.is_available() else []):
         print(f"== {name}")
-        importlib.import_module(name).main(argv)
+        importlib.import_module(name).main(argv if name in TAKES_AGAINST else _without_against(argv))
     update_readme(Path(__file__).resolve().parents[1] / "README.md")
     return 0
 

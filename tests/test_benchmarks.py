@@ -25,8 +25,10 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path, monkeypatch):
     bench_gpu.main(["--device", "cpu", "--dtype", "float32", "--tiny", "--group", "4", "--mte-k", "2",
                     "--ar-steps-scored", "1", "--repeats", "1", "--name", "gpu_tiny"])
     rows = json.loads((tmp_path / "gpu_tiny.json").read_text())["rows"]
-    assert [r["model"] for r in rows] == ["NOVA-0.6B", "Harmon-1.5B"]
+    assert [(r["model"], r["method"]) for r in rows] == [("NOVA-0.6B", "mar-grpo"), ("NOVA-0.6B", "grpo"),
+                                                          ("Harmon-1.5B", "mar-grpo"), ("Harmon-1.5B", "grpo")]
     assert all(r["s/step"] > 0 and r["rollout images/s"] > 0 and r["peak GB"] >= 0 for r in rows)
+    assert all(r["time vs grpo"] > 0 for r in rows)
     assert (tmp_path / "gpu_tiny.md").read_text().startswith("| model |")
 
 

@@ -82,14 +82,16 @@ def _trained(run: Path, step: int | None = None) -> dict[str, torch.Tensor]:
     return load_file(str(run / "model" / "model.safetensors"))
 
 
-BATCH_STD = ("algorithm.advantage_std=batch", "algorithm.normalize=rollout", "algorithm.update=ar_step")
+BATCH_STD = ("algorithm.advantage_std=batch", "algorithm.normalize=rollout", "algorithm.update=ar_step",
+             "algorithm.ptx_weight=1.0", "algorithm.ptx_batch_size=8")
 
 
 @pytest.mark.parametrize(("strategy", "extra"), [("ddp", ()), ("fsdp", ()), ("ddp", BATCH_STD)],
-                         ids=["ddp", "fsdp", "ddp-batch-std-rollout-norm-ar-step"])
+                         ids=["ddp", "fsdp", "ddp-batch-std-rollout-norm-ar-step-ptx"])
 def test_two_processes_train_the_weights_of_one_on_the_same_global_batch(runs, tmp_path, strategy, extra):
-    """The batch-std case checks the gathered advantages, the global pair count of normalize=rollout and one
-    optimizer step per scored AR step (no accumulation); the others the kept-count weights and no_sync."""
+    """The batch-std case checks the gathered advantages, the global pair count of normalize=rollout, one
+    optimizer step per scored AR step (no accumulation) and the ptx term (its batch cut into the shards' parts,
+    its gradient averaged outside DDP's reducer); the others the kept-count weights and no_sync."""
     one = runs / "one"
     if extra:
         one = tmp_path / "one"
@@ -117,6 +119,8 @@ def test_two_processes_train_the_weights_of_one_on_the_same_global_batch(runs, t
         for k in ("reward/mean", "reward/std", "zero_signal_fraction", "advantage/abs_max", "reward/invalid_count"):
             assert a[k] == pytest.approx(b[k], abs=1e-6), k
         assert a["elements"] == b["elements"]
+        if "algorithm.ptx_weight=1.0" in extra:  # the pretraining term ran on both sides, on the same images
+            assert a["loss/ptx"] == pytest.approx(b["loss/ptx"], rel=1e-4)
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process_and_the_reverse(runs, tmp_path):

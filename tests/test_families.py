@@ -148,6 +148,34 @@ def test_batched_steps_give_each_steps_own_conditions(family):
             assert batched[i].guidance == single.guidance
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
+def test_the_head_broadcasts_a_chain_axis_over_the_token_conditions(family, guided):
+    """head(x [K, N, C], j, z [N, D]) is K calls head(x[k], j, z): MTE's chains share each token's conditioning,
+    and the one-call form must be the same transition (mean and std), gradients into z included."""
+    fam = FAMILIES[family]
+    model = fam.build()
+    head = model.policy.head
+    g = torch.Generator().manual_seed(5)
+    n, k = 7, 3
+    with torch.no_grad():  # the width of the policy's z
+        d = model.policy(torch.zeros(1, model.seq_len, model.token_embed_dim), torch.ones(1, model.seq_len),
+                         model.encode_prompts(list(fam.prompts[:1]))).shape[-1]
+    z = torch.randn(n, d, generator=g).requires_grad_(True)
+    zu = torch.randn(z.shape, generator=g) if guided else None
+    x = torch.randn(k, n, head.token_dim, generator=g)
+    j = next(j for j in range(head.num_steps) if head.is_stochastic(j))
+    together = head(x, j, z, zu, 2.0 if guided else 1.0)
+    apart = [head(x[c], j, z, zu, 2.0 if guided else 1.0) for c in range(k)]
+    assert together.mean.shape == x.shape
+    torch.testing.assert_close(together.mean, torch.stack([a.mean for a in apart]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(together.std, torch.stack([a.std for a in apart]), atol=1e-6, rtol=1e-5)
+    w = torch.randn(x.shape, generator=g)
+    (g_together,) = torch.autograd.grad((together.mean * w).sum(), z)
+    (g_apart,) = torch.autograd.grad(sum((a.mean * w[c]).sum() for c, a in enumerate(apart)), z)
+    torch.testing.assert_close(g_together, g_apart, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda s: s.pop("tokenizer"), "missing key(s) ['tokenizer']"),
     (lambda s: s["mar"].pop("head"), "lacks ['head']"),

@@ -96,6 +96,12 @@ class DiffusionHead(nn.Module):
 
     def forward(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
                 guidance: float = 1.0, temperature: float = 1.0) -> Transition:
+        """The transition of head step j for states x [..., N, C] under per-token conditions z [N, D].
+
+        Leading axes of x (K chains of the same N tokens) broadcast over the conditions: every network here
+        computes its conditioning (time and z embeddings, the AdaLN modulations: most of its work) once per
+        token and applies it to all chains, which is what makes MTE's K extra chains cheap.
+        """
         if not 0 <= j < self.num_steps:  # a DDPM index would wrap round to another step silently
             raise IndexError(f"head step {j} is outside the sampling chain (steps 0..{self.num_steps - 1})")
         return self.transition(x, j, z, z_uncond, guidance, temperature)
@@ -132,9 +138,9 @@ class DiffusionHead(nn.Module):
             z_uncond = z_uncond.to(w.dtype) if z_uncond is not None else None
         if z_uncond is None:
             return self.net(x, t, z), None
-        n = x.shape[0]
-        out = self.net(torch.cat([x, x], 0), torch.cat([t, t], 0), torch.cat([z, z_uncond], 0))
-        return out[:n], out[n:]
+        n = x.shape[-2]  # the token axis (x may carry leading chain axes, see `forward`)
+        out = self.net(torch.cat([x, x], -2), torch.cat([t, t], 0), torch.cat([z, z_uncond], 0))
+        return out[..., :n, :], out[..., n:, :]
 
     def init_noise(self, shape: tuple[int, ...], generator: torch.Generator | None,
                    device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -198,10 +204,10 @@ class DdpmHead(DiffusionHead):
     def transition(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
                    guidance: float = 1.0, temperature: float = 1.0) -> Transition:
         c = self.token_dim
-        out_c, out_u = self._net_out(x, self.scheduler.net_time(j, x.shape[0], x.device), z, z_uncond)
+        out_c, out_u = self._net_out(x, self.scheduler.net_time(j, z.shape[0], x.device), z, z_uncond)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            eps = _guided(out_c[:, :c].float(), None if out_u is None else out_u[:, :c].float(), guidance)
-            var_values = out_c[:, c:].float()  # the conditional branch's variance, as upstream
+            eps = _guided(out_c[..., :c].float(), None if out_u is None else out_u[..., :c].float(), guidance)
+            var_values = out_c[..., c:].float()  # the conditional branch's variance, as upstream
             return self.scheduler.step(x, j, eps, var_values, temperature)
 
     # ------------------------------------------------------------------ pretraining loss
@@ -294,7 +300,7 @@ class FlowHead(DiffusionHead):
 
     def transition(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
                    guidance: float = 1.0, temperature: float = 1.0) -> Transition:
-        out_c, out_u = self._net_out(x, self.scheduler.net_time(j, x.shape[0], x.device), z, z_uncond)
+        out_c, out_u = self._net_out(x, self.scheduler.net_time(j, z.shape[0], x.device), z, z_uncond)
         with torch.autocast(device_type=x.device.type, enabled=False):
             v = _guided(out_c.float(), None if out_u is None else out_u.float(), guidance)
             return self.scheduler.step(x, j, v, temperature)

@@ -77,7 +77,8 @@ class FinalLayer(nn.Module):
 
 
 class SimpleMLPAdaLN(nn.Module):
-    """net(x_t [N, C], t [N], z [N, D]) -> [N, out_channels]."""
+    """net(x_t [..., N, C], t [N], z [N, D]) -> [..., N, out_channels]; leading axes of x_t (chains of the same
+    tokens) broadcast over the per-token conditioning, which is computed once."""
 
     def __init__(self, in_channels: int, model_channels: int, out_channels: int, z_channels: int,
                  num_res_blocks: int, grad_checkpointing: bool = False):

@@ -34,8 +34,10 @@ class SamplingSection:
                                            "MAR, constant for NOVA and Harmon, as upstream)",
                                            choices=("linear", "constant"))
     temperature: float = option(1.0, "scale of the head's sampling std", range=(0.01, 10.0))
-    batch_mte_chains: bool = option(False, "draw the K MTE chains as one batch of K x N tokens (each chain's noise "
-                                    "drawn first, in the sequential order: equal up to matmul rounding)")
+    batch_mte_chains: bool = option(True, "draw the K MTE chains together, each token's conditioning computed once "
+                                    "for its K chains (measured: the mar-grpo rollout 1.35x faster); false runs them "
+                                    "one by one, with K times less transient head memory (the same chains up to "
+                                    "matmul rounding: each chain's noise is drawn in the sequential order)")
     compile: bool = option(False, "torch.compile the transformer and the head network for rollouts (minutes of "
                            "compiling, then faster steps; the trainer's replay stays eager)")
 

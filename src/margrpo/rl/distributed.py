@@ -166,6 +166,26 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_mean_tensors(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Each tensor averaged over ranks, flattened into one buffer for one all-reduce (None stays None; every rank
+    holds the same Nones and shapes, as its tensors come from the same parameters)."""
+    out = list(tensors)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return out
+    present = [i for i, t in enumerate(out) if t is not None]
+    if not present:
+        return out
+    flat = torch.cat([out[i].reshape(-1).float() for i in present])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for i in present:
+        n = out[i].numel()
+        out[i] = flat[offset:offset + n].view_as(out[i]).to(out[i].dtype)
+        offset += n
+    return out
+
+
 def all_reduce_stats(stats: dict[str, float]) -> dict[str, float]:
     """Logged per-rank statistics made global: means averaged (equal shards), .../max maxed, .../min minned, counts
     summed. Averaged means of nonlinear statistics (a ratio's mean over kept elements) are close to, not equal to,

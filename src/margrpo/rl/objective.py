@@ -342,19 +342,21 @@ def chunked_trajectory_loss(policy: Policy, reference: Policy | None, rollout: R
             r_clip = r_clip + ((r - 1).abs() > cfg.clip_eps).float().sum()
         del main, pg, ratio, pol, term
         if mte is not None:
+            # the K chains of the uncertain tokens together: their conditioning is computed once per token
             idx, old_k = mte
             k_chains = rec.mte_x.shape[0]
-            for k in range(k_chains):
-                new = score_transitions(policy.head, rec.mte_x[k], jc, leaf_sc, temperature, tokens=idx).logp
-                pg_k = clipped_surrogate(new, old_k[k, c0:c0 + size], adv[:, idx], cfg.clip_eps, cfg.dual_clip)[0]
-                pol = (pg_k * w[idx][None, :, None]).sum() / k_chains
-                accumulate(pol)
-                policy_value = policy_value + pol.detach()
-                with torch.no_grad():
-                    rk = torch.exp((new - old_k[k, c0:c0 + size]).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
-                    mte_max = rk.max() if mte_max is None else torch.maximum(mte_max, rk.max())
-                    mte_min = rk.min() if mte_min is None else torch.minimum(mte_min, rk.min())
-                del new, pg_k, pol
+            new = score_transitions(policy.head, rec.mte_x.transpose(0, 1), jc, leaf_sc, temperature,
+                                    tokens=idx).logp.transpose(0, 1)
+            old_c = old_k[:, c0:c0 + size]
+            pg_k = clipped_surrogate(new, old_c, adv[:, idx][None], cfg.clip_eps, cfg.dual_clip)[0]
+            pol = (pg_k * w[idx][None, None, :, None]).sum() / k_chains
+            accumulate(pol)
+            policy_value = policy_value + pol.detach()
+            with torch.no_grad():
+                rk = torch.exp((new - old_c).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+                mte_max = rk.max() if mte_max is None else torch.maximum(mte_max, rk.max())
+                mte_min = rk.min() if mte_min is None else torch.minimum(mte_min, rk.min())
+            del new, pg_k, pol
     # the loss: the chunks' value, and the gradient they left on z (and the head) for the caller's backward
     loss = policy_value + cfg.beta * kl_value
     sources = [sc.z, *([sc.z_uncond] if zu is not None else []), *head_params]
@@ -391,7 +393,9 @@ def _mte_log_probs(policy: Policy, rec: ARStepRecord, js: list[int], sc: StepCon
         raise ValueError(f"AR step {rec.step}: the rollout recorded MTE log-probabilities at head steps "
                          f"{rec.mte_head_steps}, not at {missing} (sample with SamplerConfig.mte_head_steps)")
     rows = [rec.mte_head_steps.index(j) for j in js]
-    new = torch.stack([score_transitions(policy.head, x, js, sc, temperature, tokens=idx).logp for x in rec.mte_x])
+    # the K chains in one head call per step (the chain axis leads the token axis), as the sampler recorded them
+    new = score_transitions(policy.head, rec.mte_x.transpose(0, 1), js, sc, temperature,
+                            tokens=idx).logp.transpose(0, 1)
     old = rec.mte_logp[:, rows]
     with torch.no_grad():
         r = torch.exp((new - old).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))

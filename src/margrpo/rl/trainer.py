@@ -124,12 +124,16 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
             raise ValueError(f"distributed.rollout_shards={shards} must be a multiple of the world size {self.world} "
                              f"and divide algorithm.prompts_per_step={cfg.algorithm.prompts_per_step} (whole groups "
                              "per shard, equal shards per process)")
-        if self.world > 1:
-            if cfg.algorithm.ptx_weight > 0:
-                raise ValueError("algorithm.ptx_weight > 0 is not supported in a multi-process run yet (set it to 0)")
-            if cfg.distributed.strategy == "fsdp" and (cfg.eval.every > 0 or cfg.eval.ema_decay > 0):
+        if cfg.algorithm.ptx_weight > 0 and cfg.algorithm.ptx_batch_size % shards:
+            raise ValueError(f"algorithm.ptx_batch_size={cfg.algorithm.ptx_batch_size} must be a multiple of the "
+                             f"rollout shards ({shards}): each shard's ptx images are an equal part of the batch")
+        if self.world > 1 and cfg.distributed.strategy == "fsdp":
+            if cfg.eval.every > 0 or cfg.eval.ema_decay > 0:
                 raise ValueError("distributed.strategy=fsdp: in-loop evaluation and the EMA are not supported yet "
                                  "(set eval.every=0 and eval.ema_decay=0, or use strategy=ddp)")
+            if cfg.algorithm.ptx_weight > 0:
+                raise ValueError("distributed.strategy=fsdp: algorithm.ptx_weight > 0 is not supported yet (its "
+                                 "loss runs outside the sharded module's forward; use strategy=ddp or ptx_weight: 0)")
         return shards
 
     def _sample_prompts(self) -> list[str]:
@@ -179,16 +183,25 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
         return r, r.prompts, metas, ar, head_steps
 
     def ptx_loss(self, step: int) -> torch.Tensor:
-        """The MAR pretraining loss on shapes-world training batch `step` (a pure function of seed and step)."""
+        """The MAR pretraining loss on this process's part of shapes-world training batch `step`.
+
+        The batch (a pure function of seed and step) is cut into the rollout shards' equal parts, each with its own
+        random stream keyed by the shard, like the rollouts: the mean over a process's parts, averaged over the
+        processes, is the one-process loss whatever the world size (one shard: the whole batch, stream 0)."""
         from margrpo.worlds.shapes.data import uint8_to_model_range
 
         imgs, prompts = self.ptx_data.batch(step)
-        g = make_generator(self.cfg.seed, "ptx", self.rank, step, device=self.device)
-        with torch.no_grad():
-            cond = self.model.encode_prompts(list(prompts))
-            tokens = self.model.encode_images(uint8_to_model_range(imgs, self.device), generator=g)
-        with self._autocast():
-            loss = self.model.policy.pretrain_loss(tokens, cond, g, drop_conditions=True)
+        per_rank, size = self.shards // self.world, len(prompts) // self.shards
+        losses = []
+        for shard in range(self.rank * per_rank, (self.rank + 1) * per_rank):
+            part = slice(shard * size, (shard + 1) * size)
+            g = make_generator(self.cfg.seed, "ptx", shard, step, device=self.device)
+            with torch.no_grad():
+                cond = self.model.encode_prompts(list(prompts[part]))
+                tokens = self.model.encode_images(uint8_to_model_range(imgs[part], self.device), generator=g)
+            with self._autocast():
+                losses.append(self.model.policy.pretrain_loss(tokens, cond, g, drop_conditions=True))
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         if not torch.isfinite(loss):
             raise StepFault("non-finite pretraining (ptx) loss", f"step {step + 1}", float(loss))
         return loss
@@ -333,7 +346,16 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
         if self.ptx_data is None or not first:
             return
         loss = self.ptx_loss(step)
-        (self.cfg.algorithm.ptx_weight * loss).backward()
+        if self.world == 1:
+            (self.cfg.algorithm.ptx_weight * loss).backward()
+        else:
+            # The loss runs outside the DDP module's forward (pretraining is not the module call), so DDP does not
+            # reduce it: its gradient is taken apart, averaged over the processes and added to the synced one.
+            params = [p for _, p in self.params]
+            grads = torch.autograd.grad(self.cfg.algorithm.ptx_weight * loss, params, allow_unused=True)
+            for p, g in zip(params, D.all_reduce_mean_tensors(grads), strict=True):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad.add_(g)
         stats.setdefault("loss/ptx", []).append(float(loss.detach()))
 
     def _raise_on_any_rank(self, fault: StepFault | None, where: str) -> None:

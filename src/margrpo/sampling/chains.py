@@ -123,24 +123,31 @@ def run_chains(head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | No
                batched: bool, finite: list[torch.Tensor] | None = None) -> torch.Tensor:
     """K independent recorded chains for the same N conditions: their states [K, T+1, N, C].
 
-    `batched` runs them as one chain of K x N tokens; the noise is drawn first, chain by chain in the order of
-    the K sequential calls (init, then each stochastic step), so chain k sees exactly its sequential draws.
+    `batched` runs them as one chain of states [K, N, C]: the head broadcasts the chain axis over the N
+    conditions, so its conditioning (time and z embeddings, AdaLN modulations) is computed once per token for all
+    K chains. The noise is drawn first, chain by chain in the order of the K sequential calls (init, then each
+    stochastic step), so chain k sees exactly its sequential draws: the two differ only in matmul rounding.
     """
     if not batched:
         return torch.stack([run_chain(head, z, z_uncond, guidance, temperature, generator, True,
                                       finite=finite)[1]["x"] for _ in range(k)])
-    n = z.shape[0]
-    shape = (n, head.token_dim)
+    shape = (z.shape[0], head.token_dim)
     draws = [[head.init_noise(shape, generator, z.device)]
              + [torch.randn(shape, generator=generator, device=z.device, dtype=torch.float32)
                 for j in range(head.num_steps) if head.is_stochastic(j)] for _ in range(k)]
-    it = iter(range(len(draws[0])))
-
-    def noise_fn() -> torch.Tensor:
-        s = next(it)
-        return torch.cat([d[s] for d in draws])
-
-    g = guidance.repeat(k, 1) if isinstance(guidance, torch.Tensor) else guidance
-    x = run_chain(head, z.repeat(k, 1), z_uncond.repeat(k, 1) if z_uncond is not None else None, g, temperature,
-                  generator, True, noise_fn, finite)[1]["x"]
-    return x.reshape(x.shape[0], k, n, x.shape[-1]).transpose(0, 1)
+    x = torch.stack([d[0] for d in draws])
+    xs, s = [x], 1
+    for j in range(head.num_steps):
+        tr = head_transition(head, x, j, z, z_uncond, guidance, temperature)
+        eps = None
+        if head.is_stochastic(j):
+            eps, s = torch.stack([d[s] for d in draws]), s + 1
+        x = head.sample_step(tr, j, None, eps)
+        xs.append(x)
+    out = torch.stack(xs, dim=1)
+    ok = torch.isfinite(out).all()
+    if finite is not None:
+        finite.append(ok)
+    else:
+        check_finite([ok])
+    return out

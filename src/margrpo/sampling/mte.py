@@ -62,8 +62,15 @@ def record_mte(rec: ARStepRecord, head: DiffusionHead, chains: torch.Tensor, unc
     rec.mte_tokens = idx
     rec.mte_head_steps = js
     rec.mte_x = chains[:, :, idx]
-    rec.mte_logp = (torch.stack([transition_log_probs(head, x, js, z, zu, guidance, config.temperature)[2]
-                                 for x in rec.mte_x]) if len(idx) and js else None)
+    rec.mte_logp = (chain_log_probs(head, rec.mte_x, js, z, zu, guidance, config.temperature)
+                    if len(idx) and js else None)
+
+
+def chain_log_probs(head: DiffusionHead, chains: torch.Tensor, js: list[int], z: torch.Tensor,
+                    z_uncond: torch.Tensor | None, guidance: float, temperature: float) -> torch.Tensor:
+    """Log-probabilities [K, J, n, C] of K chains' transitions [K, T+1, n, C] at head steps `js`, in one head call
+    per step: the chain axis broadcasts over the n conditions (their conditioning computed once)."""
+    return transition_log_probs(head, chains.transpose(0, 1), js, z, z_uncond, guidance, temperature)[2].transpose(0, 1)
 
 
 def sample_commit_mte(head: DiffusionHead, z_commit: torch.Tensor, z_u_commit: torch.Tensor | None,

@@ -93,7 +93,8 @@ def score_transitions(head: DiffusionHead, x: torch.Tensor, js: Sequence[int], c
     """Log-probability of x[j] -> x[j+1] for each j in `js` under `cond`, with the sampler's own code.
 
     `x` is a trajectory stack [T+1, N, C] (or [T+1, n, C] when `tokens`, an index tensor, restricts the
-    conditions to n of the N tokens); the result is [J, N or n, C].
+    conditions to n of the N tokens); the result is [J, N or n, C]. Axes between the first and the token axis
+    (K chains of the same tokens: [T+1, K, n, C]) broadcast over the conditions and are kept in the result.
     """
     z, zu = cond.z, cond.z_uncond
     if tokens is not None:

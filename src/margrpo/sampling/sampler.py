@@ -73,10 +73,11 @@ class SamplerConfig:
     # group are then caused by that one step's tokens alone (see `margrpo.rl` for why that matters).
     noise_group: int = 1
     branch_step: int | None = None
-    # MTE: run the K extra chains as one batch of K x N tokens instead of K calls of N (their noise drawn first,
-    # in the sequential order, so each chain sees the draws it would see alone). Equal up to the head's matmul
-    # blocking for a larger batch (allclose, not bitwise on every CPU), so off by default.
-    batch_mte_chains: bool = False
+    # MTE: run the K extra chains together, states [K, N, C] under the N conditions (the head computes each token's
+    # conditioning once for all K chains), instead of K calls of N; their noise is drawn first, in the sequential
+    # order, so each chain sees the draws it would see alone. Equal to the sequential chains up to matmul rounding;
+    # the sequential form holds K times less transient head memory.
+    batch_mte_chains: bool = True
     # torch.compile the policy's transformer and the head's network for the rollout (compiled once per module and
     # kept); off by default: compiling costs minutes, pays off only on long runs, and needs a working compiler
     compile: bool = False

@@ -313,7 +313,8 @@ class NOVAFlowHead(FlowHead):
 
     `FlowHead.__init__` is bypassed because it builds MAR's MLP-AdaLN network as a `net` submodule, which would put
     the parameters under `net.*`; here they sit on the head itself (upstream's `image_decoder.*` keys) and `net` is
-    the method that runs them: `net(x_t [N, p*p*c] in the patchify layout, t [N] = sigma * 1000, z [N, D])` -> v.
+    the method that runs them: `net(x_t [..., N, p*p*c] in the patchify layout, t [N] = sigma * 1000, z [N, D])` -> v
+    (leading axes of x_t broadcast over the per-token conditioning, as in MAR's network).
     """
 
     def __init__(self, spec: ViTSpec, cond_dim: int, patch_size: int, image_dim: int,
