@@ -107,7 +107,7 @@ def scaling(tmp: Path, quick: bool, device: str, dtype: str) -> list[dict]:
 
     Every row is a ratio to plain grpo at the same group size G and scored AR steps, its steps alternated with the
     row's in this run; `marginal */unit` is the increase from the sweep's previous point per unit of the swept
-    quantity (constant = linear growth).
+    quantity (constant = linear growth). The `cost split` rows add mar-grpo's parts one at a time.
     """
     demo = [config_path("demo.yaml")]
     grpo, mar = config_path("presets/grpo.yaml"), config_path("presets/mar-grpo.yaml")
@@ -123,14 +123,15 @@ def scaling(tmp: Path, quick: bool, device: str, dtype: str) -> list[dict]:
                                      device, dtype)
         return bases[(g, ar)]
 
-    def run(g: int, k: int, ar: int, chunk: int) -> dict:
+    def run(g: int, k: int, ar: int, chunk: int, preset: str = mar, extra: tuple[str, ...] = (),
+            method: str | None = None) -> dict:
         over = [*prompts, f"algorithm.group_size={g}", f"algorithm.ar_step_count={ar}", f"algorithm.mte_k={k}",
-                f"algorithm.chunk_head_steps={chunk}"]
-        variant = _Runner([*demo, mar], tmp, f"mar-g{g}-k{k}-ar{ar}-c{chunk}", over, device, dtype)
+                f"algorithm.chunk_head_steps={chunk}", *extra]
+        variant = _Runner([*demo, preset], tmp, f"{method or 'mar'}-g{g}-k{k}-ar{ar}-c{chunk}", over, device, dtype)
         r = _paired(base(g, ar), variant, repeats)
         del variant
-        r.update({"method": f"mar-grpo{' chunked' if chunk else ''}", "G": g, "K": k, "scored AR steps": ar,
-                  "chunk": chunk})
+        r.update({"method": method or f"mar-grpo{' chunked' if chunk else ''}", "G": g, "K": k,
+                  "scored AR steps": ar, "chunk": chunk})
         return r
 
     rows: list[dict] = []
@@ -139,7 +140,7 @@ def scaling(tmp: Path, quick: bool, device: str, dtype: str) -> list[dict]:
         prev = None
         for r in points:
             r["sweep"] = sweep
-            if prev is not None and r[sweep] != prev[sweep]:
+            if prev is not None and sweep in r and r[sweep] != prev[sweep]:
                 d = r[sweep] - prev[sweep]
                 r["marginal s/unit"] = (r["s/step"] - prev["s/step"]) / d
                 r["marginal MB/unit"] = (r["peak MB"] - prev["peak MB"]) / d
@@ -150,6 +151,13 @@ def scaling(tmp: Path, quick: bool, device: str, dtype: str) -> list[dict]:
         add("K", [run(8, k, ar_default, chunk) for k in (2, 4, 8)])
     add("G", [run(g, 4, ar_default, 1) for g in (4, 8, 16)])
     add("scored AR steps", [run(8, 4, ar, 1) for ar in (1, 2, 4)])
+    # Where mar-grpo's time goes: the paper's policy term covers every still-unknown token (so the rollout diffuses
+    # them all at every AR step), against plain grpo's committed tokens; then the consistency filter; then MTE.
+    add("cost split", [
+        run(8, 0, ar_default, 1, grpo, ("algorithm.policy_tokens=unknown",), "grpo, all unknown tokens"),
+        run(8, 0, ar_default, 1, mar, (), "mar-grpo without MTE"),
+        run(8, 4, ar_default, 1, mar, (), "mar-grpo chunked"),
+    ])
     return rows
 
 
