@@ -102,9 +102,10 @@ class AlgorithmSection:
                                      "chains", range=(0.0, 1.0))
     mte_source: str = option("commit", "condition the K chains are drawn under: each token's committing step (the "
                              "release) or the scored step", choices=("commit", "scored"))
-    chunk_head_steps: int = option(0, "memory-flat MTE: the trajectory loss's main trajectory and each MTE chain are "
-                                   "back-propagated this many scored head steps at a time, so one chunk's head graph "
-                                   "is alive instead of (1 + K) x J (the same gradient; 0 = one graph)",
+    chunk_head_steps: int = option(0, "memory-flat MTE: the trajectory loss's main trajectory, then the K MTE chains "
+                                   "of the uncertain tokens together, are back-propagated this many scored head steps "
+                                   "at a time, so one chunk's head graph is alive instead of all J steps' for the "
+                                   "1 + K trajectories (the same gradient; 0 = one graph)",
                                    range=(0, 4096))
     consistency: bool = option(True, "MAR-GRPO's consistency-aware selection: a still-unknown token stays in the "
                                "policy term only if its head output moved toward its final value")

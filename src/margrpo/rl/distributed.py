@@ -166,22 +166,28 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_mean_tensors(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """Each tensor averaged over ranks, flattened into one buffer for one all-reduce (None stays None; every rank
-    holds the same Nones and shapes, as its tensors come from the same parameters)."""
-    out = list(tensors)
+def all_reduce_mean_grads(grads: Sequence[torch.Tensor | None],
+                          params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Each parameter's gradient averaged over ranks, in one flat all-reduce. A gradient that is None on some ranks
+    (the parameter was not in their graph) counts as zeros there, and stays None only where it is None on every
+    rank: what one process with the whole batch would hold."""
+    out = list(grads)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return out
-    present = [i for i, t in enumerate(out) if t is not None]
-    if not present:
+    dev = next((g.device for g in out if g is not None), params[0].device if params else None)
+    present = torch.tensor([g is not None for g in out], dtype=torch.int32, device=dev)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX)  # the same buffer layout on every rank
+    idx = [i for i, flag in enumerate(present.tolist()) if flag]
+    if not idx:
         return out
-    flat = torch.cat([out[i].reshape(-1).float() for i in present])
+    flat = torch.cat([(out[i] if out[i] is not None else torch.zeros_like(params[i])).reshape(-1).float()
+                      for i in idx])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     offset = 0
-    for i in present:
-        n = out[i].numel()
-        out[i] = flat[offset:offset + n].view_as(out[i]).to(out[i].dtype)
+    for i in idx:
+        n = params[i].numel()
+        out[i] = flat[offset:offset + n].view_as(params[i]).to(params[i].dtype)
         offset += n
     return out
 

@@ -163,7 +163,7 @@ def ar_step_loss(policy: Policy, reference: Policy | None, rollout: Rollout, ste
         stats.update(nft_stats)
     elif cfg.chunk_head_steps > 0:
         return chunked_trajectory_loss(policy, reference, rollout, step, js, adv, keep, sc, cfg, old_cache,
-                                       policy_denominator, stats, reference_conditions)
+                                       policy_denominator, stats, reference_conditions, policy_weight)
     else:
         main = score_transitions(policy.head, rec.x, js, sc, temperature)
         # old log-probabilities: the rollout's own, under the density the loss scores
@@ -243,18 +243,21 @@ def _old_main_log_probs(rollout: Rollout, rec: ARStepRecord, js: list[int], cfg:
 def chunked_trajectory_loss(policy: Policy, reference: Policy | None, rollout: Rollout, step: int, js: list[int],
                             adv: torch.Tensor, keep: torch.Tensor, sc: StepConditions, cfg: ObjectiveConfig,
                             old_cache: dict, policy_denominator: float | None, stats: dict[str, float],
-                            reference_conditions: StepConditions | None = None) -> StepLoss:
+                            reference_conditions: StepConditions | None = None,
+                            policy_weight: float = 1.0) -> StepLoss:
     """The trajectory estimator's loss of one AR step with the head graphs of one chunk alive at a time.
 
     Why: MTE scores K extra chains of the uncertain tokens at every scored head step; in one graph the head
     activations of all (1 + K) x J transitions are alive at the backward, so peak memory grows with K and J.
     The loss is a sum over (trajectory, head step) terms with weights known in advance (the element-level ratio,
-    the kept-token masks and the reduction's counts), so each chunk -- one trajectory, `chunk_head_steps` head
-    steps -- is differentiated alone (`torch.autograd.grad`) into the step's conditions z (and the head's trainable
-    weights) and its graph freed. The returned loss has the unchunked value and, through
+    the kept-token masks and the reduction's counts), so each chunk -- the main trajectory's terms, or the K MTE
+    chains' terms on the uncertain tokens (one head call), at `chunk_head_steps` head steps -- is differentiated
+    alone (`torch.autograd.grad`) into the step's conditions z (and the head's trainable weights) and its graph
+    freed. The returned loss has the unchunked value and, through
     `(z * dL/dz).sum()` (+ the same for the head weights; those terms are exactly 0 in value), the unchunked
     gradient up to float summation order, for the caller's backward through the transformer.
     Needs `ratio_level='element'` and `head_step_weighting='none'` (both couple head steps or chains nonlinearly).
+    `policy_weight` multiplies the policy term (not the KL) as in `ar_step_loss`; `stats` keep the unweighted value.
     """
     if cfg.ratio_level != "element" or cfg.head_step_weighting != "none":
         raise ValueError("chunk_head_steps > 0 needs ratio_level='element' and head_step_weighting='none' (pooled "
@@ -326,7 +329,7 @@ def chunked_trajectory_loss(policy: Policy, reference: Policy | None, rollout: R
         main = score_transitions(policy.head, rec.x, jc, leaf_sc, temperature)
         pg, ratio = clipped_surrogate(main.logp, old[c0:c0 + size], adv, cfg.clip_eps, cfg.dual_clip)
         pol = (pg * w_main[None, :, None]).sum()
-        term = pol
+        term = pol if policy_weight == 1.0 else policy_weight * pol
         if use_kl:
             kl = kl_terms(main, ScoredTransitions(js=jc, mean=ref.mean[c0:c0 + size], std=ref.std[c0:c0 + size],
                                                   logp=ref.logp[c0:c0 + size]), cfg.kl).sum() / kl_count
@@ -350,7 +353,7 @@ def chunked_trajectory_loss(policy: Policy, reference: Policy | None, rollout: R
             old_c = old_k[:, c0:c0 + size]
             pg_k = clipped_surrogate(new, old_c, adv[:, idx][None], cfg.clip_eps, cfg.dual_clip)[0]
             pol = (pg_k * w[idx][None, None, :, None]).sum() / k_chains
-            accumulate(pol)
+            accumulate(pol if policy_weight == 1.0 else policy_weight * pol)
             policy_value = policy_value + pol.detach()
             with torch.no_grad():
                 rk = torch.exp((new - old_c).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
@@ -358,7 +361,7 @@ def chunked_trajectory_loss(policy: Policy, reference: Policy | None, rollout: R
                 mte_min = rk.min() if mte_min is None else torch.minimum(mte_min, rk.min())
             del new, pg_k, pol
     # the loss: the chunks' value, and the gradient they left on z (and the head) for the caller's backward
-    loss = policy_value + cfg.beta * kl_value
+    loss = (policy_value if policy_weight == 1.0 else policy_weight * policy_value) + cfg.beta * kl_value
     sources = [sc.z, *([sc.z_uncond] if zu is not None else []), *head_params]
     for src, g in zip(sources, grads, strict=True):
         if g is not None and src.requires_grad:

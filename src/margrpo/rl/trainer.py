@@ -202,8 +202,9 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
             with self._autocast():
                 losses.append(self.model.policy.pretrain_loss(tokens, cond, g, drop_conditions=True))
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
-        if not torch.isfinite(loss):
-            raise StepFault("non-finite pretraining (ptx) loss", f"step {step + 1}", float(loss))
+        fault = None if torch.isfinite(loss) else StepFault("non-finite pretraining (ptx) loss", f"step {step + 1}",
+                                                            float(loss))
+        self._raise_on_any_rank(fault, f"step {step + 1}, ptx")  # before the others wait in its gradient's all-reduce
         return loss
 
     def _autocast(self):
@@ -353,7 +354,7 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
             # reduce it: its gradient is taken apart, averaged over the processes and added to the synced one.
             params = [p for _, p in self.params]
             grads = torch.autograd.grad(self.cfg.algorithm.ptx_weight * loss, params, allow_unused=True)
-            for p, g in zip(params, D.all_reduce_mean_tensors(grads), strict=True):
+            for p, g in zip(params, D.all_reduce_mean_grads(grads, params), strict=True):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad.add_(g)
         stats.setdefault("loss/ptx", []).append(float(loss.detach()))
