@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from benchmarks.common import PeakMemory, machine, median_spread, write_results
 from margrpo.configs import config_path
@@ -52,8 +54,8 @@ def measure(files: list[str], tmp: Path, name: str, steps: int, device: str, dty
 
 SCALING_COLUMNS = ["sweep", "method", "G", "K", "scored AR steps", "chunk", "s/step", "s/step IQR",
                    "time vs grpo", "time vs grpo IQR", "peak MB", "peak MB IQR", "memory vs grpo",
-                   "memory vs grpo IQR", "grpo s/step", "grpo peak MB", "marginal s/unit", "marginal MB/unit",
-                   "repeats"]
+                   "memory vs grpo IQR", "GFLOP/step", "FLOPs vs grpo", "grpo s/step", "grpo peak MB",
+                   "marginal s/unit", "marginal MB/unit", "repeats"]
 
 
 class _Runner:
@@ -78,6 +80,34 @@ class _Runner:
         self.step += 1
         return time.perf_counter() - t0, self.peak.peak_bytes / 2**20
 
+    def flops(self) -> float:
+        """Floating-point operations of one training step (rollout, replay and backward; FlopCounterMode counts
+        matrix multiplies and convolutions), measured once: the work a step does, whatever the machine's speed."""
+        if not hasattr(self, "_flops"):
+            counter = _FlopCount()
+            with counter:
+                self.trainer.train_step(self.step)
+            self.step += 1
+            self._flops = float(counter.total)
+        return self._flops
+
+
+class _FlopCount(TorchDispatchMode):
+    """torch's FLOP formulas (`torch.utils.flop_counter.flop_registry`) summed over every op. FlopCounterMode itself
+    tracks modules with backward hooks, which `torch.autograd.grad` on leaves (the chunked MTE loss) rejects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
 
 def _paired(base: _Runner, variant: _Runner, repeats: int) -> dict:
     """Baseline and variant steps alternated, so each ratio compares two steps measured seconds apart (the
@@ -97,6 +127,8 @@ def _paired(base: _Runner, variant: _Runner, repeats: int) -> dict:
     out["memory vs grpo"], out["memory vs grpo IQR"] = median_spread(
         [v / b for v, b in zip(vm, bm, strict=True) if b > 0] or [float("nan")])
     out["grpo s/step"], out["grpo peak MB"] = median_spread(bt)[0], median_spread(bm)[0]
+    out["GFLOP/step"] = variant.flops() / 1e9
+    out["FLOPs vs grpo"] = variant.flops() / base.flops()
     out["memory_method"] = variant.peak.method
     out["repeats"] = repeats
     return out
@@ -107,7 +139,8 @@ def scaling(tmp: Path, quick: bool, device: str, dtype: str) -> list[dict]:
 
     Every row is a ratio to plain grpo at the same group size G and scored AR steps, its steps alternated with the
     row's in this run; `marginal */unit` is the increase from the sweep's previous point per unit of the swept
-    quantity (constant = linear growth). The `cost split` rows add mar-grpo's parts one at a time.
+    quantity (constant = linear growth). The `cost split` rows add mar-grpo's parts one at a time. `FLOPs vs grpo`
+    is the work ratio: a time ratio near it says the extra time is the algorithm's arithmetic, not overhead.
     """
     demo = [config_path("demo.yaml")]
     grpo, mar = config_path("presets/grpo.yaml"), config_path("presets/mar-grpo.yaml")
