@@ -45,7 +45,8 @@ def run_chain(head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | Non
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Full head chain for N tokens. Returns the final x [N, C] and, if `record`, the x and logp stacks.
 
-    `noise_fn()` (if given) supplies each standard-normal draw [N, C] instead of `generator`. With `finite` (a
+    `noise_fn()` (if given) supplies each standard-normal draw [N, C] instead of `generator`, or [K, N, C] for K
+    chains of the same N tokens (the head broadcasts the chain axis over z). With `finite` (a
     list), the all-finite flag is appended as a tensor for the caller to check once (`check_finite`) instead of
     being read here: reading it is a device-to-host sync per call, i.e. per AR step.
     """
@@ -135,19 +136,11 @@ def run_chains(head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | No
     draws = [[head.init_noise(shape, generator, z.device)]
              + [torch.randn(shape, generator=generator, device=z.device, dtype=torch.float32)
                 for j in range(head.num_steps) if head.is_stochastic(j)] for _ in range(k)]
-    x = torch.stack([d[0] for d in draws])
-    xs, s = [x], 1
-    for j in range(head.num_steps):
-        tr = head_transition(head, x, j, z, z_uncond, guidance, temperature)
-        eps = None
-        if head.is_stochastic(j):
-            eps, s = torch.stack([d[s] for d in draws]), s + 1
-        x = head.sample_step(tr, j, None, eps)
-        xs.append(x)
-    out = torch.stack(xs, dim=1)
-    ok = torch.isfinite(out).all()
-    if finite is not None:
-        finite.append(ok)
-    else:
-        check_finite([ok])
-    return out
+    it = iter(range(len(draws[0])))
+
+    def noise_fn() -> torch.Tensor:  # the K chains' s-th draws, [K, N, C]
+        s = next(it)
+        return torch.stack([d[s] for d in draws])
+
+    traj = run_chain(head, z, z_uncond, guidance, temperature, generator, True, noise_fn, finite)[1]
+    return traj["x"].transpose(0, 1)
