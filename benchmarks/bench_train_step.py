@@ -70,6 +70,7 @@ class _Runner:
         self.trainer = Trainer(cfg, progress=False)
         self.peak = PeakMemory(device)
         self.step = 0
+        self._flops: float | None = None
         self.step_once()  # warm-up: caches and allocators
 
     def step_once(self) -> tuple[float, float]:
@@ -81,9 +82,9 @@ class _Runner:
         return time.perf_counter() - t0, self.peak.peak_bytes / 2**20
 
     def flops(self) -> float:
-        """Floating-point operations of one training step (rollout, replay and backward; FlopCounterMode counts
+        """Floating-point operations of one training step (rollout, replay and backward; torch's formulas count
         matrix multiplies and convolutions), measured once: the work a step does, whatever the machine's speed."""
-        if not hasattr(self, "_flops"):
+        if self._flops is None:
             counter = _FlopCount()
             with counter:
                 self.trainer.train_step(self.step)
