@@ -19,8 +19,8 @@ import torch
 
 from benchmarks.common import machine, median_spread, write_results
 from margrpo.models.loading import load_model
+from margrpo.rl.loss import replay_transitions, step_conditions
 from margrpo.sampling import sampler as current
-from margrpo.sampling.replay import score_transitions, step_conditions
 
 
 def sampler_at(rev: str) -> types.ModuleType:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     def replay():
         with torch.no_grad(), autocast:
             for i in r.steps:
-                score_transitions(model.head, r.steps[i].x, js, step_conditions(model.policy, r, i), r.temperature)
+                replay_transitions(model.head, r.steps[i].x, js, step_conditions(model.policy, r, i), r.temperature)
 
     replay()
     ts = []

@@ -302,6 +302,16 @@ def test_a_renamed_key_points_to_its_new_name():
     assert "it was renamed 'algorithm.score_guidance'" in str(err.value)
 
 
+def test_a_removed_key_says_why_it_went():
+    """Configs that set an option which was removed get what replaced it, not a bare "unknown key"."""
+    from margrpo.rl.config import TrainConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, None, ["algorithm.chunk_head_steps=1", "algorithm.ratio_level=image"])
+    assert "'algorithm.chunk_head_steps'; it was removed: the trajectory loss always" in str(err.value)
+    assert "'algorithm.ratio_level'; it was removed: the PPO ratio is taken per element" in str(err.value)
+
+
 @pytest.mark.parametrize("name", sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")
                                         if p.name != "shapes-pretrain.yaml"))
 def test_every_shipped_training_config_loads(name):

@@ -13,8 +13,8 @@ from families import FAMILIES
 
 from margrpo.models.loading import load_model
 from margrpo.rl.advantages import group_advantages
-from margrpo.rl.objective import ObjectiveConfig, ar_step_loss
-from margrpo.sampling.replay import batched_step_conditions, score_transitions, step_conditions
+from margrpo.rl.config import AlgorithmSection
+from margrpo.rl.loss import ar_step_loss, batched_step_conditions, replay_transitions, step_conditions
 from margrpo.sampling.sampler import SamplerConfig, sample
 
 FAMILY_NAMES = list(FAMILIES)
@@ -99,8 +99,8 @@ def test_ratio_is_one_before_the_first_update(family, guidance_scale, score_guid
     r = _rollout(model, guidance_scale, prompts=fam.prompts, policy_tokens=policy_tokens, mte_k=3,
                  mte_source=mte_source, score_guidance=score_guidance)
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    ocfg = ObjectiveConfig(score_guidance=score_guidance, beta=0.1, consistency=policy_tokens == "unknown",
-                           mte_top_fraction=0.3)
+    ocfg = AlgorithmSection(score_guidance=score_guidance, beta=0.1, consistency=policy_tokens == "unknown",
+                            policy_tokens=policy_tokens, mte_k=3, mte_top_fraction=0.3)
     policy = model.policy
     policy.train()  # the trainer may keep the policy in train mode; replay must still match (dropout off)
     ref = copy.deepcopy(policy).eval()
@@ -127,7 +127,7 @@ def test_replay_recomputes_the_rollouts_conditions_and_log_probs(family, guidanc
     for i, rec in r.steps.items():
         with torch.no_grad():
             sc = step_conditions(model.policy, r, i)
-            st = score_transitions(head, rec.x, js, sc, r.temperature)
+            st = replay_transitions(head, rec.x, js, sc, r.temperature)
         assert (sc.z_full - rec.z).abs().max() / rec.z.abs().max() < 1e-5
         ref = rec.logp[js]
         assert (st.logp - ref).abs().max() / ref.abs().max() < 1e-5 and torch.isfinite(st.logp).all()
@@ -222,7 +222,7 @@ def test_rollouts_and_losses_go_through_the_module_calls(family, estimator):
     calls.update(policy=0, head=0)
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
     js = [j for j in range(policy.head.num_steps) if policy.head.is_stochastic(j)][:2]
-    ocfg = ObjectiveConfig(estimator=estimator, beta=0.0, consistency=False, mte_top_fraction=0.0)
+    ocfg = AlgorithmSection(estimator=estimator, beta=0.0, consistency=False, mte_k=0)
     sl = ar_step_loss(policy, None, r, 1, js, adv.values, adv.use, ocfg, {}, first_epoch=True,
                       generator=torch.Generator().manual_seed(0))
     sl.loss.backward()

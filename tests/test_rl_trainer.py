@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from margrpo.rl.advantages import group_advantages
-from margrpo.rl.config import TrainConfig
-from margrpo.rl.objective import ObjectiveConfig, ar_step_loss
+from margrpo.rl.config import AlgorithmSection, TrainConfig
+from margrpo.rl.loss import ar_step_loss
 from margrpo.rl.selection import select_steps
 from margrpo.rl.trainer import Trainer
 from margrpo.sampling.sampler import SamplerConfig, sample
@@ -23,49 +23,25 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("normalize", ["element", "token"])
-def test_token_pooled_ratio_has_the_elementwise_gradient_at_ratio_one(normalize):
-    """At ratio 1 (no clip active) the per-token pooled surrogate -A exp(mean_c log-ratio) has gradient
-    -A mean_c d logp, so under a mean over elements it equals the element-wise term and under Harmon's sum over
-    channels it must be C times that mean: the same gradient as the element-wise term in both reductions."""
-    model = tiny_model()
-    cond = model.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
-    scfg = SamplerConfig(num_ar_steps=4, policy_tokens="committed", record_z=False)
-    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
-    adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    grads = {}
-    for level in ("element", "token"):
-        model.mar.zero_grad()
-        ocfg = ObjectiveConfig(ratio_level=level, normalize=normalize, beta=0.0, consistency=False,
-                               mte_top_fraction=0.0)
-        sl = ar_step_loss(model.mar, None, r, 1, [0, 2], adv.values, adv.use, ocfg, {}, first_epoch=True)
-        sl.loss.backward()
-        grads[level] = model.mar.z_proj.weight.grad.clone()
-    assert grads["element"].abs().sum() > 0
-    torch.testing.assert_close(grads["token"], grads["element"], rtol=1e-4, atol=1e-7)
-
-def test_pooled_ratios_are_one_and_rollout_normalisation_weighs_every_kept_pair_alike():
+def test_rollout_normalisation_weighs_every_kept_pair_alike():
     model = tiny_model()
     cond = model.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
     scfg = SamplerConfig(num_ar_steps=4, policy_tokens="unknown", mte_k=3, mte_source="scored", record_z=False)
     r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    for level in ("token", "image"):
-        ocfg = ObjectiveConfig(ratio_level=level, beta=0.0, consistency=True, mte_top_fraction=0.3)
-        sl = ar_step_loss(model.mar, None, r, 2, [0, 2, 4], adv.values, adv.use, ocfg, {}, first_epoch=True)
-        assert abs(sl.stats["ratio/max"] - 1) < 1e-5 and abs(sl.stats["ratio/min"] - 1) < 1e-5
-        assert abs(sl.stats["mte/ratio_max"] - 1) < 1e-5
     # per AR step: loss = sum over kept pairs / (kept tokens x head steps); rollout: the same sum / D
     element = ar_step_loss(model.mar, None, r, 2, [0, 2, 4], adv.values, adv.use,
-                           ObjectiveConfig(beta=0.0, consistency=True), {}, True)
+                           AlgorithmSection(beta=0.0, consistency=True, mte_k=3), {}, True)
+    assert abs(element.stats["ratio/max"] - 1) < 1e-5 and abs(element.stats["ratio/min"] - 1) < 1e-5
+    assert abs(element.stats["mte/ratio_max"] - 1) < 1e-5
     rollout = ar_step_loss(model.mar, None, r, 2, [0, 2, 4], adv.values, adv.use,
-                           ObjectiveConfig(beta=0.0, consistency=True, normalize="rollout"), {}, True,
+                           AlgorithmSection(beta=0.0, consistency=True, mte_k=3, normalize="rollout"), {}, True,
                            policy_denominator=123.0)
     c = r.tokens.shape[-1]
     assert rollout.stats["loss/policy"] * 123.0 == pytest.approx(element.stats["loss/policy"]
                                                                  * element.stats["elements"] / c, rel=1e-5)
     with pytest.raises(ValueError, match="policy_denominator"):
-        ar_step_loss(model.mar, None, r, 2, [0], adv.values, adv.use, ObjectiveConfig(normalize="rollout"), {}, True)
+        ar_step_loss(model.mar, None, r, 2, [0], adv.values, adv.use, AlgorithmSection(normalize="rollout"), {}, True)
 
 
 @pytest.mark.parametrize("mte_source", ["commit", "scored"])
@@ -77,7 +53,7 @@ def test_the_recorded_old_log_probs_catch_a_replay_that_differs_from_sampling(mt
                          record_z=False, score_guidance="cond_only")
     r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    ocfg = ObjectiveConfig(score_guidance="cond_only", beta=0.0, consistency=False, mte_top_fraction=0.3)
+    ocfg = AlgorithmSection(score_guidance="cond_only", beta=0.0, consistency=False, mte_k=3, mte_top_fraction=0.3)
     with torch.no_grad():
         model.mar.z_proj.weight.add_(0.05 * torch.randn(model.mar.z_proj.weight.shape,
                                                       generator=torch.Generator().manual_seed(2)))
@@ -93,7 +69,7 @@ def test_matching_estimator_is_the_advantage_weighted_pretraining_loss_at_ratio_
     r = sample(model.mar, cond, 6, SamplerConfig(num_ar_steps=4, policy_tokens="committed", record_z=False),
                torch.Generator().manual_seed(0))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    ocfg = ObjectiveConfig(estimator="matching", noise_draws=3, beta=0.0, consistency=False)
+    ocfg = AlgorithmSection(estimator="matching", mte_k=0, noise_draws=3, beta=0.0, consistency=False)
     step = 2
     cache: dict = {}
     sl = ar_step_loss(model.mar, None, r, step, [0], adv.values, adv.use, ocfg, cache, True,
@@ -124,13 +100,11 @@ def test_matching_estimator_is_the_advantage_weighted_pretraining_loss_at_ratio_
     assert torch.allclose(got, model.mar.z_proj.weight.grad, atol=1e-6, rtol=1e-4)
     assert got.abs().sum() > 0
     with pytest.raises(ValueError, match="valid: 'trajectory', 'matching'"):  # no silent fallback
-        ar_step_loss(model.mar, None, r, step, [0], adv.values, adv.use, ObjectiveConfig(estimator="awm"), {}, True)
+        ar_step_loss(model.mar, None, r, step, [0], adv.values, adv.use, AlgorithmSection(estimator="awm", mte_k=0),
+                     {}, True)
     # trajectory-only options are refused with the matching estimator, naming the conflicting key
     with pytest.raises(ValueError, match="mte_k"):
         load_config(TrainConfig, None, ["algorithm.estimator=matching", "algorithm.mte_k=4"])
-    with pytest.raises(ValueError, match="head_step_weighting"):
-        load_config(TrainConfig, None, ["algorithm.estimator=matching", "algorithm.mte_k=0",
-                                        "algorithm.head_step_weighting=std"])
 
 
 def test_frozen_head_gets_no_gradient_and_does_not_change(tiny_model_dir, tmp_path):
@@ -157,13 +131,12 @@ def _cfg(model_dir, out, steps, extra=()):
         "log.sample_every=100", "log.tensorboard=false", "optim.lr=3e-3", *extra])
 
 
-@pytest.mark.parametrize("extra", [(), ("algorithm.normalize=rollout", "algorithm.ratio_level=image",
-                                       "algorithm.advantage_clip=1.0"),
+@pytest.mark.parametrize("extra", [(), ("algorithm.normalize=rollout", "algorithm.advantage_clip=1.0"),
                                    ("algorithm.estimator=matching", "algorithm.mte_k=0"),
                                    ("algorithm.estimator=nft", "algorithm.mte_k=0"),
                                    ("eval.every=2", "eval.per_category=2", "eval.in_distribution=true",
                                     "eval.ema_decay=0.5")],
-                         ids=["trajectory", "rollout-norm+image-ratio", "matching", "nft", "eval+ema"])
+                         ids=["trajectory", "rollout-norm", "matching", "nft", "eval+ema"])
 def test_end_to_end_run_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, extra):
     full = Trainer(_cfg(tiny_model_dir, tmp_path / "full", 4, extra), progress=False)
     m_full = full.run()
@@ -212,7 +185,7 @@ def test_gradient_checkpointing_backward_matches(tmp_path):
         cond = model.encode_prompts(["a red circle"]).repeat_interleave(4)
         r = sample(model.mar, cond, 4, SamplerConfig(num_ar_steps=3, record_z=False), torch.Generator().manual_seed(0))
         adv = group_advantages(torch.tensor([0.0, 1.0, 0.5, 0.2]), torch.zeros(4, dtype=torch.long))
-        sl = ar_step_loss(model.mar, None, r, 1, [0, 1], adv.values, adv.use, ObjectiveConfig(beta=0.0), {}, True)
+        sl = ar_step_loss(model.mar, None, r, 1, [0, 1], adv.values, adv.use, AlgorithmSection(beta=0.0), {}, True)
         sl.loss.backward()
         grads.append(model.mar.z_proj.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)

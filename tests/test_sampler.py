@@ -5,7 +5,7 @@ import torch
 
 from margrpo.models.conditioning import Condition
 from margrpo.models.mar import MAR
-from margrpo.sampling.replay import score_transitions, step_conditions
+from margrpo.rl.loss import replay_transitions, step_conditions
 from margrpo.sampling.sampler import SamplerConfig, sample
 
 from conftest import randomize, tiny_mar_kwargs
@@ -121,7 +121,7 @@ def test_recomputed_log_probs_equal_recorded(head, guidance_scale, policy_tokens
     for i, rec in r.steps.items():
         with torch.no_grad():
             sc = step_conditions(m, r, i)
-            st = score_transitions(m.head, rec.x, js, sc, r.temperature)
+            st = replay_transitions(m.head, rec.x, js, sc, r.temperature)
         assert (sc.z_full - rec.z).abs().max() / rec.z.abs().max() < 1e-5
         ref = rec.logp[js]
         assert (st.logp - ref).abs().max() / ref.abs().max() < 1e-5
@@ -129,7 +129,7 @@ def test_recomputed_log_probs_equal_recorded(head, guidance_scale, policy_tokens
     # with grad: same values, and the gradient reaches the transformer through z only
     i = 2
     sc = step_conditions(m, r, i)
-    st = score_transitions(m.head, r.steps[i].x, js, sc, r.temperature)
+    st = replay_transitions(m.head, r.steps[i].x, js, sc, r.temperature)
     ratio = torch.exp(st.logp - r.steps[i].logp[js])
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
     st.logp.sum().backward()
@@ -141,8 +141,8 @@ def test_cond_only_scoring_differs_under_guidance():
     r = run(m, num_ar_steps=4, guidance_scale=3.0, guidance_schedule="constant")
     js = [3, 4]  # late steps: early ones are dominated by the x0 clamp
     with torch.no_grad():
-        guided = score_transitions(m.head, r.steps[0].x, js, step_conditions(m, r, 0, "rollout"), 1.0)
-        cond_only = score_transitions(m.head, r.steps[0].x, js, step_conditions(m, r, 0, "cond_only"), 1.0)
+        guided = replay_transitions(m.head, r.steps[0].x, js, step_conditions(m, r, 0, "rollout"), 1.0)
+        cond_only = replay_transitions(m.head, r.steps[0].x, js, step_conditions(m, r, 0, "cond_only"), 1.0)
     assert (guided.mean - cond_only.mean).abs().max() > 1e-4
     ref = r.steps[0].logp[js]
     assert (guided.logp - ref).abs().max() / ref.abs().max() < 1e-5

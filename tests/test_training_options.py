@@ -11,7 +11,8 @@ import torch
 from families import FAMILIES
 
 from margrpo.rl.advantages import group_advantages
-from margrpo.rl.objective import ObjectiveConfig, ar_step_loss
+from margrpo.rl.config import AlgorithmSection
+from margrpo.rl.loss import ar_step_loss
 from margrpo.sampling.sampler import SamplerConfig, sample
 
 ADV = (torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
@@ -41,7 +42,7 @@ def test_gradient_checkpointing_gives_the_stored_gradient(family, monkeypatch):
         r = _rollout(model, fam.prompts)
         adv = group_advantages(*ADV)
         js = [j for j in range(model.head.num_steps) if model.head.is_stochastic(j)][:2]
-        sl = ar_step_loss(model.policy, None, r, 1, js, adv.values, adv.use, ObjectiveConfig(beta=0.0), {}, True)
+        sl = ar_step_loss(model.policy, None, r, 1, js, adv.values, adv.use, AlgorithmSection(beta=0.0), {}, True)
         sl.loss.backward()
         assert bool(calls) == enabled  # checkpointing is on exactly when asked for
         grads.append({n: p.grad.clone() for n, p in model.policy.parameter_groups()["ar"] if p.grad is not None})
@@ -72,8 +73,8 @@ def test_bf16_autocast_keeps_rl_statistics_float32_and_close_to_float32(family):
     """
     import copy
 
-    from margrpo.rl.objective import kl_terms
-    from margrpo.sampling.replay import score_transitions, step_conditions
+    from margrpo.rl.loss import replay_transitions, step_conditions
+    from margrpo.rl.loss_terms import kl_terms
 
     fam = FAMILIES[family]
     model = fam.build()
@@ -87,7 +88,7 @@ def test_bf16_autocast_keeps_rl_statistics_float32_and_close_to_float32(family):
     adv = group_advantages(*ADV)
     assert adv.values.dtype == torch.float32
     js = [j for j in range(policy.head.num_steps) if policy.head.is_stochastic(j)][:3]
-    ocfg = ObjectiveConfig(beta=0.1, consistency=False, mte_top_fraction=0.3)
+    ocfg = AlgorithmSection(beta=0.1, consistency=False, mte_k=3, mte_top_fraction=0.3)
     rollouts = {}
     for bf in (False, True):
         with _bf16(bf):
@@ -105,8 +106,8 @@ def test_bf16_autocast_keeps_rl_statistics_float32_and_close_to_float32(family):
     for bf in (False, True):
         with torch.no_grad(), _bf16(bf):
             sc, rsc = step_conditions(policy, r32, 1), step_conditions(reference, r32, 1)
-            st = score_transitions(policy.head, r32.steps[1].x, js, sc, r32.temperature)
-            kl = kl_terms(st, score_transitions(reference.head, r32.steps[1].x, js, rsc, r32.temperature), "gaussian")
+            st = replay_transitions(policy.head, r32.steps[1].x, js, sc, r32.temperature)
+            kl = kl_terms(st, replay_transitions(reference.head, r32.steps[1].x, js, rsc, r32.temperature), "gaussian")
         assert st.logp.dtype == torch.float32 and kl.dtype == torch.float32 and sc.z.dtype == torch.float32
         out[bf] = (sc.z, st.logp, kl)
     if family == "harmon":
@@ -151,7 +152,7 @@ def test_lora_adapters_keep_the_ratio_at_one_and_only_they_get_gradients(family)
     r = _rollout(model, fam.prompts, mte_k=3, policy_tokens="unknown")
     adv = group_advantages(*ADV)
     js = [j for j in range(policy.head.num_steps) if policy.head.is_stochastic(j)][:3]
-    ocfg = ObjectiveConfig(beta=0.1, consistency=False, mte_top_fraction=0.3)
+    ocfg = AlgorithmSection(beta=0.1, consistency=False, mte_k=3, mte_top_fraction=0.3)
     for i in range(4):
         sl = ar_step_loss(policy, reference, r, i, js, adv.values, adv.use, ocfg, {}, first_epoch=True)
         for k in ("ratio/max", "ratio/min", "mte/ratio_max", "mte/ratio_min"):

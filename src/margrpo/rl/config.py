@@ -12,9 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from margrpo.rl.objective import ESTIMATORS, NORMALIZE_MODES, RATIO_LEVELS, ObjectiveConfig
 from margrpo.sampling.sampler import SCORE_GUIDANCE_MODES, SamplerConfig
 from margrpo.utils.config import option
+
+# the estimators of the policy term: each is one function of `rl.loss.LOSSES`
+ESTIMATORS = ("trajectory", "matching", "nft")
+NORMALIZE_MODES = ("element", "token", "rollout")
 
 
 @dataclass
@@ -48,6 +51,12 @@ class AlgorithmSection:
     """The RL objective: GRPO's groups and advantages, PPO's clip and epochs, the KL, and MAR-GRPO's stabilisers."""
 
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"guidance": "score_guidance"}
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "chunk_head_steps": "the trajectory loss always back-propagates one scored head step at a time (memory-flat, "
+                            "no slower than one graph: docs/findings/2026-12-02-scale.md)",
+        "ratio_level": "the PPO ratio is taken per element; pooled per token or image it learned no better "
+                       "(docs/findings/2026-12-07-one-trajectory-loss.md)",
+    }
 
     group_size: int = option(8, "images per prompt (G); advantages are relative within a group", range=(2, 4096))
     prompts_per_step: int = option(4, "prompts per rollout; a rollout has prompts_per_step x group_size images",
@@ -66,16 +75,14 @@ class AlgorithmSection:
                                        "step's mean moves per unit of network output) exceeds this are not scored, "
                                        "in the policy term, MTE or the KL (docs/findings/2026-12-01-noise-dominated-"
                                        "head-steps.md)", range=(0.0, None))
-    head_step_weighting: str = option("none", "weight each scored head step's policy term by its mean std (std) "
-                                      "or not", choices=("none", "std"))
+    head_step_weighting: str = option("none", "weight each scored head step's policy term by its mean std over the "
+                                      "mean of the scored steps' (std) or not (docs/findings/2026-12-07-one-"
+                                      "trajectory-loss.md)", choices=("none", "std"))
     score_guidance: str = option("rollout", "density the transitions are scored under: the guided one that sampled, or "
                            "the conditional branch alone (the MAR-GRPO release)", choices=SCORE_GUIDANCE_MODES)
     clip_eps: float = option(0.2, "PPO clip range of the ratio (0 = no clip)", range=(0.0, 10.0))
     dual_clip: float | None = option(None, "dual-clip PPO bound c on negative advantages' objective (Ye et al. "
                                      "2020)", range=(1.0, 100.0))
-    ratio_level: str = option("element", "where the PPO ratio is taken: per element (the paper's), or its log pooled "
-                              "per token or per image before the clip (Flow-GRPO / DanceGRPO pool per image)",
-                              choices=RATIO_LEVELS)
     normalize: str = option("element", "policy-term reduction: mean over an AR step's kept elements, Harmon's sum "
                             "over channels (token), or one mean over the rollout's kept (token, head step) pairs "
                             "(rollout)", choices=NORMALIZE_MODES)
@@ -103,11 +110,6 @@ class AlgorithmSection:
                                      "chains", range=(0.0, 1.0))
     mte_source: str = option("commit", "condition the K chains are drawn under: each token's committing step (the "
                              "release) or the scored step", choices=("commit", "scored"))
-    chunk_head_steps: int = option(0, "memory-flat MTE: the trajectory loss's main trajectory, then the K MTE chains "
-                                   "of the uncertain tokens together, are back-propagated this many scored head steps "
-                                   "at a time, so one chunk's head graph is alive instead of all J steps' for the "
-                                   "1 + K trajectories (the same gradient; 0 = one graph)",
-                                   range=(0, 4096))
     consistency: bool = option(True, "MAR-GRPO's consistency-aware selection: a still-unknown token stays in the "
                                "policy term only if its head output moved toward its final value")
     consistency_start: int = option(1, "AR steps up to this one are not filtered", range=(0, 4096))
@@ -149,26 +151,9 @@ class AlgorithmSection:
         if self.estimator != "trajectory" and self.mte_k:
             raise ValueError("algorithm.mte_k > 0 averages head-trajectory log-probabilities; with "
                              f"algorithm.estimator={self.estimator!r} there are none (set mte_k=0)")
-        if self.estimator != "trajectory" and self.ratio_level != "element":
-            raise ValueError("algorithm.ratio_level pools the trajectory estimator's log-ratios; with "
-                             f"algorithm.estimator={self.estimator!r} set it to 'element'")
-        if self.chunk_head_steps and (self.ratio_level != "element" or self.head_step_weighting != "none"):
-            raise ValueError("algorithm.chunk_head_steps > 0 back-propagates chunks of independent terms; "
-                             "pooled ratios (ratio_level) and std weights (head_step_weighting) couple them "
-                             "(set chunk_head_steps=0)")
         if self.estimator != "trajectory" and self.head_step_weighting != "none":
             raise ValueError("algorithm.head_step_weighting weighs head steps of the trajectory estimator; "
                              f"with algorithm.estimator={self.estimator!r} set it to 'none'")
-
-    def objective(self) -> ObjectiveConfig:
-        return ObjectiveConfig(clip_eps=self.clip_eps, dual_clip=self.dual_clip, beta=self.beta, kl=self.kl,
-                               normalize=self.normalize, ratio_level=self.ratio_level,
-                               score_guidance=self.score_guidance, head_step_weighting=self.head_step_weighting,
-                               mte_top_fraction=self.mte_top_fraction if self.mte_k else 0.0,
-                               consistency=self.consistency, consistency_start=self.consistency_start,
-                               consistency_tau=self.consistency_tau, estimator=self.estimator,
-                               noise_draws=self.noise_draws, nft_beta=self.nft_beta, nft_adv_clip=self.nft_adv_clip,
-                               nft_weighting=self.nft_weighting, chunk_head_steps=self.chunk_head_steps)
 
 
 @dataclass

@@ -32,10 +32,9 @@ import torch
 
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import TrainConfig
-from margrpo.rl.objective import ar_step_loss
+from margrpo.rl.loss import ar_step_loss, replay_transitions, step_conditions
 from margrpo.rl.selection import scorable_head_steps, scored_guidance
 from margrpo.rl.trainer import Trainer
-from margrpo.sampling.replay import score_transitions, step_conditions
 from margrpo.sampling.sampler import sample
 from margrpo.utils.rng import make_generator
 
@@ -61,14 +60,13 @@ def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
     stochastic = [j for j in range(head.num_steps) if head.is_stochastic(j)]
     gain_args = (scored_guidance(cfg), cfg.sampling.temperature)
     scored = set(scorable_head_steps(head, a.head_step_max_gain, *gain_args)) if stochastic else set()
-    ocfg = a.objective()
     params = [p for _, p in tr.params]
 
     def policy_grad(js: list[int]) -> list[torch.Tensor]:
         for p in params:
             p.grad = None
         for i in range(n_ar):
-            sl = ar_step_loss(policy, None, rollout, i, js, adv.values, adv.use, ocfg, {}, first_epoch=True)
+            sl = ar_step_loss(policy, None, rollout, i, js, adv.values, adv.use, cfg.algorithm, {}, first_epoch=True)
             (sl.loss / n_ar).backward()
         return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
@@ -86,7 +84,7 @@ def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
             log_ratio, clamped, count = 0.0, 0.0, 0
             for i, rec in rollout.steps.items():
                 sc = step_conditions(policy, rollout, i, a.score_guidance)
-                new = score_transitions(head, rec.x, [j], sc, rollout.temperature)
+                new = replay_transitions(head, rec.x, [j], sc, rollout.temperature)
                 log_ratio = max(log_ratio, float((new.logp - rec.logp[[j]]).abs().max()))
                 clamped += float(_clamped_fraction(head, rec.x[j], j, sc)) * rec.x.shape[1]
                 count += rec.x.shape[1]

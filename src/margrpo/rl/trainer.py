@@ -28,12 +28,11 @@ from margrpo.rl.advantages import Advantages, group_advantages
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.eval_loop import ParameterEMA, TrainingEvaluator
 from margrpo.rl.faults import StepFault, StopRequest, TrainingFault, TrainingStopped
-from margrpo.rl.objective import ar_step_loss, kept_policy_tokens
+from margrpo.rl.loss import ar_step_loss, batched_step_conditions, kept_policy_tokens
 from margrpo.rl.outputs import NoWriter, RunOutputsMixin
 from margrpo.rl.persistence import CheckpointMixin
 from margrpo.rl.prompts import PromptSource
 from margrpo.rl.selection import select_steps
-from margrpo.sampling.replay import batched_step_conditions
 from margrpo.sampling.rollout import Rollout
 from margrpo.sampling.sampler import sample
 from margrpo.utils.checkpoint import (
@@ -240,16 +239,15 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
             g["lr"] = self.lr_at(step)
         stats: dict[str, list[float]] = {}
         grad_norms = []
-        objective = a.objective()
         denominator = None
         if a.normalize == "rollout":  # kept (token, head step) pairs of the whole rollout, per scored AR step
             draws = a.noise_draws if a.estimator != "trajectory" else None
-            pairs = sum(float(kept_policy_tokens(rollout, i, adv.use, objective).sum()) * (draws or len(head_steps[i]))
+            pairs = sum(float(kept_policy_tokens(rollout, i, adv.use, a).sum()) * (draws or len(head_steps[i]))
                         for i in ar_steps)
             # every AR step's loss is scaled by 1 / len(ar_steps) below; this makes each pair weigh 1 / pairs
             pairs = D.all_reduce_sum([pairs])[0]  # the global batch's pairs
             denominator = max(pairs, 1.0) / (1 if a.update == "ar_step" else len(ar_steps))
-        weights = self._policy_weights(rollout, ar_steps, adv, objective)
+        weights = self._policy_weights(rollout, ar_steps, adv)
         with timer("update"):
             old_cache: dict = {}
             batched = a.batch_ar_steps and a.update == "rollout"
@@ -273,7 +271,7 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
                             g = (make_generator(self.cfg.seed, "matching", self.rank, step, i, device=self.device)
                                  if a.estimator != "trajectory" else None)
                             sl = ar_step_loss(self.policy, self.reference, rollout, i, head_steps[i], adv.values,
-                                              adv.use, objective, old_cache, first_epoch=epoch == 0, generator=g,
+                                              adv.use, a, old_cache, first_epoch=epoch == 0, generator=g,
                                               policy_denominator=denominator,
                                               conditions=conds[i] if conds is not None else None,
                                               reference_conditions=ref_conds[i] if ref_conds is not None else None,
@@ -321,7 +319,7 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
             rec["memory/peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return rec
 
-    def _policy_weights(self, rollout: Rollout, ar_steps: list[int], adv: Advantages, objective) -> dict[int, float]:
+    def _policy_weights(self, rollout: Rollout, ar_steps: list[int], adv: Advantages) -> dict[int, float]:
         """Per scored AR step, the factor on this rank's policy term that makes the ranks' averaged gradient the
         gradient of one mean over the global batch.
 
@@ -334,7 +332,7 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
             return dict.fromkeys(ar_steps, 1.0)
         if a.normalize == "rollout":
             return dict.fromkeys(ar_steps, float(self.world))
-        local = [float(kept_policy_tokens(rollout, i, adv.use, objective).sum()) for i in ar_steps]
+        local = [float(kept_policy_tokens(rollout, i, adv.use, a).sum()) for i in ar_steps]
         total = D.all_reduce_sum(local)
         return {i: self.world * k / t if t > 0 else 1.0 for i, k, t in zip(ar_steps, local, total, strict=True)}
 

@@ -1,14 +1,13 @@
-"""Head chains: one denoising step, a token's whole chain, its recorded states and log-probabilities.
+"""Head chains: a token's whole chain of head steps, its recorded states and log-probabilities.
 
-Shared by the sampler (which records with them), the MTE chains (`mte.py`) and replay (which recomputes with
-them): one definition of a transition and of its log-probability is what makes the recomputed log-probabilities
-equal to the recorded ones. Every call of the head goes through the head module (`head(...)`), so DDP and FSDP2
-hooks fire.
+Shared by the sampler and the MTE chains (`mte.py`). A transition's log-probability has one definition,
+`DiffusionHead.score_transitions`, which the loss recomputes with. Every call of the head goes through the head
+module (`head(...)`), so DDP and FSDP2 hooks fire.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -19,24 +18,6 @@ def head_transition(head: DiffusionHead, x: torch.Tensor, j: int, z: torch.Tenso
                     guidance: float, temperature: float) -> Transition:
     """One head step, guided when an unconditional condition is given (through the head module's call)."""
     return head(x, j, z, z_uncond, guidance if z_uncond is not None else 1.0, temperature)
-
-
-def transition_log_probs(head: DiffusionHead, x: torch.Tensor, js: Sequence[int], z: torch.Tensor,
-                         z_uncond: torch.Tensor | None, guidance: float | torch.Tensor, temperature: float
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean, std and log-probability of x[j] -> x[j+1] for each j in `js` ([J, N, C] each, float32).
-
-    `x` is a trajectory stack [T+1, N, C]. The sampler records with it and replay recomputes with it.
-    """
-    means, stds, logps = [], [], []
-    for j in js:
-        if not head.is_stochastic(j):
-            raise ValueError(f"head step {j} is deterministic and has no log-probability")
-        tr = head_transition(head, x[j], j, z, z_uncond, guidance, temperature)
-        means.append(tr.mean)
-        stds.append(tr.std)
-        logps.append(gaussian_log_prob(x[j + 1], tr.mean, tr.std))
-    return torch.stack(means), torch.stack(stds), torch.stack(logps)
 
 
 def run_chain(head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | None, guidance: float | torch.Tensor,

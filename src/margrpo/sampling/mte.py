@@ -7,7 +7,7 @@
 
 The sampler draws the chains (`sample_commit_mte` from each token's committing condition, or per recorded step)
 and records, for the selected tokens only, their states and log-probabilities (`record_mte`); the objective
-averages the policy term over them (`margrpo.rl.objective`).
+averages the policy term over them (`margrpo.rl.loss`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from margrpo.models.heads import DiffusionHead
-from margrpo.sampling.chains import run_chains, transition_log_probs
+from margrpo.sampling.chains import run_chains
 from margrpo.sampling.rollout import ARStepRecord
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def chain_log_probs(head: DiffusionHead, chains: torch.Tensor, js: list[int], z:
                     z_uncond: torch.Tensor | None, guidance: float, temperature: float) -> torch.Tensor:
     """Log-probabilities [K, J, n, C] of K chains' transitions [K, T+1, n, C] at head steps `js`, in one head call
     per step: the chain axis broadcasts over the n conditions (their conditioning computed once)."""
-    return transition_log_probs(head, chains.transpose(0, 1), js, z, z_uncond, guidance, temperature)[2].transpose(0, 1)
+    return head.score_transitions(chains.transpose(0, 1), js, z, z_uncond, guidance, temperature).logp.transpose(0, 1)
 
 
 def sample_commit_mte(head: DiffusionHead, z_commit: torch.Tensor, z_u_commit: torch.Tensor | None,

@@ -3,9 +3,9 @@
 One loop serves every model family: it sees only the `Policy` interface (`models/base.py`): the policy module
 itself, `policy(tokens, mask, cond, drop)` -> z, its head module, `policy.head(x, j, z, ...)` -> the step's
 Gaussian, and `policy.sample_orders` / `policy.mask_schedule` for the generation order and the AR schedule.
-`compute_conditions` (here) and the head chains (`chains.py`) are shared with `replay.py`, which recomputes the
-same quantities for the trainer: using the same code (same batch layout for guidance) is what makes the
-recomputed log-probabilities equal to the recorded ones; the MTE chains are drawn and recorded by `mte.py`.
+`compute_conditions` (here) and the head's `score_transitions` are shared with the loss (`rl/loss.py`), which
+recomputes the same quantities for the trainer: using the same code (same batch layout for guidance) is what makes
+the recomputed log-probabilities equal to the recorded ones; the MTE chains are drawn and recorded by `mte.py`.
 
 All randomness comes from explicit `torch.Generator`s: `generator` for the orders and the main
 head noise, `mte_generator` for the extra multi-trajectory-expectation chains (so that switching
@@ -32,7 +32,6 @@ from margrpo.sampling.chains import (
     run_chains,
     shared_within_groups,
     split_noise,
-    transition_log_probs,
 )
 from margrpo.sampling.mte import record_mte, sample_commit_mte, token_uncertainty, top_fraction_mask
 from margrpo.sampling.rollout import ARStepRecord, Rollout
@@ -288,7 +287,7 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
                 if config.guided and config.score_guidance == "cond_only":
                     logp_cond = torch.zeros_like(traj["logp"])
                     js = [j for j in range(head.num_steps) if head.is_stochastic(j)]
-                    logp_cond[js] = transition_log_probs(head, traj["x"], js, zc_sel, None, 1.0, config.temperature)[2]
+                    logp_cond[js] = head.score_transitions(traj["x"], js, zc_sel, None, 1.0, config.temperature).logp
                 steps[i] = ARStepRecord(
                     step=i, known=known.clone(), to_pred=to_pred.clone(), diffused=diffused.clone(),
                     canvas=canvas_before, guidance=float(guidance), x=traj["x"], logp=traj["logp"], logp_cond=logp_cond,
