@@ -112,8 +112,8 @@ def grpo_step(policy: Policy, reference: Policy, opt: torch.optim.Optimizer, con
     use = torch.ones(g_size, dtype=torch.bool, device=device)
     js = [j for j in range(r.head_steps) if policy.head.is_stochastic(j)][:4]
     scored = sorted(r.steps)[-n_scored:]
-    obj = AlgorithmSection(mte_k=k if mar else 0, mte_top_fraction=0.3, consistency=mar,
-                           policy_tokens="unknown" if mar else "committed", beta=0.01)
+    obj = AlgorithmSection(mte_k=k if mar else 0, mte_top_fraction=0.3,
+                           policy_tokens="consistent" if mar else "committed", beta=0.01)
     opt.zero_grad(set_to_none=True)
     cache: dict = {}
     for i in scored:

@@ -45,8 +45,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--against", metavar="REV", help="also time the sampler module of this git revision")
-    ap.add_argument("--compile", action="store_true", help="also time the mar-grpo rollout with sampling.compile "
-                    "(torch.compile; its compile time is in the warm-up, not in the figures)")
     args, _ = ap.parse_known_args(argv)
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -85,15 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     ]
     # Each variant's alternatives run alternately, repetition by repetition, so every "vs this sampler" ratio
     # pairs two runs measured seconds apart (a loaded machine drifts over minutes): this checkout's sampler, the
-    # sampler at --against, and, for MTE, the chains one by one.
+    # sampler at --against.
     rows = []
     base = None
     for name, kw in variants:
         alts = {name: (None, kw)}
-        if kw.get("mte_k"):  # the chains together (the default) against one by one
-            alts[f"{name}, chains one by one"] = (None, {**kw, "batch_mte_chains": False})
-        if args.compile and kw.get("policy_tokens") == "unknown" and kw.get("mte_k"):
-            alts[f"{name}, compiled"] = (None, {**kw, "compile": True})
         if old is not None and kw.get("record", True):
             alts[f"{name} [sampler at {args.against}]"] = (old, kw)
         times: dict[str, list[float]] = {a: [] for a in alts}

@@ -52,6 +52,7 @@ def measure(files: list[str], tmp: Path, name: str, steps: int, device: str, dty
             "peak GB": float(max(m["memory/peak_gb"] for m in metrics)), "images/step": images}
 
 
+AR_STEPS = 8  # the demo's sampling.ar_steps: the sweep scores ar of them (algorithm.ar_step_fraction)
 SCALING_COLUMNS = ["sweep", "method", "G", "K", "scored AR steps", "s/step", "s/step IQR",
                    "time vs grpo", "time vs grpo IQR", "peak MB", "peak MB IQR", "memory vs grpo",
                    "memory vs grpo IQR", "GFLOP/step", "FLOPs vs grpo", "grpo s/step", "grpo peak MB",
@@ -147,20 +148,20 @@ def scaling(tmp: Path, quick: bool, device: str, dtype: str) -> list[dict]:
     grpo, mar = config_path("presets/grpo.yaml"), config_path("presets/mar-grpo.yaml")
     repeats = 3 if quick else 5
     prompts = ["algorithm.prompts_per_step=1"] if quick else ["algorithm.prompts_per_step=2"]
-    ar_default = 4
+    ar_default = 4  # of the demo's AR_STEPS
     bases: dict[tuple[int, int], _Runner] = {}
 
     def base(g: int, ar: int) -> _Runner:
         if (g, ar) not in bases:
             bases[(g, ar)] = _Runner([*demo, grpo], tmp, f"grpo-g{g}-ar{ar}",
-                                     [*prompts, f"algorithm.group_size={g}", f"algorithm.ar_step_count={ar}"],
-                                     device, dtype)
+                                     [*prompts, f"algorithm.group_size={g}",
+                                      f"algorithm.ar_step_fraction={ar / AR_STEPS}"], device, dtype)
         return bases[(g, ar)]
 
     def run(g: int, k: int, ar: int, preset: str = mar, extra: tuple[str, ...] = (),
             method: str | None = None) -> dict:
-        over = [*prompts, f"algorithm.group_size={g}", f"algorithm.ar_step_count={ar}", f"algorithm.mte_k={k}",
-                *extra]
+        over = [*prompts, f"algorithm.group_size={g}", f"algorithm.ar_step_fraction={ar / AR_STEPS}",
+                f"algorithm.mte_k={k}", *extra]
         variant = _Runner([*demo, preset], tmp, f"{method or 'mar'}-g{g}-k{k}-ar{ar}", over, device, dtype)
         r = _paired(base(g, ar), variant, repeats)
         del variant

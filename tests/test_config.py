@@ -327,8 +327,8 @@ def test_the_nova_config_states_the_papers_settings():
 
     cfg = load_config(TrainConfig, CONFIGS / "nova-hps.yaml", [])
     a = cfg.algorithm
-    assert (a.group_size, a.ar_step_count, a.head_steps_per_ar_step, a.mte_k, a.mte_top_fraction, a.beta) == \
-        (4, 12, 10, 3, 0.3, 0.01)
+    assert (a.group_size, a.head_steps_per_ar_step, a.mte_k, a.mte_top_fraction, a.beta) == (4, 10, 3, 0.3, 0.01)
+    assert round(a.ar_step_fraction * 63) == 12  # 12 scored AR steps of NOVA's 63
     assert (cfg.optim.lr, cfg.sampling.guidance_scale, cfg.sampling.guidance_schedule) == (2e-6, 5.0, "constant")
     assert cfg.rewards == {"hpsv2": 1.0} and a.estimator == "trajectory" and a.train == "ar"
 
@@ -338,7 +338,7 @@ def test_the_harmon_config_states_the_papers_settings():
 
     cfg = load_config(TrainConfig, CONFIGS / "harmon-hps.yaml", [])
     a = cfg.algorithm
-    assert (a.group_size, a.ar_step_count, a.head_steps_per_ar_step, a.mte_k, a.mte_top_fraction, a.beta) == \
-        (4, 12, 10, 5, 0.3, 0.01)
+    assert (a.group_size, a.head_steps_per_ar_step, a.mte_k, a.mte_top_fraction, a.beta) == (4, 10, 5, 0.3, 0.01)
+    assert round(a.ar_step_fraction * 64) == 12  # 12 scored AR steps of Harmon's 64
     assert (cfg.optim.lr, cfg.sampling.guidance_scale, cfg.sampling.guidance_schedule) == (1e-6, 3.0, "constant")
     assert cfg.rewards == {"hpsv2": 1.0} and a.train == "ar"

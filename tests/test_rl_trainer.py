@@ -31,11 +31,11 @@ def test_rollout_normalisation_weighs_every_kept_pair_alike():
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
     # per AR step: loss = sum over kept pairs / (kept tokens x head steps); rollout: the same sum / D
     element = ar_step_loss(model.mar, None, r, 2, [0, 2, 4], adv.values, adv.use,
-                           AlgorithmSection(beta=0.0, consistency=True, mte_k=3), {}, True)
+                           AlgorithmSection(beta=0.0, mte_k=3), {}, True)
     assert abs(element.stats["ratio/max"] - 1) < 1e-5 and abs(element.stats["ratio/min"] - 1) < 1e-5
     assert abs(element.stats["mte/ratio_max"] - 1) < 1e-5
     rollout = ar_step_loss(model.mar, None, r, 2, [0, 2, 4], adv.values, adv.use,
-                           AlgorithmSection(beta=0.0, consistency=True, mte_k=3, normalize="rollout"), {}, True,
+                           AlgorithmSection(beta=0.0, mte_k=3, normalize="rollout"), {}, True,
                            policy_denominator=123.0)
     c = r.tokens.shape[-1]
     assert rollout.stats["loss/policy"] * 123.0 == pytest.approx(element.stats["loss/policy"]
@@ -53,7 +53,8 @@ def test_the_recorded_old_log_probs_catch_a_replay_that_differs_from_sampling(mt
                          record_z=False, score_guidance="cond_only")
     r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    ocfg = AlgorithmSection(score_guidance="cond_only", beta=0.0, consistency=False, mte_k=3, mte_top_fraction=0.3)
+    ocfg = AlgorithmSection(score_guidance="cond_only", beta=0.0, policy_tokens="unknown", mte_k=3,
+                            mte_top_fraction=0.3)
     with torch.no_grad():
         model.mar.z_proj.weight.add_(0.05 * torch.randn(model.mar.z_proj.weight.shape,
                                                       generator=torch.Generator().manual_seed(2)))
@@ -69,7 +70,7 @@ def test_matching_estimator_is_the_advantage_weighted_pretraining_loss_at_ratio_
     r = sample(model.mar, cond, 6, SamplerConfig(num_ar_steps=4, policy_tokens="committed", record_z=False),
                torch.Generator().manual_seed(0))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    ocfg = AlgorithmSection(estimator="matching", mte_k=0, noise_draws=3, beta=0.0, consistency=False)
+    ocfg = AlgorithmSection(estimator="matching", mte_k=0, noise_draws=3, beta=0.0, policy_tokens="unknown")
     step = 2
     cache: dict = {}
     sl = ar_step_loss(model.mar, None, r, step, [0], adv.values, adv.use, ocfg, cache, True,
@@ -164,7 +165,7 @@ def test_end_to_end_run_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path
 
 
 def test_step_selection_is_reproducible_and_records_predecessors(tiny_model_dir, tmp_path):
-    cfg = _cfg(tiny_model_dir, tmp_path / "x", 1, ["sampling.ar_steps=8", "algorithm.ar_step_count=3"])
+    cfg = _cfg(tiny_model_dir, tmp_path / "x", 1, ["sampling.ar_steps=8", "algorithm.ar_step_fraction=0.375"])
     model = tiny_model()
     a = select_steps(cfg, model.mar, 5)
     assert a == select_steps(cfg, model.mar, 5)
@@ -197,46 +198,19 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(tiny_model_dir, tmp_path
         Trainer(_cfg(tiny_model_dir, tmp_path / "r", 2), progress=False).run()
 
 
-def test_prompt_sampling_balances_categories_unless_told_not_to():
+def test_prompt_sampling_balances_categories():
     from collections import Counter
 
     from margrpo.rl.prompts import PromptSource
     from margrpo.worlds import shapes
 
-    def shares(balance: bool) -> dict[str, float]:
-        cfg = load_config(TrainConfig, None, [f"prompts.balance_categories={str(balance).lower()}"])
-        src = PromptSource(cfg)
-        cats = Counter(shapes.parse_prompt(p).category for k in range(50) for p in src.batch(k, 16)[0])
-        assert set(src.batch(3, 16)[0]) <= set(shapes.train_prompts())
-        assert src.batch(3, 16) == PromptSource(cfg).batch(3, 16)  # a pure function of (seed, step)
-        return {c: n / 800 for c, n in cats.items()}
-
-    balanced, uniform = shares(True), shares(False)
-    assert all(0.2 < balanced[c] < 0.3 for c in shapes.CATEGORIES), balanced
-    assert uniform["position"] > 0.7 and uniform.get("single", 0) < 0.05, uniform  # 940 of 1171 prompts
-
-
-def test_branched_rollouts_score_only_the_branch_step(tiny_model_dir, tmp_path):
-    cfg = load_config(TrainConfig, None, [
-        f"model={tiny_model_dir}", f"out_dir={tmp_path / 'run'}", "steps=2", "rewards={colour_fraction: 1.0}",
-        "algorithm.prompts_per_step=2", "algorithm.group_size=3", "sampling.ar_steps=4",
-        "sampling.diffusion_steps=6", "algorithm.branch=true", "algorithm.mte_k=0", "algorithm.consistency=false",
-        "algorithm.policy_tokens=committed", "log.tensorboard=false"])
-    tr = Trainer(cfg, progress=False)
-    branches = set()
-    for step in range(6):
-        rollout, _, _, ar, _ = tr.rollout(step)
-        assert len(ar) == 1
-        branches.add(ar[0])
-        step_of = rollout.committed_step()
-        before = step_of[0] < ar[0]
-        assert torch.equal(rollout.tokens[0][before], rollout.tokens[1][before])  # same group, same prefix
-        assert not torch.equal(rollout.orders[0], rollout.orders[3])  # two prompts, two groups
-    assert len(branches) > 1  # the branch step is drawn per rollout
-    rows = tr.run()
-    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss/policy"])) for r in rows)
-    with pytest.raises(ValueError, match="exactly one AR step"):
-        load_config(TrainConfig, None, ["algorithm.branch=true", "algorithm.ar_step_count=2"])
+    cfg = load_config(TrainConfig, None, [])
+    src = PromptSource(cfg)
+    cats = Counter(shapes.parse_prompt(p).category for k in range(50) for p in src.batch(k, 16)[0])
+    assert set(src.batch(3, 16)[0]) <= set(shapes.train_prompts())
+    assert src.batch(3, 16) == PromptSource(cfg).batch(3, 16)  # a pure function of (seed, step)
+    balanced = {c: n / 800 for c, n in cats.items()}
+    assert all(0.2 < balanced[c] < 0.3 for c in shapes.CATEGORIES), balanced  # of 1171 prompts 940 are position
 
 
 def test_ptx_term_trains_on_rendered_batches_even_without_reward_signal(tiny_model_dir, tmp_path):
@@ -311,27 +285,6 @@ def test_gradient_agreement_statistics_hand_worked_and_on_a_run(tiny_model_dir, 
     assert ag["batches"] == 4 and ag["images_per_batch"] == 8 and -1 <= ag["mean_pair_cosine"] < 0.999
     with pytest.raises(ValueError, match="at least 4"):
         gradient_agreement(_cfg(tiny_model_dir, tmp_path / "b", 1), 2)
-
-
-@pytest.mark.parametrize("extra", [(), ("algorithm.estimator=nft", "algorithm.mte_k=0")], ids=["trajectory", "nft"])
-def test_batched_ar_steps_give_the_per_step_gradient(tiny_model_dir, tmp_path, extra):
-    grads = {}
-    for batched in (False, True):
-        opts = [*extra, "algorithm.ar_step_count=3", f"algorithm.batch_ar_steps={str(batched).lower()}",
-                "algorithm.ppo_epochs=1", "algorithm.beta=0.1"]
-        tr = Trainer(_cfg(tiny_model_dir, tmp_path / str(batched), 1, opts), progress=False)
-
-        def capture(tr=tr, batched=batched) -> float:
-            grads[batched] = [p.grad.clone() for _, p in tr.params]
-            tr.opt.zero_grad(set_to_none=True)
-            return 0.0
-
-        tr._optimizer_step = capture
-        tr.train_step(0)
-    assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-4) for a, b in zip(grads[False], grads[True], strict=True))
-    assert any(a.abs().sum() > 0 for a in grads[True])
-    with pytest.raises(ValueError, match="batch_ar_steps"):
-        load_config(TrainConfig, None, ["algorithm.batch_ar_steps=true", "algorithm.update=ar_step"])
 
 
 @pytest.mark.parametrize("estimator", ["matching", "nft"])

@@ -110,12 +110,10 @@ def test_mte_chains_do_not_change_the_images():
 @pytest.mark.parametrize("head", ["ddpm", "flow"])
 @pytest.mark.parametrize("guidance_scale", [1.0, 2.5])
 @pytest.mark.parametrize("policy_tokens", ["committed", "unknown"])
-@pytest.mark.parametrize("branch", [None, 2])
-def test_recomputed_log_probs_equal_recorded(head, guidance_scale, policy_tokens, branch):
+def test_recomputed_log_probs_equal_recorded(head, guidance_scale, policy_tokens):
     """The invariant: z and log-probs recomputed from the Rollout reproduce the rollout (ratio == 1)."""
     m = make(head)
-    r = run(m, num_ar_steps=5, guidance_scale=guidance_scale, policy_tokens=policy_tokens,
-            noise_group=2 if branch is not None else 1, branch_step=branch)
+    r = run(m, num_ar_steps=5, guidance_scale=guidance_scale, policy_tokens=policy_tokens)
     m.train()  # the trainer keeps the model in train mode; replay must still match (dropout off)
     js = [j for j in range(r.head_steps) if m.head.is_stochastic(j)]
     for i, rec in r.steps.items():
@@ -171,42 +169,6 @@ def test_bare_label_tensor_with_guidance():
     r = sample(m, torch.tensor([1, 2]), 2, SamplerConfig(num_ar_steps=3, guidance_scale=2.0),
                torch.Generator().manual_seed(0))
     assert r.tokens.shape == (2, 64, 48)
-
-
-@pytest.mark.parametrize("policy_tokens", ["committed", "unknown"])
-def test_branched_groups_share_everything_but_the_branch_step(policy_tokens):
-    """Images of a group share their order and the tokens of every step before the branch; the branch
-    step's committed tokens differ; later steps reuse the group's noise (so differ only through z)."""
-    m = make()
-    n, group, branch = 6, 3, 2
-    cond = Condition(labels=torch.zeros(n, dtype=torch.long))  # one prompt: a group is identical up to noise
-    r = sample(m, cond, n, SamplerConfig(num_ar_steps=5, noise_group=group, branch_step=branch,
-                                         policy_tokens=policy_tokens), torch.Generator().manual_seed(0))
-    step_of = r.committed_step()
-    for g in range(n // group):
-        rows = range(g * group, (g + 1) * group)
-        first = g * group
-        for b in rows:
-            assert torch.equal(r.orders[b], r.orders[first])
-            before = step_of[b] < branch
-            assert torch.equal(r.tokens[b][before], r.tokens[first][before])
-            if b != first:
-                at = step_of[b] == branch
-                assert not torch.allclose(r.tokens[b][at], r.tokens[first][at])
-    assert not torch.equal(r.orders[0], r.orders[group])  # groups are independent of each other
-    # the recorded log-probs are still those of the drawn values (the trainer's invariant)
-    rec = r.steps[branch + 1]
-    assert torch.isfinite(rec.logp).all()
-
-
-def test_branch_needs_a_group_and_a_valid_step():
-    with pytest.raises(ValueError, match="go together"):
-        SamplerConfig(noise_group=4)
-    with pytest.raises(ValueError, match="not an AR step"):
-        SamplerConfig(num_ar_steps=4, noise_group=2, branch_step=4)
-    m = make()
-    with pytest.raises(ValueError, match="multiple of noise_group"):
-        sample(m, None, 5, SamplerConfig(num_ar_steps=4, noise_group=2, branch_step=1), torch.Generator())
 
 
 def test_the_ar_schedule_comes_from_the_policy_and_is_checked():

@@ -88,7 +88,7 @@ def test_bf16_autocast_keeps_rl_statistics_float32_and_close_to_float32(family):
     adv = group_advantages(*ADV)
     assert adv.values.dtype == torch.float32
     js = [j for j in range(policy.head.num_steps) if policy.head.is_stochastic(j)][:3]
-    ocfg = AlgorithmSection(beta=0.1, consistency=False, mte_k=3, mte_top_fraction=0.3)
+    ocfg = AlgorithmSection(beta=0.1, policy_tokens="unknown", mte_k=3, mte_top_fraction=0.3)
     rollouts = {}
     for bf in (False, True):
         with _bf16(bf):
@@ -152,7 +152,7 @@ def test_lora_adapters_keep_the_ratio_at_one_and_only_they_get_gradients(family)
     r = _rollout(model, fam.prompts, mte_k=3, policy_tokens="unknown")
     adv = group_advantages(*ADV)
     js = [j for j in range(policy.head.num_steps) if policy.head.is_stochastic(j)][:3]
-    ocfg = AlgorithmSection(beta=0.1, consistency=False, mte_k=3, mte_top_fraction=0.3)
+    ocfg = AlgorithmSection(beta=0.1, policy_tokens="unknown", mte_k=3, mte_top_fraction=0.3)
     for i in range(4):
         sl = ar_step_loss(policy, reference, r, i, js, adv.values, adv.use, ocfg, {}, first_epoch=True)
         for k in ("ratio/max", "ratio/min", "mte/ratio_max", "mte/ratio_min"):
@@ -252,20 +252,20 @@ def test_lora_run_trains_only_adapters_checkpoints_them_and_resumes_exactly(tiny
 
 # ---------------------------------------------------------------------------------------------------------- W&B
 def test_wandb_offline_gets_the_metrics_rows_from_rank_zero(tiny_model_dir, tmp_path, monkeypatch):
-    """`log.wandb: true` with `wandb_mode: offline` runs without a network and forwards exactly the rows of
-    metrics.jsonl; the offline run lands in `log.wandb_dir` and a resume continues the same W&B run id."""
+    """`log.wandb: true` with W&B's WANDB_MODE=offline runs without a network and forwards exactly the rows of
+    metrics.jsonl; the offline run lands in WANDB_DIR and a resume continues the same W&B run id."""
     pytest.importorskip("wandb")
     from margrpo.rl.trainer import Trainer
     from margrpo.utils import wandb_log
     from margrpo.utils.metrics import read_metrics
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_env"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     sent: list[dict] = []
     real_log = wandb_log.WandbMirror.log
     monkeypatch.setattr(wandb_log.WandbMirror, "log", lambda self, row: (sent.append(dict(row)), real_log(self, row)))
-    extra = ["log.wandb=true", "log.wandb_mode=offline", f"log.wandb_dir={tmp_path / 'wb'}", "algorithm.train=ar"]
+    extra = ["log.wandb=true", "algorithm.train=ar"]
     Trainer(_lora_cfg(tiny_model_dir, tmp_path / "run", 2, extra), progress=False).run()
     assert sent and sent == read_metrics(tmp_path / "run")
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))

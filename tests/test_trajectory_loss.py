@@ -11,7 +11,7 @@ import torch
 
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import ESTIMATORS, AlgorithmSection
-from margrpo.rl.loss import LOSSES, ar_step_loss, batched_step_conditions, kept_policy_tokens, step_conditions
+from margrpo.rl.loss import LOSSES, ar_step_loss, kept_policy_tokens, step_conditions
 from margrpo.rl.loss_terms import gaussian_kl
 from margrpo.sampling.sampler import SamplerConfig, sample
 
@@ -69,7 +69,7 @@ def one_graph_loss(policy, reference, r, step, js, adv, use, cfg) -> tuple[torch
 
 
 @pytest.mark.parametrize("case", ["mar-grpo", "head-trains+token-norm", "guided+rollout-norm+release-kl",
-                                  "batched-conditions", "std-weighted-head-steps"])
+                                  "std-weighted-head-steps"])
 def test_trajectory_loss_has_the_one_graph_value_and_gradient(case):
     model = tiny_model()
     guidance = 2.0 if case.startswith("guided") else 1.0
@@ -78,7 +78,7 @@ def test_trajectory_loss_has_the_one_graph_value_and_gradient(case):
                          record_z=False)
     r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    cfg = AlgorithmSection(beta=0.1, clip_eps=CLIP, mte_k=3, consistency=True, consistency_start=0,
+    cfg = AlgorithmSection(beta=0.1, clip_eps=CLIP, mte_k=3, policy_tokens="consistent", consistency_start=0,
                            normalize={"head-trains+token-norm": "token",
                                       "guided+rollout-norm+release-kl": "rollout"}.get(case, "element"),
                            kl="reference" if case.startswith("guided") else "gaussian",
@@ -94,9 +94,8 @@ def test_trajectory_loss_has_the_one_graph_value_and_gradient(case):
             w.add_(0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(2)))
     js = [1, 2, 3]  # the head steps the trainer would score (score gain <= 3; 0 and 4 are noise-dominated)
     step = 2
-    conds = batched_step_conditions(policy, r, [1, step]) if case == "batched-conditions" else {}
     sl = ar_step_loss(policy, reference, r, step, js, adv.values, adv.use, cfg, {}, first_epoch=True,
-                      policy_denominator=DENOMINATOR, conditions=conds.get(step))
+                      policy_denominator=DENOMINATOR)
     got = torch.autograd.grad(sl.loss, params, allow_unused=True)
     want_loss, want = one_graph_loss(policy, reference, r, step, js, adv.values, adv.use, cfg)
     expected = torch.autograd.grad(want_loss, params, allow_unused=True)

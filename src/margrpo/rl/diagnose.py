@@ -56,7 +56,7 @@ def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
     images = tr.model.decode(rollout.tokens).float()
     out = tr.reward(images, [p for p in prompts for _ in range(a.group_size)],
                     [m for m in meta for _ in range(a.group_size)])
-    adv = group_advantages(torch.nan_to_num(out.scores), rollout.group, out.valid, a.advantage_std, a.advantage_eps)
+    adv = group_advantages(torch.nan_to_num(out.scores), rollout.group, out.valid, a.advantage_std)
     stochastic = [j for j in range(head.num_steps) if head.is_stochastic(j)]
     gain_args = (scored_guidance(cfg), cfg.sampling.temperature)
     scored = set(scorable_head_steps(head, a.head_step_max_gain, *gain_args)) if stochastic else set()

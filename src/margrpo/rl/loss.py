@@ -80,36 +80,19 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def step_conditions(policy: Policy, rollout: Rollout, step: int, score_guidance: str = "rollout") -> StepConditions:
-    """z for AR step `step` from its recorded canvas and known set, in eval mode as at sampling."""
-    return batched_step_conditions(policy, rollout, [step], score_guidance)[step]
-
-
-def batched_step_conditions(policy: Policy, rollout: Rollout, steps: Sequence[int],
-                            score_guidance: str = "rollout") -> dict[int, StepConditions]:
-    """z of several AR steps in one transformer call (their canvases stacked; rows with different known counts are
-    padded by the policy), with the sampler's own `compute_conditions` and batch layout, so that before any update
-    the recomputed log-probabilities equal the recorded ones. `score_guidance="cond_only"` leaves the
-    unconditional branch out (the MAR-GRPO release scores the conditional branch alone)."""
-    missing = [i for i in steps if i not in rollout.steps]
-    if missing:
-        raise KeyError(f"AR steps {missing} were not recorded; recorded steps: {sorted(rollout.steps)}")
-    recs = [rollout.steps[i] for i in steps]
+    """z for AR step `step` from its recorded canvas and known set, in eval mode as at sampling, with the sampler's
+    own `compute_conditions` and batch layout, so that before any update the recomputed log-probabilities equal the
+    recorded ones. `score_guidance="cond_only"` leaves the unconditional branch out (the MAR-GRPO release scores the
+    conditional branch alone)."""
+    if step not in rollout.steps:
+        raise KeyError(f"AR step {step} was not recorded; recorded steps: {sorted(rollout.steps)}")
+    rec = rollout.steps[step]
     guided = rollout.guidance_scale != 1.0 and score_guidance == "rollout"
-    cond = rollout.cond
-    if cond is not None and len(recs) > 1:
-        cond = type(cond).cat([cond] * len(recs))
     with eval_mode(policy):
-        z_c, z_u = compute_conditions(policy, torch.cat([r.canvas for r in recs]), torch.cat([r.mask for r in recs]),
-                                      cond, guided)
-    out = {}
-    b = rollout.batch_size
-    for k, (i, rec) in enumerate(zip(steps, recs, strict=True)):
-        zc = z_c[k * b:(k + 1) * b]
-        zu = z_u[k * b:(k + 1) * b] if z_u is not None else None
-        sel = rec.diffused
-        out[i] = StepConditions(z=zc[sel], z_uncond=zu[sel] if zu is not None else None,
-                                guidance=rec.guidance if guided else 1.0, z_full=zc)
-    return out
+        z_c, z_u = compute_conditions(policy, rec.canvas, rec.mask, rollout.cond, guided)
+    sel = rec.diffused
+    return StepConditions(z=z_c[sel], z_uncond=z_u[sel] if z_u is not None else None,
+                          guidance=rec.guidance if guided else 1.0, z_full=z_c)
 
 
 def replay_transitions(head: DiffusionHead, x: torch.Tensor, js: Sequence[int], cond: StepConditions,
@@ -135,7 +118,7 @@ def kept_policy_tokens(rollout: Rollout, step: int, use: torch.Tensor, cfg: Algo
     b = rollout.batch_size
     img = torch.arange(b, device=rec.x.device).repeat_interleave(int(rec.diffused.sum()) // b)
     keep = use.to(rec.x.device)[img].clone()
-    if cfg.consistency and step > cfg.consistency_start and (step - 1) in rollout.steps:
+    if cfg.policy_tokens == "consistent" and step > cfg.consistency_start and (step - 1) in rollout.steps:
         prev_vals = rollout.steps[step - 1].final_values()[rec.diffused]
         final = rollout.tokens[rec.diffused]
         cons = consistency_mask(rec.x[-1], prev_vals, final, rec.committed_in_diffused(), cfg.consistency_tau)
@@ -159,7 +142,6 @@ class ScoredStep:
     adv: torch.Tensor  # [1, N, 1] each diffused token's advantage
     keep: torch.Tensor  # [N] bool: the tokens in the policy term
     conditions: StepConditions
-    reference_conditions: StepConditions | None  # given when the caller computed several AR steps in one call
     cache: dict  # across PPO epochs: the forward-process estimators' old terms, the reference's transitions
     first_epoch: bool
     generator: torch.Generator | None  # the forward-process estimators' draws (the same in every epoch)
@@ -184,8 +166,7 @@ class ScoredStep:
         key = ("reference", self.rec.step, tuple(self.js))
         if key not in self.cache:
             with torch.no_grad():
-                sc = (self.reference_conditions if self.reference_conditions is not None
-                      else step_conditions(self.reference, self.rollout, self.rec.step, score_guidance))
+                sc = step_conditions(self.reference, self.rollout, self.rec.step, score_guidance)
                 self.cache[key] = replay_transitions(self.reference.head, self.rec.x, self.js, sc,
                                                      self.rollout.temperature)
         return self.cache[key]
@@ -194,8 +175,7 @@ class ScoredStep:
 def ar_step_loss(policy: Policy, reference: Policy | None, rollout: Rollout, step: int,
                  head_steps: list[int], advantages: torch.Tensor, use: torch.Tensor, cfg: AlgorithmSection,
                  old_cache: dict, first_epoch: bool, generator: torch.Generator | None = None,
-                 policy_denominator: float | None = None, conditions: StepConditions | None = None,
-                 reference_conditions: StepConditions | None = None, policy_weight: float = 1.0) -> StepLoss:
+                 policy_denominator: float | None = None, policy_weight: float = 1.0) -> StepLoss:
     """Loss of AR step `step` of `rollout` at head steps `head_steps` (see the module docstring).
 
     `advantages` [B] and `use` [B] (valid and informative samples) are per image; `ScoredStep` says what the other
@@ -214,10 +194,10 @@ def ar_step_loss(policy: Policy, reference: Policy | None, rollout: Rollout, ste
     img = torch.arange(b, device=rec.x.device).repeat_interleave(int(rec.diffused.sum()) // b)
     stats: dict[str, float] = {}
     keep = kept_policy_tokens(rollout, step, use, cfg, stats)
-    sc = conditions if conditions is not None else step_conditions(policy, rollout, step, cfg.score_guidance)
+    sc = step_conditions(policy, rollout, step, cfg.score_guidance)
     scored = ScoredStep(policy=policy, reference=reference, rollout=rollout, rec=rec, js=list(head_steps),
                         adv=advantages.to(rec.x.device).float()[img][None, :, None], keep=keep, conditions=sc,
-                        reference_conditions=reference_conditions, cache=old_cache, first_epoch=first_epoch,
+                        cache=old_cache, first_epoch=first_epoch,
                         generator=generator, policy_denominator=policy_denominator, policy_weight=policy_weight,
                         stats=stats)
     return LOSSES[cfg.estimator](scored, cfg)

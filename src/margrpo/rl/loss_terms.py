@@ -119,7 +119,7 @@ def nft_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv:
         e+ = beta e_theta + (1 - beta) e_old,      e- = (1 + beta) e_old - beta e_theta      (beta = `nft_beta`)
 
     and the per-token loss is [r |e+|^2 / w+ + (1 - r) |e-|^2 / w-] / beta, with |.|^2 a mean over channels and
-    w = mean |e| (detached, at least 1e-5: the release's adaptive weighting; `nft_weighting="mse"`: w = 1). At
+    w = mean |e| (detached, at least 1e-5: the release's adaptive weighting). At
     theta = old its gradient is (A / A_max) grad(|e_theta|^2) / w: the advantage-weighted denoising loss;
     positive samples are fitted, negative
     ones pushed away, and beta sets how far the implicit policies extrapolate. Noise levels are stratified as in
@@ -141,11 +141,8 @@ def nft_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv:
     pos = beta * err + (1 - beta) * old
     neg = (1 + beta) * old - beta * err
 
-    def weighted(e: torch.Tensor) -> torch.Tensor:
-        sq = (e**2).mean(dim=-1, keepdim=True)
-        if cfg.nft_weighting == "mse":
-            return sq
-        return sq / e.detach().abs().mean(dim=-1, keepdim=True).clamp(min=1e-5)
+    def weighted(e: torch.Tensor) -> torch.Tensor:  # squared error over its detached mean absolute error
+        return (e**2).mean(dim=-1, keepdim=True) / e.detach().abs().mean(dim=-1, keepdim=True).clamp(min=1e-5)
 
     loss = (r * weighted(pos) + (1 - r) * weighted(neg)) / beta
     with torch.no_grad():

@@ -48,8 +48,7 @@ class RunOutputsMixin:
         lg = self.cfg.log
         if not lg.wandb or not is_rank_zero():
             return []
-        return [WandbMirror(self.out, lg.wandb_project, lg.wandb_run_name, lg.wandb_mode,
-                            config=dataclasses.asdict(self.cfg), resume=resume, directory=lg.wandb_dir)]
+        return [WandbMirror(self.out, config=dataclasses.asdict(self.cfg), resume=resume)]
 
     def _exportable(self):
         """LoRA runs export the adapters merged into the base weights (a plain folder that loads without peft)."""

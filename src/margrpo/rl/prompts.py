@@ -22,11 +22,7 @@ class PromptSource:
         elif p.source == "shapes":
             from margrpo.worlds import shapes
 
-            cats = p.categories or list(shapes.CATEGORIES)
-            unknown = set(cats) - set(shapes.CATEGORIES)
-            if unknown:
-                raise ValueError(f"prompts.categories: unknown {sorted(unknown)}; valid: {shapes.CATEGORIES}")
-            pairs = [(q, c) for c in cats for q in shapes.train_prompts(c)]
+            pairs = [(q, c) for c in shapes.CATEGORIES for q in shapes.train_prompts(c)]
             self.prompts = [q for q, _ in pairs]
             self.metadata = [{"category": c} for _, c in pairs]
         else:
@@ -39,7 +35,7 @@ class PromptSource:
             raise ValueError(f"prompts: the source {p.source!r} gave no prompts")
         self.seed = cfg.seed
         self.by_category: list[np.ndarray] = []
-        if p.balance_categories and not self.fixed:
+        if not self.fixed:  # a category uniformly, then a prompt of it (the shapes train split is 80% position)
             groups: dict = {}
             for i, m in enumerate(self.metadata):
                 groups.setdefault(m.get("category"), []).append(i)

@@ -42,17 +42,13 @@ def select_steps(cfg: TrainConfig, policy: Policy, step: int, rank: int = 0
     head = policy.head
     n_ar = len(policy.mask_schedule(cfg.sampling.ar_steps))
     g = make_generator(cfg.seed, "select", rank, step)
-    if a.branch:
-        count = 1
-    else:
-        count = a.ar_step_count if a.ar_step_count is not None else max(1, round(a.ar_step_fraction * n_ar))
-        count = min(count, n_ar)
+    count = min(max(1, round(a.ar_step_fraction * n_ar)), n_ar)
     ar = sorted(torch.randperm(n_ar, generator=g)[:count].tolist())
     eligible = scorable_head_steps(head, a.head_step_max_gain, scored_guidance(cfg), cfg.sampling.temperature)
     per = len(eligible) if a.head_steps_per_ar_step is None else min(a.head_steps_per_ar_step, len(eligible))
     head_steps = {i: sorted(eligible[k] for k in torch.randperm(len(eligible), generator=g)[:per].tolist())
                   for i in ar}
     record = set(ar)
-    if a.consistency:
+    if a.policy_tokens == "consistent":  # the consistency mask compares with the previous step
         record |= {i - 1 for i in ar if i > a.consistency_start}
     return ar, head_steps, tuple(sorted(record))

@@ -89,30 +89,17 @@ def split_noise(committed: torch.Tensor, token_dim: int, main: torch.Generator |
     return draw
 
 
-def shared_within_groups(draw_first: Callable[[], torch.Tensor], group: int, per_image: int
-                         ) -> Callable[[], torch.Tensor]:
-    """Expand draws made for the first image of each group ([B/G * per_image, C]) to all its G images."""
-
-    def draw() -> torch.Tensor:
-        x = draw_first()
-        return x.reshape(-1, per_image, x.shape[-1]).repeat_interleave(group, dim=0).reshape(-1, x.shape[-1])
-
-    return draw
-
-
 def run_chains(head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | None,
                guidance: float | torch.Tensor, temperature: float, generator: torch.Generator | None, k: int,
-               batched: bool, finite: list[torch.Tensor] | None = None) -> torch.Tensor:
+               finite: list[torch.Tensor] | None = None) -> torch.Tensor:
     """K independent recorded chains for the same N conditions: their states [K, T+1, N, C].
 
-    `batched` runs them as one chain of states [K, N, C]: the head broadcasts the chain axis over the N
-    conditions, so its conditioning (time and z embeddings, AdaLN modulations) is computed once per token for all
-    K chains. The noise is drawn first, chain by chain in the order of the K sequential calls (init, then each
-    stochastic step), so chain k sees exactly its sequential draws: the two differ only in matmul rounding.
+    They run as one chain of states [K, N, C]: the head broadcasts the chain axis over the N conditions, so its
+    conditioning (time and z embeddings, AdaLN modulations) is computed once per token for all K chains (measured
+    1.36x faster than K chains one by one). The noise is drawn first, chain by chain in the order of K sequential
+    calls of `run_chain` (init, then each stochastic step), so chain k sees exactly the draws it would see alone:
+    the two differ only in matmul rounding.
     """
-    if not batched:
-        return torch.stack([run_chain(head, z, z_uncond, guidance, temperature, generator, True,
-                                      finite=finite)[1]["x"] for _ in range(k)])
     shape = (z.shape[0], head.token_dim)
     draws = [[head.init_noise(shape, generator, z.device)]
              + [torch.randn(shape, generator=generator, device=z.device, dtype=torch.float32)

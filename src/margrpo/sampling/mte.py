@@ -84,4 +84,4 @@ def sample_commit_mte(head: DiffusionHead, z_commit: torch.Tensor, z_u_commit: t
     z = z_commit.reshape(b * seq_len, d)
     zu = z_u_commit.reshape(b * seq_len, d) if z_u_commit is not None else None
     g = guidance_commit.reshape(b * seq_len, 1)
-    return run_chains(head, z, zu, g, config.temperature, generator, config.mte_k, config.batch_mte_chains, finite)
+    return run_chains(head, z, zu, g, config.temperature, generator, config.mte_k, finite)

@@ -14,9 +14,6 @@ MTE on does not change the images).
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -30,13 +27,12 @@ from margrpo.sampling.chains import (
     check_finite,
     run_chain,
     run_chains,
-    shared_within_groups,
     split_noise,
 )
 from margrpo.sampling.mte import record_mte, sample_commit_mte, token_uncertainty, top_fraction_mask
 from margrpo.sampling.rollout import ARStepRecord, Rollout
 
-POLICY_TOKENS = ("committed", "unknown")
+POLICY_TOKENS = ("committed", "unknown", "consistent")
 MTE_SOURCES = ("commit", "scored")
 SCORE_GUIDANCE_MODES = ("rollout", "cond_only")
 
@@ -67,28 +63,8 @@ class SamplerConfig:
     # "cond_only" (the conditional branch alone, as the MAR-GRPO reference code); the rollout records the
     # log-probabilities of that density.
     score_guidance: str = "rollout"
-    # Branched groups: consecutive runs of `noise_group` images share their generation order and all head
-    # noise except at AR step `branch_step`, where each image draws its own. Reward differences inside a
-    # group are then caused by that one step's tokens alone (see `margrpo.rl` for why that matters).
-    noise_group: int = 1
-    branch_step: int | None = None
-    # MTE: run the K extra chains together, states [K, N, C] under the N conditions (the head computes each token's
-    # conditioning once for all K chains), instead of K calls of N; their noise is drawn first, in the sequential
-    # order, so each chain sees the draws it would see alone. Equal to the sequential chains up to matmul rounding;
-    # the sequential form holds K times less transient head memory.
-    batch_mte_chains: bool = True
-    # torch.compile the policy's transformer and the head's network for the rollout (compiled once per module and
-    # kept); off by default: compiling costs minutes, pays off only on long runs, and needs a working compiler
-    compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.noise_group < 1:
-            raise ValueError(f"noise_group must be >= 1, got {self.noise_group}")
-        if (self.noise_group > 1) != (self.branch_step is not None):
-            raise ValueError("noise_group > 1 and branch_step go together (shared noise needs the step where "
-                             f"images branch); got noise_group={self.noise_group}, branch_step={self.branch_step}")
-        if self.branch_step is not None and not 0 <= self.branch_step < self.num_ar_steps:
-            raise ValueError(f"branch_step={self.branch_step} is not an AR step; valid: 0..{self.num_ar_steps - 1}")
         if self.policy_tokens not in POLICY_TOKENS:
             raise ValueError(f"policy_tokens={self.policy_tokens!r}; valid: {POLICY_TOKENS}")
         if self.mte_source not in MTE_SOURCES:
@@ -146,40 +122,6 @@ def _flat_positions(orders: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return (torch.arange(b, device=orders.device)[:, None] * seq_len + pos).reshape(-1)
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def compiled(module: torch.nn.Module) -> Callable:
-    """`torch.compile(module)`, built once per module (dynamic shapes: AR steps differ in their token counts)."""
-    fn = _COMPILED.get(module)
-    if fn is None:
-        fn = _COMPILED[module] = torch.compile(module, dynamic=True)
-    return fn
-
-
-@contextmanager
-def rollout_forward(policy: Policy, enabled: bool) -> Iterator[Callable]:
-    """The policy call the rollout uses: the policy, or (`enabled`) its compiled form, with the head's network
-    swapped for its compiled form for the duration (restored after, so state dicts and training see the module).
-
-    Only the rollout is compiled: the trainer's replay must be the eager function the gradients flow through, and
-    the compiled one computes the same function (the test checks allclose) so the recorded log-probabilities
-    still give ratio 1 up to rounding.
-    """
-    if not enabled:
-        yield policy
-        return
-    head = policy.head
-    net = head._modules.get("net") if isinstance(head, torch.nn.Module) else None
-    if net is not None:
-        head._modules["net"] = compiled(net)
-    try:
-        yield compiled(policy)
-    finally:
-        if net is not None:
-            head._modules["net"] = net
-
-
 def _mask_by_order(mask_len: int, orders: torch.Tensor) -> torch.Tensor:
     """Keep the first `mask_len` positions of each order masked (LTH14 `mask_by_order`)."""
     out = torch.zeros(orders.shape, dtype=torch.bool, device=orders.device)
@@ -215,12 +157,7 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
     if not 1 <= n_steps <= config.num_ar_steps or sum(counts) != seq_len or min(counts) < 1:
         raise ValueError(f"{type(policy).__name__}.mask_schedule({config.num_ar_steps}, {seq_len}) gave {counts}: "
                          f"it must give 1 to {config.num_ar_steps} counts >= 1 that sum to {seq_len}")
-    if config.branch_step is not None and config.branch_step >= n_steps:
-        raise ValueError(f"branch_step={config.branch_step} is not an AR step of this schedule ({n_steps} steps)")
-    group = config.noise_group
-    if batch_size % group:
-        raise ValueError(f"batch_size {batch_size} is not a multiple of noise_group {group}")
-    orders = policy.sample_orders(batch_size // group, generator, device).repeat_interleave(group, dim=0)
+    orders = policy.sample_orders(batch_size, generator, device)
     tokens = torch.zeros(batch_size, seq_len, c, device=device)
     known = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
     record_steps = set(range(n_steps) if config.record_steps is None else config.record_steps)
@@ -233,85 +170,74 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
 
     finite: list[torch.Tensor] = []
     flat_b = batch_size * seq_len
-    forward_ctx = rollout_forward(policy, config.compile)
-    forward = forward_ctx.__enter__()
-    try:
-        still = seq_len
-        for i in tqdm(range(n_steps), desc="AR steps", disable=not progress, leave=False):
-            mask = (~known).float()
-            mask_len = still - counts[i]  # tokens still unknown after this step
-            to_pred = ~known & ~_mask_by_order(mask_len, orders)
-            # the linear guidance schedule reads upstream's clamped count, which is 1 (not 0) after the last step
-            guidance = (guidance_at_step(config.guidance_scale, schedule, seq_len, max(1, mask_len))
-                        if config.guided else 1.0)
-            z_c, z_u = compute_conditions(forward, tokens, mask, cond, config.guided)
-            rec = config.record and i in record_steps
-            # all unknown tokens are diffused only where the step is recorded (the consistency mask needs them)
-            diffuse_all = config.policy_tokens == "unknown" and rec
-            diffused = ~known if diffuse_all else to_pred
-            # the selected rows by index (ascending positions per image, as the boolean masks select them): the
-            # counts come from the schedule, so no step reads a tensor back to the host
-            flat_pred = _flat_positions(orders, mask_len, still)
-            all_committed = not diffuse_all or mask_len == 0
-            flat_diff = flat_pred if all_committed else _flat_positions(orders, 0, still)
-            per_image = counts[i] if all_committed else still
-            d = z_c.shape[-1]
-            zc_sel = z_c.reshape(flat_b, d)[flat_diff]
-            zu_sel = z_u.reshape(flat_b, d)[flat_diff] if z_u is not None else None
-            committed = to_pred.reshape(-1)[flat_diff]
-            if group > 1 and i != config.branch_step:  # every image of a group has the same masks here
-                first = committed.reshape(batch_size, per_image)[::group].reshape(-1)
-                noise_fn = shared_within_groups(split_noise(first, head.token_dim, generator, extra_generator,
-                                                            batch_size // group * counts[i]), group, per_image)
-            else:
-                noise_fn = None if all_committed else split_noise(committed, head.token_dim, generator,
-                                                                  extra_generator, batch_size * counts[i])
-            x_final, traj = run_chain(head, zc_sel, zu_sel, guidance, config.temperature, generator, rec, noise_fn,
-                                      finite)
-            canvas_before = tokens.clone() if rec else None
-            x_commit = x_final if all_committed else x_final[torch.argsort((~committed).to(torch.int8),
-                                                                           stable=True)[:batch_size * counts[i]]]
-            tokens.view(flat_b, c)[flat_pred] = x_commit.to(tokens.dtype)
-            if need_commit_z:
-                if z_commit is None:
-                    z_commit = torch.zeros_like(z_c)
-                    z_u_commit = torch.zeros_like(z_c) if z_u is not None else None
-                z_commit.view(flat_b, d)[flat_pred] = z_c.reshape(flat_b, d)[flat_pred]
-                if z_u is not None:
-                    z_u_commit.view(flat_b, d)[flat_pred] = z_u.reshape(flat_b, d)[flat_pred]
-                guidance_commit.view(flat_b, 1)[flat_pred] = guidance
-            if rec:
-                # the conditions the trainer scores this step's transitions under (the sampling ones, or cond-only)
-                scoring[i] = (zc_sel, zu_sel, guidance) if config.score_guidance == "rollout" else (zc_sel, None, 1.0)
-                logp_cond = None
-                if config.guided and config.score_guidance == "cond_only":
-                    logp_cond = torch.zeros_like(traj["logp"])
-                    js = [j for j in range(head.num_steps) if head.is_stochastic(j)]
-                    logp_cond[js] = head.score_transitions(traj["x"], js, zc_sel, None, 1.0, config.temperature).logp
-                steps[i] = ARStepRecord(
-                    step=i, known=known.clone(), to_pred=to_pred.clone(), diffused=diffused.clone(),
-                    canvas=canvas_before, guidance=float(guidance), x=traj["x"], logp=traj["logp"], logp_cond=logp_cond,
-                    z=z_c.clone() if config.record_z else None,
-                    z_uncond=z_u.clone() if (config.record_z and z_u is not None) else None)
-                if config.mte_k > 0 and config.mte_source == "scored":
-                    chains = run_chains(head, zc_sel, zu_sel, guidance, config.temperature, mte_generator, config.mte_k,
-                                        config.batch_mte_chains, finite)
-                    uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
-                                                  config.mte_top_fraction).reshape(-1)
-                    record_mte(steps[i], head, chains, uncertain, scoring[i], config)
-            known = known | to_pred
-            still -= counts[i]
-
+    still = seq_len
+    for i in tqdm(range(n_steps), desc="AR steps", disable=not progress, leave=False):
+        mask = (~known).float()
+        mask_len = still - counts[i]  # tokens still unknown after this step
+        to_pred = ~known & ~_mask_by_order(mask_len, orders)
+        # the linear guidance schedule reads upstream's clamped count, which is 1 (not 0) after the last step
+        guidance = (guidance_at_step(config.guidance_scale, schedule, seq_len, max(1, mask_len))
+                    if config.guided else 1.0)
+        z_c, z_u = compute_conditions(policy, tokens, mask, cond, config.guided)
+        rec = config.record and i in record_steps
+        # all unknown tokens are diffused only where the step is recorded (the consistency mask needs them)
+        diffuse_all = config.policy_tokens != "committed" and rec
+        diffused = ~known if diffuse_all else to_pred
+        # the selected rows by index (ascending positions per image, as the boolean masks select them): the
+        # counts come from the schedule, so no step reads a tensor back to the host
+        flat_pred = _flat_positions(orders, mask_len, still)
+        all_committed = not diffuse_all or mask_len == 0
+        flat_diff = flat_pred if all_committed else _flat_positions(orders, 0, still)
+        d = z_c.shape[-1]
+        zc_sel = z_c.reshape(flat_b, d)[flat_diff]
+        zu_sel = z_u.reshape(flat_b, d)[flat_diff] if z_u is not None else None
+        committed = to_pred.reshape(-1)[flat_diff]
+        noise_fn = None if all_committed else split_noise(committed, head.token_dim, generator, extra_generator,
+                                                          batch_size * counts[i])
+        x_final, traj = run_chain(head, zc_sel, zu_sel, guidance, config.temperature, generator, rec, noise_fn,
+                                  finite)
+        canvas_before = tokens.clone() if rec else None
+        x_commit = x_final if all_committed else x_final[torch.argsort((~committed).to(torch.int8),
+                                                                       stable=True)[:batch_size * counts[i]]]
+        tokens.view(flat_b, c)[flat_pred] = x_commit.to(tokens.dtype)
         if need_commit_z:
-            chains = sample_commit_mte(head, z_commit, z_u_commit, guidance_commit, config, mte_generator, finite)
-            # uncertainty per image over all its tokens (the reference code's), then each step's share of them
-            uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
-                                          config.mte_top_fraction).reshape(-1)
-            for i, r in steps.items():
-                flat = r.diffused.reshape(-1).nonzero().flatten()
-                record_mte(r, head, chains[:, :, flat], uncertain[flat], scoring[i], config)
-    finally:
-        forward_ctx.__exit__(None, None, None)
+            if z_commit is None:
+                z_commit = torch.zeros_like(z_c)
+                z_u_commit = torch.zeros_like(z_c) if z_u is not None else None
+            z_commit.view(flat_b, d)[flat_pred] = z_c.reshape(flat_b, d)[flat_pred]
+            if z_u is not None:
+                z_u_commit.view(flat_b, d)[flat_pred] = z_u.reshape(flat_b, d)[flat_pred]
+            guidance_commit.view(flat_b, 1)[flat_pred] = guidance
+        if rec:
+            # the conditions the trainer scores this step's transitions under (the sampling ones, or cond-only)
+            scoring[i] = (zc_sel, zu_sel, guidance) if config.score_guidance == "rollout" else (zc_sel, None, 1.0)
+            logp_cond = None
+            if config.guided and config.score_guidance == "cond_only":
+                logp_cond = torch.zeros_like(traj["logp"])
+                js = [j for j in range(head.num_steps) if head.is_stochastic(j)]
+                logp_cond[js] = head.score_transitions(traj["x"], js, zc_sel, None, 1.0, config.temperature).logp
+            steps[i] = ARStepRecord(
+                step=i, known=known.clone(), to_pred=to_pred.clone(), diffused=diffused.clone(),
+                canvas=canvas_before, guidance=float(guidance), x=traj["x"], logp=traj["logp"], logp_cond=logp_cond,
+                z=z_c.clone() if config.record_z else None,
+                z_uncond=z_u.clone() if (config.record_z and z_u is not None) else None)
+            if config.mte_k > 0 and config.mte_source == "scored":
+                chains = run_chains(head, zc_sel, zu_sel, guidance, config.temperature, mte_generator, config.mte_k,
+                                    finite)
+                uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
+                                              config.mte_top_fraction).reshape(-1)
+                record_mte(steps[i], head, chains, uncertain, scoring[i], config)
+        known = known | to_pred
+        still -= counts[i]
+
+    if need_commit_z:
+        chains = sample_commit_mte(head, z_commit, z_u_commit, guidance_commit, config, mte_generator, finite)
+        # uncertainty per image over all its tokens (the reference code's), then each step's share of them
+        uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
+                                      config.mte_top_fraction).reshape(-1)
+        for i, r in steps.items():
+            flat = r.diffused.reshape(-1).nonzero().flatten()
+            record_mte(r, head, chains[:, :, flat], uncertain[flat], scoring[i], config)
     check_finite(finite)
     if was_training:
         policy.train()
