@@ -31,7 +31,8 @@ from margrpo.models.base import Policy
 from margrpo.models.conditioning import Condition
 from margrpo.rl.config import AlgorithmSection
 from margrpo.rl.loss import ar_step_loss
-from margrpo.sampling.sampler import SamplerConfig, sample
+from margrpo.sampling.config import RecordPlan, SamplerConfig
+from margrpo.sampling.sampler import sample
 
 
 def nova_policy(tiny: bool) -> tuple[Policy, object]:
@@ -59,7 +60,7 @@ def harmon_policy(tiny: bool) -> tuple[Policy, object]:
     """A Harmon-1.5B-shaped `HarmonPolicy` (Qwen2.5-1.5B-shaped LLM + MAR-huge-shaped MAR) and a condition factory."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from margrpo.models.harmon.model import HarmonPolicy
+    from margrpo.models.harmon.policy import HarmonPolicy
     from margrpo.models.mar.model import MAR
 
     if tiny:
@@ -97,14 +98,14 @@ def grpo_step(policy: Policy, reference: Policy, opt: torch.optim.Optimizer, con
     """One MAR-GRPO step (`mar`), or plain GRPO's; returns the rollout and update times (seconds)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    cfg = SamplerConfig(num_ar_steps=8, num_diffusion_steps=10, policy_tokens="unknown" if mar else "committed",
-                        record=True, record_z=False, mte_k=k if mar else 0, mte_source="commit",
-                        mte_top_fraction=0.3)
+    cfg = SamplerConfig(ar_steps=8, diffusion_steps=10)
+    plan = RecordPlan(policy_tokens="unknown" if mar else "committed", mte_k=k if mar else 0, mte_source="commit",
+                      mte_top_fraction=0.3)
     sync()
     t0 = time.perf_counter()
     with autocast:
         r = sample(policy, cond, g_size, cfg, torch.Generator(device).manual_seed(seed),
-                   torch.Generator(device).manual_seed(seed + 1))
+                   torch.Generator(device).manual_seed(seed + 1), record=plan)
     sync()
     t1 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)

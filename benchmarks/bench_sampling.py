@@ -21,6 +21,7 @@ from benchmarks.common import machine, median_spread, write_results
 from margrpo.models.loading import load_model
 from margrpo.rl.loss import replay_transitions, step_conditions
 from margrpo.sampling import sampler as current
+from margrpo.sampling.config import RecordPlan, SamplerConfig
 
 
 def sampler_at(rev: str) -> types.ModuleType:
@@ -64,12 +65,17 @@ def main(argv: list[str] | None = None) -> None:
                              f"package ({type(e).__name__}: {e}); pick a revision nearer this one") from None
     import time
 
-    def run(module=None, **kw):
-        mod = module or current
-        cfg = mod.SamplerConfig(num_ar_steps=args.ar_steps, **kw)
+    def run(module=None, record: bool = True, guidance_scale: float = 1.0, **plan):
+        gens = (torch.Generator(dev).manual_seed(0), torch.Generator(dev).manual_seed(1))
         with autocast:
-            return mod.sample(model.policy, cond, args.batch, cfg, torch.Generator(dev).manual_seed(0),
-                              torch.Generator(dev).manual_seed(1))
+            if module is not None:  # a revision before issue #25: one config object with the record fields
+                cfg = module.SamplerConfig(num_ar_steps=args.ar_steps, record=record, guidance_scale=guidance_scale,
+                                           **plan)
+                return module.sample(model.policy, cond, args.batch, cfg, *gens)
+            cfg = SamplerConfig(ar_steps=args.ar_steps, diffusion_steps=args.diffusion_steps,
+                                guidance_scale=guidance_scale)
+            return current.sample(model.policy, cond, args.batch, cfg, *gens,
+                                  record=RecordPlan(**{"record_z": True, **plan}) if record else None)
 
     variants = [
         ("plain", dict(record=False)),

@@ -45,3 +45,16 @@ def tiny_model(seed: int = 0):
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return model
 
+
+
+def sampling(record: bool = True, **kw):
+    """The sampler's two objects from one set of keyword arguments: a `SamplerConfig` (16 AR steps and the head's own
+    step count unless told) and, with `record`, a `RecordPlan` (every step recorded, with z, unless told)."""
+    import dataclasses
+
+    from margrpo.sampling.config import RecordPlan, SamplerConfig
+
+    names = {f.name for f in dataclasses.fields(SamplerConfig)}
+    cfg = SamplerConfig(**{"ar_steps": 16, "diffusion_steps": None, **{k: v for k, v in kw.items() if k in names}})
+    plan = RecordPlan(**{"record_z": True, **{k: v for k, v in kw.items() if k not in names}}) if record else None
+    return cfg, plan

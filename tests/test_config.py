@@ -270,15 +270,14 @@ def test_config_from_dict() -> None:
 
 
 def test_configuration_docs_are_generated_from_the_dataclasses_and_fresh():
-    """docs/configuration.md is `python -m margrpo.utils.config_docs`'s output: regenerate it when an option changes."""
+    """docs/configuration.md is `python -m margrpo.rl.config`'s output: regenerate it when an option changes."""
     import dataclasses
     from pathlib import Path
 
-    from margrpo.rl.config import TrainConfig
-    from margrpo.utils.config_docs import configuration_markdown
+    from margrpo.rl.config import TrainConfig, configuration_markdown
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
-    assert doc.read_text() == configuration_markdown(), "stale: run python -m margrpo.utils.config_docs"
+    assert doc.read_text() == configuration_markdown(), "stale: run python -m margrpo.rl.config"
 
     def every_field(cls, prefix=""):
         for f in dataclasses.fields(cls):

@@ -15,7 +15,9 @@ from margrpo.models.loading import load_model
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import AlgorithmSection
 from margrpo.rl.loss import ar_step_loss, replay_transitions, step_conditions
-from margrpo.sampling.sampler import SamplerConfig, compute_conditions, sample
+from margrpo.sampling.sampler import compute_conditions, sample
+
+from conftest import sampling
 
 FAMILY_NAMES = list(FAMILIES)
 
@@ -23,8 +25,9 @@ FAMILY_NAMES = list(FAMILIES)
 def _rollout(model, guidance_scale=1.0, **cfg):
     fam_prompts = cfg.pop("prompts")
     cond = model.encode_prompts(list(fam_prompts)).repeat_interleave(3)
-    scfg = SamplerConfig(num_ar_steps=4, guidance_scale=guidance_scale, record_z=True, **cfg)
-    return sample(model.policy, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    scfg, plan = sampling(ar_steps=4, guidance_scale=guidance_scale, **cfg)
+    return sample(model.policy, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1),
+                  record=plan)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

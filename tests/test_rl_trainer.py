@@ -9,11 +9,11 @@ from margrpo.rl.config import AlgorithmSection, TrainConfig
 from margrpo.rl.loss import ar_step_loss
 from margrpo.rl.selection import select_steps
 from margrpo.rl.trainer import Trainer
-from margrpo.sampling.sampler import SamplerConfig, sample
+from margrpo.sampling.sampler import sample
 from margrpo.utils.config import load_config
 from margrpo.utils.metrics import read_metrics
 
-from conftest import tiny_model
+from conftest import sampling, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,9 @@ def tiny_model_dir(tmp_path_factory):
 def test_rollout_normalisation_weighs_every_kept_pair_alike():
     model = tiny_model()
     cond = model.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
-    scfg = SamplerConfig(num_ar_steps=4, policy_tokens="unknown", mte_k=3, mte_source="scored", record_z=False)
-    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    scfg, plan = sampling(ar_steps=4, policy_tokens="unknown", mte_k=3, mte_source="scored", record_z=False)
+    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1),
+               record=plan)
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
     # per AR step: loss = sum over kept pairs / (kept tokens x head steps); rollout: the same sum / D
     element = ar_step_loss(model.mar, None, r, 2, [0, 2, 4], adv.values, adv.use,
@@ -49,9 +50,10 @@ def test_the_recorded_old_log_probs_catch_a_replay_that_differs_from_sampling(mt
     """The ratio-is-1 check is not true by construction: a model changed after sampling moves every ratio."""
     model = tiny_model()
     cond = model.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
-    scfg = SamplerConfig(num_ar_steps=4, guidance_scale=2.0, policy_tokens="unknown", mte_k=3, mte_source=mte_source,
-                         record_z=False, score_guidance="cond_only")
-    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    scfg, plan = sampling(ar_steps=4, guidance_scale=2.0, policy_tokens="unknown", mte_k=3, mte_source=mte_source,
+                          record_z=False, score_guidance="cond_only")
+    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1),
+               record=plan)
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
     ocfg = AlgorithmSection(score_guidance="cond_only", beta=0.0, policy_tokens="unknown", mte_k=3,
                             mte_top_fraction=0.3)
@@ -67,8 +69,8 @@ def test_matching_estimator_is_the_advantage_weighted_pretraining_loss_at_ratio_
     """AWM: before an update rho = 1 exactly, and the gradient equals that of mean(A x head pretraining loss)."""
     model = tiny_model().eval()
     cond = model.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
-    r = sample(model.mar, cond, 6, SamplerConfig(num_ar_steps=4, policy_tokens="committed", record_z=False),
-               torch.Generator().manual_seed(0))
+    scfg, plan = sampling(ar_steps=4, record_z=False)
+    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), record=plan)
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
     ocfg = AlgorithmSection(estimator="matching", mte_k=0, noise_draws=3, beta=0.0, policy_tokens="unknown")
     step = 2
@@ -169,7 +171,9 @@ def test_step_selection_is_reproducible_and_records_predecessors(tiny_model_dir,
     model = tiny_model()
     a = select_steps(cfg, model.mar, 5)
     assert a == select_steps(cfg, model.mar, 5)
-    ar, head_steps, record = a
+    ar, head_steps, plan = a
+    record = plan.steps
+    assert plan.head_steps == {i: tuple(v) for i, v in head_steps.items()}  # MTE log-probs where the loss scores
     assert len(ar) == 3 and all(i in record for i in ar)
     assert all(i - 1 in record for i in ar if i > cfg.algorithm.consistency_start)
     assert all(len(v) == 2 and all(model.mar.head.is_stochastic(j) for j in v) for v in head_steps.values())
@@ -184,7 +188,8 @@ def test_gradient_checkpointing_backward_matches(tmp_path):
         model.mar.config.attn_dropout = model.mar.config.proj_dropout = 0.1
         model.eval()
         cond = model.encode_prompts(["a red circle"]).repeat_interleave(4)
-        r = sample(model.mar, cond, 4, SamplerConfig(num_ar_steps=3, record_z=False), torch.Generator().manual_seed(0))
+        scfg, plan = sampling(ar_steps=3, record_z=False)
+        r = sample(model.mar, cond, 4, scfg, torch.Generator().manual_seed(0), record=plan)
         adv = group_advantages(torch.tensor([0.0, 1.0, 0.5, 0.2]), torch.zeros(4, dtype=torch.long))
         sl = ar_step_loss(model.mar, None, r, 1, [0, 1], adv.values, adv.use, AlgorithmSection(beta=0.0), {}, True)
         sl.loss.backward()

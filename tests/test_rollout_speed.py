@@ -8,9 +8,9 @@ import torch
 from margrpo.models.conditioning import Condition
 from margrpo.models.mar import MAR
 from margrpo.sampling.chains import run_chain, run_chains
-from margrpo.sampling.sampler import SamplerConfig, sample
+from margrpo.sampling.sampler import sample
 
-from conftest import randomize, tiny_mar_kwargs
+from conftest import randomize, sampling, tiny_mar_kwargs
 
 
 def _model() -> MAR:
@@ -19,8 +19,8 @@ def _model() -> MAR:
 
 def _run(model, **cfg):
     cond = Condition(labels=torch.arange(4) % 10)
-    return sample(model, cond, 4, SamplerConfig(num_ar_steps=4, **cfg), torch.Generator().manual_seed(0),
-                  torch.Generator().manual_seed(1))
+    scfg, plan = sampling(ar_steps=4, **cfg)
+    return sample(model, cond, 4, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1), record=plan)
 
 
 def test_batched_chains_see_each_sequential_chains_noise():

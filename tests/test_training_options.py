@@ -13,15 +13,18 @@ from families import FAMILIES
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import AlgorithmSection
 from margrpo.rl.loss import ar_step_loss
-from margrpo.sampling.sampler import SamplerConfig, sample
+from margrpo.sampling.sampler import sample
+
+from conftest import sampling
 
 ADV = (torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
 
 
 def _rollout(model, prompts, **cfg):
     cond = model.encode_prompts(list(prompts)).repeat_interleave(3)
-    scfg = SamplerConfig(num_ar_steps=4, record_z=False, **cfg)
-    return sample(model.policy, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    scfg, plan = sampling(ar_steps=4, record_z=False, **cfg)
+    return sample(model.policy, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1),
+                  record=plan)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -13,9 +13,9 @@ from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import ESTIMATORS, AlgorithmSection
 from margrpo.rl.loss import LOSSES, ar_step_loss, kept_policy_tokens, step_conditions
 from margrpo.rl.loss_terms import gaussian_kl
-from margrpo.sampling.sampler import SamplerConfig, sample
+from margrpo.sampling.sampler import sample
 
-from conftest import tiny_model
+from conftest import sampling, tiny_model
 
 CLIP = 0.002  # small, so that after the perturbation below some elements are clipped and some not
 DENOMINATOR = 57.0
@@ -74,9 +74,9 @@ def test_trajectory_loss_has_the_one_graph_value_and_gradient(case):
     model = tiny_model()
     guidance = 2.0 if case.startswith("guided") else 1.0
     cond = model.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
-    scfg = SamplerConfig(num_ar_steps=4, guidance_scale=guidance, policy_tokens="unknown", mte_k=3,
-                         record_z=False)
-    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    scfg, plan = sampling(ar_steps=4, guidance_scale=guidance, policy_tokens="unknown", mte_k=3, record_z=False)
+    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1),
+               record=plan)
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
     cfg = AlgorithmSection(beta=0.1, clip_eps=CLIP, mte_k=3, policy_tokens="consistent", consistency_start=0,
                            normalize={"head-trains+token-norm": "token",

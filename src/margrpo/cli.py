@@ -23,14 +23,14 @@ def _load_model(path: str | None, device: str):
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from margrpo.sampling.config import SamplerConfig
     from margrpo.sampling.pipeline import MARPipeline
-    from margrpo.sampling.sampler import SamplerConfig
     from margrpo.utils.images import make_grid, save_png
 
     _set_threads(args.threads)
     model = _load_model(args.model, args.device)
-    cfg = SamplerConfig(num_ar_steps=args.ar_steps, num_diffusion_steps=args.diffusion_steps,
-                        guidance_scale=args.guidance_scale, temperature=args.temperature, record=False)
+    cfg = SamplerConfig(ar_steps=args.ar_steps, diffusion_steps=args.diffusion_steps,
+                        guidance_scale=args.guidance_scale, temperature=args.temperature)
     pipe = MARPipeline(model, cfg)
     prompts = args.prompt
     t0 = time.perf_counter()
@@ -146,14 +146,14 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from margrpo.sampling.sampler import SamplerConfig
+    from margrpo.sampling.config import SamplerConfig
     from margrpo.worlds.shapes.evaluate import eval_prompt_set, evaluate, format_summary
 
     _set_threads(args.threads)
     model = _load_model(args.checkpoint, args.device)
     prompts = eval_prompt_set(args.per_category)
-    cfg = SamplerConfig(num_ar_steps=args.ar_steps, num_diffusion_steps=args.diffusion_steps,
-                        guidance_scale=args.guidance_scale, temperature=args.temperature, record=False)
+    cfg = SamplerConfig(ar_steps=args.ar_steps, diffusion_steps=args.diffusion_steps,
+                        guidance_scale=args.guidance_scale, temperature=args.temperature)
     res = evaluate(model, prompts, cfg, seed=args.seed, progress=not args.quiet)
     print(format_summary(res.summary))
     print(f"{len(prompts)} images in {res.seconds:.1f}s")

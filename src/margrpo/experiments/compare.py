@@ -95,7 +95,7 @@ def run_job(job: Job) -> dict:
     out = {"job": job.__dict__, "rows": tr.run()}
     if job.kind != "control":
         for split, prompts in _splits(cfg).items():
-            out[split] = _scored(evaluate(tr.model, prompts, cfg.eval_sampler(), seed=cfg.eval.seed, progress=False))
+            out[split] = _scored(evaluate(tr.model, prompts, cfg.sampling, seed=cfg.eval.seed, progress=False))
     return out
 
 
@@ -145,7 +145,7 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
     # the base, scored once with the runs' evaluation settings (every run's change is paired with it)
     cfg0 = load_config(TrainConfig, cfg_file, overrides)
     base_model = load_model(cfg0.model, cfg0.device)
-    base = {split: _scored(evaluate(base_model, prompts, cfg0.eval_sampler(), seed=cfg0.eval.seed, progress=False))
+    base = {split: _scored(evaluate(base_model, prompts, cfg0.sampling, seed=cfg0.eval.seed, progress=False))
             for split, prompts in _splits(cfg0).items()}
     results: dict = {"methods": {}, "control": {}, "workers": workers,
                      "base_strict": _change(base["heldout"], base["heldout"])["final"],

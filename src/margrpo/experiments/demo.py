@@ -80,7 +80,7 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
         print(f"removing the previous demo run in {run_dir}")
         shutil.rmtree(run_dir)
     prompts = eval_prompt_set(8 if quick else cfg.eval.per_category)
-    sampler = cfg.eval_sampler()
+    sampler = cfg.sampling
     base = load_model(cfg.model, cfg.device)
     before = evaluate(base, prompts, sampler, seed=cfg.eval.seed, progress=not quiet)
     train_prompts = train_prompt_set(8 if quick else cfg.eval.per_category)  # in-distribution, fresh seeds

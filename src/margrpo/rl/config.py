@@ -2,46 +2,27 @@
 
 Presets are YAML files (`configs/presets/grpo.yaml`, `configs/presets/mar-grpo.yaml`) that set the
 stabiliser switches; a run config names one with `base:`. Plain GRPO and MAR-GRPO therefore run
-through exactly the same code with different values. Every option is declared once, here, with its meaning,
-default and source; `docs/configuration.md` is generated from these declarations (`python -m
-margrpo.utils.config_docs`), and a test fails when it is stale.
+through exactly the same code with different values. Every option is declared once, here (the `sampling:` section
+in `sampling/config.py`, the sampler's own config), with its meaning, default and source; `docs/configuration.md`
+is generated from these declarations (`python -m margrpo.rl.config`), and a test fails when it is stale.
+
+A leaf: the loss, the trainer and the tools read these dataclasses, and this module imports only the sampler's
+config and the loader's `option`.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
-from margrpo.sampling.sampler import POLICY_TOKENS, SCORE_GUIDANCE_MODES, SamplerConfig
+from margrpo.sampling.config import MTE_SOURCES, POLICY_TOKENS, SCORE_GUIDANCE_MODES, SamplerConfig
 from margrpo.utils.config import option
 
 # the estimators of the policy term: each is one function of `rl.loss.LOSSES`
 ESTIMATORS = ("trajectory", "matching", "nft")
 NORMALIZE_MODES = ("element", "token", "rollout")
-
-
-@dataclass
-class SamplingSection:
-    """How rollouts are drawn (fewer AR and head steps and no CFG make rollouts cheap)."""
-
-    RENAMED_KEYS: ClassVar[dict[str, str]] = {"cfg": "guidance_scale", "cfg_schedule": "guidance_schedule"}
-    REMOVED_KEYS: ClassVar[dict[str, str]] = {
-        "batch_mte_chains": "the K MTE chains always run together, one head call per step (measured 1.36x faster, "
-                            "the same chains up to matmul rounding)",
-        "compile": "rollouts run eager (torch.compile gives the same rollout and no measurement showed it faster)",
-    }
-
-    ar_steps: int = option(8, "AR steps per image (MAR's cosine mask schedule decides how many tokens each commits)",
-                           range=(1, 4096))
-    diffusion_steps: int = option(10, "head denoising steps per token (the head's schedule respaced to this)",
-                                  range=(1, 1000))
-    guidance_scale: float = option(1.0, "classifier-free guidance scale of rollouts (1 = none: half the cost)",
-                                   range=(1.0, 50.0))
-    guidance_schedule: str | None = option(None, "guidance over AR steps: MAR's linear ramp from 1 to "
-                                           "`guidance_scale`, or constant; null = the model family's (linear for "
-                                           "MAR, constant for NOVA and Harmon, as upstream)",
-                                           choices=("linear", "constant"))
-    temperature: float = option(1.0, "scale of the head's sampling std", range=(0.01, 10.0))
 
 
 @dataclass
@@ -110,7 +91,7 @@ class AlgorithmSection:
     mte_top_fraction: float = option(0.3, "share of each image's tokens, the most uncertain, scored through the K "
                                      "chains", range=(0.0, 1.0))
     mte_source: str = option("commit", "condition the K chains are drawn under: each token's committing step (the "
-                             "release) or the scored step", choices=("commit", "scored"))
+                             "release) or the scored step", choices=MTE_SOURCES)
     consistency_start: int = option(1, "policy_tokens: consistent: AR steps up to this one are not filtered (the "
                                     "release's i > 1)", range=(0, 4096))
     consistency_tau: float = option(0.0, "policy_tokens: consistent: the cosine gain a token must exceed to be kept "
@@ -257,7 +238,7 @@ class TrainConfig:
     max_reward_failure_fraction: float = option(0.1, "share of invalid rewards over the run that stops it",
                                                 range=(0.0, 1.0))
     prompts: PromptSection = option(factory=PromptSection, help="training prompts")
-    sampling: SamplingSection = option(factory=SamplingSection, help="rollouts")
+    sampling: SamplerConfig = option(factory=SamplerConfig, help="rollouts, and the in-loop evaluation's images")
     algorithm: AlgorithmSection = option(factory=AlgorithmSection, help="the objective")
     optim: OptimSection = option(factory=OptimSection, help="the optimizer")
     log: LogSection = option(factory=LogSection, help="run-directory outputs")
@@ -274,23 +255,23 @@ class TrainConfig:
         if not self.rewards:
             raise ValueError("rewards: at least one reward is needed, e.g. {shapes: 1.0}")
 
-    def eval_sampler(self) -> SamplerConfig:
-        """Evaluation samples with the training sampler's settings (what RL optimised), without recording."""
-        s = self.sampling
-        return SamplerConfig(num_ar_steps=s.ar_steps, num_diffusion_steps=s.diffusion_steps,
-                             guidance_scale=s.guidance_scale, guidance_schedule=s.guidance_schedule,
-                             temperature=s.temperature, record=False)
 
-    def sampler(self, record_steps: tuple[int, ...] | None,
-                head_steps: dict[int, list[int]] | None = None) -> SamplerConfig:
-        """The rollout sampler: records `record_steps`, and MTE log-probabilities at the scored `head_steps`."""
-        a, s = self.algorithm, self.sampling
-        mte_head_steps = None if head_steps is None else {i: tuple(v) for i, v in head_steps.items()}
-        return SamplerConfig(num_ar_steps=s.ar_steps, num_diffusion_steps=s.diffusion_steps,
-                             guidance_scale=s.guidance_scale, guidance_schedule=s.guidance_schedule,
-                             temperature=s.temperature,
-                             policy_tokens=a.policy_tokens,
-                             record=True, record_steps=record_steps, record_z=False, mte_k=a.mte_k,
-                             mte_source=a.mte_source, mte_top_fraction=a.mte_top_fraction,
-                             mte_head_steps=mte_head_steps,
-                             score_guidance=a.score_guidance)
+DOCS_HEADER = """# Configuration
+
+Generated from the dataclasses in `src/margrpo/rl/config.py` (the `sampling` section: `src/margrpo/sampling/config.py`)
+by `python -m margrpo.rl.config`; do not edit by hand. A config is a YAML file (with `base:` naming files it builds
+on, e.g. a preset) plus `key=value` overrides; unknown keys, wrong types and values outside the listed range or
+choices are errors naming the file and line. Presets (`configs/presets/*.yaml`) are such files.
+"""
+
+
+def configuration_markdown() -> str:
+    from margrpo.utils.config_docs import render
+
+    return DOCS_HEADER + "\n" + render(TrainConfig)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m margrpo.rl.config [OUT]` rewrites docs/configuration.md
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[3] / "docs" / "configuration.md"
+    out.write_text(configuration_markdown())
+    print(f"wrote {out}")

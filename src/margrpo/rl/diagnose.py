@@ -35,6 +35,7 @@ from margrpo.rl.config import TrainConfig
 from margrpo.rl.loss import ar_step_loss, replay_transitions, step_conditions
 from margrpo.rl.selection import scorable_head_steps, scored_guidance
 from margrpo.rl.trainer import Trainer
+from margrpo.sampling.config import RecordPlan
 from margrpo.sampling.sampler import sample
 from margrpo.utils.rng import make_generator
 
@@ -50,8 +51,9 @@ def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
     cond = tr.model.encode_prompts(prompts)
     cond = cond.repeat_interleave(a.group_size) if cond is not None else None
     n = a.prompts_per_step * a.group_size
-    rollout = sample(policy, cond, n, dataclasses.replace(cfg.sampler(tuple(range(n_ar))), mte_k=0),
-                     make_generator(cfg.seed, "rollout", 0, step, device=tr.device))
+    plan = RecordPlan(steps=tuple(range(n_ar)), policy_tokens=a.policy_tokens, score_guidance=a.score_guidance)
+    rollout = sample(policy, cond, n, cfg.sampling, make_generator(cfg.seed, "rollout", 0, step, device=tr.device),
+                     record=plan)
     rollout.group = torch.arange(a.prompts_per_step).repeat_interleave(a.group_size)
     images = tr.model.decode(rollout.tokens).float()
     out = tr.reward(images, [p for p in prompts for _ in range(a.group_size)],

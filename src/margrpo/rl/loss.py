@@ -234,7 +234,7 @@ def trajectory_loss(s: ScoredStep, cfg: AlgorithmSection) -> StepLoss:
             missing = sorted(set(js) - set(rec.mte_head_steps))
             if missing:
                 raise ValueError(f"AR step {rec.step}: the rollout recorded MTE log-probabilities at head steps "
-                                 f"{rec.mte_head_steps}, not at {missing} (sample with SamplerConfig.mte_head_steps)")
+                                 f"{rec.mte_head_steps}, not at {missing} (the RecordPlan's head_steps)")
             mte = (idx, rec.mte_logp[:, [rec.mte_head_steps.index(j) for j in js]])
     w_main = w
     if mte is not None:
@@ -244,7 +244,7 @@ def trajectory_loss(s: ScoredStep, cfg: AlgorithmSection) -> StepLoss:
     if cfg.score_guidance == "cond_only" and rollout.guidance_scale != 1.0:
         if rec.logp_cond is None:
             raise ValueError("score_guidance='cond_only' scores the conditional branch, but the rollout recorded "
-                             "no log-probabilities for it (sample with SamplerConfig.score_guidance='cond_only')")
+                             "no log-probabilities for it (a RecordPlan with score_guidance='cond_only')")
         old = rec.logp_cond[js]
     else:
         old = rec.logp[js]

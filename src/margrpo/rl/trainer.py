@@ -61,7 +61,8 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
         # RL never wants dropout: sampling and the loss's recomputation (including gradient checkpointing's
         # re-forward during backward) must see the same function.
         self.model.eval()
-        self.model.head.set_sampling_steps(cfg.sampling.diffusion_steps)
+        if cfg.sampling.diffusion_steps is not None:
+            self.model.head.set_sampling_steps(cfg.sampling.diffusion_steps)
         if cfg.gradient_checkpointing:
             self.model.policy.set_gradient_checkpointing(True)
         self.reference = None
@@ -152,7 +153,7 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
         not on how many processes share it. The scored steps are keyed by rank 0 on every rank: all ranks score the
         same AR steps (their optimizer steps must line up under update=ar_step)."""
         a = self.cfg.algorithm
-        ar, head_steps, record = select_steps(self.cfg, self.model.policy, step, 0)
+        ar, head_steps, plan = select_steps(self.cfg, self.model.policy, step, 0)
         per_rank, groups = self.shards // self.world, a.prompts_per_step // self.shards
         parts, metas = [], []
         for shard in range(self.rank * per_rank, (self.rank + 1) * per_rank):
@@ -160,10 +161,9 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
             cond = self.model.encode_prompts(prompts)
             cond = cond.repeat_interleave(a.group_size) if cond is not None else None
             with self._autocast():
-                r = sample(self.policy, cond, groups * a.group_size,
-                           self.cfg.sampler(record, head_steps),
+                r = sample(self.policy, cond, groups * a.group_size, self.cfg.sampling,
                            make_generator(self.cfg.seed, "rollout", shard, step, device=self.device),
-                           make_generator(self.cfg.seed, "mte", shard, step, device=self.device))
+                           make_generator(self.cfg.seed, "mte", shard, step, device=self.device), record=plan)
             r.prompts = [p for p in prompts for _ in range(a.group_size)]
             parts.append(r)
             metas += [m for m in meta for _ in range(a.group_size)]

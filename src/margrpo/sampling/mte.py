@@ -12,16 +12,12 @@ averages the policy term over them (`margrpo.rl.loss`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from margrpo.models.heads import DiffusionHead
 from margrpo.sampling.chains import run_chains
+from margrpo.sampling.config import RecordPlan
 from margrpo.sampling.rollout import ARStepRecord
-
-if TYPE_CHECKING:
-    from margrpo.sampling.sampler import SamplerConfig
 
 
 def token_uncertainty(final_values: torch.Tensor) -> torch.Tensor:
@@ -49,12 +45,12 @@ def top_fraction_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def record_mte(rec: ARStepRecord, head: DiffusionHead, chains: torch.Tensor, uncertain: torch.Tensor,
-               scoring: tuple[torch.Tensor, torch.Tensor | None, float], config: SamplerConfig) -> None:
+               scoring: tuple[torch.Tensor, torch.Tensor | None, float], plan: RecordPlan, temperature: float) -> None:
     """Keep the K chains [K, T+1, N, C] of a step's `uncertain` tokens and their log-probabilities under the
     step's scoring conditions, at the head steps the trainer will score: what replay reads, nothing more."""
-    if config.mte_head_steps is not None and rec.step not in config.mte_head_steps:
+    if plan.head_steps is not None and rec.step not in plan.head_steps:
         return  # recorded for another reason (the consistency mask of the next step), never scored
-    js = (list(config.mte_head_steps[rec.step]) if config.mte_head_steps is not None
+    js = (list(plan.head_steps[rec.step]) if plan.head_steps is not None
           else [j for j in range(head.num_steps) if head.is_stochastic(j)])
     idx = uncertain.nonzero().flatten()
     z, zu, guidance = scoring
@@ -62,7 +58,7 @@ def record_mte(rec: ARStepRecord, head: DiffusionHead, chains: torch.Tensor, unc
     rec.mte_tokens = idx
     rec.mte_head_steps = js
     rec.mte_x = chains[:, :, idx]
-    rec.mte_logp = (chain_log_probs(head, rec.mte_x, js, z, zu, guidance, config.temperature)
+    rec.mte_logp = (chain_log_probs(head, rec.mte_x, js, z, zu, guidance, temperature)
                     if len(idx) and js else None)
 
 
@@ -74,7 +70,7 @@ def chain_log_probs(head: DiffusionHead, chains: torch.Tensor, js: list[int], z:
 
 
 def sample_commit_mte(head: DiffusionHead, z_commit: torch.Tensor, z_u_commit: torch.Tensor | None,
-                      guidance_commit: torch.Tensor, config: SamplerConfig,
+                      guidance_commit: torch.Tensor, k: int, temperature: float,
                       generator: torch.Generator | None, finite: list[torch.Tensor] | None = None) -> torch.Tensor:
     """K extra chains per token under the condition of the step that committed it (reference-code MTE).
 
@@ -84,4 +80,4 @@ def sample_commit_mte(head: DiffusionHead, z_commit: torch.Tensor, z_u_commit: t
     z = z_commit.reshape(b * seq_len, d)
     zu = z_u_commit.reshape(b * seq_len, d) if z_u_commit is not None else None
     g = guidance_commit.reshape(b * seq_len, 1)
-    return run_chains(head, z, zu, g, config.temperature, generator, config.mte_k, finite)
+    return run_chains(head, z, zu, g, temperature, generator, k, finite)

@@ -14,8 +14,6 @@ MTE on does not change the images).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from tqdm.auto import tqdm
 
@@ -29,63 +27,9 @@ from margrpo.sampling.chains import (
     run_chains,
     split_noise,
 )
+from margrpo.sampling.config import RecordPlan, SamplerConfig
 from margrpo.sampling.mte import record_mte, sample_commit_mte, token_uncertainty, top_fraction_mask
 from margrpo.sampling.rollout import ARStepRecord, Rollout
-
-POLICY_TOKENS = ("committed", "unknown", "consistent")
-MTE_SOURCES = ("commit", "scored")
-SCORE_GUIDANCE_MODES = ("rollout", "cond_only")
-
-
-@dataclass
-class SamplerConfig:
-    """How to sample. `num_diffusion_steps=None` keeps the head's configured step count."""
-
-    num_ar_steps: int = 16
-    num_diffusion_steps: int | None = None
-    guidance_scale: float = 1.0
-    guidance_schedule: str | None = None  # "linear" | "constant"; None = the policy family's own
-    temperature: float = 1.0
-    # which tokens a recorded AR step runs through the head: the ones it commits, or every unknown one (the policy
-    # term of `algorithm.policy_tokens: unknown` and the consistency mask need those)
-    policy_tokens: str = "committed"
-    record: bool = True
-    record_steps: tuple[int, ...] | None = None  # None = every AR step
-    record_z: bool = True
-    mte_k: int = 0
-    mte_source: str = "commit"
-    # MTE: per image, the `mte_top_fraction` most uncertain tokens of a recorded step keep their K chains and
-    # the chains' log-probabilities at `mte_head_steps[step]` (every stochastic head step where not given),
-    # under that step's condition: what replay reads, recorded by the rollout so the ratio-is-1 check can fail.
-    mte_top_fraction: float = 0.3
-    mte_head_steps: dict[int, tuple[int, ...]] | None = None
-    # The density the trainer scores head transitions under: "rollout" (the guided one that sampled) or
-    # "cond_only" (the conditional branch alone, as the MAR-GRPO reference code); the rollout records the
-    # log-probabilities of that density.
-    score_guidance: str = "rollout"
-
-    def __post_init__(self) -> None:
-        if self.policy_tokens not in POLICY_TOKENS:
-            raise ValueError(f"policy_tokens={self.policy_tokens!r}; valid: {POLICY_TOKENS}")
-        if self.mte_source not in MTE_SOURCES:
-            raise ValueError(f"mte_source={self.mte_source!r}; valid: {MTE_SOURCES}")
-        if self.guidance_schedule not in (None, "linear", "constant"):
-            raise ValueError(f"guidance_schedule={self.guidance_schedule!r}; valid: 'linear', 'constant', or None "
-                             "(the model family's)")
-        if self.num_ar_steps < 1:
-            raise ValueError(f"num_ar_steps must be >= 1, got {self.num_ar_steps}")
-        if self.mte_k < 0:
-            raise ValueError(f"mte_k must be >= 0, got {self.mte_k}")
-        if self.mte_k == 1:
-            raise ValueError("mte_k=1 cannot estimate uncertainty; use 0 (off) or >= 2")
-        if not 0.0 <= self.mte_top_fraction <= 1.0:
-            raise ValueError(f"mte_top_fraction must be in [0, 1], got {self.mte_top_fraction}")
-        if self.score_guidance not in SCORE_GUIDANCE_MODES:
-            raise ValueError(f"score_guidance={self.score_guidance!r}; valid: {SCORE_GUIDANCE_MODES}")
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance_scale != 1.0
 
 
 def compute_conditions(policy: Policy, tokens: torch.Tensor, mask: torch.Tensor,
@@ -132,10 +76,10 @@ def _mask_by_order(mask_len: int, orders: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample(policy: Policy, cond: Condition | None, batch_size: int, config: SamplerConfig,
            generator: torch.Generator | None = None, mte_generator: torch.Generator | None = None,
-           progress: bool = False) -> Rollout:
-    """Generate `batch_size` token canvases (one per row of `cond`) and record the rollout.
+           progress: bool = False, record: RecordPlan | None = None) -> Rollout:
+    """Generate `batch_size` token canvases (one per row of `cond`); with a `record` plan, record the rollout.
 
-    The policy is put in eval mode for the duration (dropout off), as the trainer's recomputation is.
+    The policy is put in eval mode for the duration (dropout off), as the loss's recomputation is.
     """
     if cond is not None and len(cond) != batch_size:
         raise ValueError(f"condition batch {len(cond)} != batch_size {batch_size}")
@@ -145,24 +89,26 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
     was_training = policy.training
     policy.eval()
     head: DiffusionHead = policy.head
-    if config.num_diffusion_steps is not None and config.num_diffusion_steps != head.num_steps:
-        head.set_sampling_steps(config.num_diffusion_steps)
+    if config.diffusion_steps is not None and config.diffusion_steps != head.num_steps:
+        head.set_sampling_steps(config.diffusion_steps)
     extra_generator = _extra_generator(generator)
     device = next(policy.parameters()).device
     seq_len, c = policy.seq_len, policy.token_embed_dim
     schedule = config.guidance_schedule or policy.default_guidance_schedule
-    # the policy's AR schedule: at most `num_ar_steps` steps (NOVA's drops the ones that would predict nothing)
-    counts = policy.mask_schedule(config.num_ar_steps, seq_len)
+    # the policy's AR schedule: at most `ar_steps` steps (NOVA's drops the ones that would predict nothing)
+    counts = policy.mask_schedule(config.ar_steps, seq_len)
     n_steps = len(counts)
-    if not 1 <= n_steps <= config.num_ar_steps or sum(counts) != seq_len or min(counts) < 1:
-        raise ValueError(f"{type(policy).__name__}.mask_schedule({config.num_ar_steps}, {seq_len}) gave {counts}: "
-                         f"it must give 1 to {config.num_ar_steps} counts >= 1 that sum to {seq_len}")
+    if not 1 <= n_steps <= config.ar_steps or sum(counts) != seq_len or min(counts) < 1:
+        raise ValueError(f"{type(policy).__name__}.mask_schedule({config.ar_steps}, {seq_len}) gave {counts}: "
+                         f"it must give 1 to {config.ar_steps} counts >= 1 that sum to {seq_len}")
     orders = policy.sample_orders(batch_size, generator, device)
     tokens = torch.zeros(batch_size, seq_len, c, device=device)
     known = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
-    record_steps = set(range(n_steps) if config.record_steps is None else config.record_steps)
+    plan = record if record is not None else RecordPlan()
+    recorded_steps = set() if record is None else set(range(n_steps) if plan.steps is None else plan.steps)
+    mte_k = plan.mte_k if record is not None else 0
     steps: dict[int, ARStepRecord] = {}
-    need_commit_z = config.mte_k > 0 and config.mte_source == "commit"
+    need_commit_z = mte_k > 0 and plan.mte_source == "commit"
     scoring: dict[int, tuple[torch.Tensor, torch.Tensor | None, float]] = {}
     z_commit = z_u_commit = guidance_commit = None
     if need_commit_z:
@@ -179,9 +125,9 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
         guidance = (guidance_at_step(config.guidance_scale, schedule, seq_len, max(1, mask_len))
                     if config.guided else 1.0)
         z_c, z_u = compute_conditions(policy, tokens, mask, cond, config.guided)
-        rec = config.record and i in record_steps
+        recorded = i in recorded_steps
         # all unknown tokens are diffused only where the step is recorded (the consistency mask needs them)
-        diffuse_all = config.policy_tokens != "committed" and rec
+        diffuse_all = plan.policy_tokens != "committed" and recorded
         diffused = ~known if diffuse_all else to_pred
         # the selected rows by index (ascending positions per image, as the boolean masks select them): the
         # counts come from the schedule, so no step reads a tensor back to the host
@@ -194,9 +140,9 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
         committed = to_pred.reshape(-1)[flat_diff]
         noise_fn = None if all_committed else split_noise(committed, head.token_dim, generator, extra_generator,
                                                           batch_size * counts[i])
-        x_final, traj = run_chain(head, zc_sel, zu_sel, guidance, config.temperature, generator, rec, noise_fn,
+        x_final, traj = run_chain(head, zc_sel, zu_sel, guidance, config.temperature, generator, recorded, noise_fn,
                                   finite)
-        canvas_before = tokens.clone() if rec else None
+        canvas_before = tokens.clone() if recorded else None
         x_commit = x_final if all_committed else x_final[torch.argsort((~committed).to(torch.int8),
                                                                        stable=True)[:batch_size * counts[i]]]
         tokens.view(flat_b, c)[flat_pred] = x_commit.to(tokens.dtype)
@@ -208,40 +154,40 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
             if z_u is not None:
                 z_u_commit.view(flat_b, d)[flat_pred] = z_u.reshape(flat_b, d)[flat_pred]
             guidance_commit.view(flat_b, 1)[flat_pred] = guidance
-        if rec:
-            # the conditions the trainer scores this step's transitions under (the sampling ones, or cond-only)
-            scoring[i] = (zc_sel, zu_sel, guidance) if config.score_guidance == "rollout" else (zc_sel, None, 1.0)
+        if recorded:
+            # the conditions the loss scores this step's transitions under (the sampling ones, or cond-only)
+            scoring[i] = (zc_sel, zu_sel, guidance) if plan.score_guidance == "rollout" else (zc_sel, None, 1.0)
             logp_cond = None
-            if config.guided and config.score_guidance == "cond_only":
+            if config.guided and plan.score_guidance == "cond_only":
                 logp_cond = torch.zeros_like(traj["logp"])
                 js = [j for j in range(head.num_steps) if head.is_stochastic(j)]
                 logp_cond[js] = head.score_transitions(traj["x"], js, zc_sel, None, 1.0, config.temperature).logp
             steps[i] = ARStepRecord(
                 step=i, known=known.clone(), to_pred=to_pred.clone(), diffused=diffused.clone(),
                 canvas=canvas_before, guidance=float(guidance), x=traj["x"], logp=traj["logp"], logp_cond=logp_cond,
-                z=z_c.clone() if config.record_z else None,
-                z_uncond=z_u.clone() if (config.record_z and z_u is not None) else None)
-            if config.mte_k > 0 and config.mte_source == "scored":
-                chains = run_chains(head, zc_sel, zu_sel, guidance, config.temperature, mte_generator, config.mte_k,
-                                    finite)
+                z=z_c.clone() if plan.record_z else None,
+                z_uncond=z_u.clone() if (plan.record_z and z_u is not None) else None)
+            if mte_k > 0 and plan.mte_source == "scored":
+                chains = run_chains(head, zc_sel, zu_sel, guidance, config.temperature, mte_generator, mte_k, finite)
                 uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
-                                              config.mte_top_fraction).reshape(-1)
-                record_mte(steps[i], head, chains, uncertain, scoring[i], config)
+                                              plan.mte_top_fraction).reshape(-1)
+                record_mte(steps[i], head, chains, uncertain, scoring[i], plan, config.temperature)
         known = known | to_pred
         still -= counts[i]
 
     if need_commit_z:
-        chains = sample_commit_mte(head, z_commit, z_u_commit, guidance_commit, config, mte_generator, finite)
+        chains = sample_commit_mte(head, z_commit, z_u_commit, guidance_commit, mte_k, config.temperature,
+                                   mte_generator, finite)
         # uncertainty per image over all its tokens (the reference code's), then each step's share of them
         uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
-                                      config.mte_top_fraction).reshape(-1)
+                                      plan.mte_top_fraction).reshape(-1)
         for i, r in steps.items():
             flat = r.diffused.reshape(-1).nonzero().flatten()
-            record_mte(r, head, chains[:, :, flat], uncertain[flat], scoring[i], config)
+            record_mte(r, head, chains[:, :, flat], uncertain[flat], scoring[i], plan, config.temperature)
     check_finite(finite)
     if was_training:
         policy.train()
     return Rollout(cond=cond, orders=orders, counts=counts, tokens=tokens, steps=steps, head_steps=head.num_steps,
                    guidance_scale=config.guidance_scale, guidance_schedule=schedule,
-                   temperature=config.temperature, policy_tokens=config.policy_tokens,
-                   mte_source=config.mte_source if config.mte_k else None)
+                   temperature=config.temperature, policy_tokens=plan.policy_tokens,
+                   mte_source=plan.mte_source if mte_k else None)
