@@ -27,6 +27,7 @@ from tiny_models import (  # noqa: E402
     tiny_clip,
     tiny_git,
     tiny_grounding_dino,
+    tiny_hpsv3,
     tiny_owlv2,
 )
 
@@ -316,3 +317,59 @@ def test_the_nova_mix_config_builds_hps_git_and_gdino_with_weight_one_each(tmp_p
     parts = [out.components[k] for k in ("hpsv2", "git_vqa", "grounding_dino")]
     torch.testing.assert_close(out.scores, parts[0] + parts[1] + parts[2])
     assert math.isclose(float(out.components["git_vqa"][0]), 0.0)  # spatial prompt: GIT gives 0
+
+
+# ------------------------------------------------------------------------------------------------ hpsv3
+@pytest.fixture(scope="module")
+def hps3(tmp_path_factory):
+    return tiny_hpsv3(tmp_path_factory.mktemp("hpsv3"))
+
+
+def test_hpsv3_builds_hpsv3s_inputs_and_reads_mu_at_the_reward_token(hps3):
+    base, ckpt, model, head = hps3
+    r = build_reward("hpsv3", checkpoint=ckpt, base_model_path=base, pixels=56 * 56, batch_size=4)
+    images = _images(3, size=(60, 50))
+    prompts = ["a cat", "two red buses on a long road", "x"]
+    batch = r.inputs(images, prompts)
+    # 60 x 50 -> smart_resize to 56 x 56 -> 4 x 4 patches of 14 -> 2 x 2 merged: 4 image tokens
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 3
+    first = r.tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    from margrpo.rewards.hpsv3 import INSTRUCTION, PROMPT_WITH_SPECIAL_TOKEN
+
+    assert first == ("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>"
+                     + INSTRUCTION.format(text_prompt="a cat") + PROMPT_WITH_SPECIAL_TOKEN
+                     + "<|im_end|>\n<|im_start|>assistant\n")
+    out = r(images, prompts)
+    assert bool(out.valid.all()), out.reasons
+    # by hand, with the model as built (not as loaded): hidden state at <|Reward|> -> head -> mu
+    with torch.no_grad():
+        hidden = model.model(**batch).last_hidden_state
+        for i in range(3):
+            pos = int((batch["input_ids"][i] == r.reward_id).nonzero())
+            mu, sigma = head(hidden[i, pos])
+            assert float(out.scores[i]) == pytest.approx(float(mu), abs=1e-5)
+            assert float(out.components["sigma"][i]) == pytest.approx(float(sigma), abs=1e-5)
+    one = build_reward("hpsv3", checkpoint=ckpt, base_model_path=base, pixels=56 * 56, batch_size=1)(images, prompts)
+    torch.testing.assert_close(one.scores, out.scores, atol=1e-5, rtol=0)  # right padding leaves the token alone
+    scaled = build_reward("hpsv3", checkpoint=ckpt, base_model_path=base, pixels=56 * 56, scale=0.2)(images, prompts)
+    torch.testing.assert_close(scaled.scores, 0.2 * out.scores)
+
+
+def test_hpsv3_reads_the_older_key_layout_and_refuses_mismatches(tmp_path, hps3):
+    base, ckpt, _, _ = hps3
+    old_base, old_ckpt, _, _ = tiny_hpsv3(tmp_path / "old", old_layout=True)
+    images = _images(2, size=(56, 56))
+    new = build_reward("hpsv3", checkpoint=ckpt, base_model_path=base, pixels=56 * 56)(images, ["a", "b"])
+    old = build_reward("hpsv3", checkpoint=old_ckpt, base_model_path=old_base, pixels=56 * 56)(images, ["a", "b"])
+    torch.testing.assert_close(old.scores, new.scores)  # same seed, same weights, other key names
+    bf = build_reward("hpsv3", checkpoint=ckpt, base_model_path=base, pixels=56 * 56, dtype="bfloat16")
+    assert bf.model.dtype == torch.bfloat16 and bool(bf(images, ["a", "b"]).valid.all())
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(ckpt))
+    sd["rm_head.7.weight"] = torch.zeros(1)
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="not HPSv3's ranknet head"):
+        build_reward("hpsv3", checkpoint=tmp_path / "bad.safetensors", base_model_path=base)
+    with pytest.raises(FileNotFoundError, match="not a .safetensors file"):
+        build_reward("hpsv3", checkpoint=tmp_path / "HPSv3.pt", base_model_path=base)

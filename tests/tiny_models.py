@@ -159,3 +159,63 @@ def openclip_state_dict(**kw) -> dict[str, torch.Tensor]:
     sd = {k: torch.randn(shape, generator=g) * 0.2 for k, shape in sorted(openclip_shapes(**kw).items())}
     sd["logit_scale"] = torch.tensor(math.log(1 / 0.07))
     return sd
+
+
+#: Qwen2-VL's chat template, reduced to what one user turn with an image and text needs (the real one also adds
+#: a default system turn; the reward passes whatever template the base folder has).
+QWEN2_VL_CHAT = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_hpsv3(folder: Path, *, old_layout: bool = False):
+    """HPSv3's release format: a Qwen2-VL base folder (config, byte-level tokenizer with chat template, image
+    processor for 56 x 56 images) and ``HPSv3.safetensors``, the state dict of Qwen2-VL with its embeddings resized
+    for ``<|Reward|>`` plus the ranknet ``rm_head``. Returns (base folder, checkpoint, model, head) for hand checks.
+    ``old_layout``: keys as transformers before 4.52 saved them (``visual.*``, ``model.layers.*``)."""
+    import transformers
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    base = folder / "base"
+    base.mkdir(parents=True, exist_ok=True)
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    tok = transformers.Qwen2Tokenizer(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                      additional_special_tokens=specials[1:])
+    tok.chat_template = QWEN2_VL_CHAT
+    tok.save_pretrained(base)
+    transformers.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=4 * 56 * 56).save_pretrained(base)
+    ids = tok.convert_tokens_to_ids
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                        "rope_theta": 10000.0},
+                bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
+    kw = dict(vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14,
+                                 spatial_merge_size=2, temporal_patch_size=2),
+              image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+              vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    transformers.Qwen2VLConfig(text_config={**text, "vocab_size": len(tok)}, **kw).save_pretrained(base)
+    torch.manual_seed(0)
+    model = transformers.Qwen2VLForConditionalGeneration(
+        transformers.Qwen2VLConfig(text_config={**text, "vocab_size": len(tok) + 1}, **kw)).eval()
+    head = torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.ReLU(), torch.nn.Dropout(0.05), torch.nn.Linear(8, 4),
+                               torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if old_layout:
+        sd = {("visual." + k[len("model.visual."):] if k.startswith("model.visual.") else
+               "model." + k[len("model.language_model."):] if k.startswith("model.language_model.") else k): v
+              for k, v in sd.items()}
+    sd.update({f"rm_head.{k}": v.contiguous() for k, v in head.state_dict().items()})
+    ckpt = folder / "HPSv3.safetensors"
+    save_file(sd, str(ckpt))
+    return base, ckpt, model, head

@@ -31,6 +31,7 @@ _LAZY: dict[str, str] = {
     "grounding_dino": "margrpo.rewards.grounding_dino:GroundingDinoReward",
     "git_vqa": "margrpo.rewards.git_vqa:GitVqaReward",
     "geneval": "margrpo.rewards.geneval:GenevalReward",
+    "hpsv3": "margrpo.rewards.hpsv3:HPSv3",
     "remote": "margrpo.rewards.remote.client:RemoteReward",
     "colour_fraction": "margrpo.rewards.control:ColourFraction",
     "random": "margrpo.rewards.control:RandomReward",

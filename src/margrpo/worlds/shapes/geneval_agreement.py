@@ -151,9 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for reading in ("correct", "exact"):
             print(f"{name}, {reading}: {table['all'][f'classes_{reading}']}")
     if args.out is not None:
+        keep = ("prompt", "category", "strict", "correct", "exact", "partial")
+        rows = {name: [{**{k: r[k] for k in keep}, **{f"class_{rd}": c for rd in ("correct", "exact")
+                                                      if (c := disagreement_class(r, rd))}} for r in rs]
+                for name, rs in sets.items()}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "tables": tables,
-                                        "rows": sets}, indent=1))
+                                        "rows": rows}, indent=0))
     return 0
 
 
