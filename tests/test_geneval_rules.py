@@ -248,3 +248,30 @@ def test_t2i_r1_object_score_and_record_dispatch():
     assert math.isclose(score_record([[obj("a", (0, 0, 0.1, 0.1))]],
                                      {"task_type": "numeracy", "nouns": ["a"],
                                       "numeracy_info": [{"obj_name": "a", "num": 1}]}), 1.0)
+
+
+def test_each_disagreement_class_of_the_finding_on_drawn_scenes():
+    """The three classes of docs/findings/2026-12-07-geneval-rules-on-shapes.md, one hand-drawn scene each."""
+    from margrpo.worlds.shapes import SceneObject, draw_scene
+    from margrpo.worlds.shapes.geneval_agreement import disagreement_class, score_both
+
+    scenes = {
+        # A: two circles in the right places; GenEval's two "circle" items read the same (largest) circle
+        "a red circle left of a blue circle": [SceneObject("circle", "red", 8, 16, 10),
+                                               SceneObject("circle", "blue", 24, 16, 8)],
+        # B: the asked green triangle and a smaller blue one
+        "a green triangle": [SceneObject("triangle", "green", 9, 16, 11), SceneObject("triangle", "blue", 24, 16, 8)],
+        # C: two blue circles where one is asked for
+        "a blue circle and a red triangle": [SceneObject("circle", "blue", 7, 8, 8),
+                                             SceneObject("circle", "blue", 24, 8, 8),
+                                             SceneObject("triangle", "red", 16, 24, 10)],
+    }
+    rows = score_both([draw_scene(objs) for objs in scenes.values()], list(scenes))
+    a, b, c = rows
+    assert (a["strict"], a["correct"], a["exact"], a["partial"]) == (True, False, False, 0.0)
+    assert disagreement_class(a, "correct").startswith("verifier passes: the two named objects share a shape")
+    assert (b["strict"], b["correct"], b["exact"]) == (False, True, False)
+    assert disagreement_class(b, "correct").startswith("GenEval passes: a named shape also in another colour")
+    assert disagreement_class(b, "exact") is None
+    assert (c["strict"], c["correct"], c["exact"]) == (False, True, False)
+    assert disagreement_class(c, "correct").startswith("GenEval passes: more objects of a named kind")

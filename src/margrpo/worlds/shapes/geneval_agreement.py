@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="write the tables and every row here (JSON)")
     ap.add_argument("--rendered-per-category", type=int, default=100)
-    ap.add_argument("--base-per-category", type=int, default=50,
+    ap.add_argument("--base-per-category", type=int, default=100,
                     help="base-model images per category, on held-out and on training prompts each")
     ap.add_argument("--model", default="shipped:shapes-base")
     ap.add_argument("--seed", type=int, default=0)
