@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -100,9 +100,30 @@ class _TransformersDetector:
         return {k: (v.to(self.device, self.dtype) if k == "pixel_values" else v.to(self.device))
                 for k, v in enc.items()}
 
+    @torch.no_grad()
     def class_probs(self, images: Sequence[Image.Image], classes: Sequence[Sequence[str]]
                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per image, ``(boxes [Q, 4] normalised corners, probabilities [Q, len(classes[i])])`` (float32, CPU)."""
+        """Per image, ``(boxes [Q, 4] normalised corners, probabilities [Q, len(classes[i])])`` (float32, CPU).
+
+        Images with no class to look for are not run (empty results)."""
+        out: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.zeros(0, 4), torch.zeros(0, len(c))) for c in classes]
+        todo = [i for i, c in enumerate(classes) if c]
+        if not todo:
+            return out
+        enc = self._encode([images[i] for i in todo], [list(classes[i]) for i in todo])
+        res = self.model(**self._inputs(dict(enc)))
+        boxes = _cxcywh_to_xyxy(res.pred_boxes.float().cpu())
+        for k, i in enumerate(todo):
+            out[i] = self._image_result(res, k, boxes[k], images[i], classes[i])
+        return out
+
+    def _encode(self, images: list[Image.Image], classes: list[list[str]]) -> Any:
+        """The processor's inputs for a batch (every image has at least one class)."""
+        raise NotImplementedError
+
+    def _image_result(self, res: Any, k: int, boxes: torch.Tensor, image: Image.Image, classes: Sequence[str]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch row ``k``'s (boxes normalised to the image, class probabilities)."""
         raise NotImplementedError
 
     def detect(self, images: Sequence[Image.Image], classes: Sequence[Sequence[str]], min_score: float
@@ -120,36 +141,26 @@ class GroundingDino(_TransformersDetector):
     hint = ("a transformers Grounding DINO folder, e.g. IDEA-Research/grounding-dino-tiny (config.json, "
             "model.safetensors, preprocessor_config.json, tokenizer files)")
 
-    @torch.no_grad()
-    def class_probs(self, images: Sequence[Image.Image], classes: Sequence[Sequence[str]]
-                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.zeros(0, 4), torch.zeros(0, len(c))) for c in classes]
-        todo = [i for i, c in enumerate(classes) if c]
-        if not todo:
-            return out
-        captions = [grounding_caption(classes[i]) for i in todo]
-        enc = self.processor(images=[images[i] for i in todo], text=[c for c, _ in captions], return_tensors="pt",
-                             padding=True)
-        res = self.model(**self._inputs(dict(enc)))
-        token_probs = res.logits.float().sigmoid().cpu()  # [B, Q, max_text_len]; token j of input_ids at j
-        boxes = _cxcywh_to_xyxy(res.pred_boxes.float().cpu())
-        tok = self.processor.tokenizer
-        for k, (i, (caption, spans)) in enumerate(zip(todo, captions, strict=True)):
-            offsets = tok(caption, return_offsets_mapping=True)["offset_mapping"]
-            if len(offsets) > token_probs.shape[-1]:
-                raise ValueError(f"GroundingDino: the text {caption!r} has {len(offsets)} tokens, more than the "
-                                 f"model's max_text_len {token_probs.shape[-1]}")
-            pos = torch.zeros(len(spans), token_probs.shape[-1])
-            for j, (s, e) in enumerate(spans):
-                for t, (a, b) in enumerate(offsets):
-                    if b > a and a < e and b > s:
-                        pos[j, t] = 1.0
-            if bool((pos.sum(1) == 0).any()):
-                raise ValueError(f"GroundingDino: a phrase of {classes[i]!r} maps to no token of {caption!r}")
-            pos = pos / pos.sum(1, keepdim=True)
-            probs = token_probs[k].nan_to_num(0.0) @ pos.T  # [Q, n]
-            out[i] = (boxes[k], probs)
-        return out
+    def _encode(self, images: list[Image.Image], classes: list[list[str]]) -> Any:
+        return self.processor(images=images, text=[grounding_caption(c)[0] for c in classes], return_tensors="pt",
+                              padding=True)
+
+    def _image_result(self, res: Any, k: int, boxes: torch.Tensor, image: Image.Image, classes: Sequence[str]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        token_probs = res.logits[k].float().sigmoid().cpu()  # [Q, max_text_len]; token j of input_ids at j
+        caption, spans = grounding_caption(classes)
+        offsets = self.processor.tokenizer(caption, return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) > token_probs.shape[-1]:
+            raise ValueError(f"GroundingDino: the text {caption!r} has {len(offsets)} tokens, more than the model's "
+                             f"max_text_len {token_probs.shape[-1]}")
+        pos = torch.zeros(len(spans), token_probs.shape[-1])
+        for j, (s, e) in enumerate(spans):
+            for t, (a, b) in enumerate(offsets):
+                if b > a and a < e and b > s:
+                    pos[j, t] = 1.0
+        if bool((pos.sum(1) == 0).any()):
+            raise ValueError(f"GroundingDino: a phrase of {list(classes)!r} maps to no token of {caption!r}")
+        return boxes, token_probs.nan_to_num(0.0) @ (pos / pos.sum(1, keepdim=True)).T  # [Q, n]
 
     def phrase_detections(self, images: Sequence[Image.Image], phrases: Sequence[Sequence[str]], threshold: float
                           ) -> list[list[list[DetectedObject]]]:
@@ -173,24 +184,15 @@ class Owlv2(_TransformersDetector):
     hint = ("a transformers OWLv2 folder, e.g. google/owlv2-base-patch16-ensemble (config.json, weights, "
             "preprocessor_config.json, tokenizer files)")
 
-    @torch.no_grad()
-    def class_probs(self, images: Sequence[Image.Image], classes: Sequence[Sequence[str]]
-                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.zeros(0, 4), torch.zeros(0, len(c))) for c in classes]
-        todo = [i for i, c in enumerate(classes) if c]
-        if not todo:
-            return out
-        enc = self.processor(images=[images[i] for i in todo], text=[list(classes[i]) for i in todo],
-                             return_tensors="pt")
-        res = self.model(**self._inputs(dict(enc)))
-        probs = res.logits.float().sigmoid().cpu()  # [B, Q, max classes]
-        boxes = _cxcywh_to_xyxy(res.pred_boxes.float().cpu())
-        for k, i in enumerate(todo):
-            w, h = images[i].size
-            side = float(max(w, h))
-            fix = torch.tensor([side / w, side / h, side / w, side / h])
-            out[i] = (boxes[k] * fix, probs[k, :, : len(classes[i])])
-        return out
+    def _encode(self, images: list[Image.Image], classes: list[list[str]]) -> Any:
+        return self.processor(images=images, text=classes, return_tensors="pt")
+
+    def _image_result(self, res: Any, k: int, boxes: torch.Tensor, image: Image.Image, classes: Sequence[str]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        w, h = image.size
+        side = float(max(w, h))
+        probs = res.logits[k].float().sigmoid().cpu()  # [Q, most classes in the batch]
+        return boxes * torch.tensor([side / w, side / h, side / w, side / h]), probs[:, : len(classes)]
 
 
 def build_detector(name: str, model_path: str | os.PathLike | None, *, device: torch.device,
