@@ -29,13 +29,15 @@ a noun is *found* on every box whose phrase probability exceeds ``BOX_THRESHOLD`
 Where this differs from the release, and why:
 
 - ``above`` and ``on top of`` score like ``on the top of``. The release's ``determine_position`` has no branch for
-  them, so 437 of the 2,195 spatial prompts of its training file (364 ``above``, 73 ``on top of``) can never earn
-  the position half: a bug, not a rule.
+  them, so the 364 ``above`` prompts among the 2,195 spatial prompts of its training file can never earn the
+  position half: a bug, not a rule.
 - ``next to`` / ``near`` / ``on side of``: the release tests ``|dx| < 150 or |dy| < 150`` on box coordinates
   normalised to [0, 1], which always holds; we write the rule it implements (1 when both are found).
-- Non-maximum suppression runs on corner boxes ``(x0, y0, x1, y1)``. The release passes Grounding DINO's centre
-  boxes ``(cx, cy, w, h)`` to ``torchvision.ops.nms``, which reads them as corners, so its counts depend on where
-  and how large the boxes are rather than on their overlap.
+- Duplicates are suppressed as the release does it: the top box per object for spatial prompts, non-maximum
+  suppression at IoU 0.5 for counts. (Its file also defines an ``is_duplicate``, IoU or containment above 0.9,
+  that nothing calls.) Our non-maximum suppression runs on corner boxes ``(x0, y0, x1, y1)``; the release passes
+  Grounding DINO's centre boxes ``(cx, cy, w, h)`` to ``torchvision.ops.nms``, which reads them as corners, so its
+  counts depend on where and how large the boxes are rather than on their overlap.
 - A phrase's probability is the mean of the sigmoid token scores over all tokens of the noun. The release's
   ``make_prompt`` takes the span of the first and of the last word of a multi-word noun; the two agree for one-
   and two-word nouns (all but 4 of the file's 15,297 nouns).
