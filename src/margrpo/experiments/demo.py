@@ -121,7 +121,7 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
         print(f"removing the previous demo run in {run_dir}")
         shutil.rmtree(run_dir)
     sets = eval_sets(8 if quick else cfg.eval.per_category, cfg.eval.seed)
-    selection = eval_set("train", 1 if quick else SELECTION_PER_CATEGORY, cfg.eval.seed)  # chooses the settings
+    selection = eval_set("train", 2 if quick else SELECTION_PER_CATEGORY, cfg.eval.seed)  # chooses the settings
     settings = grid_settings((1.0, 3.0), (1.0, 0.5)) if quick else grid_settings(GUIDANCES, TEMPERATURES)
     prompts = list(sets["heldout"].prompts)
     sampler = cfg.eval_sampler()
