@@ -18,12 +18,18 @@ from dataclasses import dataclass
 
 from margrpo.models.base import ImageModel
 from margrpo.sampling.sampler import SamplerConfig
-from margrpo.worlds.shapes.evaluate import EvalResult, EvalSet, evaluate_set, paired_strict_change
+from margrpo.worlds.shapes.evaluate import EvalResult, EvalSet, eval_set, evaluate_set, paired_strict_change
 from margrpo.worlds.shapes.sampler_grid import SamplerGrid, SamplerSetting, cached_grid, run_grid
 
 # Training-prompt images per category of each setting of the grids that choose each model's best setting (the base's
 # and the trained model's alike; demo and compare). Measured in docs/findings/2026-12-07-sampler-baselines.md.
 SELECTION_PER_CATEGORY = 100
+
+
+def selection_set(per_category: int, seed: int) -> EvalSet:
+    """The training prompts each model's sampler setting is chosen on: `SELECTION_PER_CATEGORY` images per
+    category, or the evaluation's `per_category` when that is smaller."""
+    return eval_set("train", min(SELECTION_PER_CATEGORY, per_category), seed)
 
 
 @dataclass

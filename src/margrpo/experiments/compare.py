@@ -29,14 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from margrpo.configs import config_path
-from margrpo.experiments.baselines import SELECTION_PER_CATEGORY, base_at_best, trained_at_best
+from margrpo.experiments.baselines import base_at_best, selection_set, trained_at_best
 from margrpo.experiments.readme import publish_to_readme
 from margrpo.models.loading import load_model
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer
 from margrpo.utils.config import load_config
 from margrpo.utils.plots import plot_comparison
-from margrpo.worlds.shapes.evaluate import EvalResult, EvalSet, eval_set, eval_sets, evaluate_set, paired_strict_change
+from margrpo.worlds.shapes.evaluate import EvalResult, eval_sets, evaluate_set, paired_strict_change
 from margrpo.worlds.shapes.sampler_grid import GUIDANCES, TEMPERATURES, grid_settings
 
 # The positive control: one prompt, one group of 64 images, every AR step and every scored head step, Adam 1e-4
@@ -98,15 +98,10 @@ def run_job(job: Job) -> dict:
         for split, s in sets.items():
             out[split] = evaluate_set(tr.model, s, cfg.eval_sampler(), progress=False).to_json()
     if job.kind == "main":
-        best = trained_at_best(tr.model, _selection(cfg), sets["heldout"], cfg.eval_sampler(), _settings(),
-                               progress=False)
+        selection = selection_set(cfg.eval.per_category, cfg.eval.seed)
+        best = trained_at_best(tr.model, selection, sets["heldout"], cfg.eval_sampler(), _settings(), progress=False)
         out["best"] = {"setting": best.setting.label, "heldout": best.heldout.to_json(), "seconds": best.seconds}
     return out
-
-
-def _selection(cfg: TrainConfig) -> EvalSet:
-    """The training prompts each model's sampler setting is chosen on (the demo's size, at most eval's)."""
-    return eval_set("train", min(SELECTION_PER_CATEGORY, cfg.eval.per_category), cfg.eval.seed)
 
 
 def _settings():
@@ -152,8 +147,9 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
     sets = eval_sets(cfg0.eval.per_category, cfg0.eval.seed)
     base = {split: evaluate_set(base_model, s, cfg0.eval_sampler(), progress=False).to_json()
             for split, s in sets.items()}
-    base_best = base_at_best(cfg0.model, base_model, _selection(cfg0), sets["heldout"], cfg0.eval_sampler(),
-                             _settings(), progress=not quiet)
+    selection = selection_set(cfg0.eval.per_category, cfg0.eval.seed)
+    base_best = base_at_best(cfg0.model, base_model, selection, sets["heldout"], cfg0.eval_sampler(), _settings(),
+                             progress=not quiet)
     results: dict = {"methods": {}, "control": {}, "workers": workers,
                      "base_strict": _change(base["heldout"], base["heldout"])["final"],
                      "base_train_strict": _change(base["train"], base["train"])["final"],

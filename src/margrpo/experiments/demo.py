@@ -21,11 +21,11 @@ import torch
 
 from margrpo.configs import config_path
 from margrpo.experiments.baselines import (
-    SELECTION_PER_CATEGORY,
     AtBest,
     base_at_best,
     best_change,
     gain_line,
+    selection_set,
     trained_at_best,
 )
 from margrpo.experiments.readme import publish_to_readme
@@ -36,7 +36,7 @@ from margrpo.utils.config import load_config
 from margrpo.utils.images import make_grid, save_png, side_by_side, to_pil
 from margrpo.utils.metrics import read_metrics
 from margrpo.worlds import shapes
-from margrpo.worlds.shapes.evaluate import EvalResult, eval_set, eval_sets, evaluate_set, paired_strict_change
+from margrpo.worlds.shapes.evaluate import EvalResult, eval_sets, evaluate_set, paired_strict_change
 from margrpo.worlds.shapes.sampler_grid import GUIDANCES, TEMPERATURES, grid_settings
 
 
@@ -121,7 +121,7 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
         print(f"removing the previous demo run in {run_dir}")
         shutil.rmtree(run_dir)
     sets = eval_sets(8 if quick else cfg.eval.per_category, cfg.eval.seed)
-    selection = eval_set("train", 2 if quick else SELECTION_PER_CATEGORY, cfg.eval.seed)  # chooses the settings
+    selection = selection_set(2 if quick else cfg.eval.per_category, cfg.eval.seed)  # chooses the settings
     settings = grid_settings((1.0, 3.0), (1.0, 0.5)) if quick else grid_settings(GUIDANCES, TEMPERATURES)
     prompts = list(sets["heldout"].prompts)
     sampler = cfg.eval_sampler()
