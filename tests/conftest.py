@@ -45,3 +45,10 @@ def tiny_model(seed: int = 0):
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return model
 
+
+
+@pytest.fixture(autouse=True)
+def _result_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """No test reads or writes the user's result cache (~/.cache/margrpo): the base model's sampler grids go to a
+    folder of the test session (a test that needs an empty cache sets its own)."""
+    monkeypatch.setenv("MARGRPO_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "result-cache"))
