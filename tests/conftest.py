@@ -47,6 +47,13 @@ def tiny_model(seed: int = 0):
 
 
 
+@pytest.fixture(autouse=True)
+def _result_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """No test reads or writes the user's result cache (~/.cache/margrpo): the base model's sampler grids go to a
+    folder of the test session (a test that needs an empty cache sets its own)."""
+    monkeypatch.setenv("MARGRPO_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "result-cache"))
+
+
 def sampling(record: bool = True, **kw):
     """The sampler's two objects from one set of keyword arguments: a `SamplerConfig` (16 AR steps and the head's own
     step count unless told) and, with `record`, a `RecordPlan` (every step recorded, with z, unless told)."""

@@ -7,6 +7,7 @@ import torch
 
 from margrpo.cli import main
 from margrpo.models.mar.factory import ModelSpec, build_model
+from margrpo.utils.metrics import read_metrics
 from margrpo.worlds.shapes.pretrain import vocabulary
 
 TINY = ModelSpec(width=32, depth=1, num_heads=2, head_width=32, head_depth=1, diffusion_steps=4, text_dim=16)
@@ -27,18 +28,50 @@ def test_sample_writes_a_grid(model_dir, tmp_path, capsys):
     assert "images/s" in capsys.readouterr().out
 
 
-def test_eval_prints_a_table_and_writes_json(model_dir, tmp_path, capsys, monkeypatch):
-    import margrpo.worlds.shapes.evaluate as ev
-
-    monkeypatch.setattr(ev, "eval_prompt_set", lambda n=1: ["a red circle", "two blue squares"])
-    import margrpo.cli as cli_mod  # noqa: F401  (the command imports eval_prompt_set at call time)
-
+def test_eval_prints_a_table_and_writes_json(model_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    rc = main(["eval", str(model_dir), "--ar-steps", "4", "--json", str(out), "--quiet"])
+    rc = main(["eval", str(model_dir), "--ar-steps", "4", "--per-category", "2", "--json", str(out), "--quiet"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "| overall |" in text
-    assert "overall" in json.loads(out.read_text())["summary"]
+    assert "| overall | 8 |" in text and "8 held-out images" in text and " ± " in text
+    record = json.loads(out.read_text())
+    assert "overall" in record["summary"] and record["seed"] == 1234  # the demo's eval.seed: the same images
+    assert record["sampler"]["ar_steps"] == 4 and record["sampler"]["diffusion_steps"] == 10  # demo.yaml's
+
+
+def test_eval_grid_chooses_on_training_prompts_and_caches_the_grid(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MARGRPO_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "grid.json"
+    args = ["eval", str(model_dir), "--ar-steps", "2", "--diffusion-steps", "4", "--per-category", "1",
+            "--guidance-scale", "1", "2", "--temperature", "1", "0.5", "--json", str(out), "--quiet"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "| 2 | 0.5 |" in text and "Chosen on training prompts" in text and "computed in" in text
+    record = json.loads(out.read_text())
+    grid = record["grid"]
+    assert len(grid["settings"]) == 4 and set(grid["results"]) == {"train", "heldout"}
+    train = [sum(r["strict"] for r in res["results"]) for res in grid["results"]["train"]]
+    assert record["chosen"] == grid["settings"][train.index(max(train))]  # the first best on training prompts
+    assert len(list((tmp_path / "cache" / "sampler-grid").glob("*.json"))) == 1
+    assert main(args) == 0  # the same grid again: read back from the cache
+    assert "read from the cache" in capsys.readouterr().out
+    assert json.loads(out.read_text())["grid"] == grid
+
+
+def test_eval_pass_at_k_and_bad_flags(model_dir, tmp_path, capsys):
+    out = tmp_path / "pk.json"
+    assert main(["eval", str(model_dir), "--ar-steps", "2", "--diffusion-steps", "4", "--per-category", "2",
+                 "--pass-at-k", "1", "2", "--json", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "| category | prompts | pass@1 | pass@2 |" in text and "| single | 2 |" in text
+    record = json.loads(out.read_text())["pass_at_k"]
+    assert record["heldout"]["samples_per_prompt"] == 2 and record["train"]["prompts"]["position"] == 2
+    for bad, msg in ((["--per-category", "0"], "--per-category must be at least 1"),
+                     (["--pass-at-k", "4", "--samples-per-prompt", "2"], "1 <= k <= samples per prompt"),
+                     (["--grid", "--temperature", "0", "1"], "temperature 0.0 is out of range"),
+                     (["--config", "nope.yaml"], "no shipped config 'nope.yaml'")):
+        assert main(["eval", str(model_dir), "--quiet", *bad]) == 2
+        assert msg in capsys.readouterr().err
 
 
 def test_train_and_resume(model_dir, tmp_path, capsys):
@@ -131,14 +164,24 @@ def test_bad_config_key_is_a_clear_error(model_dir, tmp_path, capsys):
 
 def test_demo_quick_runs_twice_in_the_same_folder(model_dir, tmp_path, capsys):
     args = ["demo", "--quick", "--out", str(tmp_path / "demo"), "--quiet", f"model={model_dir}",
-            "sampling.ar_steps=4", "sampling.diffusion_steps=4", "algorithm.prompts_per_step=2",
-            "algorithm.group_size=2", "log.tensorboard=false"]
+            "sampling.ar_steps=4", "sampling.diffusion_steps=4", "algorithm.prompts_per_step=4",
+            "algorithm.group_size=2", "log.tensorboard=false", "threads=1"]
     assert main(args) == 0
     assert main(args) == 0  # `make demo` is idempotent: the second run replaces the first
     out = capsys.readouterr().out
     assert "removing the previous demo run" in out and "| overall |" in out
     assert (tmp_path / "demo" / "grid_before_after.png").is_file()
     assert json.loads((tmp_path / "demo" / "after.json").read_text())["summary"]["overall"]["n"] == 32
+    # each gain twice: at the same sampler settings, and both models at their best (chosen on training prompts)
+    assert "over the base at the same sampler settings" in out and "over the base at its best settings" in out
+    assert "the base's computed in" in out and "the base's read from the cache" in out  # the second run's
+    baselines = json.loads((tmp_path / "demo" / "baselines.json").read_text())
+    assert set(baselines["trained_grid"]["results"]) == {"train"}  # a trained model's grid: training prompts only
+    assert set(baselines["base_grid"]["results"]) == {"train", "heldout"}
+    # per-category reward and accuracy of each training step, and the in-loop curve in the report
+    rows = [r for r in read_metrics(tmp_path / "demo" / "run") if "reward/mean" in r]
+    assert rows and all({f"accuracy/by_category/{c}" for c in ("single", "position")} <= set(r) for r in rows)
+    assert all(any(k.startswith("reward/by_category/") for k in r) for r in rows)
 
 
 def test_compare_writes_a_table_per_method_with_control(model_dir, tmp_path, capsys):
@@ -154,6 +197,9 @@ def test_compare_writes_a_table_per_method_with_control(model_dir, tmp_path, cap
     assert set(res["methods"]) == set(res["control"]) == {"grpo", "mar-grpo", "mar-grpo-matching", "nft"}
     assert all(len(r["final_strict"]) == len(r["final_train_strict"]) == 2 for r in res["methods"].values())
     assert all(len(c["seeds"]) == 2 for c in res["control"].values())  # a positive control per seed
+    # each run also at its best sampler setting, against the base at its best (both chosen on training prompts)
+    assert all(len(r["best_change"]) == len(r["best_setting"]) == 2 for r in res["methods"].values())
+    assert set(res["base_grid"]["results"]) == {"train", "heldout"} and res["base_best_setting"].startswith("guidance")
     assert 0.0 <= res["base_strict"] <= 1.0 and all(0.0 <= r["null_final_strict"] <= 1.0
                                                     for r in res["methods"].values())
     null_cfg = (tmp_path / "cmp" / "null" / "grpo" / "seed-0" / "config.yaml").read_text()
@@ -163,7 +209,7 @@ def test_compare_writes_a_table_per_method_with_control(model_dir, tmp_path, cap
     assert all("reward/shapes/strict" in r for r in metrics if "reward/mean" in r)
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| grpo | 2 |" in table and "| mar-grpo | 2 |" in table and "| mar-grpo-matching | 2 |" in table
-    assert "| nft | 2 |" in table and "in-distribution" in table
+    assert "| nft | 2 |" in table and "in-distribution" in table and "vs base at its best" in table
     assert (tmp_path / "cmp" / "compare_reward_mean.png").is_file()
     text = readme.read_text()
     assert "old" not in text and "| mar-grpo | 2 |" in text and text.endswith("tail\n")

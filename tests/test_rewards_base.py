@@ -31,7 +31,8 @@ from margrpo.rewards import (
 torch.set_num_threads(1)
 
 ALL_REWARDS = {"shapes", "jpeg_compressibility", "jpeg_incompressibility", "clip_score", "pickscore", "hpsv2",
-               "imagereward", "aesthetic", "remote", "colour_fraction", "random"}
+               "imagereward", "aesthetic", "remote", "colour_fraction", "random", "grounding_dino", "git_vqa",
+               "geneval", "hpsv3"}
 
 
 def _imgs(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:

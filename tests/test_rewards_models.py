@@ -13,7 +13,6 @@ where open_clip itself imports, the live tests at the end compare the two backen
 from __future__ import annotations
 
 import json
-import math
 import os
 import string
 from pathlib import Path
@@ -27,6 +26,8 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="model-based rewards need transformers")
+
+from tiny_models import clip_tokenizer, openclip_state_dict, tiny_clip  # noqa: E402
 
 from margrpo.rewards import build_reward  # noqa: E402
 from margrpo.rewards._clip import ClipPreprocess, openclip_available, openclip_to_hf  # noqa: E402
@@ -56,33 +57,6 @@ GOLD_TXT = [
 OC_VISION_HEAD_WIDTH = 20
 
 
-def _oc_shapes(vocab: int = 64, ctx: int = 16, tw: int = 64, vw: int = 40, patch: int = 8, grid: int = 4,
-               embed: int = 16, layers: int = 2) -> dict[str, list[int]]:
-    """Key -> shape of open_clip's standard CLIP state dict (its on-disk format)."""
-    s: dict[str, list[int]] = {"ln_final.bias": [tw], "ln_final.weight": [tw], "logit_scale": [],
-                               "positional_embedding": [ctx, tw], "text_projection": [tw, embed],
-                               "token_embedding.weight": [vocab, tw], "visual.class_embedding": [vw],
-                               "visual.conv1.weight": [vw, 3, patch, patch], "visual.ln_post.bias": [vw],
-                               "visual.ln_post.weight": [vw], "visual.ln_pre.bias": [vw], "visual.ln_pre.weight": [vw],
-                               "visual.positional_embedding": [grid * grid + 1, vw], "visual.proj": [vw, embed]}
-    for prefix, w in (("transformer.resblocks", tw), ("visual.transformer.resblocks", vw)):
-        for i in range(layers):
-            p = f"{prefix}.{i}"
-            s.update({f"{p}.attn.in_proj_bias": [3 * w], f"{p}.attn.in_proj_weight": [3 * w, w],
-                      f"{p}.attn.out_proj.bias": [w], f"{p}.attn.out_proj.weight": [w, w],
-                      f"{p}.ln_1.bias": [w], f"{p}.ln_1.weight": [w], f"{p}.ln_2.bias": [w], f"{p}.ln_2.weight": [w],
-                      f"{p}.mlp.c_fc.bias": [4 * w], f"{p}.mlp.c_fc.weight": [4 * w, w],
-                      f"{p}.mlp.c_proj.bias": [w], f"{p}.mlp.c_proj.weight": [w, 4 * w]})
-    return s
-
-
-def _oc_state_dict(**kw) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    sd = {k: torch.randn(shape, generator=g) * 0.2 for k, shape in sorted(_oc_shapes(**kw).items())}
-    sd["logit_scale"] = torch.tensor(math.log(1 / 0.07))
-    return sd
-
-
 def _golden_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     ids = torch.zeros(2, 16, dtype=torch.long)
@@ -102,46 +76,19 @@ PROMPTS = ["a red circle", "two blue squares", "a red circle", "green triangle l
 @pytest.fixture(scope="module")
 def clip_tok(tmp_path_factory) -> Path:
     """A CLIP BPE tokenizer with 64 ids (letters, letters</w>, digits, sot=62, eot=63) saved by transformers."""
-    d = tmp_path_factory.mktemp("cliptok")
-    raw = d / "raw"
-    raw.mkdir()
-    letters = string.ascii_lowercase
-    vocab = {c: i for i, c in enumerate(letters)}
-    vocab.update({c + "</w>": 26 + i for i, c in enumerate(letters)})
-    vocab.update({str(i): 52 + i for i in range(10)})
-    vocab.update({"<|startoftext|>": 62, "<|endoftext|>": 63})
-    (raw / "vocab.json").write_text(json.dumps(vocab))
-    (raw / "merges.txt").write_text("#version: 0.2\n")
-    tok = transformers.CLIPTokenizer.from_pretrained(str(raw), local_files_only=True)
-    tok.save_pretrained(d / "tok")
-    return d / "tok"
+    return clip_tokenizer(tmp_path_factory.mktemp("cliptok"))
 
 
 @pytest.fixture(scope="module")
 def hf_clip_dir(tmp_path_factory, clip_tok) -> Path:
     """A tiny transformers CLIP directory (model + tokenizer + preprocessor_config.json)."""
-    d = tmp_path_factory.mktemp("hfclip")
-    cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=62, eos_token_id=63,
-                         pad_token_id=63, hidden_act="gelu"),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8, hidden_act="gelu"),
-        projection_dim=16)
-    torch.manual_seed(0)
-    transformers.CLIPModel(cfg).save_pretrained(d)
-    transformers.AutoTokenizer.from_pretrained(str(clip_tok), local_files_only=True).save_pretrained(d)
-    (d / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}, "do_center_crop": True,
-        "do_normalize": True, "do_resize": True, "resample": 3, "image_processor_type": "CLIPImageProcessor",
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
-    return d
+    return tiny_clip(tmp_path_factory.mktemp("hfclip"), clip_tok)
 
 
 @pytest.fixture(scope="module")
 def hps_ckpt(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("hps") / "HPS_v2.1_compressed.pt"
-    torch.save({"state_dict": _oc_state_dict()}, p)
+    torch.save({"state_dict": openclip_state_dict()}, p)
     return p
 
 
@@ -152,7 +99,7 @@ def _check_scores(out, n: int) -> None:
 
 # ------------------------------------------------------------------------------------------------ open_clip format
 def test_openclip_conversion_matches_recorded_open_clip_features():
-    cfg, hf_sd = openclip_to_hf(_oc_state_dict(), vision_head_width=OC_VISION_HEAD_WIDTH)
+    cfg, hf_sd = openclip_to_hf(openclip_state_dict(), vision_head_width=OC_VISION_HEAD_WIDTH)
     cfg.text_config.eos_token_id = 63
     model = transformers.CLIPModel(cfg).eval()
     missing, unexpected = model.load_state_dict(hf_sd, strict=False)
@@ -168,7 +115,7 @@ def test_openclip_conversion_matches_recorded_open_clip_features():
 
 
 def test_openclip_converter_refuses_nonstandard_state_dicts():
-    sd = _oc_state_dict()
+    sd = openclip_state_dict()
     with pytest.raises(ValueError, match="does not support.*visual.attn_pool.q"):
         openclip_to_hf({**sd, "visual.attn_pool.q": torch.zeros(1)}, vision_head_width=OC_VISION_HEAD_WIDTH)
     del sd["visual.proj"]
@@ -210,7 +157,7 @@ def test_openclip_backends_fail_clearly(hps_ckpt, tmp_path):
 
 def test_clip_score_from_open_clip_bin_and_from_hf_dir(tmp_path, clip_tok, hf_clip_dir):
     bin_path = tmp_path / "open_clip_pytorch_model.bin"
-    torch.save(_oc_state_dict(), bin_path)
+    torch.save(openclip_state_dict(), bin_path)
     kw = dict(checkpoint=bin_path, tokenizer_path=clip_tok, backend="transformers",
               vision_head_width=OC_VISION_HEAD_WIDTH)
     imgs = _images()

@@ -203,19 +203,75 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(tiny_model_dir, tmp_path
         Trainer(_cfg(tiny_model_dir, tmp_path / "r", 2), progress=False).run()
 
 
-def test_prompt_sampling_balances_categories():
+def test_prompt_sampling_balances_categories_unless_told_not_to():
     from collections import Counter
 
     from margrpo.rl.prompts import PromptSource
     from margrpo.worlds import shapes
 
-    cfg = load_config(TrainConfig, None, [])
-    src = PromptSource(cfg)
-    cats = Counter(shapes.parse_prompt(p).category for k in range(50) for p in src.batch(k, 16)[0])
-    assert set(src.batch(3, 16)[0]) <= set(shapes.train_prompts())
-    assert src.batch(3, 16) == PromptSource(cfg).batch(3, 16)  # a pure function of (seed, step)
-    balanced = {c: n / 800 for c, n in cats.items()}
-    assert all(0.2 < balanced[c] < 0.3 for c in shapes.CATEGORIES), balanced  # of 1171 prompts 940 are position
+    def shares(balance: str) -> dict[str, float]:
+        cfg = load_config(TrainConfig, None, [f"prompts.category_balance={balance}"])
+        src = PromptSource(cfg)
+        cats = Counter(shapes.parse_prompt(p).category for k in range(50) for p in src.batch(k, 16)[0])
+        assert set(src.batch(3, 16)[0]) <= set(shapes.train_prompts())
+        assert src.batch(3, 16) == PromptSource(cfg).batch(3, 16)  # a pure function of (seed, step)
+        return {c: n / 800 for c, n in cats.items()}
+
+    stratified, balanced, uniform = shares("stratified"), shares("random"), shares("off")
+    assert all(stratified[c] == 0.25 for c in shapes.CATEGORIES), stratified  # 16 = 4 rounds of 4 categories
+    assert all(0.2 < balanced[c] < 0.3 for c in shapes.CATEGORIES), balanced
+    assert uniform["position"] > 0.7 and uniform.get("single", 0) < 0.05, uniform  # 940 of 1171 prompts
+
+
+@pytest.mark.parametrize("n, per_category", [(4, {1}), (8, {2}), (6, {1, 2}), (2, {0, 1}), (1, {0, 1})])
+def test_stratified_batches_hold_every_category_when_prompts_per_step_allows(n, per_category):
+    """4 categories: 4 prompts hold one of each, 8 two of each; 6 hold one of each plus two of two distinct
+    categories; 2 hold two distinct categories. The leftover categories are drawn at random: over steps each
+    category gets its share."""
+    from collections import Counter
+
+    from margrpo.rl.prompts import PromptSource
+    from margrpo.worlds import shapes
+
+    src = PromptSource(load_config(TrainConfig, None, []))
+    leftover = Counter()
+    for step in range(200):
+        counts = Counter(shapes.parse_prompt(p).category for p in src.batch(step, n)[0])
+        full = [counts.get(c, 0) for c in shapes.CATEGORIES]
+        assert set(full) <= per_category and sum(full) == n, (step, counts)
+        assert sum(full) - min(full) * 4 == n % 4  # the rest from distinct categories: at most one extra each
+        leftover.update(c for c in shapes.CATEGORIES if counts.get(c, 0) > n // 4)
+    if n % 4:
+        share = [leftover[c] / (200 * (n % 4)) for c in shapes.CATEGORIES]
+        assert all(0.17 < x < 0.33 for x in share), share
+
+
+def test_stratified_shards_cut_one_global_batch():
+    """Under torchrun each shard takes its part of the step's global batch: 2 shards of 4 prompts are the 8-prompt
+    batch, so the whole step is stratified (and each shard too, the batch being round-major)."""
+    from collections import Counter
+
+    from margrpo.rl.prompts import PromptSource
+    from margrpo.worlds import shapes
+
+    src = PromptSource(load_config(TrainConfig, None, []))
+    for step in range(5):
+        whole = src.batch(step, 8)
+        parts = [src.batch(step, 4, shard, 2) for shard in range(2)]
+        assert parts[0][0] + parts[1][0] == whole[0] and parts[0][1] + parts[1][1] == whole[1]
+        for prompts, _ in parts:
+            assert sorted(Counter(shapes.parse_prompt(p).category for p in prompts).values()) == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="shard 2 of 2"):
+        src.batch(0, 4, 2, 2)
+
+
+def test_the_old_balance_option_names_its_replacement():
+    from margrpo.utils.config import ConfigError
+
+    with pytest.raises(ConfigError, match="renamed 'prompts.category_balance'"):
+        load_config(TrainConfig, None, ["prompts.balance_categories=true"])
+    with pytest.raises(ConfigError, match="'stratified', 'random', 'off'"):
+        load_config(TrainConfig, None, ["prompts.category_balance=true"])
 
 
 def test_ptx_term_trains_on_rendered_batches_even_without_reward_signal(tiny_model_dir, tmp_path):

@@ -143,39 +143,95 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+PASS_AT_K_PROMPTS = 50  # prompts per category of `margrpo eval --pass-at-k` unless --per-category
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
-    from margrpo.sampling.config import SamplerConfig
-    from margrpo.worlds.shapes.evaluate import eval_prompt_set, evaluate, format_summary
+    from margrpo.configs import config_path
+    from margrpo.rl.config import TrainConfig
+    from margrpo.utils.config import load_config
+    from margrpo.worlds.shapes.evaluate import eval_sets, evaluate_set, format_summary, strict_accuracy
+    from margrpo.worlds.shapes.sampler_grid import GUIDANCES, TEMPERATURES, cached_grid, grid_settings
 
     _set_threads(args.threads)
-    model = _load_model(args.checkpoint, args.device)
-    prompts = eval_prompt_set(args.per_category)
-    cfg = SamplerConfig(ar_steps=args.ar_steps, diffusion_steps=args.diffusion_steps,
-                        guidance_scale=args.guidance_scale, temperature=args.temperature)
-    res = evaluate(model, prompts, cfg, seed=args.seed, progress=not args.quiet)
-    print(format_summary(res.summary))
-    print(f"{len(prompts)} images in {res.seconds:.1f}s")
+    cfg = load_config(TrainConfig, args.config if Path(args.config).is_file() else config_path(args.config), [])
+    for name in ("per_category", "ar_steps", "diffusion_steps", "samples_per_prompt"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    spec = args.checkpoint or cfg.model
+    model = _load_model(spec, args.device)
+    base = cfg.sampling
+    sampler = dataclasses.replace(
+        base, ar_steps=args.ar_steps or base.ar_steps,
+        diffusion_steps=args.diffusion_steps or base.diffusion_steps,
+        guidance_scale=(args.guidance_scale or [base.guidance_scale])[0],
+        temperature=(args.temperature or [base.temperature])[0])
+    seed = cfg.eval.seed if args.seed is None else args.seed
+    per_category = args.per_category or (PASS_AT_K_PROMPTS if args.pass_at_k else cfg.eval.per_category)
+    record: dict = {"checkpoint": spec, "config": args.config, "sampler": dataclasses.asdict(sampler), "seed": seed}
+    if args.pass_at_k:
+        from margrpo.worlds.shapes.pass_at_k import measure_pass_at_k
+
+        n = args.samples_per_prompt or max(args.pass_at_k)
+        record["pass_at_k"] = {}
+        for split in ("heldout", "train"):
+            pk = measure_pass_at_k(model, sampler, split, per_category, n, args.pass_at_k, seed,
+                                   progress=not args.quiet)
+            print(f"pass@k, {split} prompts ({n} samples per prompt, {pk.seconds:.1f}s; ± s.e. over prompts):\n"
+                  f"{pk.table()}\n")
+            record["pass_at_k"][split] = pk.to_json()
+    elif args.grid or len(args.guidance_scale or []) > 1 or len(args.temperature or []) > 1:
+        settings = grid_settings(args.guidance_scale or (GUIDANCES if args.grid else [sampler.guidance_scale]),
+                                 args.temperature or (TEMPERATURES if args.grid else [sampler.temperature]))
+        grid = cached_grid(spec, model, eval_sets(per_category, seed), sampler, settings, progress=not args.quiet,
+                           use_cache=not args.no_cache)
+        print(grid.report())
+        best = grid.chosen()
+        acc, se = strict_accuracy(grid.result("heldout", best))["overall"]
+        record.update(grid=grid.to_json(), chosen=dataclasses.asdict(best), heldout_at_chosen=[acc, se])
+    else:
+        res = evaluate_set(model, eval_sets(per_category, seed, ("heldout",))["heldout"], sampler,
+                           progress=not args.quiet)
+        print(format_summary(res.summary, strict_accuracy(res)))
+        print(f"{len(res.prompts)} held-out images in {res.seconds:.1f}s (strict ± s.e. clustered by prompt)")
+        record["summary"] = res.summary
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint or "shipped:shapes-base",
-                                               "sampler": cfg.__dict__, "seed": args.seed,
-                                               "summary": res.summary}, indent=2, default=str))
+        Path(args.json).write_text(json.dumps(record, indent=2, default=str))
     return 0
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="score a model on the held-out shapes prompts with the verifier")
+    p = sub.add_parser("eval", help="score a model on the held-out shapes prompts with the verifier; with --grid, "
+                       "at its best sampler settings chosen on training prompts; with --pass-at-k, pass@k")
     p.add_argument("checkpoint", nargs="?", default=None,
                    help="model folder (a run's model/), a training run directory (its latest checkpoint), "
-                        "or shipped:NAME (default: the shipped base)")
-    p.add_argument("--per-category", type=int, default=100, help="held-out images per category")
-    p.add_argument("--ar-steps", type=int, default=16)
-    p.add_argument("--diffusion-steps", type=int, default=None)
-    p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+                        "or shipped:NAME (default: the config's model, the shipped base)")
+    p.add_argument("--config", default="demo.yaml", help="training config (a file, or a shipped one: demo.yaml) "
+                   "whose evaluation settings are the defaults: its sampler, eval.per_category and eval.seed, so "
+                   "that `margrpo eval` scores what the demo and compare score")
+    p.add_argument("--per-category", type=int, default=None, help="images per category and split (default: the "
+                   "config's eval.per_category; with --pass-at-k, distinct prompts per category, default 50)")
+    p.add_argument("--ar-steps", type=int, default=None, help="AR steps (default: the config's)")
+    p.add_argument("--diffusion-steps", type=int, default=None, help="head steps (default: the config's)")
+    p.add_argument("--guidance-scale", type=float, nargs="+", default=None, metavar="G",
+                   help="guidance scale(s); several make a grid with --temperature (default: the config's)")
+    p.add_argument("--temperature", type=float, nargs="+", default=None, metavar="T",
+                   help="temperature(s); several make a grid with --guidance-scale (default: the config's)")
+    p.add_argument("--grid", action="store_true", help="the guidance 1/2/3 x temperature 1/0.7/0.5 grid (unless "
+                   "given): each setting on training and held-out prompts, the best chosen on training prompts, "
+                   "its held-out accuracy reported")
+    p.add_argument("--no-cache", action="store_true", help="compute the grid again even if the result cache "
+                   "holds it (~/.cache/margrpo, or $MARGRPO_CACHE_DIR)")
+    p.add_argument("--pass-at-k", type=int, nargs="+", default=None, metavar="K",
+                   help="pass@k per category for these k, on held-out and training prompts")
+    p.add_argument("--samples-per-prompt", type=int, default=None, help="samples per prompt for --pass-at-k "
+                   "(default: the largest k)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the evaluation prompts and images (default: "
+                   "the config's eval.seed, 1234)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)

@@ -2,8 +2,10 @@
 
 For each method (a preset: grpo, mar-grpo, mar-grpo-matching, nft by default) and seed it trains from the same
 base with the same config and scores the result on the held-out prompts and on training prompts with fresh seeds
-(in-distribution), each change with its paired standard error against the base. It reports the final accuracies
-(mean and spread over seeds), the reward, KL and grad-norm curves, and seconds per step.
+(in-distribution), each change with its paired standard error against the base; and each main run again at its
+best sampler setting against the base at its best (both chosen on training prompts, `experiments/baselines.py`).
+It reports the final accuracies (mean and spread over seeds), the reward, KL and grad-norm curves, and seconds per
+step.
 
 Two controls per method. The positive control trains on an easy dense reward (share of red pixels, one fixed
 prompt) for every seed; if that does not rise beyond its step-to-step noise, the estimator is broken and no other
@@ -27,13 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from margrpo.configs import config_path
+from margrpo.experiments.baselines import base_at_best, selection_set, trained_at_best
 from margrpo.experiments.readme import publish_to_readme
 from margrpo.models.loading import load_model
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer
 from margrpo.utils.config import load_config
 from margrpo.utils.plots import plot_comparison
-from margrpo.worlds.shapes.evaluate import eval_prompt_set, evaluate, paired_strict_change, train_prompt_set
+from margrpo.worlds.shapes.evaluate import EvalResult, eval_sets, evaluate_set, paired_strict_change
+from margrpo.worlds.shapes.sampler_grid import GUIDANCES, TEMPERATURES, grid_settings
 
 # The positive control: one prompt, one group of 64 images, every AR step and every scored head step, Adam 1e-4
 # (scale-free, so every estimator gets the same step whatever the size of its loss), no ptx term: it tests the
@@ -80,13 +84,9 @@ def _job_config(job: Job) -> TrainConfig:
                        [*job.overrides, *extra])
 
 
-def _scored(res) -> dict:
-    return {"prompts": res.prompts, "results": [{k: r[k] for k in ("strict", "partial", "category")}
-                                                for r in res.results]}
-
-
 def run_job(job: Job) -> dict:
-    """Train one run and score it (held-out and in-distribution) unless it is a positive control."""
+    """Train one run and score it (held-out and in-distribution) unless it is a positive control; a main run is
+    also scored at its best sampler setting, chosen on training prompts (`experiments/baselines.py`)."""
     import torch
 
     torch.set_num_threads(1)
@@ -94,25 +94,23 @@ def run_job(job: Job) -> dict:
     tr = Trainer(cfg, progress=False)
     out = {"job": job.__dict__, "rows": tr.run()}
     if job.kind != "control":
-        for split, prompts in _splits(cfg).items():
-            out[split] = _scored(evaluate(tr.model, prompts, cfg.sampling, seed=cfg.eval.seed, progress=False))
+        sets = eval_sets(cfg.eval.per_category, cfg.eval.seed)
+        for split, s in sets.items():
+            out[split] = evaluate_set(tr.model, s, cfg.sampling, progress=False).to_json()
+    if job.kind == "main":
+        selection = selection_set(cfg.eval.per_category, cfg.eval.seed)
+        best = trained_at_best(tr.model, selection, sets["heldout"], cfg.sampling, _settings(), progress=False)
+        out["best"] = {"setting": best.setting.label, "heldout": best.heldout.to_json(), "seconds": best.seconds}
     return out
 
 
-def _splits(cfg: TrainConfig) -> dict[str, list[str]]:
-    return {"heldout": eval_prompt_set(cfg.eval.per_category), "train": train_prompt_set(cfg.eval.per_category)}
+def _settings():
+    return grid_settings(GUIDANCES, TEMPERATURES)
 
 
 def _change(base: dict, after: dict) -> dict:
     """Final strict accuracy and its paired change against the base (same prompts and seeds)."""
-    from margrpo.worlds import shapes
-    from margrpo.worlds.shapes.evaluate import EvalResult
-
-    def result(d: dict) -> EvalResult:
-        return EvalResult(prompts=d["prompts"], results=d["results"], summary=shapes.summarize(d["results"]),
-                          images=None, seconds=0.0)
-
-    b, a = result(base), result(after)
+    b, a = EvalResult.from_json(base), EvalResult.from_json(after)
     return {"final": a.summary["overall"]["strict"], "change": paired_strict_change(b, a)["overall"]}
 
 
@@ -142,14 +140,22 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
             done = list(pool.map(run_job, jobs))
     else:
         done = [run_job(j) for j in jobs]
-    # the base, scored once with the runs' evaluation settings (every run's change is paired with it)
+    # the base, scored once with the runs' evaluation settings (every run's change is paired with it), and at its
+    # best setting (its grid from the result cache after the first run)
     cfg0 = load_config(TrainConfig, cfg_file, overrides)
     base_model = load_model(cfg0.model, cfg0.device)
-    base = {split: _scored(evaluate(base_model, prompts, cfg0.sampling, seed=cfg0.eval.seed, progress=False))
-            for split, prompts in _splits(cfg0).items()}
+    sets = eval_sets(cfg0.eval.per_category, cfg0.eval.seed)
+    base = {split: evaluate_set(base_model, s, cfg0.sampling, progress=False).to_json()
+            for split, s in sets.items()}
+    selection = selection_set(cfg0.eval.per_category, cfg0.eval.seed)
+    base_best = base_at_best(cfg0.model, base_model, selection, sets["heldout"], cfg0.sampling, _settings(),
+                             progress=not quiet)
     results: dict = {"methods": {}, "control": {}, "workers": workers,
                      "base_strict": _change(base["heldout"], base["heldout"])["final"],
-                     "base_train_strict": _change(base["train"], base["train"])["final"]}
+                     "base_train_strict": _change(base["train"], base["train"])["final"],
+                     "base_best_setting": base_best.setting.label,
+                     "base_best_strict": base_best.heldout.summary["overall"]["strict"],
+                     "base_grid_source": base_best.grid.source(), "base_grid": base_best.grid.to_json()}
     curves: dict[str, list[list[dict]]] = {}
     for m in methods:
         main = [d for d in done if d["job"]["method"] == m and d["job"]["kind"] == "main"]
@@ -159,10 +165,14 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
         curves[m] = runs
         gn = [r["grad_norm"] for run in runs for r in run]
         held = [_change(base["heldout"], d["heldout"]) for d in main]
+        at_best = [_change(base_best.heldout.to_json(), d["best"]["heldout"]) for d in main]
         train = [_change(base["train"], d["train"]) for d in main]
         null_held = _change(base["heldout"], null["heldout"])
         results["methods"][m] = {
             "final_strict": [h["final"] for h in held], "change": [h["change"] for h in held],
+            "best_setting": [d["best"]["setting"] for d in main], "best_final_strict": [b["final"] for b in at_best],
+            "best_change": [b["change"] for b in at_best],
+            "best_seconds": float(np.mean([d["best"]["seconds"] for d in main])),
             "final_train_strict": [t["final"] for t in train], "train_change": [t["change"] for t in train],
             "null_final_strict": null_held["final"], "null_change": null_held["change"],
             "reward_first5": float(np.mean([np.mean([r["reward/mean"] for r in run[:5]]) for run in runs])),
@@ -193,17 +203,21 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
 def comparison_table(results: dict, seeds: list[int]) -> str:
     """Markdown: per method, held-out and in-distribution change (mean ± std over seeds, points), null, KL, ..."""
     lines = [f"Base: held-out {100 * results['base_strict']:.1f}%, in-distribution "
-             f"{100 * results['base_train_strict']:.1f}% strict accuracy. Changes in points, mean ± std over seeds "
-             "(a run's own paired s.e. is in compare.json).", "",
-             "| method | seeds | held-out change | in-distribution change | null control: held-out change "
-             "| reward first 5 → last 5 | KL (last) | grad norm | s/step | positive control: seeds rising "
-             "(first → last, step noise) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"{100 * results['base_train_strict']:.1f}% strict accuracy; at its best sampler setting "
+             f"({results['base_best_setting']}, chosen on training prompts) held-out "
+             f"{100 * results['base_best_strict']:.1f}%. Changes in points, mean ± std over seeds (a run's own "
+             "paired s.e. is in compare.json). \"vs base at its best\": each trained model at its own best setting "
+             "(chosen on training prompts) against the base at its best.", "",
+             "| method | seeds | held-out change | held-out change vs base at its best | in-distribution change "
+             "| null control: held-out change | reward first 5 → last 5 | KL (last) | grad norm | s/step "
+             "| positive control: seeds rising (first → last, step noise) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for m, r in results["methods"].items():
         c = results["control"][m]
         trend = ", ".join(f"{t['first']:.3f} → {t['last']:.3f} ({t['step_noise']:.3f})" for t in c["seeds"])
         lines.append(
             f"| {m} | {len(seeds)} | {_mean_std([x[0] for x in r['change']], 100)} | "
+            f"{_mean_std([x[0] for x in r['best_change']], 100)} | "
             f"{_mean_std([x[0] for x in r['train_change']], 100)} | {100 * r['null_change'][0]:+.1f} ± "
             f"{100 * r['null_change'][1]:.1f} | {r['reward_first5']:.3f} → {r['reward_last5']:.3f} | "
             f"{r['kl_last']:.2e} | {r['grad_norm_mean']:.3f} ± {r['grad_norm_std']:.3f} | "

@@ -1,7 +1,12 @@
 """`margrpo demo`: RL fine-tuning of the shipped shapes base (demo.yaml), scored before and after on held-out prompts.
 
-Writes under the output folder: `before.json`, `after.json`, `results.md` (per-category table),
-`grid_before_after.png` (the same seeds before | after), the training run (`run/`, with `report.png`).
+Each gain is reported twice (`experiments/baselines.py`): against the base at the same sampler settings, and against
+the base at its best guidance x temperature setting, the trained model also at its best, both chosen on training
+prompts. The base's grid comes from the result cache after the first run (`~/.cache/margrpo/sampler-grid/`).
+
+Writes under the output folder: `before.json`, `after.json`, `base_best.json`, `after_best.json`, `results.md`
+(per-category tables and the base's grid), `grid_before_after.png` (the same seeds before | after), the training run
+(`run/`, with `report.png`).
 """
 
 from __future__ import annotations
@@ -11,9 +16,18 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from margrpo.configs import config_path
+from margrpo.experiments.baselines import (
+    AtBest,
+    base_at_best,
+    best_change,
+    gain_line,
+    selection_set,
+    trained_at_best,
+)
 from margrpo.experiments.readme import publish_to_readme
 from margrpo.models.loading import load_model
 from margrpo.rl.config import TrainConfig
@@ -22,14 +36,16 @@ from margrpo.utils.config import load_config
 from margrpo.utils.images import make_grid, save_png, side_by_side, to_pil
 from margrpo.utils.metrics import read_metrics
 from margrpo.worlds import shapes
-from margrpo.worlds.shapes.evaluate import EvalResult, eval_prompt_set, evaluate, paired_strict_change, train_prompt_set
+from margrpo.worlds.shapes.evaluate import EvalResult, eval_sets, evaluate_set, paired_strict_change
+from margrpo.worlds.shapes.sampler_grid import GUIDANCES, TEMPERATURES, grid_settings
 
 
-def comparison_table(before: EvalResult, after: EvalResult) -> str:
+def comparison_table(before: EvalResult, after: EvalResult, names: tuple[str, str] = ("before", "after")) -> str:
     """Per-category before/after table; the strict change carries its paired standard error (same seeds)."""
     change = paired_strict_change(before, after)
-    lines = ["| category | n | strict before | strict after | change ± s.e. | partial before | partial after |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    b_name, a_name = names
+    lines = [f"| category | n | strict {b_name} | strict {a_name} | change ± s.e. | partial {b_name} | "
+             f"partial {a_name} |", "|---|---:|---:|---:|---:|---:|---:|"]
     for c in [*shapes.CATEGORIES, "overall"]:
         if c not in before.summary:
             continue
@@ -39,6 +55,31 @@ def comparison_table(before: EvalResult, after: EvalResult) -> str:
                      f"{100 * delta:+.1f} ± {100 * se:.1f} | {100 * b['partial']:.1f}% | "
                      f"{100 * a['partial']:.1f}% |")
     return "\n".join(lines)
+
+
+def best_section(base: AtBest, trained: AtBest, selection_images: int) -> str:
+    """The held-out table of both models at their best sampler settings, with how those were chosen."""
+    settings = base.grid.settings
+    guidances = "/".join(dict.fromkeys(f"{st.guidance_scale:g}" for st in settings))
+    temperatures = "/".join(dict.fromkeys(f"{st.temperature:g}" for st in settings))
+    table = comparison_table(base.heldout, trained.heldout, ("base at best", "trained at best"))
+    return (f"Both at their best sampler settings, each chosen on {selection_images} training-prompt images per "
+            f"setting of a guidance {guidances} x temperature {temperatures} grid (never on held-out prompts): the "
+            f"base at {base.setting.label}, the trained model at {trained.setting.label}:\n\n{table}")
+
+
+def picture_indices(res: EvalResult, per_category: int = 4) -> list[int]:
+    """Images for the before | after picture: `per_category` distinct prompts of each category, spread over its
+    prompts (an evaluation set repeats the 3 held-out single prompts)."""
+    first: dict[str, dict[str, int]] = {}
+    for i, (p, r) in enumerate(zip(res.prompts, res.results, strict=True)):
+        first.setdefault(str(r.get("category", "unknown")), {}).setdefault(p, i)
+    out = []
+    for by_prompt in first.values():
+        idx = list(by_prompt.values())
+        for j in np.linspace(0, len(idx) - 1, min(per_category, len(idx))).round().astype(int):
+            out.append(idx[j])
+    return out
 
 
 def eval_curve_table(rows: list[dict]) -> str:
@@ -79,37 +120,54 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
         # the demo owns this folder: a second `make demo` starts over instead of refusing to run
         print(f"removing the previous demo run in {run_dir}")
         shutil.rmtree(run_dir)
-    prompts = eval_prompt_set(8 if quick else cfg.eval.per_category)
+    sets = eval_sets(8 if quick else cfg.eval.per_category, cfg.eval.seed)
+    selection = selection_set(2 if quick else cfg.eval.per_category, cfg.eval.seed)  # chooses the settings
+    settings = grid_settings((1.0, 3.0), (1.0, 0.5)) if quick else grid_settings(GUIDANCES, TEMPERATURES)
+    prompts = list(sets["heldout"].prompts)
     sampler = cfg.sampling
     base = load_model(cfg.model, cfg.device)
-    before = evaluate(base, prompts, sampler, seed=cfg.eval.seed, progress=not quiet)
-    train_prompts = train_prompt_set(8 if quick else cfg.eval.per_category)  # in-distribution, fresh seeds
-    train_before = evaluate(base, train_prompts, sampler, seed=cfg.eval.seed + 1, progress=not quiet)
+    before = evaluate_set(base, sets["heldout"], sampler, progress=not quiet)
+    train_before = evaluate_set(base, sets["train"], sampler, progress=not quiet)  # in-distribution, fresh seeds
+    base_best = base_at_best(cfg.model, base, selection, sets["heldout"], sampler, settings, progress=not quiet)
     trainer = Trainer(cfg, progress=not quiet)
     t0 = time.perf_counter()
     trainer.run()
     train_s = time.perf_counter() - t0
-    after = evaluate(trainer.model, prompts, sampler, seed=cfg.eval.seed, progress=not quiet)
-    train_after = evaluate(trainer.model, train_prompts, sampler, seed=cfg.eval.seed + 1, progress=not quiet)
+    after = evaluate_set(trainer.model, sets["heldout"], sampler, progress=not quiet)
+    train_after = evaluate_set(trainer.model, sets["train"], sampler, progress=not quiet)
+    after_best = trained_at_best(trainer.model, selection, sets["heldout"], sampler, settings, progress=not quiet)
     table = comparison_table(before, after)
+    same, best = paired_strict_change(before, after)["overall"], best_change(base_best, after_best)
     delta, se = paired_strict_change(train_before, train_after)["overall"]
-    in_dist = (f"In-distribution (training prompts, {len(train_prompts)} images, fresh seeds): "
+    in_dist = (f"In-distribution (training prompts, {len(train_before.prompts)} images, fresh seeds): "
                f"{100 * train_before.summary['overall']['strict']:.1f}% → "
                f"{100 * train_after.summary['overall']['strict']:.1f}% ({100 * delta:+.1f} ± {100 * se:.1f}).")
     total_s = time.perf_counter() - t_start
     method = f"{cfg.algorithm.estimator} estimator"
-    pick = list(range(0, len(prompts), max(1, len(prompts) // 16)))[:16]  # 4 per category
+    pick = picture_indices(before)
     labels = [prompts[i] for i in pick]
     grid = side_by_side(make_grid(to_pil(before.images[pick]), nrow=4, labels=labels, upscale=3),
                         make_grid(to_pil(after.images[pick]), nrow=4, labels=labels, upscale=3),
                         titles=("before (base model)", f"after {cfg.steps} RL steps ({method})"))
     save_png(grid, out / "grid_before_after.png")
-    for name, res in (("before", before), ("after", after), ("train_before", train_before),
-                      ("train_after", train_after)):
-        (out / f"{name}.json").write_text(json.dumps({"summary": res.summary, "seconds": res.seconds}, indent=2))
+    results = {"before": before, "after": after, "train_before": train_before, "train_after": train_after,
+               "base_best": base_best.heldout, "after_best": after_best.heldout}
+    for name, res in results.items():
+        (out / f"{name}.json").write_text(json.dumps({"summary": res.summary, "seconds": res.seconds,
+                                                      **res.to_json()}, indent=2))
+    (out / "baselines.json").write_text(json.dumps({
+        "same_settings_change": same, "best_settings_change": best, "base_best": base_best.setting.label,
+        "trained_best": after_best.setting.label, "base_grid": base_best.grid.to_json(),
+        "trained_grid": after_best.grid.to_json(), "base_grid_seconds": base_best.seconds,
+        "trained_grid_seconds": after_best.seconds, "train_seconds": train_s, "total_seconds": total_s}, indent=2))
     md = (f"Held-out strict accuracy, {len(prompts)} prompts, same seeds before and after "
           f"({cfg.steps} steps, {method}, {cfg.threads} threads; {train_s / 60:.1f} min training, "
-          f"{total_s / 60:.1f} min total):\n\n{table}\n\n{in_dist}\n")
+          f"{total_s / 60:.1f} min total):\n\n{table}\n\n"
+          f"{best_section(base_best, after_best, len(selection.prompts))}\n\n"
+          f"{gain_line(same, best, sampler)}\n\n{in_dist}\n\n"
+          f"Sampler grids: the base's {base_best.grid.source()}; the trained model's {after_best.seconds:.0f}s. "
+          f"The base's grid ({len(selection.prompts)} training-prompt and {len(prompts)} held-out images per "
+          f"setting):\n\n{base_best.grid.table()}\n")
     if cfg.eval.every > 0:
         md += ("\nDuring training (strict accuracy, change ± paired s.e. against step 0 in points):\n\n"
                f"{eval_curve_table(read_metrics(run_dir))}\n")

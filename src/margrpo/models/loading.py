@@ -105,3 +105,30 @@ def copy_policy_tensors(params: dict[str, torch.nn.Parameter], policy: dict[str,
                 raise ValueError(f"{source}: policy tensor {name} has shape {tuple(t.shape)}, the model's "
                                  f"parameter has {tuple(params[name].shape)}")
             params[name].copy_(t)
+
+
+def model_files_digest(spec: str) -> str:
+    """SHA-256 of the files that define the model `spec` names (as `load_model` reads it): a model folder's files,
+    or a run directory's latest complete checkpoint together with its base model's digest. What the result cache
+    keys a model's evaluations by (`margrpo.utils.result_cache`): equal digests load the same model."""
+    import hashlib
+    import json
+
+    from margrpo.utils.result_cache import files_digest
+
+    if spec.startswith("shipped:"):
+        from margrpo.assets import shipped_model_path
+
+        return files_digest(shipped_model_path(spec[len("shipped:"):]))
+    path = Path(spec)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+        from margrpo.utils.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(path, verify=True)
+        if ckpt is None:
+            raise FileNotFoundError(f"{path}: a training run without a complete checkpoint to digest")
+        base = json.loads((ckpt / "state.json").read_text(encoding="utf-8")).get("model")
+        if not isinstance(base, str):
+            raise ValueError(f"{ckpt}: state.json does not name the run's base model (key 'model')")
+        return hashlib.sha256(f"{files_digest(ckpt)}:{model_files_digest(base)}".encode()).hexdigest()
+    return files_digest(path)

@@ -145,15 +145,19 @@ class OptimSection:
 class PromptSection:
     """Where training prompts come from: the shapes world's train split, or a prompt file."""
 
-    REMOVED_KEYS: ClassVar[dict[str, str]] = {
-        "categories": "the shapes world trains on all its categories",
-        "balance_categories": "a category is always drawn uniformly, then a prompt of it",
-    }
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"balance_categories": "category_balance"}
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {"categories": "the shapes world trains on all its categories"}
 
     source: str = option("shapes", "shapes, or a prompt file: GenEval metadata JSONL, T2I-R1 JSONL, JSONL with a "
-                         "'prompt' key, or text; a category is drawn uniformly, then a prompt of it (the shapes train "
-                         "split is 80% position prompts)")
+                         "'prompt' key, or text")
     fixed: list[str] | None = option(None, "train on exactly these prompts (positive controls, debugging)")
+    category_balance: str = option("stratified", "how a step's prompts spread over the categories (the shapes train "
+                                   "split is 80% position prompts): stratified = prompts_per_step // C of each of "
+                                   "the C categories, the rest from distinct categories drawn at random, so every "
+                                   "category is in every step when prompts_per_step >= C; random = a category drawn "
+                                   "uniformly per prompt (the former balance_categories: true); off = prompts drawn "
+                                   "uniformly from the pool (balance_categories: false)",
+                                   choices=("stratified", "random", "off"))
 
 
 @dataclass
@@ -184,8 +188,11 @@ class EvalSection:
 
     every: int = option(0, "steps between in-loop evaluations, also at step 0 and the end (0 = none; demo and compare "
                         "evaluate themselves)", range=(0, None))
-    per_category: int = option(64, "images per category (held-out prompts cycled in order)", range=(1, None))
-    seed: int = option(1234, "seed of the evaluation images")
+    per_category: int = option(64, "images per category and split (each category's prompts drawn over all of them, "
+                               "without replacement where there are enough; worlds/shapes/evaluate.py)",
+                               range=(1, None))
+    seed: int = option(1234, "seed of the evaluation prompts and images: the same sets in `margrpo eval`, the demo, "
+                       "compare and the in-loop evaluation")
     in_distribution: bool = option(False, "also score training prompts with fresh seeds")
     ema_decay: float = option(0.0, "also keep and evaluate an EMA of the trained weights (Flow-GRPO's); 0 = off",
                               range=(0.0, 0.999999))

@@ -2,8 +2,9 @@
 
 Every `eval.every` steps (and at step 0 and the end) the policy samples the same held-out prompts with the same
 seeds (and, with `eval.in_distribution`, training prompts with fresh seeds), so each evaluation is paired with
-step 0's. Per-image results go to `eval/step-N.json` in the run directory: step 0's is read back on resume, so a
-resumed run reports the same paired changes as an uninterrupted one.
+step 0's; the sets are those of `margrpo eval`, the demo and compare for the same `eval.seed`. Per-image results go
+to `eval/step-N.json` in the run directory: step 0's is read back on resume, so a resumed run reports the same
+paired changes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -54,36 +55,36 @@ class TrainingEvaluator:
     """Held-out (and in-distribution) verifier accuracy of a training run, paired with step 0."""
 
     def __init__(self, cfg: TrainConfig, out_dir: Path):
-        from margrpo.worlds.shapes.evaluate import eval_prompt_set, train_prompt_set
+        from margrpo.worlds.shapes.evaluate import eval_sets
 
         if cfg.prompts.source != "shapes" or cfg.prompts.fixed:
             raise ValueError("eval.every > 0 scores the shapes world's held-out prompts with its verifier; it needs "
                              f"prompts.source='shapes' without prompts.fixed (got source={cfg.prompts.source!r})")
         self.cfg = cfg
         self.dir = out_dir / "eval"
-        n = cfg.eval.per_category
-        self.splits = {"heldout": eval_prompt_set(n)}
-        if cfg.eval.in_distribution:
-            self.splits["train"] = train_prompt_set(n)
+        # the evaluation sets of `margrpo eval`, the demo and compare (worlds/shapes/evaluate.py): same prompts, seeds
+        self.splits = eval_sets(cfg.eval.per_category, cfg.eval.seed,
+                                ("heldout", "train") if cfg.eval.in_distribution else ("heldout",))
 
     def _file(self, step: int, tag: str) -> Path:
         return self.dir / f"step-{step}{tag}.json"
 
     def evaluate(self, model, step: int, tag: str = "") -> dict[str, float]:
         """Score `model` on every split; metrics `eval{tag}/{split}/strict` and, after step 0, the paired change."""
-        from margrpo.worlds.shapes.evaluate import EvalResult, evaluate, paired_strict_change
+        from margrpo.worlds.shapes.evaluate import EvalResult, evaluate_set, paired_strict_change, strict_accuracy
 
         sampler = self.cfg.sampling
         record: dict[str, dict] = {}
         metrics: dict[str, float] = {}
-        for k, (split, prompts) in enumerate(self.splits.items()):
-            res = evaluate(model, prompts, sampler, seed=self.cfg.eval.seed + k, progress=False)
+        for split, eval_set in self.splits.items():
+            res = evaluate_set(model, eval_set, sampler, progress=False)
             record[split] = {"prompts": res.prompts, "results": [
                 {"strict": bool(r["strict"]), "partial": float(r["partial"]), "category": r["category"]}
                 for r in res.results]}
             prefix = f"eval{tag}/{split}"
             for cat, v in res.summary.items():
                 metrics[f"{prefix}/{cat}" if cat != "overall" else f"{prefix}/strict"] = v["strict"]
+            metrics[f"{prefix}/strict_se"] = strict_accuracy(res)["overall"][1]  # clustered by prompt
             base_file = self._file(0, "")
             if step > 0 and base_file.is_file():
                 base = json.loads(base_file.read_text())[split]

@@ -11,8 +11,10 @@ from margrpo.rl import distributed as D
 from margrpo.utils.images import make_grid, save_png
 from margrpo.utils.metrics import read_metrics
 
-REPORT_KEYS = ["reward/mean", "accuracy/strict", "loss/kl", "grad_norm", "ratio/max", "zero_signal_fraction"]
-EVAL_KEY = "eval/heldout/strict"
+REPORT_KEYS = ["reward/mean", "accuracy/strict", "loss/kl", "grad_norm", "ratio/max", "zero_signal_fraction",
+               "reward/by_category/*", "accuracy/by_category/*"]
+# the in-loop evaluations (eval.every): held-out and in-distribution, of the weights and of their EMA, one panel
+EVAL_KEYS = ["eval*/strict"]
 
 
 class RunOutputsMixin:
@@ -78,7 +80,7 @@ class RunOutputsMixin:
             return []
 
         metrics = read_metrics(self.out)
-        keys = REPORT_KEYS + ([EVAL_KEY, f"eval_ema/{EVAL_KEY[5:]}"] if self.evaluator is not None else [])
+        keys = REPORT_KEYS + (EVAL_KEYS if self.evaluator is not None else [])
         plot_report(metrics, keys, self.out / "report.png", title=f"{self.out.name}", smoothing=0.6)
         with self._exportable():
             export.save_pretrained(self.out / "model", metadata={"trained_from": self.cfg.model,

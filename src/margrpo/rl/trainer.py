@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from margrpo.models.loading import load_model
 from margrpo.rl import distributed as D
 from margrpo.rl.advantages import Advantages, group_advantages
+from margrpo.rl.category_metrics import accuracy_metrics
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.eval_loop import ParameterEMA, TrainingEvaluator
 from margrpo.rl.faults import StepFault, StopRequest, TrainingFault, TrainingStopped
@@ -157,7 +158,7 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
         per_rank, groups = self.shards // self.world, a.prompts_per_step // self.shards
         parts, metas = [], []
         for shard in range(self.rank * per_rank, (self.rank + 1) * per_rank):
-            prompts, meta = self.prompts.batch(step, groups, shard)
+            prompts, meta = self.prompts.batch(step, groups, shard, self.shards)
             cond = self.model.encode_prompts(prompts)
             cond = cond.repeat_interleave(a.group_size) if cond is not None else None
             with self._autocast():
@@ -269,10 +270,7 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
             rec["ratio/min"] = float(np.min(stats["ratio/min"]))
         rec = D.all_reduce_stats(rec)  # the loss statistics of the global batch (equal shards: mean of means)
         rec.update(out.summary("reward"))
-        valid = out.valid
-        key = next((k for k in out.components if k.endswith("/strict")), None)
-        if key is not None:
-            rec["accuracy/strict"] = float(out.components[key][valid].float().mean()) if bool(valid.any()) else 0.0
+        rec.update(accuracy_metrics(out))  # accuracy/strict and accuracy/by_category/<c>
         rec.update({
             "advantage/mean": float(gadv.values[gadv.use].mean()) if bool(gadv.use.any()) else 0.0,
             "advantage/std": float(gadv.values[gadv.use].std()) if int(gadv.use.sum()) > 1 else 0.0,

@@ -22,6 +22,8 @@ from margrpo.utils.atomic import atomic_write
 
 __all__ = ["plot_report", "plot_comparison", "smooth_ema", "metric_series"]
 
+SPARSE_POINTS = 30  # fewer points than this: drawn unsmoothed, with markers
+
 
 def smooth_ema(values: Sequence[float] | np.ndarray, weight: float) -> np.ndarray:
     """TensorBoard-style debiased exponential moving average (``weight`` in [0, 1); 0 = none)."""
@@ -80,7 +82,9 @@ def plot_report(
     """One panel per key of ``metrics`` (rows from ``metrics.jsonl``) against step.
 
     A key may be a glob (``"reward/*"``) to draw several curves in one panel. With ``smoothing`` > 0
-    the raw curve is drawn faintly under its EMA. A key with no data gets a panel saying so, so
+    the raw curve is drawn faintly under its EMA, except a sparse one (under ``SPARSE_POINTS`` points, such as
+    the in-loop evaluations every few hundred steps), drawn as measured with markers: an EMA over a handful of
+    points would mostly show its own lag. A key with no data gets a panel saying so, so
     that a missing metric is visible instead of silently absent. Returns the written path.
     """
     if not keys:
@@ -102,11 +106,11 @@ def plot_report(
             if x.size == 0:
                 continue
             label = name if len(names) > 1 else None
-            if smoothing > 0:
+            if smoothing > 0 and x.size >= SPARSE_POINTS:
                 (line,) = ax.plot(x, y, alpha=0.25, linewidth=0.8)
                 ax.plot(x, smooth_ema(y, smoothing), color=line.get_color(), linewidth=1.5, label=label)
             else:
-                ax.plot(x, y, linewidth=1.2, marker="." if x.size < 30 else None, label=label)
+                ax.plot(x, y, linewidth=1.2, marker="." if x.size < SPARSE_POINTS else None, label=label)
             drawn += 1
         if drawn == 0:
             _note(ax, f"no data for '{key}'")
