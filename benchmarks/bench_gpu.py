@@ -29,8 +29,10 @@ import torch
 from benchmarks.common import PeakMemory, machine, median_spread, write_results
 from margrpo.models.base import Policy
 from margrpo.models.conditioning import Condition
-from margrpo.rl.objective import ObjectiveConfig, ar_step_loss
-from margrpo.sampling.sampler import SamplerConfig, sample
+from margrpo.rl.config import AlgorithmSection
+from margrpo.rl.loss import ar_step_loss
+from margrpo.sampling.config import RecordPlan, SamplerConfig
+from margrpo.sampling.sampler import sample
 
 
 def nova_policy(tiny: bool) -> tuple[Policy, object]:
@@ -58,7 +60,7 @@ def harmon_policy(tiny: bool) -> tuple[Policy, object]:
     """A Harmon-1.5B-shaped `HarmonPolicy` (Qwen2.5-1.5B-shaped LLM + MAR-huge-shaped MAR) and a condition factory."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from margrpo.models.harmon.model import HarmonPolicy
+    from margrpo.models.harmon.policy import HarmonPolicy
     from margrpo.models.mar.model import MAR
 
     if tiny:
@@ -91,19 +93,19 @@ MODELS = {"NOVA-0.6B": nova_policy, "Harmon-1.5B": harmon_policy}
 
 
 def grpo_step(policy: Policy, reference: Policy, opt: torch.optim.Optimizer, cond, g_size: int, k: int,
-              n_scored: int, chunk: int, device: torch.device, dtype: torch.dtype, seed: int,
+              n_scored: int, device: torch.device, dtype: torch.dtype, seed: int,
               mar: bool = True) -> dict[str, float]:
     """One MAR-GRPO step (`mar`), or plain GRPO's; returns the rollout and update times (seconds)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    cfg = SamplerConfig(num_ar_steps=8, num_diffusion_steps=10, policy_tokens="unknown" if mar else "committed",
-                        record=True, record_z=False, mte_k=k if mar else 0, mte_source="commit",
-                        mte_top_fraction=0.3)
+    cfg = SamplerConfig(ar_steps=8, diffusion_steps=10)
+    plan = RecordPlan(policy_tokens="unknown" if mar else "committed", mte_k=k if mar else 0, mte_source="commit",
+                      mte_top_fraction=0.3)
     sync()
     t0 = time.perf_counter()
     with autocast:
         r = sample(policy, cond, g_size, cfg, torch.Generator(device).manual_seed(seed),
-                   torch.Generator(device).manual_seed(seed + 1))
+                   torch.Generator(device).manual_seed(seed + 1), record=plan)
     sync()
     t1 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
@@ -111,8 +113,8 @@ def grpo_step(policy: Policy, reference: Policy, opt: torch.optim.Optimizer, con
     use = torch.ones(g_size, dtype=torch.bool, device=device)
     js = [j for j in range(r.head_steps) if policy.head.is_stochastic(j)][:4]
     scored = sorted(r.steps)[-n_scored:]
-    obj = ObjectiveConfig(mte_top_fraction=0.3 if mar else 0.0, consistency=mar, beta=0.01,
-                          chunk_head_steps=chunk if mar else 0)
+    obj = AlgorithmSection(mte_k=k if mar else 0, mte_top_fraction=0.3,
+                           policy_tokens="consistent" if mar else "committed", beta=0.01)
     opt.zero_grad(set_to_none=True)
     cache: dict = {}
     for i in scored:
@@ -131,7 +133,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--group", type=int, default=8, help="G: images per step (one prompt)")
     ap.add_argument("--mte-k", type=int, default=4)
     ap.add_argument("--ar-steps-scored", type=int, default=2)
-    ap.add_argument("--chunk", type=int, default=1, help="algorithm.chunk_head_steps (0 = one graph)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--tiny", action="store_true", help="CI size: every width and depth shrunk, runs on a CPU")
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
             for mar in (False, True):  # GRPO and MAR-GRPO alternate: each ratio pairs two steps seconds apart
                 with peak.measure():
                     t = grpo_step(policy, reference, opt, cond, args.group, args.mte_k, args.ar_steps_scored,
-                                  args.chunk, device, dtype, seed=rep, mar=mar)
+                                  device, dtype, seed=rep, mar=mar)
                 if rep:  # the first step warms kernels and allocators up
                     times[mar].append(t)
                     peaks[mar].append(peak.peak_bytes / 2**30)
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             pairs = list(zip(times[mar], times[False], strict=True))
             rows.append({"model": name, "method": "mar-grpo" if mar else "grpo",
                          "params M": sum(p.numel() for p in policy.parameters()) / 1e6,
-                         "G": args.group, "K": args.mte_k if mar else 0, "chunk": args.chunk if mar else 0,
+                         "G": args.group, "K": args.mte_k if mar else 0,
                          "s/step": step, "s/step IQR": step_iqr,
                          "time vs grpo": median_spread([total(a) / total(b) for a, b in pairs])[0],
                          "rollout images/s": args.group / roll, "rollout s IQR": roll_iqr,
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     stem = args.name or f"gpu_{args.device.replace(':', '')}_{args.dtype}{'_tiny' if args.tiny else ''}"
-    md = write_results(stem, rows, ["model", "method", "params M", "G", "K", "chunk", "s/step", "s/step IQR",
+    md = write_results(stem, rows, ["model", "method", "params M", "G", "K", "s/step", "s/step IQR",
                                     "time vs grpo", "rollout images/s", "rollout s IQR", "update s", "peak GB",
                                     "peak GB IQR", "memory vs grpo", "repeats"],
                        {**machine(), "device": args.device, "dtype": args.dtype, "tiny": args.tiny,

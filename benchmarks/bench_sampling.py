@@ -19,8 +19,9 @@ import torch
 
 from benchmarks.common import machine, median_spread, write_results
 from margrpo.models.loading import load_model
+from margrpo.rl.loss import replay_transitions, step_conditions
 from margrpo.sampling import sampler as current
-from margrpo.sampling.replay import score_transitions, step_conditions
+from margrpo.sampling.config import RecordPlan, SamplerConfig
 
 
 def sampler_at(rev: str) -> types.ModuleType:
@@ -45,8 +46,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--against", metavar="REV", help="also time the sampler module of this git revision")
-    ap.add_argument("--compile", action="store_true", help="also time the mar-grpo rollout with sampling.compile "
-                    "(torch.compile; its compile time is in the warm-up, not in the figures)")
     args, _ = ap.parse_known_args(argv)
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -66,12 +65,17 @@ def main(argv: list[str] | None = None) -> None:
                              f"package ({type(e).__name__}: {e}); pick a revision nearer this one") from None
     import time
 
-    def run(module=None, **kw):
-        mod = module or current
-        cfg = mod.SamplerConfig(num_ar_steps=args.ar_steps, **kw)
+    def run(module=None, record: bool = True, guidance_scale: float = 1.0, **plan):
+        gens = (torch.Generator(dev).manual_seed(0), torch.Generator(dev).manual_seed(1))
         with autocast:
-            return mod.sample(model.policy, cond, args.batch, cfg, torch.Generator(dev).manual_seed(0),
-                              torch.Generator(dev).manual_seed(1))
+            if module is not None:  # a revision before issue #25: one config object with the record fields
+                cfg = module.SamplerConfig(num_ar_steps=args.ar_steps, record=record, guidance_scale=guidance_scale,
+                                           **plan)
+                return module.sample(model.policy, cond, args.batch, cfg, *gens)
+            cfg = SamplerConfig(ar_steps=args.ar_steps, diffusion_steps=args.diffusion_steps,
+                                guidance_scale=guidance_scale)
+            return current.sample(model.policy, cond, args.batch, cfg, *gens,
+                                  record=RecordPlan(**{"record_z": True, **plan}) if record else None)
 
     variants = [
         ("plain", dict(record=False)),
@@ -85,15 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     ]
     # Each variant's alternatives run alternately, repetition by repetition, so every "vs this sampler" ratio
     # pairs two runs measured seconds apart (a loaded machine drifts over minutes): this checkout's sampler, the
-    # sampler at --against, and, for MTE, the chains one by one.
+    # sampler at --against.
     rows = []
     base = None
     for name, kw in variants:
         alts = {name: (None, kw)}
-        if kw.get("mte_k"):  # the chains together (the default) against one by one
-            alts[f"{name}, chains one by one"] = (None, {**kw, "batch_mte_chains": False})
-        if args.compile and kw.get("policy_tokens") == "unknown" and kw.get("mte_k"):
-            alts[f"{name}, compiled"] = (None, {**kw, "compile": True})
         if old is not None and kw.get("record", True):
             alts[f"{name} [sampler at {args.against}]"] = (old, kw)
         times: dict[str, list[float]] = {a: [] for a in alts}
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     def replay():
         with torch.no_grad(), autocast:
             for i in r.steps:
-                score_transitions(model.head, r.steps[i].x, js, step_conditions(model.policy, r, i), r.temperature)
+                replay_transitions(model.head, r.steps[i].x, js, step_conditions(model.policy, r, i), r.temperature)
 
     replay()
     ts = []

@@ -52,7 +52,8 @@ def measure(files: list[str], tmp: Path, name: str, steps: int, device: str, dty
             "peak GB": float(max(m["memory/peak_gb"] for m in metrics)), "images/step": images}
 
 
-SCALING_COLUMNS = ["sweep", "method", "G", "K", "scored AR steps", "chunk", "s/step", "s/step IQR",
+AR_STEPS = 8  # the demo's sampling.ar_steps: the sweep scores ar of them (algorithm.ar_step_fraction)
+SCALING_COLUMNS = ["sweep", "method", "G", "K", "scored AR steps", "s/step", "s/step IQR",
                    "time vs grpo", "time vs grpo IQR", "peak MB", "peak MB IQR", "memory vs grpo",
                    "memory vs grpo IQR", "GFLOP/step", "FLOPs vs grpo", "grpo s/step", "grpo peak MB",
                    "marginal s/unit", "marginal MB/unit", "repeats"]
@@ -95,7 +96,7 @@ class _Runner:
 
 class _FlopCount(TorchDispatchMode):
     """torch's FLOP formulas (`torch.utils.flop_counter.flop_registry`) summed over every op. FlopCounterMode itself
-    tracks modules with backward hooks, which `torch.autograd.grad` on leaves (the chunked MTE loss) rejects."""
+    tracks modules with backward hooks, which `torch.autograd.grad` on leaves (the trajectory loss) rejects."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -136,7 +137,7 @@ def _paired(base: _Runner, variant: _Runner, repeats: int) -> dict:
 
 
 def scaling(tmp: Path, quick: bool, device: str, dtype: str) -> list[dict]:
-    """Step time and peak memory of mar-grpo against G, K and the scored AR steps, with and without chunking.
+    """Step time and peak memory of mar-grpo against G, K and the scored AR steps.
 
     Every row is a ratio to plain grpo at the same group size G and scored AR steps, its steps alternated with the
     row's in this run; `marginal */unit` is the increase from the sweep's previous point per unit of the swept
@@ -147,25 +148,24 @@ def scaling(tmp: Path, quick: bool, device: str, dtype: str) -> list[dict]:
     grpo, mar = config_path("presets/grpo.yaml"), config_path("presets/mar-grpo.yaml")
     repeats = 3 if quick else 5
     prompts = ["algorithm.prompts_per_step=1"] if quick else ["algorithm.prompts_per_step=2"]
-    ar_default = 4
+    ar_default = 4  # of the demo's AR_STEPS
     bases: dict[tuple[int, int], _Runner] = {}
 
     def base(g: int, ar: int) -> _Runner:
         if (g, ar) not in bases:
             bases[(g, ar)] = _Runner([*demo, grpo], tmp, f"grpo-g{g}-ar{ar}",
-                                     [*prompts, f"algorithm.group_size={g}", f"algorithm.ar_step_count={ar}"],
-                                     device, dtype)
+                                     [*prompts, f"algorithm.group_size={g}",
+                                      f"algorithm.ar_step_fraction={ar / AR_STEPS}"], device, dtype)
         return bases[(g, ar)]
 
-    def run(g: int, k: int, ar: int, chunk: int, preset: str = mar, extra: tuple[str, ...] = (),
+    def run(g: int, k: int, ar: int, preset: str = mar, extra: tuple[str, ...] = (),
             method: str | None = None) -> dict:
-        over = [*prompts, f"algorithm.group_size={g}", f"algorithm.ar_step_count={ar}", f"algorithm.mte_k={k}",
-                f"algorithm.chunk_head_steps={chunk}", *extra]
-        variant = _Runner([*demo, preset], tmp, f"{method or 'mar'}-g{g}-k{k}-ar{ar}-c{chunk}", over, device, dtype)
+        over = [*prompts, f"algorithm.group_size={g}", f"algorithm.ar_step_fraction={ar / AR_STEPS}",
+                f"algorithm.mte_k={k}", *extra]
+        variant = _Runner([*demo, preset], tmp, f"{method or 'mar'}-g{g}-k{k}-ar{ar}", over, device, dtype)
         r = _paired(base(g, ar), variant, repeats)
         del variant
-        r.update({"method": method or f"mar-grpo{' chunked' if chunk else ''}", "G": g, "K": k,
-                  "scored AR steps": ar, "chunk": chunk})
+        r.update({"method": method or "mar-grpo", "G": g, "K": k, "scored AR steps": ar})
         return r
 
     rows: list[dict] = []
@@ -181,16 +181,15 @@ def scaling(tmp: Path, quick: bool, device: str, dtype: str) -> list[dict]:
             prev = r
             rows.append(r)
 
-    for chunk in (0, 1):
-        add("K", [run(8, k, ar_default, chunk) for k in (2, 4, 8)])
-    add("G", [run(g, 4, ar_default, 1) for g in (4, 8, 16)])
-    add("scored AR steps", [run(8, 4, ar, 1) for ar in (1, 2, 4)])
+    add("K", [run(8, k, ar_default) for k in (2, 4, 8)])
+    add("G", [run(g, 4, ar_default) for g in (4, 8, 16)])
+    add("scored AR steps", [run(8, 4, ar) for ar in (1, 2, 4)])
     # Where mar-grpo's time goes: the paper's policy term covers every still-unknown token (so the rollout diffuses
-    # them all at every AR step), against plain grpo's committed tokens; then the consistency filter and chunking
-    # (the preset's); then MTE: the K sweep's "mar-grpo chunked" K=4 row, the same configuration.
+    # them all at every AR step), against plain grpo's committed tokens; then the consistency filter (the preset's);
+    # then MTE: the K sweep's K=4 row, the same configuration.
     add("cost split", [
-        run(8, 0, ar_default, 0, grpo, ("algorithm.policy_tokens=unknown",), "grpo, all unknown tokens"),
-        run(8, 0, ar_default, 1, mar, (), "mar-grpo without MTE"),
+        run(8, 0, ar_default, grpo, ("algorithm.policy_tokens=unknown",), "grpo, all unknown tokens"),
+        run(8, 0, ar_default, mar, (), "mar-grpo without MTE"),
     ])
     return rows
 

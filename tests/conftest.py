@@ -52,3 +52,16 @@ def _result_cache_in_tmp(tmp_path_factory, monkeypatch):
     """No test reads or writes the user's result cache (~/.cache/margrpo): the base model's sampler grids go to a
     folder of the test session (a test that needs an empty cache sets its own)."""
     monkeypatch.setenv("MARGRPO_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "result-cache"))
+
+
+def sampling(record: bool = True, **kw):
+    """The sampler's two objects from one set of keyword arguments: a `SamplerConfig` (16 AR steps and the head's own
+    step count unless told) and, with `record`, a `RecordPlan` (every step recorded, with z, unless told)."""
+    import dataclasses
+
+    from margrpo.sampling.config import RecordPlan, SamplerConfig
+
+    names = {f.name for f in dataclasses.fields(SamplerConfig)}
+    cfg = SamplerConfig(**{"ar_steps": 16, "diffusion_steps": None, **{k: v for k, v in kw.items() if k in names}})
+    plan = RecordPlan(**{"record_z": True, **{k: v for k, v in kw.items() if k not in names}}) if record else None
+    return cfg, plan

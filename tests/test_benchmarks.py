@@ -15,7 +15,7 @@ def test_benchmark_script_imports_and_has_main(name):
 
 
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path, monkeypatch):
-    """`bench_gpu --tiny`: both model families' MAR-GRPO step (rollout + chunked loss + AdamW) on a CPU in CI."""
+    """`bench_gpu --tiny`: both model families' MAR-GRPO step (rollout + trajectory loss + AdamW) on a CPU in CI."""
     import json
 
     import benchmarks.common as common

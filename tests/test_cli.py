@@ -36,7 +36,7 @@ def test_eval_prints_a_table_and_writes_json(model_dir, tmp_path, capsys):
     assert "| overall | 8 |" in text and "8 held-out images" in text and " ± " in text
     record = json.loads(out.read_text())
     assert "overall" in record["summary"] and record["seed"] == 1234  # the demo's eval.seed: the same images
-    assert record["sampler"]["num_ar_steps"] == 4 and record["sampler"]["num_diffusion_steps"] == 10  # demo.yaml's
+    assert record["sampler"]["ar_steps"] == 4 and record["sampler"]["diffusion_steps"] == 10  # demo.yaml's
 
 
 def test_eval_grid_chooses_on_training_prompts_and_caches_the_grid(model_dir, tmp_path, capsys, monkeypatch):

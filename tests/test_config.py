@@ -270,15 +270,14 @@ def test_config_from_dict() -> None:
 
 
 def test_configuration_docs_are_generated_from_the_dataclasses_and_fresh():
-    """docs/configuration.md is `python -m margrpo.utils.config_docs`'s output: regenerate it when an option changes."""
+    """docs/configuration.md is `python -m margrpo.rl.config`'s output: regenerate it when an option changes."""
     import dataclasses
     from pathlib import Path
 
-    from margrpo.rl.config import TrainConfig
-    from margrpo.utils.config_docs import configuration_markdown
+    from margrpo.rl.config import TrainConfig, configuration_markdown
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
-    assert doc.read_text() == configuration_markdown(), "stale: run python -m margrpo.utils.config_docs"
+    assert doc.read_text() == configuration_markdown(), "stale: run python -m margrpo.rl.config"
 
     def every_field(cls, prefix=""):
         for f in dataclasses.fields(cls):
@@ -302,6 +301,16 @@ def test_a_renamed_key_points_to_its_new_name():
     assert "it was renamed 'algorithm.score_guidance'" in str(err.value)
 
 
+def test_a_removed_key_says_why_it_went():
+    """Configs that set an option which was removed get what replaced it, not a bare "unknown key"."""
+    from margrpo.rl.config import TrainConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, None, ["algorithm.chunk_head_steps=1", "algorithm.ratio_level=image"])
+    assert "'algorithm.chunk_head_steps'; it was removed: the trajectory loss always" in str(err.value)
+    assert "'algorithm.ratio_level'; it was removed: the PPO ratio is taken per element" in str(err.value)
+
+
 @pytest.mark.parametrize("name", sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")
                                         if p.name != "shapes-pretrain.yaml"))
 def test_every_shipped_training_config_loads(name):
@@ -317,8 +326,8 @@ def test_the_nova_config_states_the_papers_settings():
 
     cfg = load_config(TrainConfig, CONFIGS / "nova-hps.yaml", [])
     a = cfg.algorithm
-    assert (a.group_size, a.ar_step_count, a.head_steps_per_ar_step, a.mte_k, a.mte_top_fraction, a.beta) == \
-        (4, 12, 10, 3, 0.3, 0.01)
+    assert (a.group_size, a.head_steps_per_ar_step, a.mte_k, a.mte_top_fraction, a.beta) == (4, 10, 3, 0.3, 0.01)
+    assert round(a.ar_step_fraction * 63) == 12  # 12 scored AR steps of NOVA's 63
     assert (cfg.optim.lr, cfg.sampling.guidance_scale, cfg.sampling.guidance_schedule) == (2e-6, 5.0, "constant")
     assert cfg.rewards == {"hpsv2": 1.0} and a.estimator == "trajectory" and a.train == "ar"
 
@@ -328,7 +337,7 @@ def test_the_harmon_config_states_the_papers_settings():
 
     cfg = load_config(TrainConfig, CONFIGS / "harmon-hps.yaml", [])
     a = cfg.algorithm
-    assert (a.group_size, a.ar_step_count, a.head_steps_per_ar_step, a.mte_k, a.mte_top_fraction, a.beta) == \
-        (4, 12, 10, 5, 0.3, 0.01)
+    assert (a.group_size, a.head_steps_per_ar_step, a.mte_k, a.mte_top_fraction, a.beta) == (4, 10, 5, 0.3, 0.01)
+    assert round(a.ar_step_fraction * 64) == 12  # 12 scored AR steps of Harmon's 64
     assert (cfg.optim.lr, cfg.sampling.guidance_scale, cfg.sampling.guidance_schedule) == (1e-6, 3.0, "constant")
     assert cfg.rewards == {"hpsv2": 1.0} and a.train == "ar"

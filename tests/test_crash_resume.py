@@ -35,7 +35,7 @@ threads: 1
 sampling: {{ar_steps: 4, diffusion_steps: 6}}
 algorithm: {{prompts_per_step: 2, group_size: 4, head_steps_per_ar_step: 2, ppo_epochs: 2}}
 optim: {{lr: 3.0e-3}}
-log: {{checkpoint_every: 1, keep_checkpoints: 2, sample_every: 1000, tensorboard: false}}
+log: {{checkpoint_every: 1, sample_every: 1000, tensorboard: false}}
 """)
     return cfg
 

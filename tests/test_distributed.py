@@ -88,27 +88,26 @@ BATCH_STD = ("algorithm.advantage_std=batch", "algorithm.normalize=rollout", "al
 # first steps are about lr x sign(gradient) and would hide it), no clipping, and a tolerance to match: measured
 # 1.2e-7 apart with 0.14 moved; unweighted ranks' policy terms give 2.5e-5, a ptx gradient not averaged 0.048.
 SGD_ATOL = 2e-6
-CHUNKED_SGD = ("algorithm.chunk_head_steps=1", "algorithm.mte_k=2", "optim.name=sgd", "optim.lr=0.5",
-               "optim.grad_clip=0")
-CHUNKED_SGD_PTX = (*CHUNKED_SGD, "algorithm.ptx_weight=1.0", "algorithm.ptx_batch_size=8")  # FSDP2 refuses ptx
+MTE_SGD = ("algorithm.mte_k=2", "optim.name=sgd", "optim.lr=0.5", "optim.grad_clip=0")
+MTE_SGD_PTX = (*MTE_SGD, "algorithm.ptx_weight=1.0", "algorithm.ptx_batch_size=8")  # FSDP2 refuses ptx
 
 
 @pytest.mark.parametrize(("strategy", "extra"), [("ddp", ()), ("fsdp", ()), ("ddp", BATCH_STD),
-                                                 ("ddp", CHUNKED_SGD_PTX), ("fsdp", CHUNKED_SGD)],
-                         ids=["ddp", "fsdp", "ddp-batch-std-rollout-norm-ar-step-ptx", "ddp-chunked-mte-sgd-ptx",
-                              "fsdp-chunked-mte-sgd"])
+                                                 ("ddp", MTE_SGD_PTX), ("fsdp", MTE_SGD)],
+                         ids=["ddp", "fsdp", "ddp-batch-std-rollout-norm-ar-step-ptx", "ddp-mte-sgd-ptx",
+                              "fsdp-mte-sgd"])
 def test_two_processes_train_the_weights_of_one_on_the_same_global_batch(runs, tmp_path, strategy, extra):
     """The batch-std case checks the gathered advantages, the global pair count of normalize=rollout, one
     optimizer step per scored AR step (no accumulation) and the ptx term (its batch cut into the shards' parts,
-    its gradient averaged outside DDP's reducer); the chunked cases the kept-count weights of the memory-flat MTE
-    loss (its head gradients taken with autograd.grad inside DDP's and FSDP2's forward), and under DDP the ptx term
-    beside no_sync accumulation over AR steps, under SGD; the others the kept-count weights
+    its gradient averaged outside DDP's reducer); the MTE cases the kept-count weights of the MTE chains' terms
+    (the trajectory loss takes its head gradients with autograd.grad inside DDP's and FSDP2's forward), and under
+    DDP the ptx term beside no_sync accumulation over AR steps, under SGD; the others the kept-count weights
     and no_sync."""
     one = runs / "one"
     if extra:
         one = tmp_path / "one"
         _one_process(runs / "model", one, 2, extra=extra)
-    name = strategy + {(): "", BATCH_STD: "-batch", CHUNKED_SGD_PTX: "-chunked-ptx", CHUNKED_SGD: "-chunked"}[extra]
+    name = strategy + {(): "", BATCH_STD: "-batch", MTE_SGD_PTX: "-mte-ptx", MTE_SGD: "-mte"}[extra]
     _torchrun(runs / "model", runs / name, 2, False, f"distributed.strategy={strategy}", *extra)
     want = _trained(one, 2)
     got = {k: v for k, v in _trained(runs / name).items() if k in want}

@@ -13,9 +13,11 @@ from families import FAMILIES
 
 from margrpo.models.loading import load_model
 from margrpo.rl.advantages import group_advantages
-from margrpo.rl.objective import ObjectiveConfig, ar_step_loss
-from margrpo.sampling.replay import batched_step_conditions, score_transitions, step_conditions
-from margrpo.sampling.sampler import SamplerConfig, sample
+from margrpo.rl.config import AlgorithmSection
+from margrpo.rl.loss import ar_step_loss, replay_transitions, step_conditions
+from margrpo.sampling.sampler import compute_conditions, sample
+
+from conftest import sampling
 
 FAMILY_NAMES = list(FAMILIES)
 
@@ -23,8 +25,9 @@ FAMILY_NAMES = list(FAMILIES)
 def _rollout(model, guidance_scale=1.0, **cfg):
     fam_prompts = cfg.pop("prompts")
     cond = model.encode_prompts(list(fam_prompts)).repeat_interleave(3)
-    scfg = SamplerConfig(num_ar_steps=4, guidance_scale=guidance_scale, record_z=True, **cfg)
-    return sample(model.policy, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    scfg, plan = sampling(ar_steps=4, guidance_scale=guidance_scale, **cfg)
+    return sample(model.policy, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1),
+                  record=plan)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -99,8 +102,8 @@ def test_ratio_is_one_before_the_first_update(family, guidance_scale, score_guid
     r = _rollout(model, guidance_scale, prompts=fam.prompts, policy_tokens=policy_tokens, mte_k=3,
                  mte_source=mte_source, score_guidance=score_guidance)
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    ocfg = ObjectiveConfig(score_guidance=score_guidance, beta=0.1, consistency=policy_tokens == "unknown",
-                           mte_top_fraction=0.3)
+    ocfg = AlgorithmSection(score_guidance=score_guidance, beta=0.1, mte_k=3, mte_top_fraction=0.3,
+                            policy_tokens="consistent" if policy_tokens == "unknown" else policy_tokens)
     policy = model.policy
     policy.train()  # the trainer may keep the policy in train mode; replay must still match (dropout off)
     ref = copy.deepcopy(policy).eval()
@@ -127,7 +130,7 @@ def test_replay_recomputes_the_rollouts_conditions_and_log_probs(family, guidanc
     for i, rec in r.steps.items():
         with torch.no_grad():
             sc = step_conditions(model.policy, r, i)
-            st = score_transitions(head, rec.x, js, sc, r.temperature)
+            st = replay_transitions(head, rec.x, js, sc, r.temperature)
         assert (sc.z_full - rec.z).abs().max() / rec.z.abs().max() < 1e-5
         ref = rec.logp[js]
         assert (st.logp - ref).abs().max() / ref.abs().max() < 1e-5 and torch.isfinite(st.logp).all()
@@ -135,17 +138,22 @@ def test_replay_recomputes_the_rollouts_conditions_and_log_probs(family, guidanc
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_batched_steps_give_each_steps_own_conditions(family):
-    """Several AR steps in one transformer call (ragged known sets, padded) equal one call per step."""
+    """Several AR steps in one transformer call (ragged known sets, padded: the family contract's `mask` rows may
+    hold different numbers of known tokens) equal one call per step, both guidance branches."""
     fam = FAMILIES[family]
     model = fam.build()
     r = _rollout(model, 2.0, prompts=fam.prompts)
+    steps = [r.steps[i] for i in (0, 1, 3)]
+    cond = type(r.cond).cat([r.cond] * len(steps))
     with torch.no_grad():
-        batched = batched_step_conditions(model.policy, r, [0, 1, 3])
-        for i in (0, 1, 3):
+        z_c, z_u = compute_conditions(model.policy, torch.cat([s.canvas for s in steps]),
+                                      torch.cat([s.mask for s in steps]), cond, True)
+        b = r.batch_size
+        for k, i in enumerate((0, 1, 3)):
             single = step_conditions(model.policy, r, i)
-            assert torch.allclose(batched[i].z, single.z, atol=1e-5, rtol=1e-4)
-            assert torch.allclose(batched[i].z_uncond, single.z_uncond, atol=1e-5, rtol=1e-4)
-            assert batched[i].guidance == single.guidance
+            rows = slice(k * b, (k + 1) * b)
+            assert torch.allclose(z_c[rows][steps[k].diffused], single.z, atol=1e-5, rtol=1e-4)
+            assert torch.allclose(z_u[rows][steps[k].diffused], single.z_uncond, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -222,7 +230,7 @@ def test_rollouts_and_losses_go_through_the_module_calls(family, estimator):
     calls.update(policy=0, head=0)
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
     js = [j for j in range(policy.head.num_steps) if policy.head.is_stochastic(j)][:2]
-    ocfg = ObjectiveConfig(estimator=estimator, beta=0.0, consistency=False, mte_top_fraction=0.0)
+    ocfg = AlgorithmSection(estimator=estimator, beta=0.0, policy_tokens="unknown", mte_k=0)
     sl = ar_step_loss(policy, None, r, 1, js, adv.values, adv.use, ocfg, {}, first_epoch=True,
                       generator=torch.Generator().manual_seed(0))
     sl.loss.backward()

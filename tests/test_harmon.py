@@ -273,11 +273,13 @@ def test_convert_writes_a_folder_that_training_can_name(tmp_path, files, model, 
 
 
 def test_bfloat16_weights_sample_with_float32_log_probs(files):
-    from margrpo.sampling.sampler import SamplerConfig, sample
+    from margrpo.sampling.config import RecordPlan, SamplerConfig
+    from margrpo.sampling.sampler import sample
 
     m = harmon.load(files["pth"], llm=files["llm"], vae=files["vae"], dtype=torch.bfloat16, **LOAD_KW)
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
     cond = m.encode_prompts(["a cat", "a dog"])
-    r = sample(m.policy, cond, 2, SamplerConfig(num_ar_steps=2, guidance_scale=2.0), torch.Generator().manual_seed(0))
+    r = sample(m.policy, cond, 2, SamplerConfig(ar_steps=2, diffusion_steps=None, guidance_scale=2.0),
+               torch.Generator().manual_seed(0), record=RecordPlan())
     assert r.tokens.dtype == torch.float32 and all(rec.logp.dtype == torch.float32 for rec in r.steps.values())
     assert torch.isfinite(r.tokens).all() and m.decode(r.tokens).shape == (2, 3, 16, 16)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from margrpo.models.heads import DdpmHead, FlowHead
-from margrpo.rl.forward_process import nft_terms, stratified_uniform
-from margrpo.rl.objective import ObjectiveConfig
+from margrpo.rl.config import AlgorithmSection
+from margrpo.rl.loss_terms import nft_terms, stratified_uniform
 
 
 class LinearHead(torch.nn.Module):
@@ -28,7 +28,7 @@ def test_nft_loss_equals_the_explicit_formula_on_hand_made_tensors():
     z_old = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
     z_new = z_old + 0.3 * torch.randn(2, 5, generator=torch.Generator().manual_seed(1))
     adv = torch.tensor([7.0, -1.5])[None, :, None]  # the first beyond A_max = 5: r clamps to 1
-    cfg = ObjectiveConfig(estimator="nft", noise_draws=2, nft_beta=0.5, nft_adv_clip=5.0)
+    cfg = AlgorithmSection(estimator="nft", mte_k=0, noise_draws=2, nft_beta=0.5, nft_adv_clip=5.0)
     cache: dict = {}
     nft_terms(head, target, z_old, adv, cfg, cache, ("k",), True, torch.Generator().manual_seed(9))
     loss, _ = nft_terms(head, target, z_new, adv, cfg, cache, ("k",), False, torch.Generator().manual_seed(9))
@@ -55,13 +55,12 @@ def test_nft_loss_equals_the_explicit_formula_on_hand_made_tensors():
 def test_nft_needs_the_old_prediction_of_the_first_epoch():
     head = LinearHead(3, 5)
     with pytest.raises(RuntimeError, match="first PPO epoch"):
-        nft_terms(head, torch.zeros(2, 3), torch.zeros(2, 5), torch.zeros(1, 2, 1), ObjectiveConfig(estimator="nft"),
-                  {}, ("k",), False, torch.Generator().manual_seed(0))
+        nft_terms(head, torch.zeros(2, 3), torch.zeros(2, 5), torch.zeros(1, 2, 1),
+                  AlgorithmSection(estimator="nft", mte_k=0), {}, ("k",), False, torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("weighting", ["adaptive", "mse"])
 @pytest.mark.parametrize("head_cls", [DdpmHead, FlowHead])
-def test_nft_first_step_gradient_is_the_advantage_weighted_adaptive_denoising_loss(head_cls, weighting):
+def test_nft_first_step_gradient_is_the_advantage_weighted_adaptive_denoising_loss(head_cls):
     """At theta = old: grad = (A / A_max) grad(|e_theta|^2 / w), whatever nft_beta (the form it reduces to)."""
     torch.manual_seed(0)  # module initialisers only
     head = head_cls(4, 8, 16, 2)
@@ -69,7 +68,7 @@ def test_nft_first_step_gradient_is_the_advantage_weighted_adaptive_denoising_lo
     z = torch.randn(6, 8, generator=torch.Generator().manual_seed(2), requires_grad=True)
     adv = torch.tensor([2.0, -1.0, 0.5, -3.0, 1.0, 0.0])[None, :, None]
     for beta in (1.0, 0.1):
-        cfg = ObjectiveConfig(estimator="nft", noise_draws=3, nft_beta=beta, nft_adv_clip=5.0, nft_weighting=weighting)
+        cfg = AlgorithmSection(estimator="nft", mte_k=0, noise_draws=3, nft_beta=beta, nft_adv_clip=5.0)
         loss, _ = nft_terms(head, target, z, adv, cfg, {}, ("k",), True, torch.Generator().manual_seed(4))
         (got,) = torch.autograd.grad(loss.sum(), z)
 
@@ -77,7 +76,7 @@ def test_nft_first_step_gradient_is_the_advantage_weighted_adaptive_denoising_lo
         t = head.loss_noise_levels(stratified_uniform(3, 6, g, "cpu").reshape(-1))
         noise = torch.randn(18, 4, generator=g)
         e = head.regression_error(target.repeat(3, 1), z.repeat(3, 1), t, noise).reshape(3, 6, 4)
-        w = e.detach().abs().mean(-1) if weighting == "adaptive" else torch.ones(3, 6)
+        w = e.detach().abs().mean(-1)
         awl = ((adv[..., 0] / 5.0) * (e**2).mean(-1) / w).sum()
         (want,) = torch.autograd.grad(awl, z)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)

@@ -27,10 +27,11 @@ def _cfg(out, steps=2, **kw) -> PretrainConfig:
 
 
 def _sample(model: MARImageModel) -> torch.Tensor:
-    from margrpo.sampling.sampler import SamplerConfig, sample
+    from margrpo.sampling.config import SamplerConfig
+    from margrpo.sampling.sampler import sample
 
     cond = model.encode_prompts(["a red circle", "two blue squares"])
-    r = sample(model.policy, cond, 2, SamplerConfig(num_ar_steps=2, num_diffusion_steps=3),
+    r = sample(model.policy, cond, 2, SamplerConfig(ar_steps=2, diffusion_steps=3),
                torch.Generator().manual_seed(3))
     return model.decode(r.tokens)
 

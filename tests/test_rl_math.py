@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from margrpo.rl.advantages import group_advantages
-from margrpo.rl.losses import clipped_surrogate, gaussian_kl, reference_code_kl
-from margrpo.rl.masks import consistency_mask, token_uncertainty, top_fraction_mask
+from margrpo.rl.loss_terms import clipped_surrogate, consistency_mask, gaussian_kl, reference_code_kl
+from margrpo.sampling.mte import token_uncertainty, top_fraction_mask
 
 
 def test_group_advantages_hand_example():
@@ -169,7 +169,7 @@ def test_mte_trajectories_drawn_under_the_scored_condition_carry_zero_mean_gradi
 
 
 def test_stratified_uniform_puts_one_draw_per_stratum_and_keeps_the_uniform_law():
-    from margrpo.rl.forward_process import stratified_uniform
+    from margrpo.rl.loss_terms import stratified_uniform
 
     u = stratified_uniform(4, 1000, torch.Generator().manual_seed(0), "cpu")
     assert u.shape == (4, 1000)
@@ -180,28 +180,6 @@ def test_stratified_uniform_puts_one_draw_per_stratum_and_keeps_the_uniform_law(
     assert not torch.equal(u[:, 0], u[:, 1])  # offsets are independent per token
     one = stratified_uniform(1, 5, torch.Generator().manual_seed(1), "cpu")
     assert torch.equal(one, torch.rand((1, 5), generator=torch.Generator().manual_seed(1)))  # m=1: plain uniform
-
-
-def test_pooled_surrogate_takes_one_ratio_per_token_or_per_image_hand_worked():
-    from margrpo.rl.objective import ObjectiveConfig, pooled_surrogate
-
-    # one head step, three tokens (images 0, 0, 1), two channels
-    log_ratio = torch.tensor([[[0.2, 0.0], [1.0, 3.0], [-0.4, -0.2]]])
-    img = torch.tensor([0, 0, 1])
-    adv = torch.tensor([1.0, -2.0])
-    keep = torch.tensor([True, False, True])
-    eps = 0.2
-    pg, ratio = pooled_surrogate(log_ratio, keep, img, 2, adv, ObjectiveConfig(ratio_level="token", clip_eps=eps))
-    # token means 0.1, 2.0, -0.3; rho = e^0.1, e^2 (clipped for A > 0), e^-0.3 (A < 0: min picks the clipped 0.8)
-    want = torch.tensor([-min(math.exp(0.1), 1 + eps) * 1.0, -min(math.exp(2.0), 1 + eps) * 1.0,
-                         -max(math.exp(-0.3), 1 - eps) * -2.0])
-    assert torch.allclose(pg[0, :, 0], want)
-    assert torch.allclose(ratio[0, :, 0], torch.exp(torch.tensor([0.1, 2.0, -0.3])))
-    pg, ratio = pooled_surrogate(log_ratio, keep, img, 2, adv, ObjectiveConfig(ratio_level="image", clip_eps=eps))
-    # image 0 pools its kept token only (mean 0.1: the unkept token's 3.0 does not count); image 1: -0.3
-    want_img = torch.tensor([-min(math.exp(0.1), 1 + eps), -max(math.exp(-0.3), 1 - eps) * -2.0])
-    assert torch.allclose(pg[0, :, 0], want_img[img])
-    assert torch.allclose(ratio[0, :, 0], torch.exp(torch.tensor([0.1, 0.1, -0.3])))
 
 
 def test_advantages_clip_at_the_bound():

@@ -5,15 +5,15 @@ import pytest
 import torch
 
 from margrpo.rl.advantages import group_advantages
-from margrpo.rl.config import TrainConfig
-from margrpo.rl.objective import ObjectiveConfig, ar_step_loss
+from margrpo.rl.config import AlgorithmSection, TrainConfig
+from margrpo.rl.loss import ar_step_loss
 from margrpo.rl.selection import select_steps
 from margrpo.rl.trainer import Trainer
-from margrpo.sampling.sampler import SamplerConfig, sample
+from margrpo.sampling.sampler import sample
 from margrpo.utils.config import load_config
 from margrpo.utils.metrics import read_metrics
 
-from conftest import tiny_model
+from conftest import sampling, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -23,49 +23,26 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("normalize", ["element", "token"])
-def test_token_pooled_ratio_has_the_elementwise_gradient_at_ratio_one(normalize):
-    """At ratio 1 (no clip active) the per-token pooled surrogate -A exp(mean_c log-ratio) has gradient
-    -A mean_c d logp, so under a mean over elements it equals the element-wise term and under Harmon's sum over
-    channels it must be C times that mean: the same gradient as the element-wise term in both reductions."""
+def test_rollout_normalisation_weighs_every_kept_pair_alike():
     model = tiny_model()
     cond = model.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
-    scfg = SamplerConfig(num_ar_steps=4, policy_tokens="committed", record_z=False)
-    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    scfg, plan = sampling(ar_steps=4, policy_tokens="unknown", mte_k=3, mte_source="scored", record_z=False)
+    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1),
+               record=plan)
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    grads = {}
-    for level in ("element", "token"):
-        model.mar.zero_grad()
-        ocfg = ObjectiveConfig(ratio_level=level, normalize=normalize, beta=0.0, consistency=False,
-                               mte_top_fraction=0.0)
-        sl = ar_step_loss(model.mar, None, r, 1, [0, 2], adv.values, adv.use, ocfg, {}, first_epoch=True)
-        sl.loss.backward()
-        grads[level] = model.mar.z_proj.weight.grad.clone()
-    assert grads["element"].abs().sum() > 0
-    torch.testing.assert_close(grads["token"], grads["element"], rtol=1e-4, atol=1e-7)
-
-def test_pooled_ratios_are_one_and_rollout_normalisation_weighs_every_kept_pair_alike():
-    model = tiny_model()
-    cond = model.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
-    scfg = SamplerConfig(num_ar_steps=4, policy_tokens="unknown", mte_k=3, mte_source="scored", record_z=False)
-    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
-    adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    for level in ("token", "image"):
-        ocfg = ObjectiveConfig(ratio_level=level, beta=0.0, consistency=True, mte_top_fraction=0.3)
-        sl = ar_step_loss(model.mar, None, r, 2, [0, 2, 4], adv.values, adv.use, ocfg, {}, first_epoch=True)
-        assert abs(sl.stats["ratio/max"] - 1) < 1e-5 and abs(sl.stats["ratio/min"] - 1) < 1e-5
-        assert abs(sl.stats["mte/ratio_max"] - 1) < 1e-5
     # per AR step: loss = sum over kept pairs / (kept tokens x head steps); rollout: the same sum / D
     element = ar_step_loss(model.mar, None, r, 2, [0, 2, 4], adv.values, adv.use,
-                           ObjectiveConfig(beta=0.0, consistency=True), {}, True)
+                           AlgorithmSection(beta=0.0, mte_k=3), {}, True)
+    assert abs(element.stats["ratio/max"] - 1) < 1e-5 and abs(element.stats["ratio/min"] - 1) < 1e-5
+    assert abs(element.stats["mte/ratio_max"] - 1) < 1e-5
     rollout = ar_step_loss(model.mar, None, r, 2, [0, 2, 4], adv.values, adv.use,
-                           ObjectiveConfig(beta=0.0, consistency=True, normalize="rollout"), {}, True,
+                           AlgorithmSection(beta=0.0, mte_k=3, normalize="rollout"), {}, True,
                            policy_denominator=123.0)
     c = r.tokens.shape[-1]
     assert rollout.stats["loss/policy"] * 123.0 == pytest.approx(element.stats["loss/policy"]
                                                                  * element.stats["elements"] / c, rel=1e-5)
     with pytest.raises(ValueError, match="policy_denominator"):
-        ar_step_loss(model.mar, None, r, 2, [0], adv.values, adv.use, ObjectiveConfig(normalize="rollout"), {}, True)
+        ar_step_loss(model.mar, None, r, 2, [0], adv.values, adv.use, AlgorithmSection(normalize="rollout"), {}, True)
 
 
 @pytest.mark.parametrize("mte_source", ["commit", "scored"])
@@ -73,11 +50,13 @@ def test_the_recorded_old_log_probs_catch_a_replay_that_differs_from_sampling(mt
     """The ratio-is-1 check is not true by construction: a model changed after sampling moves every ratio."""
     model = tiny_model()
     cond = model.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
-    scfg = SamplerConfig(num_ar_steps=4, guidance_scale=2.0, policy_tokens="unknown", mte_k=3, mte_source=mte_source,
-                         record_z=False, score_guidance="cond_only")
-    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    scfg, plan = sampling(ar_steps=4, guidance_scale=2.0, policy_tokens="unknown", mte_k=3, mte_source=mte_source,
+                          record_z=False, score_guidance="cond_only")
+    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1),
+               record=plan)
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    ocfg = ObjectiveConfig(score_guidance="cond_only", beta=0.0, consistency=False, mte_top_fraction=0.3)
+    ocfg = AlgorithmSection(score_guidance="cond_only", beta=0.0, policy_tokens="unknown", mte_k=3,
+                            mte_top_fraction=0.3)
     with torch.no_grad():
         model.mar.z_proj.weight.add_(0.05 * torch.randn(model.mar.z_proj.weight.shape,
                                                       generator=torch.Generator().manual_seed(2)))
@@ -90,10 +69,10 @@ def test_matching_estimator_is_the_advantage_weighted_pretraining_loss_at_ratio_
     """AWM: before an update rho = 1 exactly, and the gradient equals that of mean(A x head pretraining loss)."""
     model = tiny_model().eval()
     cond = model.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
-    r = sample(model.mar, cond, 6, SamplerConfig(num_ar_steps=4, policy_tokens="committed", record_z=False),
-               torch.Generator().manual_seed(0))
+    scfg, plan = sampling(ar_steps=4, record_z=False)
+    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), record=plan)
     adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    ocfg = ObjectiveConfig(estimator="matching", noise_draws=3, beta=0.0, consistency=False)
+    ocfg = AlgorithmSection(estimator="matching", mte_k=0, noise_draws=3, beta=0.0, policy_tokens="unknown")
     step = 2
     cache: dict = {}
     sl = ar_step_loss(model.mar, None, r, step, [0], adv.values, adv.use, ocfg, cache, True,
@@ -124,13 +103,11 @@ def test_matching_estimator_is_the_advantage_weighted_pretraining_loss_at_ratio_
     assert torch.allclose(got, model.mar.z_proj.weight.grad, atol=1e-6, rtol=1e-4)
     assert got.abs().sum() > 0
     with pytest.raises(ValueError, match="valid: 'trajectory', 'matching'"):  # no silent fallback
-        ar_step_loss(model.mar, None, r, step, [0], adv.values, adv.use, ObjectiveConfig(estimator="awm"), {}, True)
+        ar_step_loss(model.mar, None, r, step, [0], adv.values, adv.use, AlgorithmSection(estimator="awm", mte_k=0),
+                     {}, True)
     # trajectory-only options are refused with the matching estimator, naming the conflicting key
     with pytest.raises(ValueError, match="mte_k"):
         load_config(TrainConfig, None, ["algorithm.estimator=matching", "algorithm.mte_k=4"])
-    with pytest.raises(ValueError, match="head_step_weighting"):
-        load_config(TrainConfig, None, ["algorithm.estimator=matching", "algorithm.mte_k=0",
-                                        "algorithm.head_step_weighting=std"])
 
 
 def test_frozen_head_gets_no_gradient_and_does_not_change(tiny_model_dir, tmp_path):
@@ -157,13 +134,12 @@ def _cfg(model_dir, out, steps, extra=()):
         "log.sample_every=100", "log.tensorboard=false", "optim.lr=3e-3", *extra])
 
 
-@pytest.mark.parametrize("extra", [(), ("algorithm.normalize=rollout", "algorithm.ratio_level=image",
-                                       "algorithm.advantage_clip=1.0"),
+@pytest.mark.parametrize("extra", [(), ("algorithm.normalize=rollout", "algorithm.advantage_clip=1.0"),
                                    ("algorithm.estimator=matching", "algorithm.mte_k=0"),
                                    ("algorithm.estimator=nft", "algorithm.mte_k=0"),
                                    ("eval.every=2", "eval.per_category=2", "eval.in_distribution=true",
                                     "eval.ema_decay=0.5")],
-                         ids=["trajectory", "rollout-norm+image-ratio", "matching", "nft", "eval+ema"])
+                         ids=["trajectory", "rollout-norm", "matching", "nft", "eval+ema"])
 def test_end_to_end_run_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, extra):
     full = Trainer(_cfg(tiny_model_dir, tmp_path / "full", 4, extra), progress=False)
     m_full = full.run()
@@ -191,11 +167,13 @@ def test_end_to_end_run_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path
 
 
 def test_step_selection_is_reproducible_and_records_predecessors(tiny_model_dir, tmp_path):
-    cfg = _cfg(tiny_model_dir, tmp_path / "x", 1, ["sampling.ar_steps=8", "algorithm.ar_step_count=3"])
+    cfg = _cfg(tiny_model_dir, tmp_path / "x", 1, ["sampling.ar_steps=8", "algorithm.ar_step_fraction=0.375"])
     model = tiny_model()
     a = select_steps(cfg, model.mar, 5)
     assert a == select_steps(cfg, model.mar, 5)
-    ar, head_steps, record = a
+    ar, head_steps, plan = a
+    record = plan.steps
+    assert plan.head_steps == {i: tuple(v) for i, v in head_steps.items()}  # MTE log-probs where the loss scores
     assert len(ar) == 3 and all(i in record for i in ar)
     assert all(i - 1 in record for i in ar if i > cfg.algorithm.consistency_start)
     assert all(len(v) == 2 and all(model.mar.head.is_stochastic(j) for j in v) for v in head_steps.values())
@@ -210,9 +188,10 @@ def test_gradient_checkpointing_backward_matches(tmp_path):
         model.mar.config.attn_dropout = model.mar.config.proj_dropout = 0.1
         model.eval()
         cond = model.encode_prompts(["a red circle"]).repeat_interleave(4)
-        r = sample(model.mar, cond, 4, SamplerConfig(num_ar_steps=3, record_z=False), torch.Generator().manual_seed(0))
+        scfg, plan = sampling(ar_steps=3, record_z=False)
+        r = sample(model.mar, cond, 4, scfg, torch.Generator().manual_seed(0), record=plan)
         adv = group_advantages(torch.tensor([0.0, 1.0, 0.5, 0.2]), torch.zeros(4, dtype=torch.long))
-        sl = ar_step_loss(model.mar, None, r, 1, [0, 1], adv.values, adv.use, ObjectiveConfig(beta=0.0), {}, True)
+        sl = ar_step_loss(model.mar, None, r, 1, [0, 1], adv.values, adv.use, AlgorithmSection(beta=0.0), {}, True)
         sl.loss.backward()
         grads.append(model.mar.z_proj.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
@@ -295,29 +274,6 @@ def test_the_old_balance_option_names_its_replacement():
         load_config(TrainConfig, None, ["prompts.category_balance=true"])
 
 
-def test_branched_rollouts_score_only_the_branch_step(tiny_model_dir, tmp_path):
-    cfg = load_config(TrainConfig, None, [
-        f"model={tiny_model_dir}", f"out_dir={tmp_path / 'run'}", "steps=2", "rewards={colour_fraction: 1.0}",
-        "algorithm.prompts_per_step=2", "algorithm.group_size=3", "sampling.ar_steps=4",
-        "sampling.diffusion_steps=6", "algorithm.branch=true", "algorithm.mte_k=0", "algorithm.consistency=false",
-        "algorithm.policy_tokens=committed", "log.tensorboard=false"])
-    tr = Trainer(cfg, progress=False)
-    branches = set()
-    for step in range(6):
-        rollout, _, _, ar, _ = tr.rollout(step)
-        assert len(ar) == 1
-        branches.add(ar[0])
-        step_of = rollout.committed_step()
-        before = step_of[0] < ar[0]
-        assert torch.equal(rollout.tokens[0][before], rollout.tokens[1][before])  # same group, same prefix
-        assert not torch.equal(rollout.orders[0], rollout.orders[3])  # two prompts, two groups
-    assert len(branches) > 1  # the branch step is drawn per rollout
-    rows = tr.run()
-    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss/policy"])) for r in rows)
-    with pytest.raises(ValueError, match="exactly one AR step"):
-        load_config(TrainConfig, None, ["algorithm.branch=true", "algorithm.ar_step_count=2"])
-
-
 def test_ptx_term_trains_on_rendered_batches_even_without_reward_signal(tiny_model_dir, tmp_path):
     # a reward of 1 for every image (every pixel is within 500 of grey): every group ties, so the policy
     # term is exactly zero; beta=0 because the KL's gradient at policy == reference is round-off, which
@@ -390,27 +346,6 @@ def test_gradient_agreement_statistics_hand_worked_and_on_a_run(tiny_model_dir, 
     assert ag["batches"] == 4 and ag["images_per_batch"] == 8 and -1 <= ag["mean_pair_cosine"] < 0.999
     with pytest.raises(ValueError, match="at least 4"):
         gradient_agreement(_cfg(tiny_model_dir, tmp_path / "b", 1), 2)
-
-
-@pytest.mark.parametrize("extra", [(), ("algorithm.estimator=nft", "algorithm.mte_k=0")], ids=["trajectory", "nft"])
-def test_batched_ar_steps_give_the_per_step_gradient(tiny_model_dir, tmp_path, extra):
-    grads = {}
-    for batched in (False, True):
-        opts = [*extra, "algorithm.ar_step_count=3", f"algorithm.batch_ar_steps={str(batched).lower()}",
-                "algorithm.ppo_epochs=1", "algorithm.beta=0.1"]
-        tr = Trainer(_cfg(tiny_model_dir, tmp_path / str(batched), 1, opts), progress=False)
-
-        def capture(tr=tr, batched=batched) -> float:
-            grads[batched] = [p.grad.clone() for _, p in tr.params]
-            tr.opt.zero_grad(set_to_none=True)
-            return 0.0
-
-        tr._optimizer_step = capture
-        tr.train_step(0)
-    assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-4) for a, b in zip(grads[False], grads[True], strict=True))
-    assert any(a.abs().sum() > 0 for a in grads[True])
-    with pytest.raises(ValueError, match="batch_ar_steps"):
-        load_config(TrainConfig, None, ["algorithm.batch_ar_steps=true", "algorithm.update=ar_step"])
 
 
 @pytest.mark.parametrize("estimator", ["matching", "nft"])

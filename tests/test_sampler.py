@@ -5,10 +5,11 @@ import torch
 
 from margrpo.models.conditioning import Condition
 from margrpo.models.mar import MAR
-from margrpo.sampling.replay import score_transitions, step_conditions
-from margrpo.sampling.sampler import SamplerConfig, sample
+from margrpo.rl.loss import replay_transitions, step_conditions
+from margrpo.sampling.config import SamplerConfig
+from margrpo.sampling.sampler import sample
 
-from conftest import randomize, tiny_mar_kwargs
+from conftest import randomize, sampling, tiny_mar_kwargs
 
 
 def make(head="ddpm", std=0.05):
@@ -17,13 +18,14 @@ def make(head="ddpm", std=0.05):
 
 def run(model, seed=0, n=4, mte_seed=1, **cfg):
     cond = Condition(labels=torch.arange(n) % 10)
-    return sample(model, cond, n, SamplerConfig(**cfg), torch.Generator().manual_seed(seed),
-                  torch.Generator().manual_seed(mte_seed))
+    config, plan = sampling(**cfg)
+    return sample(model, cond, n, config, torch.Generator().manual_seed(seed), torch.Generator().manual_seed(mte_seed),
+                  record=plan)
 
 
 def test_same_seed_same_images_bit_for_bit():
     m = make()
-    a, b, c = run(m, num_ar_steps=6), run(m, num_ar_steps=6), run(m, seed=1, num_ar_steps=6)
+    a, b, c = run(m, ar_steps=6), run(m, ar_steps=6), run(m, seed=1, ar_steps=6)
     assert torch.equal(a.tokens, b.tokens)
     assert not torch.allclose(a.tokens, c.tokens)
 
@@ -32,13 +34,13 @@ def test_global_rng_is_untouched():
     m = make()
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    run(m, num_ar_steps=4, mte_k=2)
+    run(m, ar_steps=4, mte_k=2)
     assert torch.equal(before, torch.get_rng_state())
 
 
 def test_masks_follow_the_schedule():
     m = make()
-    r = run(m, num_ar_steps=8)
+    r = run(m, ar_steps=8)
     committed = torch.zeros(4, 64, dtype=torch.bool)
     for i in range(8):
         rec = r.steps[i]
@@ -61,7 +63,7 @@ def test_masks_follow_the_schedule():
 
 def test_unknown_policy_tokens_commit_the_same_positions():
     m = make()
-    r = run(m, num_ar_steps=5, policy_tokens="unknown")
+    r = run(m, ar_steps=5, policy_tokens="unknown")
     for rec in r.steps.values():
         assert torch.equal(rec.diffused, ~rec.known)
         assert rec.x.shape[1] == int((~rec.known).sum())
@@ -69,8 +71,8 @@ def test_unknown_policy_tokens_commit_the_same_positions():
 
 def test_recording_a_subset_of_steps_keeps_the_images():
     m = make()
-    full = run(m, num_ar_steps=6)
-    part = run(m, num_ar_steps=6, record_steps=(1, 4))
+    full = run(m, ar_steps=6)
+    part = run(m, ar_steps=6, steps=(1, 4))
     assert sorted(part.steps) == [1, 4]
     assert torch.equal(full.tokens, part.tokens)
     assert torch.equal(full.steps[4].logp, part.steps[4].logp)
@@ -78,9 +80,9 @@ def test_recording_a_subset_of_steps_keeps_the_images():
 
 def test_mte_chains_do_not_change_the_images():
     m = make()
-    plain = run(m, num_ar_steps=4)
-    commit = run(m, num_ar_steps=4, mte_k=3, mte_source="commit")
-    scored = run(m, num_ar_steps=4, mte_k=3, mte_source="scored")
+    plain = run(m, ar_steps=4)
+    commit = run(m, ar_steps=4, mte_k=3, mte_source="commit")
+    scored = run(m, ar_steps=4, mte_k=3, mte_source="scored")
     assert torch.equal(plain.tokens, commit.tokens) and torch.equal(plain.tokens, scored.tokens)
     # the rollout keeps the chains of each step's uncertain tokens and their log-probabilities at every stochastic
     # head step; the scored source picks 30% of each image's diffused tokens (at least one) per step
@@ -95,7 +97,7 @@ def test_mte_chains_do_not_change_the_images():
     # image's 64 tokens: a position selected at two steps has the same chains at both
     chains: dict[int, torch.Tensor] = {}
     repeats = 0
-    commit_all = run(m, num_ar_steps=4, mte_k=3, mte_source="commit", policy_tokens="unknown")
+    commit_all = run(m, ar_steps=4, mte_k=3, mte_source="commit", policy_tokens="unknown")
     assert torch.equal(plain.tokens, commit_all.tokens)
     for rec in commit_all.steps.values():
         flat = rec.diffused.reshape(-1).nonzero().flatten()[rec.mte_tokens]
@@ -110,18 +112,16 @@ def test_mte_chains_do_not_change_the_images():
 @pytest.mark.parametrize("head", ["ddpm", "flow"])
 @pytest.mark.parametrize("guidance_scale", [1.0, 2.5])
 @pytest.mark.parametrize("policy_tokens", ["committed", "unknown"])
-@pytest.mark.parametrize("branch", [None, 2])
-def test_recomputed_log_probs_equal_recorded(head, guidance_scale, policy_tokens, branch):
+def test_recomputed_log_probs_equal_recorded(head, guidance_scale, policy_tokens):
     """The invariant: z and log-probs recomputed from the Rollout reproduce the rollout (ratio == 1)."""
     m = make(head)
-    r = run(m, num_ar_steps=5, guidance_scale=guidance_scale, policy_tokens=policy_tokens,
-            noise_group=2 if branch is not None else 1, branch_step=branch)
+    r = run(m, ar_steps=5, guidance_scale=guidance_scale, policy_tokens=policy_tokens)
     m.train()  # the trainer keeps the model in train mode; replay must still match (dropout off)
     js = [j for j in range(r.head_steps) if m.head.is_stochastic(j)]
     for i, rec in r.steps.items():
         with torch.no_grad():
             sc = step_conditions(m, r, i)
-            st = score_transitions(m.head, rec.x, js, sc, r.temperature)
+            st = replay_transitions(m.head, rec.x, js, sc, r.temperature)
         assert (sc.z_full - rec.z).abs().max() / rec.z.abs().max() < 1e-5
         ref = rec.logp[js]
         assert (st.logp - ref).abs().max() / ref.abs().max() < 1e-5
@@ -129,7 +129,7 @@ def test_recomputed_log_probs_equal_recorded(head, guidance_scale, policy_tokens
     # with grad: same values, and the gradient reaches the transformer through z only
     i = 2
     sc = step_conditions(m, r, i)
-    st = score_transitions(m.head, r.steps[i].x, js, sc, r.temperature)
+    st = replay_transitions(m.head, r.steps[i].x, js, sc, r.temperature)
     ratio = torch.exp(st.logp - r.steps[i].logp[js])
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
     st.logp.sum().backward()
@@ -138,11 +138,11 @@ def test_recomputed_log_probs_equal_recorded(head, guidance_scale, policy_tokens
 
 def test_cond_only_scoring_differs_under_guidance():
     m = make(std=0.15)  # large enough weights that the class condition visibly moves z
-    r = run(m, num_ar_steps=4, guidance_scale=3.0, guidance_schedule="constant")
+    r = run(m, ar_steps=4, guidance_scale=3.0, guidance_schedule="constant")
     js = [3, 4]  # late steps: early ones are dominated by the x0 clamp
     with torch.no_grad():
-        guided = score_transitions(m.head, r.steps[0].x, js, step_conditions(m, r, 0, "rollout"), 1.0)
-        cond_only = score_transitions(m.head, r.steps[0].x, js, step_conditions(m, r, 0, "cond_only"), 1.0)
+        guided = replay_transitions(m.head, r.steps[0].x, js, step_conditions(m, r, 0, "rollout"), 1.0)
+        cond_only = replay_transitions(m.head, r.steps[0].x, js, step_conditions(m, r, 0, "cond_only"), 1.0)
     assert (guided.mean - cond_only.mean).abs().max() > 1e-4
     ref = r.steps[0].logp[js]
     assert (guided.logp - ref).abs().max() / ref.abs().max() < 1e-5
@@ -150,7 +150,7 @@ def test_cond_only_scoring_differs_under_guidance():
 
 def test_unrecorded_step_is_a_clear_error():
     m = make()
-    r = run(m, num_ar_steps=4, record_steps=(0,))
+    r = run(m, ar_steps=4, steps=(0,))
     with pytest.raises(KeyError, match="not recorded"):
         step_conditions(m, r, 2)
 
@@ -158,55 +158,19 @@ def test_unrecorded_step_is_a_clear_error():
 def test_images_do_not_depend_on_what_is_diffused_or_recorded():
     """Committed tokens draw their noise from the main stream; extra diffused tokens from their own."""
     m = make()
-    plain = run(m, num_ar_steps=6, record=False)
-    for kw in (dict(policy_tokens="unknown"), dict(policy_tokens="unknown", record_steps=(2, 3)),
-               dict(policy_tokens="committed", record_steps=(1,))):
-        assert torch.equal(run(m, num_ar_steps=6, **kw).tokens, plain.tokens), kw
-    sub = run(m, num_ar_steps=6, policy_tokens="unknown", record_steps=(2, 3))
+    plain = run(m, ar_steps=6, record=False)
+    for kw in (dict(policy_tokens="unknown"), dict(policy_tokens="unknown", steps=(2, 3)),
+               dict(policy_tokens="committed", steps=(1,))):
+        assert torch.equal(run(m, ar_steps=6, **kw).tokens, plain.tokens), kw
+    sub = run(m, ar_steps=6, policy_tokens="unknown", steps=(2, 3))
     assert torch.equal(sub.steps[2].diffused, ~sub.steps[2].known)
 
 
 def test_bare_label_tensor_with_guidance():
     m = make()
-    r = sample(m, torch.tensor([1, 2]), 2, SamplerConfig(num_ar_steps=3, guidance_scale=2.0),
+    r = sample(m, torch.tensor([1, 2]), 2, SamplerConfig(ar_steps=3, diffusion_steps=None, guidance_scale=2.0),
                torch.Generator().manual_seed(0))
     assert r.tokens.shape == (2, 64, 48)
-
-
-@pytest.mark.parametrize("policy_tokens", ["committed", "unknown"])
-def test_branched_groups_share_everything_but_the_branch_step(policy_tokens):
-    """Images of a group share their order and the tokens of every step before the branch; the branch
-    step's committed tokens differ; later steps reuse the group's noise (so differ only through z)."""
-    m = make()
-    n, group, branch = 6, 3, 2
-    cond = Condition(labels=torch.zeros(n, dtype=torch.long))  # one prompt: a group is identical up to noise
-    r = sample(m, cond, n, SamplerConfig(num_ar_steps=5, noise_group=group, branch_step=branch,
-                                         policy_tokens=policy_tokens), torch.Generator().manual_seed(0))
-    step_of = r.committed_step()
-    for g in range(n // group):
-        rows = range(g * group, (g + 1) * group)
-        first = g * group
-        for b in rows:
-            assert torch.equal(r.orders[b], r.orders[first])
-            before = step_of[b] < branch
-            assert torch.equal(r.tokens[b][before], r.tokens[first][before])
-            if b != first:
-                at = step_of[b] == branch
-                assert not torch.allclose(r.tokens[b][at], r.tokens[first][at])
-    assert not torch.equal(r.orders[0], r.orders[group])  # groups are independent of each other
-    # the recorded log-probs are still those of the drawn values (the trainer's invariant)
-    rec = r.steps[branch + 1]
-    assert torch.isfinite(rec.logp).all()
-
-
-def test_branch_needs_a_group_and_a_valid_step():
-    with pytest.raises(ValueError, match="go together"):
-        SamplerConfig(noise_group=4)
-    with pytest.raises(ValueError, match="not an AR step"):
-        SamplerConfig(num_ar_steps=4, noise_group=2, branch_step=4)
-    m = make()
-    with pytest.raises(ValueError, match="multiple of noise_group"):
-        sample(m, None, 5, SamplerConfig(num_ar_steps=4, noise_group=2, branch_step=1), torch.Generator())
 
 
 def test_the_ar_schedule_comes_from_the_policy_and_is_checked():
@@ -223,11 +187,11 @@ def test_the_ar_schedule_comes_from_the_policy_and_is_checked():
 
     kw = tiny_mar_kwargs(num_sampling_steps="6")
     m = randomize(TwoSteps(**kw), seed=1)
-    r = run(m, num_ar_steps=4)
+    r = run(m, ar_steps=4)
     assert r.counts == [40, 24] and r.num_ar_steps == 2 and sorted(r.steps) == [0, 1]
     assert bool((r.steps[1].known | r.steps[1].to_pred).all())
     with pytest.raises(ValueError, match="sum to 64"):
-        run(randomize(Broken(**kw), seed=1), num_ar_steps=4)
+        run(randomize(Broken(**kw), seed=1), ar_steps=4)
 
 
 def test_set_sampling_steps_resets_the_scheduler_not_the_network():

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from margrpo.sampling.sampler import SamplerConfig
+from margrpo.sampling.config import SamplerConfig
 from margrpo.utils import result_cache
 from margrpo.worlds import shapes
 from margrpo.worlds.shapes import sampler_grid as sg
@@ -92,7 +92,7 @@ def test_grid_settings_refuse_bad_values():
 
 def test_the_cache_key_changes_when_any_input_changes(monkeypatch):
     sets = eval_sets(2, 1234)
-    sampler = SamplerConfig(num_ar_steps=8, num_diffusion_steps=10, record=False)
+    sampler = SamplerConfig(ar_steps=8, diffusion_steps=10)
     settings = sg.grid_settings((1.0, 2.0), (1.0, 0.5))
 
     def key(**over):
@@ -104,8 +104,8 @@ def test_the_cache_key_changes_when_any_input_changes(monkeypatch):
     assert key() == base and result_cache.key_digest(key()) == result_cache.key_digest(base)
     variants = {
         "model": key(model_digest="abd"),
-        "ar steps": key(sampler=dataclasses.replace(sampler, num_ar_steps=16)),
-        "head steps": key(sampler=dataclasses.replace(sampler, num_diffusion_steps=25)),
+        "ar steps": key(sampler=dataclasses.replace(sampler, ar_steps=16)),
+        "head steps": key(sampler=dataclasses.replace(sampler, diffusion_steps=25)),
         "guidance schedule": key(sampler=dataclasses.replace(sampler, guidance_schedule="constant")),
         "settings": key(settings=sg.grid_settings((1.0, 3.0), (1.0, 0.5))),
         "prompts": key(sets=eval_sets(3, 1234)),
@@ -156,7 +156,7 @@ def test_cached_grid_computes_once_and_a_damaged_entry_is_a_miss(tmp_path, monke
     real = sg.run_grid
     monkeypatch.setattr(sg, "run_grid", lambda *a, **k: calls.append(1) or real(*a, **k))
     sets = eval_sets(1, 1234)
-    sampler = SamplerConfig(num_ar_steps=2, num_diffusion_steps=4, record=False)
+    sampler = SamplerConfig(ar_steps=2, diffusion_steps=4)
     settings = sg.grid_settings((1.0, 2.0), (1.0,))
     first = sg.cached_grid(str(folder), model, sets, sampler, settings, progress=False)
     second = sg.cached_grid(str(folder), model, sets, sampler, settings, progress=False)

@@ -11,16 +11,20 @@ import torch
 from families import FAMILIES
 
 from margrpo.rl.advantages import group_advantages
-from margrpo.rl.objective import ObjectiveConfig, ar_step_loss
-from margrpo.sampling.sampler import SamplerConfig, sample
+from margrpo.rl.config import AlgorithmSection
+from margrpo.rl.loss import ar_step_loss
+from margrpo.sampling.sampler import sample
+
+from conftest import sampling
 
 ADV = (torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
 
 
 def _rollout(model, prompts, **cfg):
     cond = model.encode_prompts(list(prompts)).repeat_interleave(3)
-    scfg = SamplerConfig(num_ar_steps=4, record_z=False, **cfg)
-    return sample(model.policy, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    scfg, plan = sampling(ar_steps=4, record_z=False, **cfg)
+    return sample(model.policy, cond, 6, scfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1),
+                  record=plan)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -41,7 +45,7 @@ def test_gradient_checkpointing_gives_the_stored_gradient(family, monkeypatch):
         r = _rollout(model, fam.prompts)
         adv = group_advantages(*ADV)
         js = [j for j in range(model.head.num_steps) if model.head.is_stochastic(j)][:2]
-        sl = ar_step_loss(model.policy, None, r, 1, js, adv.values, adv.use, ObjectiveConfig(beta=0.0), {}, True)
+        sl = ar_step_loss(model.policy, None, r, 1, js, adv.values, adv.use, AlgorithmSection(beta=0.0), {}, True)
         sl.loss.backward()
         assert bool(calls) == enabled  # checkpointing is on exactly when asked for
         grads.append({n: p.grad.clone() for n, p in model.policy.parameter_groups()["ar"] if p.grad is not None})
@@ -72,8 +76,8 @@ def test_bf16_autocast_keeps_rl_statistics_float32_and_close_to_float32(family):
     """
     import copy
 
-    from margrpo.rl.objective import kl_terms
-    from margrpo.sampling.replay import score_transitions, step_conditions
+    from margrpo.rl.loss import replay_transitions, step_conditions
+    from margrpo.rl.loss_terms import kl_terms
 
     fam = FAMILIES[family]
     model = fam.build()
@@ -87,7 +91,7 @@ def test_bf16_autocast_keeps_rl_statistics_float32_and_close_to_float32(family):
     adv = group_advantages(*ADV)
     assert adv.values.dtype == torch.float32
     js = [j for j in range(policy.head.num_steps) if policy.head.is_stochastic(j)][:3]
-    ocfg = ObjectiveConfig(beta=0.1, consistency=False, mte_top_fraction=0.3)
+    ocfg = AlgorithmSection(beta=0.1, policy_tokens="unknown", mte_k=3, mte_top_fraction=0.3)
     rollouts = {}
     for bf in (False, True):
         with _bf16(bf):
@@ -105,8 +109,8 @@ def test_bf16_autocast_keeps_rl_statistics_float32_and_close_to_float32(family):
     for bf in (False, True):
         with torch.no_grad(), _bf16(bf):
             sc, rsc = step_conditions(policy, r32, 1), step_conditions(reference, r32, 1)
-            st = score_transitions(policy.head, r32.steps[1].x, js, sc, r32.temperature)
-            kl = kl_terms(st, score_transitions(reference.head, r32.steps[1].x, js, rsc, r32.temperature), "gaussian")
+            st = replay_transitions(policy.head, r32.steps[1].x, js, sc, r32.temperature)
+            kl = kl_terms(st, replay_transitions(reference.head, r32.steps[1].x, js, rsc, r32.temperature), "gaussian")
         assert st.logp.dtype == torch.float32 and kl.dtype == torch.float32 and sc.z.dtype == torch.float32
         out[bf] = (sc.z, st.logp, kl)
     if family == "harmon":
@@ -151,7 +155,7 @@ def test_lora_adapters_keep_the_ratio_at_one_and_only_they_get_gradients(family)
     r = _rollout(model, fam.prompts, mte_k=3, policy_tokens="unknown")
     adv = group_advantages(*ADV)
     js = [j for j in range(policy.head.num_steps) if policy.head.is_stochastic(j)][:3]
-    ocfg = ObjectiveConfig(beta=0.1, consistency=False, mte_top_fraction=0.3)
+    ocfg = AlgorithmSection(beta=0.1, policy_tokens="unknown", mte_k=3, mte_top_fraction=0.3)
     for i in range(4):
         sl = ar_step_loss(policy, reference, r, i, js, adv.values, adv.use, ocfg, {}, first_epoch=True)
         for k in ("ratio/max", "ratio/min", "mte/ratio_max", "mte/ratio_min"):
@@ -251,20 +255,20 @@ def test_lora_run_trains_only_adapters_checkpoints_them_and_resumes_exactly(tiny
 
 # ---------------------------------------------------------------------------------------------------------- W&B
 def test_wandb_offline_gets_the_metrics_rows_from_rank_zero(tiny_model_dir, tmp_path, monkeypatch):
-    """`log.wandb: true` with `wandb_mode: offline` runs without a network and forwards exactly the rows of
-    metrics.jsonl; the offline run lands in `log.wandb_dir` and a resume continues the same W&B run id."""
+    """`log.wandb: true` with W&B's WANDB_MODE=offline runs without a network and forwards exactly the rows of
+    metrics.jsonl; the offline run lands in WANDB_DIR and a resume continues the same W&B run id."""
     pytest.importorskip("wandb")
     from margrpo.rl.trainer import Trainer
     from margrpo.utils import wandb_log
     from margrpo.utils.metrics import read_metrics
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_env"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     sent: list[dict] = []
     real_log = wandb_log.WandbMirror.log
     monkeypatch.setattr(wandb_log.WandbMirror, "log", lambda self, row: (sent.append(dict(row)), real_log(self, row)))
-    extra = ["log.wandb=true", "log.wandb_mode=offline", f"log.wandb_dir={tmp_path / 'wb'}", "algorithm.train=ar"]
+    extra = ["log.wandb=true", "algorithm.train=ar"]
     Trainer(_lora_cfg(tiny_model_dir, tmp_path / "run", 2, extra), progress=False).run()
     assert sent and sent == read_metrics(tmp_path / "run")
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))

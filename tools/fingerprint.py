@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from margrpo.configs import config_path
-from margrpo.rl.config import SamplingSection, TrainConfig
+from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer
 from margrpo.utils.config import load_config
 
@@ -33,8 +33,14 @@ except ImportError:  # before issue #14's layout
 def trained_model(trainer: Trainer):
     return trainer.model if hasattr(trainer, "model") else trainer.gen  # `gen` before issue #14
 
+
+def eval_sampler(cfg: TrainConfig):
+    """The evaluation's sampler settings: the `sampling:` section itself since issue #25, a view of it before."""
+    return cfg.eval_sampler() if hasattr(cfg, "eval_sampler") else cfg.sampling
+
+
 # the guidance scale's config key (`sampling.cfg` before the renames of issue #14), so old checkouts run this too
-GUIDANCE_KEY = "guidance_scale" if "guidance_scale" in {f.name for f in fields(SamplingSection)} else "cfg"
+GUIDANCE_KEY = "guidance_scale" if "guidance_scale" in {f.name for f in fields(TrainConfig().sampling)} else "cfg"
 COMMON = ["steps=2", "log.sample_every=100", "log.checkpoint_every=1", "log.tensorboard=false", "threads=1",
           "algorithm.prompts_per_step=2", "algorithm.group_size=4"]
 CASES = {
@@ -72,7 +78,7 @@ def run_case(name: str, extra: list[str], root: Path) -> dict[str, str]:
     trainer.run()
     out = {"weights": digest_tensors(dict(trained_model(trainer).state_dict())),
            "metrics": digest_metrics(root / name / "metrics.jsonl")}
-    res = evaluate(trained_model(trainer), eval_prompt_set(1), cfg.eval_sampler(), seed=5, progress=False)
+    res = evaluate(trained_model(trainer), eval_prompt_set(1), eval_sampler(cfg), seed=5, progress=False)
     out["eval"] = hashlib.sha256(res.images.float().numpy().tobytes()).hexdigest()[:16]
     if name == "demo":  # resume: a third step after a restart equals a run of three
         cfg3 = load_config(TrainConfig, files, [*ov, "steps=3"])
@@ -89,7 +95,7 @@ def base_eval() -> dict[str, str]:
     except ImportError:  # before issue #14's layout
         from margrpo.rl.trainer import load_model
     cfg = load_config(TrainConfig, config_path("demo.yaml"), [])
-    res = evaluate(load_model(cfg.model, "cpu"), eval_prompt_set(2), cfg.eval_sampler(), seed=5, progress=False)
+    res = evaluate(load_model(cfg.model, "cpu"), eval_prompt_set(2), eval_sampler(cfg), seed=5, progress=False)
     return {"eval": hashlib.sha256(res.images.float().numpy().tobytes()).hexdigest()[:16],
             "strict": str(res.summary["overall"]["strict"])}
 

@@ -39,7 +39,7 @@ def main() -> None:
         means, mixes = [], []
         for step in range(args.steps):
             prompts, meta = src.batch(step, a.prompts_per_step)
-            res = evaluate(model, [p for p in prompts for _ in range(a.group_size)], cfg.eval_sampler(),
+            res = evaluate(model, [p for p in prompts for _ in range(a.group_size)], cfg.sampling,
                            seed=1_000_000 + step, progress=False)
             means.append(float(np.mean([r["partial"] for r in res.results])))
             mixes.append(tuple(sorted(m["category"] for m in meta)))

@@ -23,14 +23,14 @@ def _load_model(path: str | None, device: str):
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from margrpo.sampling.config import SamplerConfig
     from margrpo.sampling.pipeline import MARPipeline
-    from margrpo.sampling.sampler import SamplerConfig
     from margrpo.utils.images import make_grid, save_png
 
     _set_threads(args.threads)
     model = _load_model(args.model, args.device)
-    cfg = SamplerConfig(num_ar_steps=args.ar_steps, num_diffusion_steps=args.diffusion_steps,
-                        guidance_scale=args.guidance_scale, temperature=args.temperature, record=False)
+    cfg = SamplerConfig(ar_steps=args.ar_steps, diffusion_steps=args.diffusion_steps,
+                        guidance_scale=args.guidance_scale, temperature=args.temperature)
     pipe = MARPipeline(model, cfg)
     prompts = args.prompt
     t0 = time.perf_counter()
@@ -163,10 +163,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     spec = args.checkpoint or cfg.model
     model = _load_model(spec, args.device)
-    base = cfg.eval_sampler()
+    base = cfg.sampling
     sampler = dataclasses.replace(
-        base, num_ar_steps=args.ar_steps or base.num_ar_steps,
-        num_diffusion_steps=args.diffusion_steps or base.num_diffusion_steps,
+        base, ar_steps=args.ar_steps or base.ar_steps,
+        diffusion_steps=args.diffusion_steps or base.diffusion_steps,
         guidance_scale=(args.guidance_scale or [base.guidance_scale])[0],
         temperature=(args.temperature or [base.temperature])[0])
     seed = cfg.eval.seed if args.seed is None else args.seed

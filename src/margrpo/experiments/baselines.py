@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from margrpo.models.base import ImageModel
-from margrpo.sampling.sampler import SamplerConfig
+from margrpo.sampling.config import SamplerConfig
 from margrpo.worlds.shapes.evaluate import EvalResult, EvalSet, eval_set, evaluate_set, paired_strict_change
 from margrpo.worlds.shapes.sampler_grid import SamplerGrid, SamplerSetting, cached_grid, run_grid
 

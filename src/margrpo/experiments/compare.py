@@ -96,10 +96,10 @@ def run_job(job: Job) -> dict:
     if job.kind != "control":
         sets = eval_sets(cfg.eval.per_category, cfg.eval.seed)
         for split, s in sets.items():
-            out[split] = evaluate_set(tr.model, s, cfg.eval_sampler(), progress=False).to_json()
+            out[split] = evaluate_set(tr.model, s, cfg.sampling, progress=False).to_json()
     if job.kind == "main":
         selection = selection_set(cfg.eval.per_category, cfg.eval.seed)
-        best = trained_at_best(tr.model, selection, sets["heldout"], cfg.eval_sampler(), _settings(), progress=False)
+        best = trained_at_best(tr.model, selection, sets["heldout"], cfg.sampling, _settings(), progress=False)
         out["best"] = {"setting": best.setting.label, "heldout": best.heldout.to_json(), "seconds": best.seconds}
     return out
 
@@ -145,10 +145,10 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
     cfg0 = load_config(TrainConfig, cfg_file, overrides)
     base_model = load_model(cfg0.model, cfg0.device)
     sets = eval_sets(cfg0.eval.per_category, cfg0.eval.seed)
-    base = {split: evaluate_set(base_model, s, cfg0.eval_sampler(), progress=False).to_json()
+    base = {split: evaluate_set(base_model, s, cfg0.sampling, progress=False).to_json()
             for split, s in sets.items()}
     selection = selection_set(cfg0.eval.per_category, cfg0.eval.seed)
-    base_best = base_at_best(cfg0.model, base_model, selection, sets["heldout"], cfg0.eval_sampler(), _settings(),
+    base_best = base_at_best(cfg0.model, base_model, selection, sets["heldout"], cfg0.sampling, _settings(),
                              progress=not quiet)
     results: dict = {"methods": {}, "control": {}, "workers": workers,
                      "base_strict": _change(base["heldout"], base["heldout"])["final"],

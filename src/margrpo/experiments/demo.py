@@ -124,7 +124,7 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
     selection = selection_set(2 if quick else cfg.eval.per_category, cfg.eval.seed)  # chooses the settings
     settings = grid_settings((1.0, 3.0), (1.0, 0.5)) if quick else grid_settings(GUIDANCES, TEMPERATURES)
     prompts = list(sets["heldout"].prompts)
-    sampler = cfg.eval_sampler()
+    sampler = cfg.sampling
     base = load_model(cfg.model, cfg.device)
     before = evaluate_set(base, sets["heldout"], sampler, progress=not quiet)
     train_before = evaluate_set(base, sets["train"], sampler, progress=not quiet)  # in-distribution, fresh seeds

@@ -90,11 +90,10 @@ class Policy(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not implement gradient checkpointing")
 
     def lora_target_modules(self) -> str:
-        """peft's `target_modules` for `algorithm.train: lora` when the config names none: a regex full-matched
-        against module names, the transformer's attention and MLP linears, never the diffusion head (frozen under
-        LoRA) nor what the family keeps out of RL (Harmon's LLM)."""
-        raise NotImplementedError(f"{type(self).__name__} names no default LoRA targets "
-                                  "(set algorithm.lora_target_modules)")
+        """peft's `target_modules` for `algorithm.train: lora`: a regex full-matched against module names, the
+        transformer's attention and MLP linears, never the diffusion head (frozen under LoRA) nor what the family keeps
+        out of RL (Harmon's LLM)."""
+        raise NotImplementedError(f"{type(self).__name__} names no LoRA targets (Policy.lora_target_modules)")
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Named parameters by group, a partition of the policy's: "head" is the diffusion head's, "ar" the

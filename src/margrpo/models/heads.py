@@ -8,6 +8,9 @@ the RL losses ask a head:
 * `transition(x, j, z, z_uncond, guidance, temperature)` (also the module's `forward`, so that DDP and FSDP2
   hooks fire): mean and std of x^{j+1} given x^j at sampling step j (j = 0 is the noisiest), with
   classifier-free guidance applied to the network prediction exactly as at sampling;
+* `score_transitions(x, js, z, ...)`: mean, std and log-probability of recorded states x[j] -> x[j+1] at head
+  steps `js` (the rollout records with it, the loss recomputes with it: one definition of a transition's
+  log-probability is what makes the recomputed ones equal the recorded ones);
 * `is_stochastic(j)`: whether step j adds noise (a deterministic step has no log-probability);
 * `set_sampling_steps(T)`: a new sampling chain (the scheduler's `set_timesteps`; the network is unchanged);
 * `init_noise(...)` and `sample_step(...)`: the starting x^0 ~ N(0, I) and one draw from a transition;
@@ -24,6 +27,8 @@ Flow-GRPO SDE step of noise level `a`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,7 +37,7 @@ from torch import nn
 from margrpo.models.mlp_net import SimpleMLPAdaLN
 from margrpo.models.schedulers import DdpmScheduler, FlowMatchScheduler, Transition
 
-__all__ = ["DdpmHead", "DiffusionHead", "FlowHead", "Transition", "gaussian_log_prob"]
+__all__ = ["DdpmHead", "DiffusionHead", "FlowHead", "ScoredTransitions", "Transition", "gaussian_log_prob"]
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -44,6 +49,16 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
         mean = mean.float()
         std = std.float()
         return -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
+
+
+@dataclass
+class ScoredTransitions:
+    """Mean, std and log-probability of recorded transitions at head steps `js`: each [J, ..., N, C] float32."""
+
+    js: list[int]
+    mean: torch.Tensor
+    std: torch.Tensor
+    logp: torch.Tensor
 
 
 def _guided(out_c: torch.Tensor, out_u: torch.Tensor | None, guidance: float) -> torch.Tensor:
@@ -109,6 +124,25 @@ class DiffusionHead(nn.Module):
     def transition(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
                    guidance: float = 1.0, temperature: float = 1.0) -> Transition:  # pragma: no cover
         raise NotImplementedError
+
+    def score_transitions(self, x: torch.Tensor, js: Sequence[int], z: torch.Tensor,
+                          z_uncond: torch.Tensor | None = None, guidance: float | torch.Tensor = 1.0,
+                          temperature: float = 1.0) -> ScoredTransitions:
+        """Mean, std and log-probability of x[j] -> x[j+1] for each head step j in `js` ([J, ..., N, C] float32).
+
+        `x` is a trajectory stack [T+1, ..., N, C] (axes between the first and the token axis, K chains of the same
+        tokens, broadcast over the conditions z [N, D]); guided when `z_uncond` is given. Every step goes through
+        the module call, so DDP and FSDP2 hooks fire.
+        """
+        means, stds, logps = [], [], []
+        for j in js:
+            if not self.is_stochastic(j):
+                raise ValueError(f"head step {j} is deterministic and has no log-probability")
+            tr = self(x[j], j, z, z_uncond, guidance if z_uncond is not None else 1.0, temperature)
+            means.append(tr.mean)
+            stds.append(tr.std)
+            logps.append(gaussian_log_prob(x[j + 1], tr.mean, tr.std))
+        return ScoredTransitions(js=list(js), mean=torch.stack(means), std=torch.stack(stds), logp=torch.stack(logps))
 
     def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover

@@ -57,8 +57,8 @@ def load_folder(path: Path, device: str | torch.device) -> ImageModel:
             f"{path}: not a model folder margrpo reads. Valid: a margrpo or Harmon folder (config.json + "
             "model.safetensors; `margrpo convert` writes them), a NOVA folder (transformer/config.json + "
             "scheduler/scheduler_config.json), or a training run directory (checkpoints/)")
-    from margrpo.models.harmon.loading import is_harmon_folder
-    from margrpo.models.harmon.loading import load_folder as load_harmon_folder
+    from margrpo.models.harmon.model import is_harmon_folder
+    from margrpo.models.harmon.model import load_folder as load_harmon_folder
 
     if path.is_dir() and is_harmon_folder(path):
         return load_harmon_folder(path, device=device)

@@ -47,7 +47,7 @@ def add_lora(policy: nn.Module, rank: int, alpha: float, target_modules: str | l
     inject_adapter_in_model(cfg, policy, adapter_name=ADAPTER_NAME)
     layers = lora_layers(policy)
     if not layers:
-        raise ValueError(f"algorithm.lora_target_modules={target_modules!r} matches no linear layer of "
+        raise ValueError(f"LoRA target_modules={target_modules!r} matches no linear layer of "
                          f"{type(policy).__name__}")
     with torch.no_grad():
         for _, layer in layers:

@@ -2,45 +2,27 @@
 
 Presets are YAML files (`configs/presets/grpo.yaml`, `configs/presets/mar-grpo.yaml`) that set the
 stabiliser switches; a run config names one with `base:`. Plain GRPO and MAR-GRPO therefore run
-through exactly the same code with different values. Every option is declared once, here, with its meaning,
-default and source; `docs/configuration.md` is generated from these declarations (`python -m
-margrpo.utils.config_docs`), and a test fails when it is stale.
+through exactly the same code with different values. Every option is declared once, here (the `sampling:` section
+in `sampling/config.py`, the sampler's own config), with its meaning, default and source; `docs/configuration.md`
+is generated from these declarations (`python -m margrpo.rl.config`), and a test fails when it is stale.
+
+A leaf: the loss, the trainer and the tools read these dataclasses, and this module imports only the sampler's
+config and the loader's `option`.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
-from margrpo.rl.objective import ESTIMATORS, NORMALIZE_MODES, RATIO_LEVELS, ObjectiveConfig
-from margrpo.sampling.sampler import SCORE_GUIDANCE_MODES, SamplerConfig
+from margrpo.sampling.config import MTE_SOURCES, POLICY_TOKENS, SCORE_GUIDANCE_MODES, SamplerConfig
 from margrpo.utils.config import option
 
-
-@dataclass
-class SamplingSection:
-    """How rollouts are drawn (fewer AR and head steps and no CFG make rollouts cheap)."""
-
-    RENAMED_KEYS: ClassVar[dict[str, str]] = {"cfg": "guidance_scale", "cfg_schedule": "guidance_schedule"}
-
-    ar_steps: int = option(8, "AR steps per image (MAR's cosine mask schedule decides how many tokens each commits)",
-                           range=(1, 4096))
-    diffusion_steps: int = option(10, "head denoising steps per token (the head's schedule respaced to this)",
-                                  range=(1, 1000))
-    guidance_scale: float = option(1.0, "classifier-free guidance scale of rollouts (1 = none: half the cost)",
-                                   range=(1.0, 50.0))
-    guidance_schedule: str | None = option(None, "guidance over AR steps: MAR's linear ramp from 1 to "
-                                           "`guidance_scale`, or constant; null = the model family's (linear for "
-                                           "MAR, constant for NOVA and Harmon, as upstream)",
-                                           choices=("linear", "constant"))
-    temperature: float = option(1.0, "scale of the head's sampling std", range=(0.01, 10.0))
-    batch_mte_chains: bool = option(True, "draw the K MTE chains together, each token's conditioning computed once "
-                                    "for its K chains (measured: the chains 1.36x, the whole mar-grpo rollout 1.13x "
-                                    "faster); false runs them one by one, with K times less transient head memory "
-                                    "(the same chains up to matmul rounding: each chain's noise is drawn in the "
-                                    "sequential order)")
-    compile: bool = option(False, "torch.compile the transformer and the head network for rollouts (minutes of "
-                           "compiling, then faster steps; the trainer's replay stays eager)")
+# the estimators of the policy term: each is one function of `rl.loss.LOSSES`
+ESTIMATORS = ("trajectory", "matching", "nft")
+NORMALIZE_MODES = ("element", "token", "rollout")
 
 
 @dataclass
@@ -48,42 +30,50 @@ class AlgorithmSection:
     """The RL objective: GRPO's groups and advantages, PPO's clip and epochs, the KL, and MAR-GRPO's stabilisers."""
 
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"guidance": "score_guidance"}
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "chunk_head_steps": "the trajectory loss always back-propagates one scored head step at a time (memory-flat, "
+                            "no slower than one graph: docs/findings/2026-12-02-scale.md)",
+        "ratio_level": "the PPO ratio is taken per element; pooled per token or image it learned no better "
+                       "(docs/findings/2026-12-07-one-trajectory-loss.md)",
+        "batch_ar_steps": "each scored AR step has its own transformer forward (one call for all of them gave the "
+                          "same gradient and no speed-up)",
+        "branch": "branched groups are gone (measured: no gain)",
+        "advantage_eps": "the std is offset by 1e-4 (the MAR-GRPO release's and Flow-GRPO's value)",
+        "ar_step_count": "set algorithm.ar_step_fraction (12 of 64 AR steps: 0.1875)",
+        "lora_target_modules": "the adapters go on the model family's transformer attention and MLP linears "
+                               "(Policy.lora_target_modules)",
+        "nft_weighting": "DiffusionNFT's draws are weighed adaptively, as its release",
+        "consistency": "set algorithm.policy_tokens: consistent (true) or unknown (false)",
+    }
 
     group_size: int = option(8, "images per prompt (G); advantages are relative within a group", range=(2, 4096))
     prompts_per_step: int = option(4, "prompts per rollout; a rollout has prompts_per_step x group_size images",
                                    range=(1, 4096))
     advantage_std: str = option("group", "std that scales the advantages: the group's (GRPO), the batch's "
                                 "(Flow-GRPO's global_std) or none", choices=("group", "batch", "none"))
-    advantage_eps: float = option(1e-4, "added to the std before dividing", range=(0.0, 1.0))
     advantage_clip: float | None = option(None, "advantages beyond +-this are clipped (Flow-GRPO, DanceGRPO, DDPO: "
                                           "5); null = no clip", range=(1e-6, None))
     ar_step_fraction: float = option(0.5, "share of AR steps scored per rollout (drawn per step)", range=(0.0, 1.0))
-    ar_step_count: int | None = option(None, "AR steps scored per rollout (overrides ar_step_fraction)",
-                                       range=(1, 4096))
     head_steps_per_ar_step: int | None = option(None, "head steps scored per scored AR step, drawn among the "
                                                 "scorable ones (null = all)", range=(1, 1000))
     head_step_max_gain: float = option(3.0, "head steps whose score gain (DiffusionHead.score_gain: std the "
                                        "step's mean moves per unit of network output) exceeds this are not scored, "
                                        "in the policy term, MTE or the KL (docs/findings/2026-12-01-noise-dominated-"
                                        "head-steps.md)", range=(0.0, None))
-    head_step_weighting: str = option("none", "weight each scored head step's policy term by its mean std (std) "
-                                      "or not", choices=("none", "std"))
+    head_step_weighting: str = option("none", "weight each scored head step's policy term by its mean std over the "
+                                      "mean of the scored steps' (std) or not (docs/findings/2026-12-07-one-"
+                                      "trajectory-loss.md)", choices=("none", "std"))
     score_guidance: str = option("rollout", "density the transitions are scored under: the guided one that sampled, or "
                            "the conditional branch alone (the MAR-GRPO release)", choices=SCORE_GUIDANCE_MODES)
     clip_eps: float = option(0.2, "PPO clip range of the ratio (0 = no clip)", range=(0.0, 10.0))
     dual_clip: float | None = option(None, "dual-clip PPO bound c on negative advantages' objective (Ye et al. "
                                      "2020)", range=(1.0, 100.0))
-    ratio_level: str = option("element", "where the PPO ratio is taken: per element (the paper's), or its log pooled "
-                              "per token or per image before the clip (Flow-GRPO / DanceGRPO pool per image)",
-                              choices=RATIO_LEVELS)
     normalize: str = option("element", "policy-term reduction: mean over an AR step's kept elements, Harmon's sum "
                             "over channels (token), or one mean over the rollout's kept (token, head step) pairs "
                             "(rollout)", choices=NORMALIZE_MODES)
     ppo_epochs: int = option(1, "optimizer passes over each rollout", range=(1, 100))
     update: str = option("rollout", "one optimizer step per rollout and epoch, or one per scored AR step (the "
                          "MAR-GRPO release)", choices=("rollout", "ar_step"))
-    batch_ar_steps: bool = option(False, "one transformer forward and backward for all scored AR steps (rows "
-                                  "padded to the longest known set; the same gradient); needs update=rollout")
     beta: float = option(0.01, "KL coefficient against the frozen reference", range=(0.0, 1e6))
     kl: str = option("gaussian", "the KL: analytic Gaussian per element (Flow-GRPO), or the release's e^d - d - 1 on "
                      "means", choices=("gaussian", "reference"))
@@ -92,26 +82,20 @@ class AlgorithmSection:
                         choices=("ar", "head", "both", "lora"))
     lora_rank: int = option(8, "LoRA rank r (train: lora)", range=(1, 4096))
     lora_alpha: float = option(16.0, "LoRA alpha: the update is scaled by alpha / r", range=(1e-6, 1e6))
-    lora_target_modules: list[str] | None = option(None, "module-name suffixes the adapters go on (peft's "
-                                                   "target_modules); null = the family's transformer attention and "
-                                                   "MLP linears (`Policy.lora_target_modules`), never the head")
-    policy_tokens: str = option("unknown", "tokens in the policy term: those each scored AR step commits, or every "
-                                "still-unknown one (MAR-GRPO)", choices=("committed", "unknown"))
+    policy_tokens: str = option("consistent", "tokens in the policy term: those each scored AR step commits (GRPO), "
+                                "every still-unknown one, or the still-unknown ones whose head output moved toward "
+                                "their final value and the committed ones (MAR-GRPO's consistency-aware selection)",
+                                choices=POLICY_TOKENS)
     mte_k: int = option(4, "MAR-GRPO's multi-trajectory expectation: K extra head chains per token (0 = off)",
                         range=(0, 64))
     mte_top_fraction: float = option(0.3, "share of each image's tokens, the most uncertain, scored through the K "
                                      "chains", range=(0.0, 1.0))
     mte_source: str = option("commit", "condition the K chains are drawn under: each token's committing step (the "
-                             "release) or the scored step", choices=("commit", "scored"))
-    chunk_head_steps: int = option(0, "memory-flat MTE: the trajectory loss's main trajectory, then the K MTE chains "
-                                   "of the uncertain tokens together, are back-propagated this many scored head steps "
-                                   "at a time, so one chunk's head graph is alive instead of all J steps' for the "
-                                   "1 + K trajectories (the same gradient; 0 = one graph)",
-                                   range=(0, 4096))
-    consistency: bool = option(True, "MAR-GRPO's consistency-aware selection: a still-unknown token stays in the "
-                               "policy term only if its head output moved toward its final value")
-    consistency_start: int = option(1, "AR steps up to this one are not filtered", range=(0, 4096))
-    consistency_tau: float = option(0.0, "the cosine gain a token must exceed to be kept", range=(-2.0, 2.0))
+                             "release) or the scored step", choices=MTE_SOURCES)
+    consistency_start: int = option(1, "policy_tokens: consistent: AR steps up to this one are not filtered (the "
+                                    "release's i > 1)", range=(0, 4096))
+    consistency_tau: float = option(0.0, "policy_tokens: consistent: the cosine gain a token must exceed to be kept "
+                                    "(the release's 0)", range=(-2.0, 2.0))
     estimator: str = option("trajectory", "the policy term: the recorded head transitions (GRPO / DDPO, the paper's), "
                             "advantage-weighted matching (Xue et al. 2025) or DiffusionNFT (Zheng et al. 2025, arXiv "
                             "2509.16117)", choices=ESTIMATORS)
@@ -121,80 +105,51 @@ class AlgorithmSection:
                              "extrapolate (the release's 1.0)", range=(1e-6, 100.0))
     nft_adv_clip: float = option(5.0, "DiffusionNFT's A_max: r = clamp(A / A_max, -1, 1) / 2 + 1/2 (the release's "
                                  "5; the nft presets use 1)", range=(1e-6, 1e6))
-    nft_weighting: str = option("adaptive", "DiffusionNFT's weighting of each draw: squared error over its detached "
-                                "mean absolute error (the release's), or plain squared error",
-                                choices=("adaptive", "mse"))
-    branch: bool = option(False, "branched groups: a group's images share order and head noise except at one AR step, "
-                          "the only one scored (measured: no gain)")
     ptx_weight: float = option(0.0, "PPO-ptx (Ouyang et al. 2022): weight of the MAR pretraining loss on rendered "
                                "shapes-world training images, once per rollout (shapes world only)", range=(0.0, 1e6))
     ptx_batch_size: int = option(64, "images per ptx batch", range=(1, 65536))
 
     def __post_init__(self) -> None:
-        if self.branch and self.ar_step_count not in (None, 1):
-            raise ValueError(f"algorithm.branch scores exactly one AR step (the branch step); got "
-                             f"ar_step_count={self.ar_step_count} (leave it unset or 1)")
-        if self.batch_ar_steps and self.update != "rollout":
-            raise ValueError("algorithm.batch_ar_steps shares one forward between the scored AR steps; with "
-                             "algorithm.update='ar_step' every step has its own optimizer step (set update='rollout')")
         if self.estimator != "trajectory" and self.update != "rollout":
             raise ValueError(f"algorithm.estimator={self.estimator!r} takes its old terms from the policy before the "
                              f"update; with algorithm.update='ar_step' later AR steps would see updated weights "
                              f"(set update='rollout')")
         if self.mte_k == 1:
             raise ValueError("algorithm.mte_k=1 cannot estimate uncertainty; use 0 (off) or >= 2")
-        if self.consistency and self.policy_tokens != "unknown":
-            raise ValueError("algorithm.consistency filters still-unknown tokens, so it needs "
-                             "algorithm.policy_tokens='unknown' (or set consistency=false)")
         if self.estimator != "trajectory" and self.mte_k:
             raise ValueError("algorithm.mte_k > 0 averages head-trajectory log-probabilities; with "
                              f"algorithm.estimator={self.estimator!r} there are none (set mte_k=0)")
-        if self.estimator != "trajectory" and self.ratio_level != "element":
-            raise ValueError("algorithm.ratio_level pools the trajectory estimator's log-ratios; with "
-                             f"algorithm.estimator={self.estimator!r} set it to 'element'")
-        if self.chunk_head_steps and (self.ratio_level != "element" or self.head_step_weighting != "none"):
-            raise ValueError("algorithm.chunk_head_steps > 0 back-propagates chunks of independent terms; "
-                             "pooled ratios (ratio_level) and std weights (head_step_weighting) couple them "
-                             "(set chunk_head_steps=0)")
         if self.estimator != "trajectory" and self.head_step_weighting != "none":
             raise ValueError("algorithm.head_step_weighting weighs head steps of the trajectory estimator; "
                              f"with algorithm.estimator={self.estimator!r} set it to 'none'")
 
-    def objective(self) -> ObjectiveConfig:
-        return ObjectiveConfig(clip_eps=self.clip_eps, dual_clip=self.dual_clip, beta=self.beta, kl=self.kl,
-                               normalize=self.normalize, ratio_level=self.ratio_level,
-                               score_guidance=self.score_guidance, head_step_weighting=self.head_step_weighting,
-                               mte_top_fraction=self.mte_top_fraction if self.mte_k else 0.0,
-                               consistency=self.consistency, consistency_start=self.consistency_start,
-                               consistency_tau=self.consistency_tau, estimator=self.estimator,
-                               noise_draws=self.noise_draws, nft_beta=self.nft_beta, nft_adv_clip=self.nft_adv_clip,
-                               nft_weighting=self.nft_weighting, chunk_head_steps=self.chunk_head_steps)
-
 
 @dataclass
 class OptimSection:
-    """The optimizer: AdamW, or SGD with momentum `beta1`, with gradient clipping and an LR schedule."""
+    """The optimizer: AdamW, or SGD with momentum `beta1`, at a constant learning rate, with gradient clipping."""
 
-    name: str = option("adamw", "adamw or sgd (momentum beta1; beta2 unused)", choices=("adamw", "sgd"))
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "beta2": "Adam's second-moment decay is 0.999 (torch's default)",
+        "weight_decay": "no weight decay (no measurement or paper behind one here)",
+        "warmup_steps": "the learning rate is constant, as the MAR-GRPO release's",
+        "schedule": "the learning rate is constant, as the MAR-GRPO release's",
+    }
+
+    name: str = option("adamw", "adamw or sgd (momentum beta1)", choices=("adamw", "sgd"))
     lr: float = option(1e-4, "peak learning rate", range=(0.0, 10.0))
-    weight_decay: float = option(0.0, "decoupled weight decay (AdamW) or L2 (SGD)", range=(0.0, 10.0))
     beta1: float = option(0.9, "Adam's first-moment decay, or SGD's momentum", range=(0.0, 1.0))
-    beta2: float = option(0.999, "Adam's second-moment decay", range=(0.0, 1.0))
     grad_clip: float = option(1.0, "max global gradient norm (0 = no clipping)", range=(0.0, None))
-    warmup_steps: int = option(0, "linear warm-up steps", range=(0, None))
-    schedule: str = option("constant", "after warm-up: constant, or cosine decay to 0 at `steps`",
-                           choices=("constant", "cosine"))
 
 
 @dataclass
 class PromptSection:
     """Where training prompts come from: the shapes world's train split, or a prompt file."""
 
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"balance_categories": "category_balance"}
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {"categories": "the shapes world trains on all its categories"}
+
     source: str = option("shapes", "shapes, or a prompt file: GenEval metadata JSONL, T2I-R1 JSONL, JSONL with a "
                          "'prompt' key, or text")
-    categories: list[str] | None = option(None, "restrict the shapes world to these categories")
-    RENAMED_KEYS: ClassVar[dict[str, str]] = {"balance_categories": "category_balance"}
-
     fixed: list[str] | None = option(None, "train on exactly these prompts (positive controls, debugging)")
     category_balance: str = option("stratified", "how a step's prompts spread over the categories (the shapes train "
                                    "split is 80% position prompts): stratified = prompts_per_step // C of each of "
@@ -207,19 +162,21 @@ class PromptSection:
 
 @dataclass
 class LogSection:
-    """What the run directory receives, and how often."""
+    """What the run directory receives, and how often (metrics every step; the last 2 checkpoints are kept)."""
 
-    log_every: int = option(1, "steps between metrics.jsonl / TensorBoard rows", range=(1, None))
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "log_every": "metrics are logged every step",
+        "keep_checkpoints": "the last 2 checkpoints are kept",
+        **dict.fromkeys(("wandb_project", "wandb_run_name", "wandb_mode", "wandb_dir"),
+                        "set W&B's own environment variables (WANDB_PROJECT, WANDB_NAME, WANDB_MODE, WANDB_DIR)"),
+    }
+
     sample_every: int = option(10, "steps between sample grids (samples/step-N.png)", range=(1, None))
     checkpoint_every: int = option(10, "steps between checkpoints", range=(1, None))
-    keep_checkpoints: int = option(2, "checkpoints kept (older ones are deleted)", range=(1, None))
     tensorboard: bool = option(True, "also write TensorBoard events")
-    wandb: bool = option(False, "also log the metrics.jsonl rows to Weights & Biases (rank 0 only; pip install wandb)")
-    wandb_project: str = option("margrpo", "W&B project")
-    wandb_run_name: str | None = option(None, "W&B run name (null = the run directory's name)")
-    wandb_mode: str = option("online", "W&B mode: online, offline (no network; `wandb sync` later) or disabled",
-                             choices=("online", "offline", "disabled"))
-    wandb_dir: str | None = option(None, "where W&B writes its files (null = the run directory)")
+    wandb: bool = option(False, "also log the metrics.jsonl rows to Weights & Biases (rank 0 only; pip install wandb; "
+                         "W&B's environment variables set the project, name, mode and directory: by default "
+                         "margrpo, the run directory's name, online, the run directory)")
 
 
 @dataclass
@@ -288,7 +245,7 @@ class TrainConfig:
     max_reward_failure_fraction: float = option(0.1, "share of invalid rewards over the run that stops it",
                                                 range=(0.0, 1.0))
     prompts: PromptSection = option(factory=PromptSection, help="training prompts")
-    sampling: SamplingSection = option(factory=SamplingSection, help="rollouts")
+    sampling: SamplerConfig = option(factory=SamplerConfig, help="rollouts, and the in-loop evaluation's images")
     algorithm: AlgorithmSection = option(factory=AlgorithmSection, help="the objective")
     optim: OptimSection = option(factory=OptimSection, help="the optimizer")
     log: LogSection = option(factory=LogSection, help="run-directory outputs")
@@ -305,25 +262,23 @@ class TrainConfig:
         if not self.rewards:
             raise ValueError("rewards: at least one reward is needed, e.g. {shapes: 1.0}")
 
-    def eval_sampler(self) -> SamplerConfig:
-        """Evaluation samples with the training sampler's settings (what RL optimised), without recording."""
-        s = self.sampling
-        return SamplerConfig(num_ar_steps=s.ar_steps, num_diffusion_steps=s.diffusion_steps,
-                             guidance_scale=s.guidance_scale, guidance_schedule=s.guidance_schedule,
-                             temperature=s.temperature, record=False, compile=s.compile)
 
-    def sampler(self, record_steps: tuple[int, ...] | None, branch_step: int | None = None,
-                head_steps: dict[int, list[int]] | None = None) -> SamplerConfig:
-        """The rollout sampler: records `record_steps`, and MTE log-probabilities at the scored `head_steps`."""
-        a, s = self.algorithm, self.sampling
-        mte_head_steps = None if head_steps is None else {i: tuple(v) for i, v in head_steps.items()}
-        return SamplerConfig(num_ar_steps=s.ar_steps, num_diffusion_steps=s.diffusion_steps,
-                             guidance_scale=s.guidance_scale, guidance_schedule=s.guidance_schedule,
-                             temperature=s.temperature,
-                             policy_tokens=a.policy_tokens,
-                             record=True, record_steps=record_steps, record_z=False, mte_k=a.mte_k,
-                             mte_source=a.mte_source, mte_top_fraction=a.mte_top_fraction,
-                             mte_head_steps=mte_head_steps,
-                             score_guidance=a.score_guidance,
-                             noise_group=a.group_size if branch_step is not None else 1, branch_step=branch_step,
-                             batch_mte_chains=s.batch_mte_chains, compile=s.compile)
+DOCS_HEADER = """# Configuration
+
+Generated from the dataclasses in `src/margrpo/rl/config.py` (the `sampling` section: `src/margrpo/sampling/config.py`)
+by `python -m margrpo.rl.config`; do not edit by hand. A config is a YAML file (with `base:` naming files it builds
+on, e.g. a preset) plus `key=value` overrides; unknown keys, wrong types and values outside the listed range or
+choices are errors naming the file and line. Presets (`configs/presets/*.yaml`) are such files.
+"""
+
+
+def configuration_markdown() -> str:
+    from margrpo.utils.config_docs import render
+
+    return DOCS_HEADER + "\n" + render(TrainConfig)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m margrpo.rl.config [OUT]` rewrites docs/configuration.md
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[3] / "docs" / "configuration.md"
+    out.write_text(configuration_markdown())
+    print(f"wrote {out}")

@@ -32,10 +32,10 @@ import torch
 
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import TrainConfig
-from margrpo.rl.objective import ar_step_loss
+from margrpo.rl.loss import ar_step_loss, replay_transitions, step_conditions
 from margrpo.rl.selection import scorable_head_steps, scored_guidance
 from margrpo.rl.trainer import Trainer
-from margrpo.sampling.replay import score_transitions, step_conditions
+from margrpo.sampling.config import RecordPlan
 from margrpo.sampling.sampler import sample
 from margrpo.utils.rng import make_generator
 
@@ -51,24 +51,24 @@ def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
     cond = tr.model.encode_prompts(prompts)
     cond = cond.repeat_interleave(a.group_size) if cond is not None else None
     n = a.prompts_per_step * a.group_size
-    rollout = sample(policy, cond, n, dataclasses.replace(cfg.sampler(tuple(range(n_ar))), mte_k=0),
-                     make_generator(cfg.seed, "rollout", 0, step, device=tr.device))
+    plan = RecordPlan(steps=tuple(range(n_ar)), policy_tokens=a.policy_tokens, score_guidance=a.score_guidance)
+    rollout = sample(policy, cond, n, cfg.sampling, make_generator(cfg.seed, "rollout", 0, step, device=tr.device),
+                     record=plan)
     rollout.group = torch.arange(a.prompts_per_step).repeat_interleave(a.group_size)
     images = tr.model.decode(rollout.tokens).float()
     out = tr.reward(images, [p for p in prompts for _ in range(a.group_size)],
                     [m for m in meta for _ in range(a.group_size)])
-    adv = group_advantages(torch.nan_to_num(out.scores), rollout.group, out.valid, a.advantage_std, a.advantage_eps)
+    adv = group_advantages(torch.nan_to_num(out.scores), rollout.group, out.valid, a.advantage_std)
     stochastic = [j for j in range(head.num_steps) if head.is_stochastic(j)]
     gain_args = (scored_guidance(cfg), cfg.sampling.temperature)
     scored = set(scorable_head_steps(head, a.head_step_max_gain, *gain_args)) if stochastic else set()
-    ocfg = a.objective()
     params = [p for _, p in tr.params]
 
     def policy_grad(js: list[int]) -> list[torch.Tensor]:
         for p in params:
             p.grad = None
         for i in range(n_ar):
-            sl = ar_step_loss(policy, None, rollout, i, js, adv.values, adv.use, ocfg, {}, first_epoch=True)
+            sl = ar_step_loss(policy, None, rollout, i, js, adv.values, adv.use, cfg.algorithm, {}, first_epoch=True)
             (sl.loss / n_ar).backward()
         return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
@@ -86,7 +86,7 @@ def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
             log_ratio, clamped, count = 0.0, 0.0, 0
             for i, rec in rollout.steps.items():
                 sc = step_conditions(policy, rollout, i, a.score_guidance)
-                new = score_transitions(head, rec.x, [j], sc, rollout.temperature)
+                new = replay_transitions(head, rec.x, [j], sc, rollout.temperature)
                 log_ratio = max(log_ratio, float((new.logp - rec.logp[[j]]).abs().max()))
                 clamped += float(_clamped_fraction(head, rec.x[j], j, sc)) * rec.x.shape[1]
                 count += rec.x.shape[1]

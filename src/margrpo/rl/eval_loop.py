@@ -73,7 +73,7 @@ class TrainingEvaluator:
         """Score `model` on every split; metrics `eval{tag}/{split}/strict` and, after step 0, the paired change."""
         from margrpo.worlds.shapes.evaluate import EvalResult, evaluate_set, paired_strict_change, strict_accuracy
 
-        sampler = self.cfg.eval_sampler()
+        sampler = self.cfg.sampling
         record: dict[str, dict] = {}
         metrics: dict[str, float] = {}
         for split, eval_set in self.splits.items():

@@ -35,8 +35,7 @@ class RunOutputsMixin:
             return
         from margrpo.sampling.pipeline import MARPipeline
 
-        pipe = MARPipeline(self.model, dataclasses.replace(self.cfg.sampler(None), record=False, mte_k=0,
-                                                          policy_tokens="committed"))
+        pipe = MARPipeline(self.model, self.cfg.sampling)
         imgs = pipe(self.sample_prompts, num_images_per_prompt=4, seed=self.cfg.seed)
         labels = [p for p in self.sample_prompts for _ in range(4)]
         if self.rank == 0:
@@ -50,8 +49,7 @@ class RunOutputsMixin:
         lg = self.cfg.log
         if not lg.wandb or not is_rank_zero():
             return []
-        return [WandbMirror(self.out, lg.wandb_project, lg.wandb_run_name, lg.wandb_mode,
-                            config=dataclasses.asdict(self.cfg), resume=resume, directory=lg.wandb_dir)]
+        return [WandbMirror(self.out, config=dataclasses.asdict(self.cfg), resume=resume)]
 
     def _exportable(self):
         """LoRA runs export the adapters merged into the base weights (a plain folder that loads without peft)."""
@@ -73,7 +71,8 @@ class RunOutputsMixin:
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if self.rank == 0:
                 export = load_model(self.cfg.model, "cpu")
-                export.head.set_sampling_steps(self.cfg.sampling.diffusion_steps)
+                if self.cfg.sampling.diffusion_steps is not None:
+                    export.head.set_sampling_steps(self.cfg.sampling.diffusion_steps)
                 export.policy.load_state_dict(full)
         D.barrier()
         if self.rank != 0:

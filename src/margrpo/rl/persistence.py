@@ -14,6 +14,8 @@ from margrpo.rl import distributed as D
 from margrpo.utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from margrpo.utils.tensor_state import optimizer_state_from_tensors, optimizer_state_to_tensors
 
+KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged
+
 
 class CheckpointMixin:
     """`save(step)` and `restore()` for `Trainer`."""
@@ -52,7 +54,7 @@ class CheckpointMixin:
         if self.rank == 0:
             save_checkpoint(self.out, step, {}, {**self._state(), "dcp": True, "world_size": self.world,
                                                  "rollout_shards": self.shards},
-                            keep_last=self.cfg.log.keep_checkpoints, extra_dirs={"dcp": tmp})
+                            keep_last=KEEP_CHECKPOINTS, extra_dirs={"dcp": tmp})
         D.barrier()
         return final
 
@@ -74,7 +76,7 @@ class CheckpointMixin:
                                {"optimizer": meta, "model": self.cfg.model, "bad_steps": self.bad_steps, "lora": lora,
                                 "reward_guard": {
                                    "total": self.guard.total, "invalid": self.guard.invalid}},
-                               keep_last=self.cfg.log.keep_checkpoints)
+                               keep_last=KEEP_CHECKPOINTS)
 
     def restore(self) -> int:
         """Load the newest checkpoint whose files match their manifest; damaged newer ones are reported and skipped

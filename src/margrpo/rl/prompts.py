@@ -31,11 +31,7 @@ class PromptSource:
         elif p.source == "shapes":
             from margrpo.worlds import shapes
 
-            cats = p.categories or list(shapes.CATEGORIES)
-            unknown = set(cats) - set(shapes.CATEGORIES)
-            if unknown:
-                raise ValueError(f"prompts.categories: unknown {sorted(unknown)}; valid: {shapes.CATEGORIES}")
-            pairs = [(q, c) for c in cats for q in shapes.train_prompts(c)]
+            pairs = [(q, c) for c in shapes.CATEGORIES for q in shapes.train_prompts(c)]
             self.prompts = [q for q, _ in pairs]
             self.metadata = [{"category": c} for _, c in pairs]
         else:

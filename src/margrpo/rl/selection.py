@@ -10,6 +10,7 @@ import torch
 
 from margrpo.models.base import Policy
 from margrpo.rl.config import TrainConfig
+from margrpo.sampling.config import RecordPlan
 from margrpo.utils.rng import make_generator
 
 
@@ -33,8 +34,9 @@ def scored_guidance(cfg: TrainConfig) -> float:
 
 
 def select_steps(cfg: TrainConfig, policy: Policy, step: int, rank: int = 0
-                 ) -> tuple[list[int], dict[int, list[int]], tuple[int, ...]]:
-    """AR steps to score, head steps per AR step, and the AR steps the sampler must record.
+                 ) -> tuple[list[int], dict[int, list[int]], RecordPlan]:
+    """AR steps to score, head steps per AR step, and what the rollout must record for them (the one place a
+    `RecordPlan` is built from the `algorithm:` section).
 
     The AR steps are those of the policy's schedule for `sampling.ar_steps` (a family whose schedule drops empty
     steps, as NOVA's, has fewer)."""
@@ -42,17 +44,16 @@ def select_steps(cfg: TrainConfig, policy: Policy, step: int, rank: int = 0
     head = policy.head
     n_ar = len(policy.mask_schedule(cfg.sampling.ar_steps))
     g = make_generator(cfg.seed, "select", rank, step)
-    if a.branch:
-        count = 1
-    else:
-        count = a.ar_step_count if a.ar_step_count is not None else max(1, round(a.ar_step_fraction * n_ar))
-        count = min(count, n_ar)
+    count = min(max(1, round(a.ar_step_fraction * n_ar)), n_ar)
     ar = sorted(torch.randperm(n_ar, generator=g)[:count].tolist())
     eligible = scorable_head_steps(head, a.head_step_max_gain, scored_guidance(cfg), cfg.sampling.temperature)
     per = len(eligible) if a.head_steps_per_ar_step is None else min(a.head_steps_per_ar_step, len(eligible))
     head_steps = {i: sorted(eligible[k] for k in torch.randperm(len(eligible), generator=g)[:per].tolist())
                   for i in ar}
     record = set(ar)
-    if a.consistency:
+    if a.policy_tokens == "consistent":  # the consistency mask compares with the previous step
         record |= {i - 1 for i in ar if i > a.consistency_start}
-    return ar, head_steps, tuple(sorted(record))
+    plan = RecordPlan(steps=tuple(sorted(record)), policy_tokens=a.policy_tokens, mte_k=a.mte_k,
+                      mte_source=a.mte_source, mte_top_fraction=a.mte_top_fraction,
+                      head_steps={i: tuple(v) for i, v in head_steps.items()}, score_guidance=a.score_guidance)
+    return ar, head_steps, plan

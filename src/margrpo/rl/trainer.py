@@ -29,12 +29,11 @@ from margrpo.rl.category_metrics import accuracy_metrics
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.eval_loop import ParameterEMA, TrainingEvaluator
 from margrpo.rl.faults import StepFault, StopRequest, TrainingFault, TrainingStopped
-from margrpo.rl.objective import ar_step_loss, kept_policy_tokens
+from margrpo.rl.loss import ar_step_loss, kept_policy_tokens
 from margrpo.rl.outputs import NoWriter, RunOutputsMixin
 from margrpo.rl.persistence import CheckpointMixin
 from margrpo.rl.prompts import PromptSource
 from margrpo.rl.selection import select_steps
-from margrpo.sampling.replay import batched_step_conditions
 from margrpo.sampling.rollout import Rollout
 from margrpo.sampling.sampler import sample
 from margrpo.utils.checkpoint import (
@@ -63,7 +62,8 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
         # RL never wants dropout: sampling and the loss's recomputation (including gradient checkpointing's
         # re-forward during backward) must see the same function.
         self.model.eval()
-        self.model.head.set_sampling_steps(cfg.sampling.diffusion_steps)
+        if cfg.sampling.diffusion_steps is not None:
+            self.model.head.set_sampling_steps(cfg.sampling.diffusion_steps)
         if cfg.gradient_checkpointing:
             self.model.policy.set_gradient_checkpointing(True)
         self.reference = None
@@ -76,7 +76,7 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
             from margrpo.models.lora import add_lora
 
             a = cfg.algorithm
-            self.lora_targets = a.lora_target_modules or self.model.policy.lora_target_modules()
+            self.lora_targets = self.model.policy.lora_target_modules()
             add_lora(self.model.policy, a.lora_rank, a.lora_alpha, self.lora_targets,
                      make_generator(cfg.seed, "lora", 0, device=self.device))  # the same adapters on every rank
         self.params = self.model.trainable_parameters(cfg.algorithm.train)
@@ -90,9 +90,9 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
         o = cfg.optim
         params = [p for _, p in self.params]
         if o.name == "sgd":
-            self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.beta1, weight_decay=o.weight_decay)
+            self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.beta1)
         else:
-            self.opt = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+            self.opt = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, 0.999), weight_decay=0.0)
         from margrpo.rewards import RewardFailureGuard, build_rewards
 
         self.reward = build_rewards(cfg.rewards, cfg.reward_options, device=cfg.device)
@@ -146,16 +146,6 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
             return list(shapes.DEMO_PROMPTS)
         return self.prompts.prompts[:8]
 
-    # ------------------------------------------------------------------ schedule
-    def lr_at(self, step: int) -> float:
-        o = self.cfg.optim
-        if step < o.warmup_steps:
-            return o.lr * (step + 1) / o.warmup_steps
-        if o.schedule == "cosine":
-            prog = (step - o.warmup_steps) / max(1, self.cfg.steps - o.warmup_steps)
-            return o.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
-        return o.lr
-
     # ------------------------------------------------------------------ one step
     def rollout(self, step: int) -> tuple[Rollout, list[str], list[dict], list[int], dict[int, list[int]]]:
         """This process's shards of the global batch, as one rollout (groups numbered locally).
@@ -164,7 +154,7 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
         not on how many processes share it. The scored steps are keyed by rank 0 on every rank: all ranks score the
         same AR steps (their optimizer steps must line up under update=ar_step)."""
         a = self.cfg.algorithm
-        ar, head_steps, record = select_steps(self.cfg, self.model.policy, step, 0)
+        ar, head_steps, plan = select_steps(self.cfg, self.model.policy, step, 0)
         per_rank, groups = self.shards // self.world, a.prompts_per_step // self.shards
         parts, metas = [], []
         for shard in range(self.rank * per_rank, (self.rank + 1) * per_rank):
@@ -172,10 +162,9 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
             cond = self.model.encode_prompts(prompts)
             cond = cond.repeat_interleave(a.group_size) if cond is not None else None
             with self._autocast():
-                r = sample(self.policy, cond, groups * a.group_size,
-                           self.cfg.sampler(record, ar[0] if a.branch else None, head_steps),
+                r = sample(self.policy, cond, groups * a.group_size, self.cfg.sampling,
                            make_generator(self.cfg.seed, "rollout", shard, step, device=self.device),
-                           make_generator(self.cfg.seed, "mte", shard, step, device=self.device))
+                           make_generator(self.cfg.seed, "mte", shard, step, device=self.device), record=plan)
             r.prompts = [p for p in prompts for _ in range(a.group_size)]
             parts.append(r)
             metas += [m for m in meta for _ in range(a.group_size)]
@@ -233,40 +222,28 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
             groups = (rollout.group if self.world == 1
                       else torch.arange(a.prompts_per_step).repeat_interleave(a.group_size))
             gadv = group_advantages(torch.nan_to_num(out.scores), groups, out.valid, a.advantage_std,
-                                    a.advantage_eps, clip=a.advantage_clip)
+                                    clip=a.advantage_clip)
             mine = slice(self.rank * rollout.batch_size, (self.rank + 1) * rollout.batch_size)
             adv = gadv if self.world == 1 else Advantages(gadv.values[mine], gadv.use[mine], gadv.num_groups,
                                                           gadv.tied_groups, gadv.invalid)
-        for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(step)
         stats: dict[str, list[float]] = {}
         grad_norms = []
-        objective = a.objective()
         denominator = None
         if a.normalize == "rollout":  # kept (token, head step) pairs of the whole rollout, per scored AR step
             draws = a.noise_draws if a.estimator != "trajectory" else None
-            pairs = sum(float(kept_policy_tokens(rollout, i, adv.use, objective).sum()) * (draws or len(head_steps[i]))
+            pairs = sum(float(kept_policy_tokens(rollout, i, adv.use, a).sum()) * (draws or len(head_steps[i]))
                         for i in ar_steps)
             # every AR step's loss is scaled by 1 / len(ar_steps) below; this makes each pair weigh 1 / pairs
             pairs = D.all_reduce_sum([pairs])[0]  # the global batch's pairs
             denominator = max(pairs, 1.0) / (1 if a.update == "ar_step" else len(ar_steps))
-        weights = self._policy_weights(rollout, ar_steps, adv, objective)
+        weights = self._policy_weights(rollout, ar_steps, adv)
         with timer("update"):
             old_cache: dict = {}
-            batched = a.batch_ar_steps and a.update == "rollout"
             for epoch in range(a.ppo_epochs):
                 self.opt.zero_grad(set_to_none=True)
-                conds = ref_conds = None
-                if batched:  # one transformer forward (and backward) for every scored AR step
-                    with self._autocast():
-                        conds = batched_step_conditions(self.policy, rollout, ar_steps, a.score_guidance)
-                    if epoch == 0 and self.reference is not None and a.beta > 0:
-                        with torch.no_grad():
-                            ref_conds = batched_step_conditions(self.reference, rollout, ar_steps, a.score_guidance)
-                total = None
                 for k, i in enumerate(ar_steps):
                     # accumulated backwards (one per AR step, one optimizer step) communicate only on the last
-                    sync = batched or a.update == "ar_step" or k == len(ar_steps) - 1
+                    sync = a.update == "ar_step" or k == len(ar_steps) - 1
                     with D.gradient_sync(self.policy, sync):
                         with self._autocast():
                             # the forward-process estimators' draws: the same in every PPO epoch (rho = 1 before
@@ -274,25 +251,17 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
                             g = (make_generator(self.cfg.seed, "matching", self.rank, step, i, device=self.device)
                                  if a.estimator != "trajectory" else None)
                             sl = ar_step_loss(self.policy, self.reference, rollout, i, head_steps[i], adv.values,
-                                              adv.use, objective, old_cache, first_epoch=epoch == 0, generator=g,
-                                              policy_denominator=denominator,
-                                              conditions=conds[i] if conds is not None else None,
-                                              reference_conditions=ref_conds[i] if ref_conds is not None else None,
-                                              policy_weight=weights[i])
+                                              adv.use, a, old_cache, first_epoch=epoch == 0, generator=g,
+                                              policy_denominator=denominator, policy_weight=weights[i])
                         self._check_step_loss(sl, step, i, epoch)
                         scale = 1.0 if a.update == "ar_step" else 1.0 / len(ar_steps)
-                        if batched:
-                            total = sl.loss * scale if total is None else total + sl.loss * scale
-                        else:
-                            (sl.loss * scale).backward()
+                        (sl.loss * scale).backward()
                     for k, v in sl.stats.items():
                         stats.setdefault(k, []).append(v)
                     if a.update == "ar_step":
                         self._add_ptx(step, stats, first=not grad_norms)
                         grad_norms.append(self._optimizer_step())
                 if a.update == "rollout":
-                    if total is not None:
-                        total.backward()
                     self._add_ptx(step, stats, first=not grad_norms)
                     grad_norms.append(self._optimizer_step())
         rec: dict[str, float] = {k: float(np.mean(v)) for k, v in stats.items() if k not in ("ratio/max", "ratio/min")}
@@ -308,7 +277,7 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
             "advantage/abs_max": float(gadv.values.abs().max()),
             "zero_signal_fraction": gadv.zero_signal_fraction, "reward/invalid": float(gadv.invalid),
             "grad_norm": float(np.mean(grad_norms)), "grad_norm/max": float(np.max(grad_norms)),
-            "lr": self.lr_at(step), "rollout/mbytes": rollout.nbytes() / 2**20,
+            "lr": self.cfg.optim.lr, "rollout/mbytes": rollout.nbytes() / 2**20,
         })
         rec.update(timer.summary(prefix="time/"))
         if self.device.type == "cuda":
@@ -319,7 +288,7 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
             rec["memory/peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return rec
 
-    def _policy_weights(self, rollout: Rollout, ar_steps: list[int], adv: Advantages, objective) -> dict[int, float]:
+    def _policy_weights(self, rollout: Rollout, ar_steps: list[int], adv: Advantages) -> dict[int, float]:
         """Per scored AR step, the factor on this rank's policy term that makes the ranks' averaged gradient the
         gradient of one mean over the global batch.
 
@@ -332,7 +301,7 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
             return dict.fromkeys(ar_steps, 1.0)
         if a.normalize == "rollout":
             return dict.fromkeys(ar_steps, float(self.world))
-        local = [float(kept_policy_tokens(rollout, i, adv.use, objective).sum()) for i in ar_steps]
+        local = [float(kept_policy_tokens(rollout, i, adv.use, a).sum()) for i in ar_steps]
         total = D.all_reduce_sum(local)
         return {i: self.world * k / t if t > 0 else 1.0 for i, k, t in zip(ar_steps, local, total, strict=True)}
 
@@ -483,8 +452,7 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
                         and (done % self.cfg.eval.every == 0 or done == self.cfg.steps))
         if evaluate_now:
             rec.update(self.evaluate(done))
-        if done % self.cfg.log.log_every == 0 or done == self.cfg.steps or evaluate_now:
-            writer.log(done, rec)
+        writer.log(done, rec)
         bar.set_postfix(reward=f"{rec.get('reward/mean', float('nan')):.3f}", kl=f"{rec.get('loss/kl', 0):.2e}")
         if done % self.cfg.log.sample_every == 0 or done == self.cfg.steps:
             self.save_samples(done)

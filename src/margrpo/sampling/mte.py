@@ -7,21 +7,17 @@
 
 The sampler draws the chains (`sample_commit_mte` from each token's committing condition, or per recorded step)
 and records, for the selected tokens only, their states and log-probabilities (`record_mte`); the objective
-averages the policy term over them (`margrpo.rl.objective`).
+averages the policy term over them (`margrpo.rl.loss`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from margrpo.models.heads import DiffusionHead
-from margrpo.sampling.chains import run_chains, transition_log_probs
+from margrpo.sampling.chains import run_chains
+from margrpo.sampling.config import RecordPlan
 from margrpo.sampling.rollout import ARStepRecord
-
-if TYPE_CHECKING:
-    from margrpo.sampling.sampler import SamplerConfig
 
 
 def token_uncertainty(final_values: torch.Tensor) -> torch.Tensor:
@@ -49,12 +45,12 @@ def top_fraction_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def record_mte(rec: ARStepRecord, head: DiffusionHead, chains: torch.Tensor, uncertain: torch.Tensor,
-               scoring: tuple[torch.Tensor, torch.Tensor | None, float], config: SamplerConfig) -> None:
+               scoring: tuple[torch.Tensor, torch.Tensor | None, float], plan: RecordPlan, temperature: float) -> None:
     """Keep the K chains [K, T+1, N, C] of a step's `uncertain` tokens and their log-probabilities under the
     step's scoring conditions, at the head steps the trainer will score: what replay reads, nothing more."""
-    if config.mte_head_steps is not None and rec.step not in config.mte_head_steps:
+    if plan.head_steps is not None and rec.step not in plan.head_steps:
         return  # recorded for another reason (the consistency mask of the next step), never scored
-    js = (list(config.mte_head_steps[rec.step]) if config.mte_head_steps is not None
+    js = (list(plan.head_steps[rec.step]) if plan.head_steps is not None
           else [j for j in range(head.num_steps) if head.is_stochastic(j)])
     idx = uncertain.nonzero().flatten()
     z, zu, guidance = scoring
@@ -62,7 +58,7 @@ def record_mte(rec: ARStepRecord, head: DiffusionHead, chains: torch.Tensor, unc
     rec.mte_tokens = idx
     rec.mte_head_steps = js
     rec.mte_x = chains[:, :, idx]
-    rec.mte_logp = (chain_log_probs(head, rec.mte_x, js, z, zu, guidance, config.temperature)
+    rec.mte_logp = (chain_log_probs(head, rec.mte_x, js, z, zu, guidance, temperature)
                     if len(idx) and js else None)
 
 
@@ -70,11 +66,11 @@ def chain_log_probs(head: DiffusionHead, chains: torch.Tensor, js: list[int], z:
                     z_uncond: torch.Tensor | None, guidance: float, temperature: float) -> torch.Tensor:
     """Log-probabilities [K, J, n, C] of K chains' transitions [K, T+1, n, C] at head steps `js`, in one head call
     per step: the chain axis broadcasts over the n conditions (their conditioning computed once)."""
-    return transition_log_probs(head, chains.transpose(0, 1), js, z, z_uncond, guidance, temperature)[2].transpose(0, 1)
+    return head.score_transitions(chains.transpose(0, 1), js, z, z_uncond, guidance, temperature).logp.transpose(0, 1)
 
 
 def sample_commit_mte(head: DiffusionHead, z_commit: torch.Tensor, z_u_commit: torch.Tensor | None,
-                      guidance_commit: torch.Tensor, config: SamplerConfig,
+                      guidance_commit: torch.Tensor, k: int, temperature: float,
                       generator: torch.Generator | None, finite: list[torch.Tensor] | None = None) -> torch.Tensor:
     """K extra chains per token under the condition of the step that committed it (reference-code MTE).
 
@@ -84,4 +80,4 @@ def sample_commit_mte(head: DiffusionHead, z_commit: torch.Tensor, z_u_commit: t
     z = z_commit.reshape(b * seq_len, d)
     zu = z_u_commit.reshape(b * seq_len, d) if z_u_commit is not None else None
     g = guidance_commit.reshape(b * seq_len, 1)
-    return run_chains(head, z, zu, g, config.temperature, generator, config.mte_k, config.batch_mte_chains, finite)
+    return run_chains(head, z, zu, g, temperature, generator, k, finite)

@@ -3,9 +3,9 @@
 One loop serves every model family: it sees only the `Policy` interface (`models/base.py`): the policy module
 itself, `policy(tokens, mask, cond, drop)` -> z, its head module, `policy.head(x, j, z, ...)` -> the step's
 Gaussian, and `policy.sample_orders` / `policy.mask_schedule` for the generation order and the AR schedule.
-`compute_conditions` (here) and the head chains (`chains.py`) are shared with `replay.py`, which recomputes the
-same quantities for the trainer: using the same code (same batch layout for guidance) is what makes the
-recomputed log-probabilities equal to the recorded ones; the MTE chains are drawn and recorded by `mte.py`.
+`compute_conditions` (here) and the head's `score_transitions` are shared with the loss (`rl/loss.py`), which
+recomputes the same quantities for the trainer: using the same code (same batch layout for guidance) is what makes
+the recomputed log-probabilities equal to the recorded ones; the MTE chains are drawn and recorded by `mte.py`.
 
 All randomness comes from explicit `torch.Generator`s: `generator` for the orders and the main
 head noise, `mte_generator` for the extra multi-trajectory-expectation chains (so that switching
@@ -13,11 +13,6 @@ MTE on does not change the images).
 """
 
 from __future__ import annotations
-
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -30,87 +25,11 @@ from margrpo.sampling.chains import (
     check_finite,
     run_chain,
     run_chains,
-    shared_within_groups,
     split_noise,
-    transition_log_probs,
 )
+from margrpo.sampling.config import RecordPlan, SamplerConfig
 from margrpo.sampling.mte import record_mte, sample_commit_mte, token_uncertainty, top_fraction_mask
 from margrpo.sampling.rollout import ARStepRecord, Rollout
-
-POLICY_TOKENS = ("committed", "unknown")
-MTE_SOURCES = ("commit", "scored")
-SCORE_GUIDANCE_MODES = ("rollout", "cond_only")
-
-
-@dataclass
-class SamplerConfig:
-    """How to sample. `num_diffusion_steps=None` keeps the head's configured step count."""
-
-    num_ar_steps: int = 16
-    num_diffusion_steps: int | None = None
-    guidance_scale: float = 1.0
-    guidance_schedule: str | None = None  # "linear" | "constant"; None = the policy family's own
-    temperature: float = 1.0
-    # which tokens a recorded AR step runs through the head: the ones it commits, or every unknown one (the policy
-    # term of `algorithm.policy_tokens: unknown` and the consistency mask need those)
-    policy_tokens: str = "committed"
-    record: bool = True
-    record_steps: tuple[int, ...] | None = None  # None = every AR step
-    record_z: bool = True
-    mte_k: int = 0
-    mte_source: str = "commit"
-    # MTE: per image, the `mte_top_fraction` most uncertain tokens of a recorded step keep their K chains and
-    # the chains' log-probabilities at `mte_head_steps[step]` (every stochastic head step where not given),
-    # under that step's condition: what replay reads, recorded by the rollout so the ratio-is-1 check can fail.
-    mte_top_fraction: float = 0.3
-    mte_head_steps: dict[int, tuple[int, ...]] | None = None
-    # The density the trainer scores head transitions under: "rollout" (the guided one that sampled) or
-    # "cond_only" (the conditional branch alone, as the MAR-GRPO reference code); the rollout records the
-    # log-probabilities of that density.
-    score_guidance: str = "rollout"
-    # Branched groups: consecutive runs of `noise_group` images share their generation order and all head
-    # noise except at AR step `branch_step`, where each image draws its own. Reward differences inside a
-    # group are then caused by that one step's tokens alone (see `margrpo.rl` for why that matters).
-    noise_group: int = 1
-    branch_step: int | None = None
-    # MTE: run the K extra chains together, states [K, N, C] under the N conditions (the head computes each token's
-    # conditioning once for all K chains), instead of K calls of N; their noise is drawn first, in the sequential
-    # order, so each chain sees the draws it would see alone. Equal to the sequential chains up to matmul rounding;
-    # the sequential form holds K times less transient head memory.
-    batch_mte_chains: bool = True
-    # torch.compile the policy's transformer and the head's network for the rollout (compiled once per module and
-    # kept); off by default: compiling costs minutes, pays off only on long runs, and needs a working compiler
-    compile: bool = False
-
-    def __post_init__(self) -> None:
-        if self.noise_group < 1:
-            raise ValueError(f"noise_group must be >= 1, got {self.noise_group}")
-        if (self.noise_group > 1) != (self.branch_step is not None):
-            raise ValueError("noise_group > 1 and branch_step go together (shared noise needs the step where "
-                             f"images branch); got noise_group={self.noise_group}, branch_step={self.branch_step}")
-        if self.branch_step is not None and not 0 <= self.branch_step < self.num_ar_steps:
-            raise ValueError(f"branch_step={self.branch_step} is not an AR step; valid: 0..{self.num_ar_steps - 1}")
-        if self.policy_tokens not in POLICY_TOKENS:
-            raise ValueError(f"policy_tokens={self.policy_tokens!r}; valid: {POLICY_TOKENS}")
-        if self.mte_source not in MTE_SOURCES:
-            raise ValueError(f"mte_source={self.mte_source!r}; valid: {MTE_SOURCES}")
-        if self.guidance_schedule not in (None, "linear", "constant"):
-            raise ValueError(f"guidance_schedule={self.guidance_schedule!r}; valid: 'linear', 'constant', or None "
-                             "(the model family's)")
-        if self.num_ar_steps < 1:
-            raise ValueError(f"num_ar_steps must be >= 1, got {self.num_ar_steps}")
-        if self.mte_k < 0:
-            raise ValueError(f"mte_k must be >= 0, got {self.mte_k}")
-        if self.mte_k == 1:
-            raise ValueError("mte_k=1 cannot estimate uncertainty; use 0 (off) or >= 2")
-        if not 0.0 <= self.mte_top_fraction <= 1.0:
-            raise ValueError(f"mte_top_fraction must be in [0, 1], got {self.mte_top_fraction}")
-        if self.score_guidance not in SCORE_GUIDANCE_MODES:
-            raise ValueError(f"score_guidance={self.score_guidance!r}; valid: {SCORE_GUIDANCE_MODES}")
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance_scale != 1.0
 
 
 def compute_conditions(policy: Policy, tokens: torch.Tensor, mask: torch.Tensor,
@@ -147,40 +66,6 @@ def _flat_positions(orders: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return (torch.arange(b, device=orders.device)[:, None] * seq_len + pos).reshape(-1)
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def compiled(module: torch.nn.Module) -> Callable:
-    """`torch.compile(module)`, built once per module (dynamic shapes: AR steps differ in their token counts)."""
-    fn = _COMPILED.get(module)
-    if fn is None:
-        fn = _COMPILED[module] = torch.compile(module, dynamic=True)
-    return fn
-
-
-@contextmanager
-def rollout_forward(policy: Policy, enabled: bool) -> Iterator[Callable]:
-    """The policy call the rollout uses: the policy, or (`enabled`) its compiled form, with the head's network
-    swapped for its compiled form for the duration (restored after, so state dicts and training see the module).
-
-    Only the rollout is compiled: the trainer's replay must be the eager function the gradients flow through, and
-    the compiled one computes the same function (the test checks allclose) so the recorded log-probabilities
-    still give ratio 1 up to rounding.
-    """
-    if not enabled:
-        yield policy
-        return
-    head = policy.head
-    net = head._modules.get("net") if isinstance(head, torch.nn.Module) else None
-    if net is not None:
-        head._modules["net"] = compiled(net)
-    try:
-        yield compiled(policy)
-    finally:
-        if net is not None:
-            head._modules["net"] = net
-
-
 def _mask_by_order(mask_len: int, orders: torch.Tensor) -> torch.Tensor:
     """Keep the first `mask_len` positions of each order masked (LTH14 `mask_by_order`)."""
     out = torch.zeros(orders.shape, dtype=torch.bool, device=orders.device)
@@ -191,10 +76,10 @@ def _mask_by_order(mask_len: int, orders: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample(policy: Policy, cond: Condition | None, batch_size: int, config: SamplerConfig,
            generator: torch.Generator | None = None, mte_generator: torch.Generator | None = None,
-           progress: bool = False) -> Rollout:
-    """Generate `batch_size` token canvases (one per row of `cond`) and record the rollout.
+           progress: bool = False, record: RecordPlan | None = None) -> Rollout:
+    """Generate `batch_size` token canvases (one per row of `cond`); with a `record` plan, record the rollout.
 
-    The policy is put in eval mode for the duration (dropout off), as the trainer's recomputation is.
+    The policy is put in eval mode for the duration (dropout off), as the loss's recomputation is.
     """
     if cond is not None and len(cond) != batch_size:
         raise ValueError(f"condition batch {len(cond)} != batch_size {batch_size}")
@@ -204,29 +89,26 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
     was_training = policy.training
     policy.eval()
     head: DiffusionHead = policy.head
-    if config.num_diffusion_steps is not None and config.num_diffusion_steps != head.num_steps:
-        head.set_sampling_steps(config.num_diffusion_steps)
+    if config.diffusion_steps is not None and config.diffusion_steps != head.num_steps:
+        head.set_sampling_steps(config.diffusion_steps)
     extra_generator = _extra_generator(generator)
     device = next(policy.parameters()).device
     seq_len, c = policy.seq_len, policy.token_embed_dim
     schedule = config.guidance_schedule or policy.default_guidance_schedule
-    # the policy's AR schedule: at most `num_ar_steps` steps (NOVA's drops the ones that would predict nothing)
-    counts = policy.mask_schedule(config.num_ar_steps, seq_len)
+    # the policy's AR schedule: at most `ar_steps` steps (NOVA's drops the ones that would predict nothing)
+    counts = policy.mask_schedule(config.ar_steps, seq_len)
     n_steps = len(counts)
-    if not 1 <= n_steps <= config.num_ar_steps or sum(counts) != seq_len or min(counts) < 1:
-        raise ValueError(f"{type(policy).__name__}.mask_schedule({config.num_ar_steps}, {seq_len}) gave {counts}: "
-                         f"it must give 1 to {config.num_ar_steps} counts >= 1 that sum to {seq_len}")
-    if config.branch_step is not None and config.branch_step >= n_steps:
-        raise ValueError(f"branch_step={config.branch_step} is not an AR step of this schedule ({n_steps} steps)")
-    group = config.noise_group
-    if batch_size % group:
-        raise ValueError(f"batch_size {batch_size} is not a multiple of noise_group {group}")
-    orders = policy.sample_orders(batch_size // group, generator, device).repeat_interleave(group, dim=0)
+    if not 1 <= n_steps <= config.ar_steps or sum(counts) != seq_len or min(counts) < 1:
+        raise ValueError(f"{type(policy).__name__}.mask_schedule({config.ar_steps}, {seq_len}) gave {counts}: "
+                         f"it must give 1 to {config.ar_steps} counts >= 1 that sum to {seq_len}")
+    orders = policy.sample_orders(batch_size, generator, device)
     tokens = torch.zeros(batch_size, seq_len, c, device=device)
     known = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
-    record_steps = set(range(n_steps) if config.record_steps is None else config.record_steps)
+    plan = record if record is not None else RecordPlan()
+    recorded_steps = set() if record is None else set(range(n_steps) if plan.steps is None else plan.steps)
+    mte_k = plan.mte_k if record is not None else 0
     steps: dict[int, ARStepRecord] = {}
-    need_commit_z = config.mte_k > 0 and config.mte_source == "commit"
+    need_commit_z = mte_k > 0 and plan.mte_source == "commit"
     scoring: dict[int, tuple[torch.Tensor, torch.Tensor | None, float]] = {}
     z_commit = z_u_commit = guidance_commit = None
     if need_commit_z:
@@ -234,89 +116,78 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
 
     finite: list[torch.Tensor] = []
     flat_b = batch_size * seq_len
-    forward_ctx = rollout_forward(policy, config.compile)
-    forward = forward_ctx.__enter__()
-    try:
-        still = seq_len
-        for i in tqdm(range(n_steps), desc="AR steps", disable=not progress, leave=False):
-            mask = (~known).float()
-            mask_len = still - counts[i]  # tokens still unknown after this step
-            to_pred = ~known & ~_mask_by_order(mask_len, orders)
-            # the linear guidance schedule reads upstream's clamped count, which is 1 (not 0) after the last step
-            guidance = (guidance_at_step(config.guidance_scale, schedule, seq_len, max(1, mask_len))
-                        if config.guided else 1.0)
-            z_c, z_u = compute_conditions(forward, tokens, mask, cond, config.guided)
-            rec = config.record and i in record_steps
-            # all unknown tokens are diffused only where the step is recorded (the consistency mask needs them)
-            diffuse_all = config.policy_tokens == "unknown" and rec
-            diffused = ~known if diffuse_all else to_pred
-            # the selected rows by index (ascending positions per image, as the boolean masks select them): the
-            # counts come from the schedule, so no step reads a tensor back to the host
-            flat_pred = _flat_positions(orders, mask_len, still)
-            all_committed = not diffuse_all or mask_len == 0
-            flat_diff = flat_pred if all_committed else _flat_positions(orders, 0, still)
-            per_image = counts[i] if all_committed else still
-            d = z_c.shape[-1]
-            zc_sel = z_c.reshape(flat_b, d)[flat_diff]
-            zu_sel = z_u.reshape(flat_b, d)[flat_diff] if z_u is not None else None
-            committed = to_pred.reshape(-1)[flat_diff]
-            if group > 1 and i != config.branch_step:  # every image of a group has the same masks here
-                first = committed.reshape(batch_size, per_image)[::group].reshape(-1)
-                noise_fn = shared_within_groups(split_noise(first, head.token_dim, generator, extra_generator,
-                                                            batch_size // group * counts[i]), group, per_image)
-            else:
-                noise_fn = None if all_committed else split_noise(committed, head.token_dim, generator,
-                                                                  extra_generator, batch_size * counts[i])
-            x_final, traj = run_chain(head, zc_sel, zu_sel, guidance, config.temperature, generator, rec, noise_fn,
-                                      finite)
-            canvas_before = tokens.clone() if rec else None
-            x_commit = x_final if all_committed else x_final[torch.argsort((~committed).to(torch.int8),
-                                                                           stable=True)[:batch_size * counts[i]]]
-            tokens.view(flat_b, c)[flat_pred] = x_commit.to(tokens.dtype)
-            if need_commit_z:
-                if z_commit is None:
-                    z_commit = torch.zeros_like(z_c)
-                    z_u_commit = torch.zeros_like(z_c) if z_u is not None else None
-                z_commit.view(flat_b, d)[flat_pred] = z_c.reshape(flat_b, d)[flat_pred]
-                if z_u is not None:
-                    z_u_commit.view(flat_b, d)[flat_pred] = z_u.reshape(flat_b, d)[flat_pred]
-                guidance_commit.view(flat_b, 1)[flat_pred] = guidance
-            if rec:
-                # the conditions the trainer scores this step's transitions under (the sampling ones, or cond-only)
-                scoring[i] = (zc_sel, zu_sel, guidance) if config.score_guidance == "rollout" else (zc_sel, None, 1.0)
-                logp_cond = None
-                if config.guided and config.score_guidance == "cond_only":
-                    logp_cond = torch.zeros_like(traj["logp"])
-                    js = [j for j in range(head.num_steps) if head.is_stochastic(j)]
-                    logp_cond[js] = transition_log_probs(head, traj["x"], js, zc_sel, None, 1.0, config.temperature)[2]
-                steps[i] = ARStepRecord(
-                    step=i, known=known.clone(), to_pred=to_pred.clone(), diffused=diffused.clone(),
-                    canvas=canvas_before, guidance=float(guidance), x=traj["x"], logp=traj["logp"], logp_cond=logp_cond,
-                    z=z_c.clone() if config.record_z else None,
-                    z_uncond=z_u.clone() if (config.record_z and z_u is not None) else None)
-                if config.mte_k > 0 and config.mte_source == "scored":
-                    chains = run_chains(head, zc_sel, zu_sel, guidance, config.temperature, mte_generator, config.mte_k,
-                                        config.batch_mte_chains, finite)
-                    uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
-                                                  config.mte_top_fraction).reshape(-1)
-                    record_mte(steps[i], head, chains, uncertain, scoring[i], config)
-            known = known | to_pred
-            still -= counts[i]
-
+    still = seq_len
+    for i in tqdm(range(n_steps), desc="AR steps", disable=not progress, leave=False):
+        mask = (~known).float()
+        mask_len = still - counts[i]  # tokens still unknown after this step
+        to_pred = ~known & ~_mask_by_order(mask_len, orders)
+        # the linear guidance schedule reads upstream's clamped count, which is 1 (not 0) after the last step
+        guidance = (guidance_at_step(config.guidance_scale, schedule, seq_len, max(1, mask_len))
+                    if config.guided else 1.0)
+        z_c, z_u = compute_conditions(policy, tokens, mask, cond, config.guided)
+        recorded = i in recorded_steps
+        # all unknown tokens are diffused only where the step is recorded (the consistency mask needs them)
+        diffuse_all = plan.policy_tokens != "committed" and recorded
+        diffused = ~known if diffuse_all else to_pred
+        # the selected rows by index (ascending positions per image, as the boolean masks select them): the
+        # counts come from the schedule, so no step reads a tensor back to the host
+        flat_pred = _flat_positions(orders, mask_len, still)
+        all_committed = not diffuse_all or mask_len == 0
+        flat_diff = flat_pred if all_committed else _flat_positions(orders, 0, still)
+        d = z_c.shape[-1]
+        zc_sel = z_c.reshape(flat_b, d)[flat_diff]
+        zu_sel = z_u.reshape(flat_b, d)[flat_diff] if z_u is not None else None
+        committed = to_pred.reshape(-1)[flat_diff]
+        noise_fn = None if all_committed else split_noise(committed, head.token_dim, generator, extra_generator,
+                                                          batch_size * counts[i])
+        x_final, traj = run_chain(head, zc_sel, zu_sel, guidance, config.temperature, generator, recorded, noise_fn,
+                                  finite)
+        canvas_before = tokens.clone() if recorded else None
+        x_commit = x_final if all_committed else x_final[torch.argsort((~committed).to(torch.int8),
+                                                                       stable=True)[:batch_size * counts[i]]]
+        tokens.view(flat_b, c)[flat_pred] = x_commit.to(tokens.dtype)
         if need_commit_z:
-            chains = sample_commit_mte(head, z_commit, z_u_commit, guidance_commit, config, mte_generator, finite)
-            # uncertainty per image over all its tokens (the reference code's), then each step's share of them
-            uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
-                                          config.mte_top_fraction).reshape(-1)
-            for i, r in steps.items():
-                flat = r.diffused.reshape(-1).nonzero().flatten()
-                record_mte(r, head, chains[:, :, flat], uncertain[flat], scoring[i], config)
-    finally:
-        forward_ctx.__exit__(None, None, None)
+            if z_commit is None:
+                z_commit = torch.zeros_like(z_c)
+                z_u_commit = torch.zeros_like(z_c) if z_u is not None else None
+            z_commit.view(flat_b, d)[flat_pred] = z_c.reshape(flat_b, d)[flat_pred]
+            if z_u is not None:
+                z_u_commit.view(flat_b, d)[flat_pred] = z_u.reshape(flat_b, d)[flat_pred]
+            guidance_commit.view(flat_b, 1)[flat_pred] = guidance
+        if recorded:
+            # the conditions the loss scores this step's transitions under (the sampling ones, or cond-only)
+            scoring[i] = (zc_sel, zu_sel, guidance) if plan.score_guidance == "rollout" else (zc_sel, None, 1.0)
+            logp_cond = None
+            if config.guided and plan.score_guidance == "cond_only":
+                logp_cond = torch.zeros_like(traj["logp"])
+                js = [j for j in range(head.num_steps) if head.is_stochastic(j)]
+                logp_cond[js] = head.score_transitions(traj["x"], js, zc_sel, None, 1.0, config.temperature).logp
+            steps[i] = ARStepRecord(
+                step=i, known=known.clone(), to_pred=to_pred.clone(), diffused=diffused.clone(),
+                canvas=canvas_before, guidance=float(guidance), x=traj["x"], logp=traj["logp"], logp_cond=logp_cond,
+                z=z_c.clone() if plan.record_z else None,
+                z_uncond=z_u.clone() if (plan.record_z and z_u is not None) else None)
+            if mte_k > 0 and plan.mte_source == "scored":
+                chains = run_chains(head, zc_sel, zu_sel, guidance, config.temperature, mte_generator, mte_k, finite)
+                uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
+                                              plan.mte_top_fraction).reshape(-1)
+                record_mte(steps[i], head, chains, uncertain, scoring[i], plan, config.temperature)
+        known = known | to_pred
+        still -= counts[i]
+
+    if need_commit_z:
+        chains = sample_commit_mte(head, z_commit, z_u_commit, guidance_commit, mte_k, config.temperature,
+                                   mte_generator, finite)
+        # uncertainty per image over all its tokens (the reference code's), then each step's share of them
+        uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
+                                      plan.mte_top_fraction).reshape(-1)
+        for i, r in steps.items():
+            flat = r.diffused.reshape(-1).nonzero().flatten()
+            record_mte(r, head, chains[:, :, flat], uncertain[flat], scoring[i], plan, config.temperature)
     check_finite(finite)
     if was_training:
         policy.train()
     return Rollout(cond=cond, orders=orders, counts=counts, tokens=tokens, steps=steps, head_steps=head.num_steps,
                    guidance_scale=config.guidance_scale, guidance_schedule=schedule,
-                   temperature=config.temperature, policy_tokens=config.policy_tokens,
-                   mte_source=config.mte_source if config.mte_k else None)
+                   temperature=config.temperature, policy_tokens=plan.policy_tokens,
+                   mte_source=plan.mte_source if mte_k else None)

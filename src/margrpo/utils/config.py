@@ -714,6 +714,7 @@ def _build_dataclass(cls: type, value: Any, path: tuple, ctx: _Ctx) -> Any:
     flds = _init_fields(cls)
     n_errors = len(ctx.errors)
     renamed: Mapping[str, str] = getattr(cls, "RENAMED_KEYS", {})  # old name -> new, so old configs get a pointer
+    removed: Mapping[str, str] = getattr(cls, "REMOVED_KEYS", {})  # old name -> why it went and what replaces it
     for k in value:
         if k not in flds:
             p = path + (k,)
@@ -721,6 +722,8 @@ def _build_dataclass(cls: type, value: Any, path: tuple, ctx: _Ctx) -> Any:
             hint = f"; did you mean '{_fmt(path + (close[0],))}'?" if close else ""
             if k in renamed:
                 hint = f"; it was renamed '{_fmt(path + (renamed[k],))}'"
+            if k in removed:
+                hint = f"; it was removed: {removed[k]}"
             section = f" of {_fmt(path)}" if path else ""
             ctx.err(p, f"unknown key '{_fmt(p)}'{hint} (valid keys{section}: {', '.join(flds)})")
     kwargs: dict[str, Any] = {}

@@ -1,24 +1,14 @@
-"""Render a config dataclass tree as markdown: `python -m margrpo.utils.config_docs [OUT]` writes
-docs/configuration.md from `TrainConfig`'s declarations (each option's help, type, default and checks), so the
-documentation cannot drift from the code (a test compares them)."""
+"""Render a config dataclass tree as markdown (each option's help, type, default and checks), so a configuration's
+documentation cannot drift from its code: `python -m margrpo.rl.config` writes docs/configuration.md with it, and a
+test compares the two."""
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import typing
-from pathlib import Path
 from typing import Any
 
 from margrpo.utils.config import _hints  # the resolved annotations the loader itself checks against
-
-HEADER = """# Configuration
-
-Generated from the dataclasses in `src/margrpo/rl/config.py` by `python -m margrpo.utils.config_docs`; do not edit
-by hand. A config is a YAML file (with `base:` naming files it builds on, e.g. a preset) plus `key=value`
-overrides; unknown keys, wrong types and values outside the listed range or choices are errors naming the file and
-line. Presets (`configs/presets/*.yaml`) are such files.
-"""
 
 
 def _type_name(tp: Any) -> str:
@@ -72,21 +62,3 @@ def render(cls: type, prefix: str = "") -> str:
     for name, tp in sections:
         out += "\n" + render(tp, f"{prefix}{name}.")
     return out
-
-
-def configuration_markdown() -> str:
-    from margrpo.rl.config import TrainConfig
-
-    return HEADER + "\n" + render(TrainConfig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    out = Path(argv[0]) if argv else Path(__file__).resolve().parents[3] / "docs" / "configuration.md"
-    out.write_text(configuration_markdown())
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

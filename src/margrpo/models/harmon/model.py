@@ -1,248 +1,155 @@
-"""Harmon (Wu et al. 2025; wusize/Harmon): a MAR encoder and decoder around a Qwen2.5 LLM, LTH14's DDPM head,
-LTH14's KL-16 VAE.
+"""Harmon as an `ImageModel` (wusize/Harmon): the policy (`policy.HarmonPolicy`), its prompt template and text
+tokenizer, the frozen KL-16 VAE, and its HF-style folder format, written by `save_pretrained` and read by
+`load_folder` (`loading.py` reads upstream's `.pth` and builds the model through the same `_assemble`).
 
-`HarmonPolicy` is the `Policy`: it holds one of our `MAR` modules (LTH14 parameter names, so upstream's `mar.*`
-keys load as they are) and calls its `forward_mae_encoder` / `forward_mae_decoder` pieces with the LLM in between,
-as upstream's `Harmon.forward_mae_encoder`:
-
-    x_enc = MAR encoder(known tokens, `fake_latent` in every buffer row)
-    h     = LLM(proj_in(x_enc) as [visible tokens in raster order; buffer], prompt KV cache,
-                positions continuing at each row's number of real prompt tokens, pad keys masked)
-    z     = MAR decoder(x_enc + proj_out(h back in encoder order))
-
-`HarmonImageModel` is the `ImageModel`: the policy, the prompt template and tokenizer, and the frozen VAE. Its
-`state_dict()` has upstream's keys (`llm.*`, `mar.*`, `proj_in.*`, `proj_out.*`, `vae.*`) because it registers the
-policy's sub-modules directly (the policy object itself is shared, not a child, so no key appears twice).
+`HarmonImageModel.state_dict()` has upstream's keys (`llm.*`, `mar.*`, `proj_in.*`, `proj_out.*`, `vae.*`) because it
+registers the policy's sub-modules directly (the policy object itself is shared, not a child, so no key appears
+twice). The folder: `config.json` with `llm` (a Qwen2 config dict) and `mar` (`type` = a preset, plus MAR keyword
+arguments), `model.safetensors` (every key including `vae.*`, without the tied `llm.lm_head.weight`), the tokenizer
+files. Loading is strict: missing, unexpected and mis-shaped keys are reported together in one error naming the
+file.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
-from margrpo.models.base import ImageModel, Policy
-from margrpo.models.harmon.condition import HarmonCondition, make_cache, trim_cache
-from margrpo.models.heads import DiffusionHead
-from margrpo.models.mar.model import LORA_TARGETS as MAR_LORA_TARGETS
+from margrpo.models.base import ImageModel
+from margrpo.models.harmon.condition import HarmonCondition
+from margrpo.models.harmon.policy import CFG_PROMPT, PROMPT_TEMPLATE, HarmonPolicy, format_prompt
+from margrpo.models.mar.lth14 import MAR_PRESETS, UPSTREAM_KWARGS, count_blocks, infer_config
 from margrpo.models.mar.model import MAR
 from margrpo.models.vae import KL16_LATENT_SCALE, AutoencoderKL
+from margrpo.models.weights import WeightsMismatchError, preserves_global_rng
 
-__all__ = ["CFG_PROMPT", "HARMON_FORMAT", "PROMPT_TEMPLATE", "HarmonImageModel", "HarmonPolicy", "build_mlp",
-           "format_prompt"]
+__all__ = ["HARMON_FORMAT", "HarmonCheckpointError", "HarmonImageModel", "is_harmon_folder", "load_folder",
+           "mar_type_and_kwargs"]
 
-# upstream's `prompt_template["INSTRUCTION"]` (configs/models/*.py) and the prompt wrapping of scripts/text2image.py
-PROMPT_TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
-CFG_PROMPT = "Generate an image."
 HARMON_FORMAT = "harmon"
+LM_HEAD = "llm.lm_head.weight"
+EMBED = "llm.model.embed_tokens.weight"
+_LISTED = 10
 
 
-def format_prompt(prompt: str) -> str:
-    """The text the tokenizer sees for a user prompt: no system turn, not `apply_chat_template` (upstream's)."""
-    return PROMPT_TEMPLATE.format(input=f"Generate an image: {prompt}")
+class HarmonCheckpointError(WeightsMismatchError):
+    """Harmon files that do not fit together; the message names the file and the keys."""
 
 
-def build_mlp(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
-    """Upstream's projector: Linear, SiLU, Linear (keys `.0.*` and `.2.*`)."""
-    return nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(), nn.Linear(projector_dim, z_dim))
+# ------------------------------------------------------------------------------------------------ helpers
+def _strip(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def _cache_kwarg(llm_model: nn.Module, cache) -> dict:
-    """The cache argument under the name this transformers takes: `cache` (5.x), `past_key_values` (4.x, and 5.x
-    before 5.40 with a deprecation warning)."""
-    params = inspect.signature(type(llm_model).forward).parameters
-    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+def _preset_for(mar_sd: Mapping[str, torch.Tensor]) -> str | None:
+    """The upstream preset (`mar_base`/`mar_large`/`mar_huge`) whose width and depths the weights have."""
+    if "z_proj.weight" not in mar_sd:
+        return None
+    width = mar_sd["z_proj.weight"].shape[0]
+    depths = (count_blocks(mar_sd, "encoder_blocks"), count_blocks(mar_sd, "decoder_blocks"))
+    for name, p in MAR_PRESETS.items():
+        if p["embed"] == width and depths == (p["depth"], p["depth"]):
+            return name
+    return None
 
 
-class HarmonPolicy(Policy):
-    """Harmon's text-to-image path as a `Policy`: `policy(tokens, mask, cond, drop)` -> z [B, L, D_dec].
+def mar_type_and_kwargs(mar: MAR) -> tuple[str, dict[str, Any]]:
+    """`config.json["mar"]` for a MAR: the matching preset name (else "custom") and every upstream argument, so the
+    folder gives the whole architecture whatever its `type`."""
+    cfg = mar.config
+    kwargs = {f: getattr(cfg, f) for f in sorted(UPSTREAM_KWARGS)}
+    name = "custom"
+    for preset, p in MAR_PRESETS.items():
+        if all(kwargs[f"{part}_{k}"] == p[v] for part in ("encoder", "decoder")
+               for k, v in (("embed_dim", "embed"), ("depth", "depth"), ("num_heads", "heads"))):
+            name = preset
+    return name, kwargs
 
-    `cond` is a `HarmonCondition` (its prompt cache is used and trimmed back to the prompt after every call),
-    `None` for the unconditional prompt "Generate an image." in the same template, and `drop[b]` gives row b that
-    prompt. Only `mar.*` is in the trainable groups: the LLM and the projectors are frozen, as in MAR-GRPO's Harmon
-    runs (the prompt cache is computed once per rollout, so a trained LLM would condition on a stale prompt).
-    """
 
-    default_guidance_schedule = "constant"  # upstream's Harmon guides with a constant scale by default
+def _build_mar(mar_sd: Mapping[str, torch.Tensor], source: str, config_kwargs: Mapping[str, Any],
+               mar_type: str | None, mar_kwargs: Mapping[str, Any]) -> MAR:
+    unknown = sorted(set(mar_kwargs) - UPSTREAM_KWARGS)
+    if unknown:
+        raise TypeError(f"unknown MAR argument(s) {unknown}; valid: {sorted(UPSTREAM_KWARGS)}")
+    preset = _preset_for(mar_sd)
+    if mar_type in MAR_PRESETS and preset != mar_type and not {"encoder_num_heads", "decoder_num_heads"} <= {
+            *config_kwargs, *mar_kwargs}:
+        raise HarmonCheckpointError(f"{source}: config says mar type {mar_type!r}, but the weights' width and depth "
+                                    f"are not that preset's; give encoder_num_heads and decoder_num_heads")
+    args = {"model": preset or mar_type or "", **config_kwargs}
+    try:
+        return MAR(infer_config(mar_sd, args, **mar_kwargs))
+    except WeightsMismatchError as e:
+        raise HarmonCheckpointError(f"{source} [mar.*]: {e}") from None
 
-    def __init__(self, llm: nn.Module, mar: MAR, uncond_input_ids: torch.Tensor):
-        super().__init__()
-        hidden = int(llm.config.hidden_size)
-        d_enc = mar.config.encoder_embed_dim
-        self.llm = llm
-        self.mar = mar
-        self.proj_in = build_mlp(d_enc, hidden, hidden)
-        self.proj_out = build_mlp(hidden, hidden, d_enc)
-        # a plain attribute (no buffer): the ImageModel moves the shared sub-modules, not this object
-        self.uncond_input_ids = uncond_input_ids.long().reshape(1, -1).cpu()
-        side = mar.config.seq_h
-        self._image_shape = (side, side)
-        self.token_embed_dim = mar.config.token_dim
-        self.llm_checkpointing = False  # `set_gradient_checkpointing`
 
-    # ---------------------------------------------------------------- geometry
-    @property
-    def image_shape(self) -> tuple[int, int]:
-        """(m, n) token grid; the native grid by default, another one interpolates the position embeddings."""
-        return self._image_shape
+def _check(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], source: str,
+           allowed_missing: set[str]) -> None:
+    """Every problem at once: missing (beyond `allowed_missing`), unexpected and mis-shaped keys."""
+    missing = sorted(k for k in expected if k not in got and k not in allowed_missing)
+    unexpected = sorted(k for k in got if k not in expected)
+    mismatched = [f"{k}: model {tuple(expected[k].shape)} vs file {tuple(got[k].shape)}"
+                  for k in expected if k in got and expected[k].shape != got[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"{source}: the weights do not fit the Harmon architecture"]
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)):
+            if keys:
+                more = f" ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else ""
+                lines.append(f"  {what} ({len(keys)}): {keys[:_LISTED]}{more}")
+        raise HarmonCheckpointError("\n".join(lines))
 
-    @image_shape.setter
-    def image_shape(self, shape: tuple[int, int]) -> None:
-        m, n = (int(v) for v in shape)
-        if m < 1 or n < 1:
-            raise ValueError(f"image_shape must be two positive ints, got {shape}")
-        self._image_shape = (m, n)
 
-    @property
-    def seq_len(self) -> int:  # type: ignore[override]
-        m, n = self._image_shape
-        return m * n
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
 
-    @property
-    def head(self) -> DiffusionHead:
-        """LTH14's DDPM head, `mar.diffloss` (upstream's key names)."""
-        return self.mar.diffloss
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{folder}: no readable tokenizer (tokenizer.json / vocab files): {e}") from None
 
-    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
-        """[B, c, m*p, n*p] -> [B, m*n, c*p*p], upstream's `b c (m p) (n q) -> b (m n) (c p q)`."""
-        b, c, h, w = latents.shape
-        p = self.mar.config.patch_size
-        x = latents.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (h // p) * (w // p), c * p * p)
 
-    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Inverse of `patchify` on the current `image_shape` grid."""
-        b = tokens.shape[0]
-        m, n = self._image_shape
-        p = self.mar.config.patch_size
-        c = tokens.shape[-1] // (p * p)
-        x = tokens.reshape(b, m, n, c, p, p).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(b, c, m * p, n * p)
+def _assemble(sd: dict[str, torch.Tensor], source: str, llm_config, tokenizer, vae: AutoencoderKL | None,
+              config_kwargs: Mapping[str, Any], mar_type: str | None, mar_kwargs: Mapping[str, Any],
+              vae_scale: float, dtype: torch.dtype, device: torch.device | str) -> HarmonImageModel:
+    """Build every piece from the shapes and configs, check the keys strictly, load, cast, eval."""
+    from transformers import Qwen2ForCausalLM
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """MAR's blocks through its config, and the LLM call as one checkpointed segment.
+    has_vae_keys = any(k.startswith("vae.") for k in sd)
+    if has_vae_keys:
+        from margrpo.models.mar.kl16 import infer_kl16_config
 
-        Not transformers' `gradient_checkpointing_enable`: its layers drop the KV cache (`use_cache=False`) when
-        checkpointing in train mode, which would lose the prompt, and do nothing in eval mode (the trainer's). The
-        LLM is frozen but gradients pass through it to `mar`, so its activations are the larger part of the memory;
-        the segment re-runs `_llm` (which extends and trims the prompt cache back) during backward.
-        """
-        self.mar.set_gradient_checkpointing(enabled)
-        self.llm_checkpointing = bool(enabled)
-
-    def lora_target_modules(self) -> str:
-        """MAR's transformer linears under `mar.`; never the LLM or the projectors, which RL keeps frozen."""
-        return r"mar\." + MAR_LORA_TARGETS
-
-    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """"head" = `mar.diffloss`, "ar" = the rest of `mar`, "llm" = the LLM and `proj_in`/`proj_out`, which RL
-        does not train: the prompt's KV cache is computed once per rollout, and a trained LLM would condition
-        every later call on a stale prompt."""
-        head = {id(p) for p in self.head.parameters()}
-        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"ar": [], "head": [], "llm": []}
-        for name, p in self.named_parameters():
-            group = ("head" if id(p) in head else "ar") if name.startswith("mar.") else "llm"
-            groups[group].append((name, p))
-        return groups
-
-    # ---------------------------------------------------------------- prompts
-    @property
-    def _device(self) -> torch.device:
-        return self.mar.fake_latent.device
-
-    @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> HarmonCondition:
-        """The prompt's KV cache: the LLM over all T positions, no attention mask, positions 0..T-1 (upstream)."""
-        input_ids = input_ids.to(self._device)
-        cache = make_cache([])
-        self.llm.model(input_ids=input_ids, use_cache=True, return_dict=True, **_cache_kwarg(self.llm.model, cache))
-        return HarmonCondition(input_ids, attention_mask.to(self._device), cache)
-
-    def unconditional(self, bsz: int) -> HarmonCondition:
-        """The unconditional prompt ("Generate an image." in the template) for `bsz` rows, prefilled afresh."""
-        ids = self.uncond_input_ids.to(self._device)
-        return self.prefill(ids, torch.ones_like(ids, dtype=torch.bool)).repeat_interleave(bsz)
-
-    def _resolve(self, cond: HarmonCondition | None, drop: torch.Tensor | None, bsz: int) -> HarmonCondition:
-        if cond is None:
-            return self.unconditional(bsz)
-        if not isinstance(cond, HarmonCondition):
-            raise TypeError(f"Harmon is conditioned on a HarmonCondition (model.encode_prompts), got "
-                            f"{type(cond).__name__}")
-        if len(cond) != bsz:
-            raise ValueError(f"condition batch {len(cond)} does not match token batch {bsz}")
-        if drop is None or not bool(drop.any()):
-            return cond
-        if bool(drop.all()):
-            return self.unconditional(bsz)
-        return cond.where(drop, self.unconditional(bsz))
-
-    # ---------------------------------------------------------------- the condition
-    def _llm(self, z_enc: torch.Tensor, valid: torch.Tensor | None, cond: HarmonCondition) -> torch.Tensor:
-        """The LLM over the encoder tokens with the prompt cache; returns its hidden states in encoder order.
-
-        Encoder rows are [buffer; known tokens; padding] (padding only for ragged batches, `valid`); the LLM reads
-        [known tokens; buffer; padding], causally, so a row's padding never reaches its real tokens. Upstream's
-        position ids are cumsum(mask) - 1 over [prompt mask; ones], i.e. image token k at (real prompt tokens) + k.
-        """
-        b, n, _ = z_enc.shape
-        buf = self.mar.buffer_size
-        dev = z_enc.device
-        counts = valid.sum(1) if valid is not None else torch.full((b,), n, device=dev)
-        j = torch.arange(n, device=dev)[None, :]
-        counts = counts[:, None]
-        # LLM position of each encoder position: known tokens first, then the buffer, then padding
-        rank = torch.where(j < buf, counts - buf + j, torch.where(j < counts, j - buf, j))
-        order = torch.argsort(rank, dim=1)  # encoder position at each LLM position
-        seq = torch.gather(z_enc, 1, order[..., None].expand(-1, -1, z_enc.shape[-1]))
-        keys = torch.cat([cond.attention_mask, (j < counts).expand(b, n)], dim=1)
-        positions = cond.lengths[:, None] + j
-        cache = cond.past_key_values
         try:
-            out = self.llm.model(inputs_embeds=seq.to(self.llm.dtype), attention_mask=keys, position_ids=positions,
-                                 use_cache=True, return_dict=True, **_cache_kwarg(self.llm.model, cache))
-        finally:
-            trim_cache(cache, cond.prompt_length)
-        h = out.last_hidden_state
-        return torch.gather(h, 1, rank[..., None].expand(-1, -1, h.shape[-1]))
-
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, cond: HarmonCondition | None = None,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
-        """z [B, L, D] for a canvas `tokens` [B, L, C] and `mask` [B, L] (1 = unknown), upstream's
-        `forward_mae_encoder` then `mar.forward_mae_decoder` on `image_shape`."""
-        bsz = tokens.shape[0]
-        cond = self._resolve(cond, drop, bsz)
-        mar = self.mar
-        tokens = tokens.to(mar.fake_latent.dtype)  # upstream's `x.to(self.dtype)` (bfloat16 weights)
-        d = mar.config.encoder_embed_dim
-        buffer = mar.fake_latent.to(tokens.dtype).unsqueeze(1).expand(bsz, mar.buffer_size, d)
-        shape = self._image_shape
-        x_enc, valid = mar.forward_mae_encoder(tokens, mask, buffer, image_shape=shape)
-        if self.llm_checkpointing and torch.is_grad_enabled():
-            h = torch.utils.checkpoint.checkpoint(self._llm, self.proj_in(x_enc), valid, cond, use_reentrant=False)
-        else:
-            h = self._llm(self.proj_in(x_enc), valid, cond)
-        x_enc = x_enc + self.proj_out(h.to(x_enc.dtype))
-        return mar.forward_mae_decoder(x_enc, mask, valid=valid, image_shape=shape)
-
-    # ---------------------------------------------------------------- pretraining
-    def pretrain_loss(self, tokens: torch.Tensor, cond: HarmonCondition | None,
-                      generator: torch.Generator | None = None, drop_conditions: bool | None = None) -> torch.Tensor:
-        """Upstream's `text2image_loss`: MAR's masking and diffusion loss around this policy's z; dropped rows (CFG
-        training, `label_drop_prob`) get the unconditional prompt."""
-        if drop_conditions is None:
-            drop_conditions = self.training
-        dev = tokens.device
-        mask = self.mar.random_masking(self.sample_orders(tokens.shape[0], generator, dev), generator)
-        drop = None
-        if drop_conditions and cond is not None:
-            drop = torch.rand(len(cond), generator=generator, device=dev) < self.mar.config.label_drop_prob
-        z = self(tokens, mask, cond, drop)
-        return self.mar.masked_diffusion_loss(tokens, z, mask, generator)
+            vae = AutoencoderKL(**infer_kl16_config(_strip(sd, "vae."), path=f"{source} [vae.*]"))
+        except ValueError as e:
+            raise HarmonCheckpointError(str(e)) from None
+    elif vae is None:
+        raise HarmonCheckpointError(f"{source}: has no vae.* keys; pass vae= (the kl16.ckpt Harmon decodes with)")
+    # the MAR's image geometry follows the VAE it decodes with (upstream: stride 16, patch 1)
+    config_kwargs = {"vae_stride": vae.downsample_factor, **config_kwargs}
+    mar = _build_mar(_strip(sd, "mar."), source, config_kwargs, mar_type, mar_kwargs)
+    llm = Qwen2ForCausalLM(llm_config)
+    uncond = torch.tensor(tokenizer.encode(PROMPT_TEMPLATE.format(input=CFG_PROMPT), add_special_tokens=True))
+    model = HarmonImageModel(HarmonPolicy(llm, mar, uncond), vae, tokenizer, vae_scale)
+    expected = model.state_dict()
+    tied = llm.get_output_embeddings().weight is llm.get_input_embeddings().weight
+    allowed = {LM_HEAD} if tied else set()
+    if not has_vae_keys:
+        allowed |= {k for k in expected if k.startswith("vae.")}
+    _check(expected, sd, source, allowed)
+    if tied and LM_HEAD in sd and not torch.equal(sd[LM_HEAD], sd[EMBED]):
+        raise HarmonCheckpointError(f"{source}: {LM_HEAD} differs from {EMBED}, but the LLM config ties them")
+    full = {k: sd[k] for k in expected if k in sd}
+    if tied:
+        full[LM_HEAD] = sd[EMBED]
+    if not has_vae_keys:
+        full.update({f"vae.{k}": v for k, v in vae.state_dict().items()})
+    model.load_state_dict(full, strict=True)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 class HarmonImageModel(ImageModel):
@@ -334,8 +241,6 @@ class HarmonImageModel(ImageModel):
 
     # ---------------------------------------------------------------- persistence (the HF-style folder)
     def harmon_config(self) -> dict:
-        from margrpo.models.harmon.loading import mar_type_and_kwargs
-
         mar_type, mar_kwargs = mar_type_and_kwargs(self.mar)
         return {"format": HARMON_FORMAT, "llm": self.llm.config.to_dict(), "mar": {"type": mar_type, **mar_kwargs},
                 "vae_scale": self.vae_scale, "image_shape": list(self.image_shape)}
@@ -364,10 +269,52 @@ class HarmonImageModel(ImageModel):
     @classmethod
     def load_pretrained(cls, path: str | Path, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32, **mar_kwargs) -> HarmonImageModel:
-        from margrpo.models.harmon.loading import load_folder
-
         return load_folder(path, dtype=dtype, device=device, **mar_kwargs)
 
 
 def _is_tied(llm: nn.Module) -> bool:
     return llm.get_output_embeddings().weight is llm.get_input_embeddings().weight
+
+
+def is_harmon_folder(path: str | Path) -> bool:
+    """A directory whose `config.json` has a `llm` and a `mar` object (the HF format)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        spec = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(spec, dict) and isinstance(spec.get("llm"), dict) and isinstance(spec.get("mar"), dict)
+
+
+@preserves_global_rng
+def load_folder(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                **mar_kwargs: Any) -> HarmonImageModel:
+    """The HF-format folder (what `HarmonImageModel.save_pretrained` and `convert` write)."""
+    from safetensors.torch import load_file
+    from transformers import Qwen2Config
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not is_harmon_folder(path):
+        raise ValueError(f"{cfg_file}: not a Harmon config (needs 'llm' and 'mar' objects)")
+    spec = json.loads(cfg_file.read_text(encoding="utf-8"))
+    mar_spec = dict(spec["mar"])
+    mar_type = mar_spec.pop("type", None)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing (a Harmon folder holds config.json, model.safetensors and the "
+                                "tokenizer files)")
+    try:
+        sd = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise HarmonCheckpointError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    unknown = sorted(set(mar_spec) - UPSTREAM_KWARGS)
+    if unknown:
+        raise ValueError(f"{cfg_file}: mar has unknown argument(s) {unknown}; valid: {sorted(UPSTREAM_KWARGS)}")
+    model = _assemble(sd, str(weights), Qwen2Config.from_dict(spec["llm"]), _load_tokenizer(path), None, mar_spec,
+                      mar_type, mar_kwargs, float(spec.get("vae_scale", KL16_LATENT_SCALE)), dtype, device)
+    if spec.get("image_shape"):
+        model.image_shape = tuple(spec["image_shape"])
+    return model

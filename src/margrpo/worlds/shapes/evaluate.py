@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from margrpo.models.base import ImageModel
-from margrpo.sampling.sampler import SamplerConfig, sample
+from margrpo.sampling.config import SamplerConfig
+from margrpo.sampling.sampler import sample
 from margrpo.utils.rng import derive_seed, make_generator, numpy_rng
 from margrpo.worlds import shapes
 
@@ -125,14 +126,13 @@ def evaluate(model: ImageModel, prompts: Sequence[str], sampler: SamplerConfig, 
 
     t0 = time.perf_counter()
     prompts = list(prompts)
-    cfg = SamplerConfig(**{**sampler.__dict__, "record": False, "mte_k": 0})
     dev = model.device
     all_images, results = [], []
     batches = range(0, len(prompts), batch_size)
     for k, start in enumerate(tqdm(batches, desc="eval", disable=not progress, leave=False)):
         chunk = prompts[start:start + batch_size]
         cond = model.encode_prompts(chunk)
-        r = sample(model.policy, cond, len(chunk), cfg, make_generator(seed, "eval", k, device=dev))
+        r = sample(model.policy, cond, len(chunk), sampler, make_generator(seed, "eval", k, device=dev))
         images = model.decode(r.tokens).float().cpu()
         all_images.append(images)
         results.extend(shapes.score_tensors(images, chunk))

@@ -108,13 +108,13 @@ def base_rows(model_spec: str, per_category: int, seed: int) -> list[dict[str, A
     import torch
 
     from margrpo.models.loading import load_model
-    from margrpo.sampling.sampler import SamplerConfig
+    from margrpo.sampling.config import SamplerConfig
 
     from .evaluate import eval_prompt_set, evaluate, train_prompt_set
 
     model = load_model(model_spec, torch.device("cpu"))
     prompts = eval_prompt_set(per_category) + train_prompt_set(per_category)
-    cfg = SamplerConfig(num_ar_steps=16, guidance_scale=3.0, record=False)  # `margrpo eval`'s defaults
+    cfg = SamplerConfig(ar_steps=16, diffusion_steps=None, guidance_scale=3.0)  # `margrpo eval`'s defaults
     res = evaluate(model, prompts, cfg, seed=seed)
     assert res.images is not None
     return score_both(tensor_to_images(res.images), prompts)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from margrpo.models.base import ImageModel
-from margrpo.sampling.sampler import SamplerConfig
+from margrpo.sampling.config import SamplerConfig
 from margrpo.utils.rng import derive_seed, numpy_rng
 from margrpo.worlds import shapes
 from margrpo.worlds.shapes.evaluate import EVAL_SEED, SPLITS, evaluate

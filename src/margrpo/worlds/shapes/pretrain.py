@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from margrpo.models.mar.factory import ModelSpec, build_model
 from margrpo.models.mar.image_model import MARImageModel
-from margrpo.sampling.sampler import SamplerConfig
+from margrpo.sampling.config import SamplerConfig
 from margrpo.utils.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -54,8 +54,8 @@ class EvalSpec:
     temperature: float = field(default=1.0, metadata={"range": (0.01, 10.0)})
 
     def sampler(self) -> SamplerConfig:
-        return SamplerConfig(num_ar_steps=self.ar_steps, guidance_scale=self.guidance_scale,
-                             guidance_schedule=self.guidance_schedule, temperature=self.temperature, record=False)
+        return SamplerConfig(ar_steps=self.ar_steps, diffusion_steps=None, guidance_scale=self.guidance_scale,
+                             guidance_schedule=self.guidance_schedule, temperature=self.temperature)
 
 
 @dataclass

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from margrpo.models.base import ImageModel
-from margrpo.sampling.sampler import SamplerConfig
+from margrpo.sampling.config import SamplerConfig
 from margrpo.utils import result_cache
 from margrpo.worlds.shapes.evaluate import EvalResult, EvalSet, evaluate_set, strict_accuracy
 
@@ -204,7 +204,7 @@ def code_digest() -> str:
 def grid_cache_key(model_digest: str, sets: dict[str, EvalSet], sampler: SamplerConfig,
                    settings: Sequence[SamplerSetting], device: torch.device | str) -> dict:
     """Everything that determines a grid's results (module docstring)."""
-    varying = {"guidance_scale", "temperature", "record", "mte_k"}  # set per setting, or by evaluate itself
+    varying = {"guidance_scale", "temperature"}  # set per setting
     return {
         "format": CACHE_FORMAT,
         "model": model_digest,

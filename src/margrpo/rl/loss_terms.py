@@ -1,28 +1,85 @@
-"""The forward-process estimators of the policy term: the head's training loss on each token's final value.
+"""Per-element terms of the loss (`rl/loss.py` masks, reduces and sums them): the PPO-clipped surrogate, the KL
+to the reference, MAR-GRPO's consistency mask, and the forward-process estimators' per-draw terms.
 
-* `matching_terms`: advantage-weighted matching (AWM, Xue et al. 2025), the PPO surrogate on minus the loss;
+* `matching_terms`: advantage-weighted matching (AWM, Xue et al. 2025), the PPO surrogate on minus the head's
+  training loss on each token's final value;
 * `nft_terms`: DiffusionNFT (Zheng et al. 2025), the negative-aware loss through implicit positive and negative
   policies.
 
 Both take stratified noise levels (`stratified_uniform`) drawn from a generator that gives the same draws in every
-PPO epoch, and cache the rollout's ("old") terms in the first epoch. `rl/objective.py` applies the masks,
-reductions and KL that every estimator shares.
+PPO epoch, and cache the rollout's ("old") terms in the first epoch. Everything here is float32 and element-wise.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
+import torch.nn.functional as F
 
-from margrpo.rl.losses import clipped_surrogate
+from margrpo.models.heads import ScoredTransitions
+from margrpo.rl.config import AlgorithmSection
 
-if TYPE_CHECKING:
-    from margrpo.rl.objective import ObjectiveConfig
+MAX_LOG_RATIO = 20.0
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                      clip_eps: float, dual_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO loss per element, -min(rho A, clip(rho, 1-eps, 1+eps) A), and the ratio rho (float32).
+
+    `advantages` must broadcast against `logp`. With clip_eps <= 0 no clipping is applied (plain
+    importance-weighted policy gradient). `dual_clip` = c > 1 also bounds the objective of negative
+    advantages below by c A (dual-clip PPO), so one element whose ratio exploded cannot dominate the
+    gradient. The log-ratio is clamped to +-20 before exponentiating: beyond that the element's
+    gradient is zero anyway under clipping, and exp would overflow to inf and turn gradients into nan.
+    """
+    ratio = torch.exp((logp.float() - old_logp.float()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    unclipped = ratio * advantages
+    if clip_eps <= 0:
+        return -unclipped, ratio
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    objective = torch.minimum(unclipped, clipped)
+    if dual_clip is not None:
+        objective = torch.where(advantages < 0, torch.maximum(objective, dual_clip * advantages), objective)
+    return -objective, ratio
+
+
+def gaussian_kl(mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor, std_q: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_p, std_p^2) || N(mean_q, std_q^2)) element-wise, float32.
+
+    With equal stds (frozen head) it is (mean_p - mean_q)^2 / (2 std^2), Flow-GRPO's analytic KL.
+    """
+    mp, sp, mq, sq = (t.float() for t in (mean_p, std_p, mean_q, std_q))
+    return torch.log(sq / sp) + (sp**2 + (mp - mq) ** 2) / (2 * sq**2) - 0.5
+
+
+def reference_code_kl(mean_policy: torch.Tensor, mean_ref: torch.Tensor) -> torch.Tensor:
+    """The MAR-GRPO release's "KL": e^d - d - 1 with d = mu_ref - mu_theta, on means (no 1/s^2)."""
+    d = mean_ref.float() - mean_policy.float()
+    return torch.exp(d) - d - 1
+
+
+def kl_terms(policy: ScoredTransitions, ref: ScoredTransitions, mode: str) -> torch.Tensor:
+    if mode == "gaussian":
+        return gaussian_kl(policy.mean, policy.std, ref.mean, ref.std)
+    if mode == "reference":
+        return reference_code_kl(policy.mean, ref.mean)
+    raise ValueError(f"kl={mode!r}; valid: 'gaussian', 'reference'")
+
+
+def consistency_mask(step_values: torch.Tensor, prev_values: torch.Tensor, final: torch.Tensor,
+                     committed: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
+    """MAR-GRPO's consistency-aware selection: keep committed tokens, and unknown ones whose step output moved toward
+    the final token (cosine over channels gained more than `tau` since the previous step).
+
+    All inputs are aligned over the same tokens: step_values / prev_values / final [..., C], committed [...] bool.
+    """
+    def cosine(values: torch.Tensor) -> torch.Tensor:
+        return F.cosine_similarity(values.float(), final.float(), dim=-1, eps=1e-8)
+
+    return committed | (cosine(step_values) - cosine(prev_values) > tau)
 
 
 def matching_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv: torch.Tensor,
-                   cfg: ObjectiveConfig, old_cache: dict, key: tuple, first_epoch: bool,
+                   cfg: AlgorithmSection, old_cache: dict, key: tuple, first_epoch: bool,
                    generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Advantage-weighted matching (AWM, Xue et al. 2025): the PPO surrogate on the head's pretraining loss.
 
@@ -49,7 +106,7 @@ def matching_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor,
     return clipped_surrogate(-loss, -old_cache[key], adv, cfg.clip_eps, cfg.dual_clip)
 
 
-def nft_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv: torch.Tensor, cfg: ObjectiveConfig,
+def nft_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv: torch.Tensor, cfg: AlgorithmSection,
               old_cache: dict, key: tuple, first_epoch: bool, generator: torch.Generator | None
               ) -> tuple[torch.Tensor, dict[str, float]]:
     """DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117) on each token's final value, through z (head frozen).
@@ -62,7 +119,7 @@ def nft_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv:
         e+ = beta e_theta + (1 - beta) e_old,      e- = (1 + beta) e_old - beta e_theta      (beta = `nft_beta`)
 
     and the per-token loss is [r |e+|^2 / w+ + (1 - r) |e-|^2 / w-] / beta, with |.|^2 a mean over channels and
-    w = mean |e| (detached, at least 1e-5: the release's adaptive weighting; `nft_weighting="mse"`: w = 1). At
+    w = mean |e| (detached, at least 1e-5: the release's adaptive weighting). At
     theta = old its gradient is (A / A_max) grad(|e_theta|^2) / w: the advantage-weighted denoising loss;
     positive samples are fitted, negative
     ones pushed away, and beta sets how far the implicit policies extrapolate. Noise levels are stratified as in
@@ -84,11 +141,8 @@ def nft_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv:
     pos = beta * err + (1 - beta) * old
     neg = (1 + beta) * old - beta * err
 
-    def weighted(e: torch.Tensor) -> torch.Tensor:
-        sq = (e**2).mean(dim=-1, keepdim=True)
-        if cfg.nft_weighting == "mse":
-            return sq
-        return sq / e.detach().abs().mean(dim=-1, keepdim=True).clamp(min=1e-5)
+    def weighted(e: torch.Tensor) -> torch.Tensor:  # squared error over its detached mean absolute error
+        return (e**2).mean(dim=-1, keepdim=True) / e.detach().abs().mean(dim=-1, keepdim=True).clamp(min=1e-5)
 
     loss = (r * weighted(pos) + (1 - r) * weighted(neg)) / beta
     with torch.no_grad():

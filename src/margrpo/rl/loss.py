@@ -1,0 +1,377 @@
+"""The loss of one scored AR step: the policy term of the configured estimator + beta * KL to the reference.
+
+Per scored element (token x channel x head step j), with rho = exp(logp_theta - logp_old):
+
+    L_pg = -min(rho A, clip(rho, 1-eps, 1+eps) A)
+    L    = reduce(L_pg over kept policy elements) + beta * reduce(KL(pi_theta || pi_ref) over all elements)
+
+The estimator of the policy term is one entry of `LOSSES` (one signature: `(ScoredStep, AlgorithmSection) ->
+StepLoss`); a new estimator is one function there plus its name in `rl/config.py`'s `ESTIMATORS`:
+
+* `trajectory` (GRPO / DDPO, MAR-GRPO): the recorded head transitions, scored one head step at a time (below).
+  MTE: on the rollout's most uncertain tokens the policy term is the mean over their K extra chains'
+  surrogates (the rollout chose the tokens and recorded the chains, `sampling/mte.py`).
+* `matching` (advantage-weighted matching, Xue et al. 2025) and `nft` (DiffusionNFT, Zheng et al. 2025): the
+  head's training loss on each token's final value (`rl/loss_terms.py`), so [J, N, C] becomes [draws, N, 1].
+
+Shared by all three: the kept tokens (a token's image must carry signal; with the consistency filter, for AR steps
+i > i0 a still-unknown token is kept only if its step-i head output moved closer to its final value than the
+step-(i-1) output did; committed tokens always stay), the reduction, and the KL (never filtered, always on the
+main trajectory). `reduce` is a mean over kept elements per AR step (`normalize="element"`), a sum over channels
+and a mean over kept (token, step) pairs (`"token"`, Harmon's), or every kept sum divided by the kept (token,
+head step) pairs of the whole rollout (`"rollout"`, the trainer's `policy_denominator`).
+
+Old log-probabilities are the rollout's own, recorded at sampling time under the density the loss scores (the
+guided one, or the conditional branch alone for `score_guidance="cond_only"`), so rho = 1 before the first update
+is a check of this replay against sampling, not a copy of one evaluation. The forward-process estimators' old
+losses come from the first PPO epoch; the frozen reference's transitions are cached across epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from margrpo.models.base import Policy
+from margrpo.models.heads import DiffusionHead, ScoredTransitions
+from margrpo.rl.config import AlgorithmSection
+from margrpo.rl.loss_terms import (
+    MAX_LOG_RATIO,
+    clipped_surrogate,
+    consistency_mask,
+    kl_terms,
+    matching_terms,
+    nft_terms,
+)
+from margrpo.sampling.mte import token_uncertainty
+from margrpo.sampling.rollout import ARStepRecord, Rollout
+from margrpo.sampling.sampler import compute_conditions
+
+
+@dataclass
+class StepLoss:
+    loss: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- replay: conditions
+@dataclass
+class StepConditions:
+    """Recomputed conditions of one AR step, restricted to its diffused tokens ([N, D])."""
+
+    z: torch.Tensor
+    z_uncond: torch.Tensor | None
+    guidance: float
+    z_full: torch.Tensor  # [B, L, D]
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off as at sampling, whatever mode the trainer keeps the model in; gradients still flow."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def step_conditions(policy: Policy, rollout: Rollout, step: int, score_guidance: str = "rollout") -> StepConditions:
+    """z for AR step `step` from its recorded canvas and known set, in eval mode as at sampling, with the sampler's
+    own `compute_conditions` and batch layout, so that before any update the recomputed log-probabilities equal the
+    recorded ones. `score_guidance="cond_only"` leaves the unconditional branch out (the MAR-GRPO release scores the
+    conditional branch alone)."""
+    if step not in rollout.steps:
+        raise KeyError(f"AR step {step} was not recorded; recorded steps: {sorted(rollout.steps)}")
+    rec = rollout.steps[step]
+    guided = rollout.guidance_scale != 1.0 and score_guidance == "rollout"
+    with eval_mode(policy):
+        z_c, z_u = compute_conditions(policy, rec.canvas, rec.mask, rollout.cond, guided)
+    sel = rec.diffused
+    return StepConditions(z=z_c[sel], z_uncond=z_u[sel] if z_u is not None else None,
+                          guidance=rec.guidance if guided else 1.0, z_full=z_c)
+
+
+def replay_transitions(head: DiffusionHead, x: torch.Tensor, js: Sequence[int], cond: StepConditions,
+                       temperature: float, tokens: torch.Tensor | None = None) -> ScoredTransitions:
+    """`head.score_transitions` under a step's recomputed conditions (restricted to `tokens`, an index tensor into
+    its N diffused tokens, when given: x is then [T+1, ..., n, C])."""
+    z, zu = cond.z, cond.z_uncond
+    if tokens is not None:
+        z = z[tokens]
+        zu = zu[tokens] if zu is not None else None
+    return head.score_transitions(x, js, z, zu, cond.guidance, temperature)
+
+
+# ------------------------------------------------------------------------------------------- one scored AR step
+def kept_policy_tokens(rollout: Rollout, step: int, use: torch.Tensor, cfg: AlgorithmSection,
+                       stats: dict[str, float] | None = None) -> torch.Tensor:
+    """[N] bool over AR step `step`'s diffused tokens: those that enter the policy term.
+
+    A token's image must carry signal (`use` [B]); with the consistency filter, a still-unknown token must have
+    moved toward its final value since the previous step (committed tokens always stay).
+    """
+    rec = rollout.steps[step]
+    b = rollout.batch_size
+    img = torch.arange(b, device=rec.x.device).repeat_interleave(int(rec.diffused.sum()) // b)
+    keep = use.to(rec.x.device)[img].clone()
+    if cfg.policy_tokens == "consistent" and step > cfg.consistency_start and (step - 1) in rollout.steps:
+        prev_vals = rollout.steps[step - 1].final_values()[rec.diffused]
+        final = rollout.tokens[rec.diffused]
+        cons = consistency_mask(rec.x[-1], prev_vals, final, rec.committed_in_diffused(), cfg.consistency_tau)
+        keep &= cons
+        if stats is not None:
+            stats["mask/consistency_kept"] = float(cons.float().mean())
+    if stats is not None:
+        stats["mask/policy_tokens"] = float(keep.float().mean())
+    return keep
+
+
+@dataclass
+class ScoredStep:
+    """What every estimator of `LOSSES` gets for one scored AR step."""
+
+    policy: Policy
+    reference: Policy | None
+    rollout: Rollout
+    rec: ARStepRecord
+    js: list[int]  # the scored head steps
+    adv: torch.Tensor  # [1, N, 1] each diffused token's advantage
+    keep: torch.Tensor  # [N] bool: the tokens in the policy term
+    conditions: StepConditions
+    cache: dict  # across PPO epochs: the forward-process estimators' old terms, the reference's transitions
+    first_epoch: bool
+    generator: torch.Generator | None  # the forward-process estimators' draws (the same in every epoch)
+    policy_denominator: float | None  # normalize="rollout": the rollout's kept (token, head step) pairs
+    policy_weight: float  # on the policy term (not the KL): a rank's share of the global batch
+    stats: dict[str, float]
+
+    def policy_count(self, terms: int, channels: int, normalize: str) -> tuple[float, float]:
+        """(what the kept sum of the policy term is divided by, the number of kept elements it logs) for `terms`
+        head steps or noise draws of `channels` values per token."""
+        kept = float(self.keep.float().sum())
+        if normalize == "rollout":
+            if self.policy_denominator is None:
+                raise ValueError("normalize='rollout' divides by the rollout's kept (token, head step) pairs: pass "
+                                 "policy_denominator (the trainer computes it with kept_policy_tokens)")
+            return float(self.policy_denominator) * channels, kept * terms
+        count = kept * terms * (channels if normalize == "element" else 1)
+        return count, count
+
+    def reference_transitions(self, score_guidance: str) -> ScoredTransitions:
+        """The frozen reference's transitions at the scored head steps, computed once per rollout (cached)."""
+        key = ("reference", self.rec.step, tuple(self.js))
+        if key not in self.cache:
+            with torch.no_grad():
+                sc = step_conditions(self.reference, self.rollout, self.rec.step, score_guidance)
+                self.cache[key] = replay_transitions(self.reference.head, self.rec.x, self.js, sc,
+                                                     self.rollout.temperature)
+        return self.cache[key]
+
+
+def ar_step_loss(policy: Policy, reference: Policy | None, rollout: Rollout, step: int,
+                 head_steps: list[int], advantages: torch.Tensor, use: torch.Tensor, cfg: AlgorithmSection,
+                 old_cache: dict, first_epoch: bool, generator: torch.Generator | None = None,
+                 policy_denominator: float | None = None, policy_weight: float = 1.0) -> StepLoss:
+    """Loss of AR step `step` of `rollout` at head steps `head_steps` (see the module docstring).
+
+    `advantages` [B] and `use` [B] (valid and informative samples) are per image; `ScoredStep` says what the other
+    arguments are. `policy_weight` multiplies the policy term (not the KL): a distributed trainer weighs each rank's
+    mean by its share of the global batch's kept elements, so that the ranks' averaged gradient is the gradient of
+    the mean over the global batch (`stats` keep the unweighted value).
+    """
+    if cfg.estimator not in LOSSES:
+        raise ValueError(f"estimator={cfg.estimator!r}; valid: {', '.join(map(repr, LOSSES))}")
+    for p in (policy, reference):
+        if p is not None and p.head.num_steps != rollout.head_steps:
+            raise ValueError(f"the head samples {p.head.num_steps} steps but the rollout recorded "
+                             f"{rollout.head_steps}; call head.set_sampling_steps({rollout.head_steps})")
+    rec = rollout.steps[step]
+    b = rollout.batch_size
+    img = torch.arange(b, device=rec.x.device).repeat_interleave(int(rec.diffused.sum()) // b)
+    stats: dict[str, float] = {}
+    keep = kept_policy_tokens(rollout, step, use, cfg, stats)
+    sc = step_conditions(policy, rollout, step, cfg.score_guidance)
+    scored = ScoredStep(policy=policy, reference=reference, rollout=rollout, rec=rec, js=list(head_steps),
+                        adv=advantages.to(rec.x.device).float()[img][None, :, None], keep=keep, conditions=sc,
+                        cache=old_cache, first_epoch=first_epoch,
+                        generator=generator, policy_denominator=policy_denominator, policy_weight=policy_weight,
+                        stats=stats)
+    return LOSSES[cfg.estimator](scored, cfg)
+
+
+# ------------------------------------------------------------------------------------------- the estimators
+def trajectory_loss(s: ScoredStep, cfg: AlgorithmSection) -> StepLoss:
+    """The trajectory estimator's loss of one AR step, back-propagated one scored head step at a time.
+
+    Why: MTE scores K extra chains of the uncertain tokens at every scored head step; in one graph the head
+    activations of all (1 + K) x J transitions would be alive at the backward, so peak memory would grow with K
+    and J. The loss is a sum over (trajectory, head step) terms with weights known in advance (the element-level
+    ratio, the kept-token masks and the reduction's counts), so each head step's terms -- the main trajectory's
+    (with its KL), then the K MTE chains' on the uncertain tokens (one head call) -- are differentiated alone
+    (`torch.autograd.grad`) into the step's conditions z (and the head's trainable weights) and their graph freed.
+    The returned loss has the summed value and, through `(z * dL/dz).sum()` (+ the same for the head weights;
+    those terms are exactly 0 in value), the summed gradient, for the caller's backward through the transformer.
+    `policy_weight` multiplies the policy term (not the KL); `stats` keep the unweighted value.
+    """
+    rollout, rec, js, keep, sc, stats = s.rollout, s.rec, s.js, s.keep, s.conditions, s.stats
+    dev = rec.x.device
+    temperature = rollout.temperature
+    n_tok, c = rec.x.shape[1], rec.x.shape[2]
+    n_j = len(js)
+    keep_f = keep.float()
+    count, n_el = s.policy_count(n_j, c, cfg.normalize)
+    w = keep_f / count if count > 0 else torch.zeros_like(keep_f)  # per-token weight of a (head step, channel)
+    mte = None
+    if cfg.mte_k and cfg.mte_top_fraction > 0 and rec.mte_x is not None:
+        idx = rec.mte_tokens
+        stats["mte/token_fraction"] = len(idx) / max(1, n_tok)
+        stats["mte/uncertainty_mean"] = float(token_uncertainty(rec.mte_x[:, -1]).mean()) if len(idx) else 0.0
+        if len(idx):
+            missing = sorted(set(js) - set(rec.mte_head_steps))
+            if missing:
+                raise ValueError(f"AR step {rec.step}: the rollout recorded MTE log-probabilities at head steps "
+                                 f"{rec.mte_head_steps}, not at {missing} (the RecordPlan's head_steps)")
+            mte = (idx, rec.mte_logp[:, [rec.mte_head_steps.index(j) for j in js]])
+    w_main = w
+    if mte is not None:
+        w_main = w.clone()
+        w_main[mte[0]] = 0.0
+    # old log-probabilities: the rollout's own, under the density the loss scores
+    if cfg.score_guidance == "cond_only" and rollout.guidance_scale != 1.0:
+        if rec.logp_cond is None:
+            raise ValueError("score_guidance='cond_only' scores the conditional branch, but the rollout recorded "
+                             "no log-probabilities for it (a RecordPlan with score_guidance='cond_only')")
+        old = rec.logp_cond[js]
+    else:
+        old = rec.logp[js]
+    step_weights = [1.0] * n_j
+    if cfg.head_step_weighting == "std":  # each head step's policy term by its mean std over the steps' mean
+        with torch.no_grad():
+            stds = torch.stack([replay_transitions(s.policy.head, rec.x, [j], sc, temperature).std.mean() for j in js])
+        step_weights = list(stds / stds.mean())
+    use_kl = s.reference is not None and cfg.beta > 0
+    if use_kl:
+        ref = s.reference_transitions(cfg.score_guidance)
+        kl_count = n_tok * n_j * (1 if cfg.normalize == "token" else c)
+
+    z = sc.z.detach().requires_grad_(True)
+    zu = sc.z_uncond.detach().requires_grad_(True) if sc.z_uncond is not None else None
+    leaf_sc = StepConditions(z=z, z_uncond=zu, guidance=sc.guidance, z_full=sc.z_full)
+    head_params = [p for p in s.policy.head.parameters() if p.requires_grad]
+    leaves = [z, *([zu] if zu is not None else []), *head_params]
+    grads: list[torch.Tensor | None] = [None] * len(leaves)
+    zero = torch.zeros((), device=dev)
+    policy_value, kl_value = zero, zero
+    kept = keep[None, :, None]
+    r_sum, r_n, r_max, r_min, r_clip = zero, 0, None, None, zero
+    mte_max, mte_min = None, None
+    weight = s.policy_weight
+
+    def accumulate(term: torch.Tensor) -> None:
+        for k, g in enumerate(torch.autograd.grad(term, leaves, allow_unused=True)):
+            if g is not None:
+                grads[k] = g if grads[k] is None else grads[k] + g
+
+    for c0, j in enumerate(js):
+        jc = [j]
+        main = replay_transitions(s.policy.head, rec.x, jc, leaf_sc, temperature)
+        pg, ratio = clipped_surrogate(main.logp, old[c0:c0 + 1], s.adv, cfg.clip_eps, cfg.dual_clip)
+        pol = (pg * w_main[None, :, None]).sum() * step_weights[c0]
+        term = pol if weight == 1.0 else weight * pol
+        if use_kl:
+            kl = kl_terms(main, ScoredTransitions(js=jc, mean=ref.mean[c0:c0 + 1], std=ref.std[c0:c0 + 1],
+                                                  logp=ref.logp[c0:c0 + 1]), cfg.kl).sum() / kl_count
+            term = term + cfg.beta * kl
+            kl_value = kl_value + kl.detach()
+        accumulate(term)
+        policy_value = policy_value + pol.detach()
+        with torch.no_grad():
+            r = ratio[kept.expand_as(ratio)] if bool(keep.any()) else ratio.reshape(-1)
+            r_sum, r_n = r_sum + r.sum(), r_n + r.numel()
+            r_max = r.max() if r_max is None else torch.maximum(r_max, r.max())
+            r_min = r.min() if r_min is None else torch.minimum(r_min, r.min())
+            r_clip = r_clip + ((r - 1).abs() > cfg.clip_eps).float().sum()
+        del main, pg, ratio, pol, term
+        if mte is not None:
+            # the K chains of the uncertain tokens together: their conditioning is computed once per token
+            idx, old_k = mte
+            k_chains = rec.mte_x.shape[0]
+            new = replay_transitions(s.policy.head, rec.mte_x.transpose(0, 1), jc, leaf_sc, temperature,
+                                     tokens=idx).logp.transpose(0, 1)
+            old_c = old_k[:, c0:c0 + 1]
+            pg_k = clipped_surrogate(new, old_c, s.adv[:, idx][None], cfg.clip_eps, cfg.dual_clip)[0]
+            pol = (pg_k * w[idx][None, None, :, None]).sum() / k_chains * step_weights[c0]
+            accumulate(pol if weight == 1.0 else weight * pol)
+            policy_value = policy_value + pol.detach()
+            with torch.no_grad():
+                rk = torch.exp((new - old_c).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+                mte_max = rk.max() if mte_max is None else torch.maximum(mte_max, rk.max())
+                mte_min = rk.min() if mte_min is None else torch.minimum(mte_min, rk.min())
+            del new, pg_k, pol
+    # the loss: the head steps' value, and the gradient they left on z (and the head) for the caller's backward
+    loss = (policy_value if weight == 1.0 else weight * policy_value) + cfg.beta * kl_value
+    sources = [sc.z, *([sc.z_uncond] if zu is not None else []), *head_params]
+    for src, g in zip(sources, grads, strict=True):
+        if g is not None and src.requires_grad:
+            loss = loss + (src * g).sum() - (src.detach() * g).sum()
+    if mte is not None and mte_max is not None:
+        stats["mte/ratio_max"], stats["mte/ratio_min"] = float(mte_max), float(mte_min)
+    stats.update({"loss/policy": float(policy_value), "loss/kl": float(kl_value), "elements": n_el})
+    if r_n:
+        stats.update({"ratio/mean": float(r_sum / r_n), "ratio/max": float(r_max), "ratio/min": float(r_min),
+                      "clip_fraction": float(r_clip / r_n) if cfg.clip_eps > 0 else 0.0})
+    return StepLoss(loss=loss, stats=stats)
+
+
+def _forward_process_loss(s: ScoredStep, cfg: AlgorithmSection, pg: torch.Tensor,
+                          ratio: torch.Tensor | None) -> StepLoss:
+    """A forward-process estimator's per-draw terms `pg` [M, N, 1], reduced over the kept tokens, + beta * KL."""
+    rec, stats = s.rec, s.stats
+    count, n_el = s.policy_count(pg.shape[0], 1, cfg.normalize)
+    if count == 0:
+        policy_loss = pg.sum() * 0.0
+    else:
+        policy_loss = (pg * s.keep.float()[None, :, None]).sum() / count
+    kl_loss = torch.zeros((), device=rec.x.device)
+    if s.reference is not None and cfg.beta > 0:
+        main = replay_transitions(s.policy.head, rec.x, s.js, s.conditions, s.rollout.temperature)
+        kl = kl_terms(main, s.reference_transitions(cfg.score_guidance), cfg.kl)
+        kl_loss = kl.sum() / (kl.shape[0] * kl.shape[1] * (1 if cfg.normalize == "token" else kl.shape[2]))
+    loss = (policy_loss if s.policy_weight == 1.0 else s.policy_weight * policy_loss) + cfg.beta * kl_loss
+    stats.update({"loss/policy": float(policy_loss.detach()), "loss/kl": float(kl_loss.detach()), "elements": n_el})
+    if ratio is not None:
+        with torch.no_grad():
+            kept = s.keep[None, :, None].expand_as(ratio)
+            r = ratio[kept] if bool(kept.any()) else ratio.reshape(-1)
+            stats.update({
+                "ratio/mean": float(r.mean()), "ratio/max": float(r.max()), "ratio/min": float(r.min()),
+                "clip_fraction": float(((r - 1).abs() > cfg.clip_eps).float().mean()) if cfg.clip_eps > 0 else 0.0,
+            })
+    return StepLoss(loss=loss, stats=stats)
+
+
+def matching_loss(s: ScoredStep, cfg: AlgorithmSection) -> StepLoss:
+    """Advantage-weighted matching: the PPO surrogate on minus the head's pretraining loss (`matching_terms`)."""
+    pg, ratio = matching_terms(s.policy.head, s.rollout.tokens[s.rec.diffused], s.conditions.z, s.adv, cfg,
+                               s.cache, ("matching", s.rec.step), s.first_epoch, s.generator)
+    return _forward_process_loss(s, cfg, pg, ratio)
+
+
+def nft_loss(s: ScoredStep, cfg: AlgorithmSection) -> StepLoss:
+    """DiffusionNFT's negative-aware loss on each token's final value (`nft_terms`)."""
+    pg, nft_stats = nft_terms(s.policy.head, s.rollout.tokens[s.rec.diffused], s.conditions.z, s.adv, cfg,
+                              s.cache, ("nft", s.rec.step), s.first_epoch, s.generator)
+    s.stats.update(nft_stats)
+    return _forward_process_loss(s, cfg, pg, None)
+
+
+# the estimators of the policy term, by `algorithm.estimator` (its choices, `rl.config.ESTIMATORS`, name these)
+LOSSES: dict[str, Callable[[ScoredStep, AlgorithmSection], StepLoss]] = {
+    "trajectory": trajectory_loss,
+    "matching": matching_loss,
+    "nft": nft_loss,
+}
