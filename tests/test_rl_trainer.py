@@ -45,7 +45,7 @@ def test_rollout_normalisation_weighs_every_kept_pair_alike():
         ar_step_loss(model.mar, None, r, 2, [0], adv.values, adv.use, AlgorithmSection(normalize="rollout"), {}, True)
 
 
-@pytest.mark.parametrize("mte_source", ["commit", "scored"])
+@pytest.mark.parametrize("mte_source", ["commit", "scored", "bridge"])
 def test_the_recorded_old_log_probs_catch_a_replay_that_differs_from_sampling(mte_source):
     """The ratio-is-1 check is not true by construction: a model changed after sampling moves every ratio."""
     model = tiny_model()

@@ -90,8 +90,10 @@ class AlgorithmSection:
                         range=(0, 64))
     mte_top_fraction: float = option(0.3, "share of each image's tokens, the most uncertain, scored through the K "
                                      "chains", range=(0.0, 1.0))
-    mte_source: str = option("commit", "condition the K chains are drawn under: each token's committing step (the "
-                             "release) or the scored step", choices=MTE_SOURCES)
+    mte_source: str = option("commit", "the K chains: drawn under each token's committing step (the release) or the "
+                             "scored step, whose scores have zero mean for the committed tokens (the reward does not "
+                             "depend on them), or bridges from the forward process to the token's committed value, "
+                             "whose scores keep its own contribution (docs/design.md, MTE)", choices=MTE_SOURCES)
     consistency_start: int = option(1, "policy_tokens: consistent: AR steps up to this one are not filtered (the "
                                     "release's i > 1)", range=(0, 4096))
     consistency_tau: float = option(0.0, "policy_tokens: consistent: the cosine gain a token must exceed to be kept "
