@@ -1,6 +1,7 @@
 """`margrpo demo`: RL fine-tuning of the shipped shapes base (demo.yaml), scored before and after on held-out prompts.
 
-Writes under the output folder: `before.json`, `after.json`, `results.md` (per-category table),
+Writes under the output folder: `before.json`, `after.json` (with the reward-hacking monitors' image statistics),
+`results.md` (per-category table, the statistics' drift),
 `grid_before_after.png` (the same seeds before | after), the training run (`run/`, with `report.png`).
 """
 
@@ -11,12 +12,14 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from margrpo.configs import config_path
 from margrpo.experiments.readme import publish_to_readme
 from margrpo.models.loading import load_model
 from margrpo.rl.config import TrainConfig
+from margrpo.rl.monitors import DriftMonitor, compare, drift_table, token_period
 from margrpo.rl.trainer import Trainer
 from margrpo.utils.config import load_config
 from margrpo.utils.images import make_grid, save_png, side_by_side, to_pil
@@ -91,6 +94,9 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
     train_s = time.perf_counter() - t0
     after = evaluate(trainer.model, prompts, sampler, seed=cfg.eval.seed, progress=not quiet)
     train_after = evaluate(trainer.model, train_prompts, sampler, seed=cfg.eval.seed + 1, progress=not quiet)
+    monitor = DriftMonitor(cfg.monitors, out, token_period(base), cfg.device)  # reward-hacking monitors' statistics
+    stats = {"before": monitor.measure(before.images, prompts), "after": monitor.measure(after.images, prompts)}
+    drifts = compare(stats["before"], stats["after"], monitor.bounds, monitor.watched)
     table = comparison_table(before, after)
     delta, se = paired_strict_change(train_before, train_after)["overall"]
     in_dist = (f"In-distribution (training prompts, {len(train_prompts)} images, fresh seeds): "
@@ -106,10 +112,15 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
     save_png(grid, out / "grid_before_after.png")
     for name, res in (("before", before), ("after", after), ("train_before", train_before),
                       ("train_after", train_after)):
-        (out / f"{name}.json").write_text(json.dumps({"summary": res.summary, "seconds": res.seconds}, indent=2))
+        record = {"summary": res.summary, "seconds": res.seconds}
+        if name in stats:
+            record["statistics"] = {k: float(np.nanmean(v)) for k, v in stats[name].items()}
+        (out / f"{name}.json").write_text(json.dumps(record, indent=2))
     md = (f"Held-out strict accuracy, {len(prompts)} prompts, same seeds before and after "
           f"({cfg.steps} steps, {method}, {cfg.threads} threads; {train_s / 60:.1f} min training, "
-          f"{total_s / 60:.1f} min total):\n\n{table}\n\n{in_dist}\n")
+          f"{total_s / 60:.1f} min total):\n\n{table}\n\n{in_dist}\n\n"
+          "Reward-hacking monitors (docs/failures.md), the held-out images before and after; drift in standard "
+          f"deviations of the base's images:\n\n{drift_table(drifts)}\n")
     if cfg.eval.every > 0:
         md += ("\nDuring training (strict accuracy, change ± paired s.e. against step 0 in points):\n\n"
                f"{eval_curve_table(read_metrics(run_dir))}\n")

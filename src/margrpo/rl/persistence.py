@@ -20,7 +20,12 @@ class CheckpointMixin:
 
     def _state(self) -> dict:
         return {"model": self.cfg.model, "bad_steps": self.bad_steps,
-                "reward_guard": {"total": self.guard.total, "invalid": self.guard.invalid}}
+                "reward_guard": {"total": self.guard.total, "invalid": self.guard.invalid},
+                "last_within_bounds": self.last_within_bounds}
+
+    def _protected(self) -> tuple[int, ...]:
+        """The checkpoint pruning must keep: that of the last evaluation within the monitors' bounds."""
+        return (self.last_within_bounds,) if self.last_within_bounds is not None else ()
 
     def _dcp_state(self) -> dict:
         """The trainable weights and optimizer state keyed by parameter name (not by rank or shard), the form
@@ -52,7 +57,7 @@ class CheckpointMixin:
         if self.rank == 0:
             save_checkpoint(self.out, step, {}, {**self._state(), "dcp": True, "world_size": self.world,
                                                  "rollout_shards": self.shards},
-                            keep_last=self.cfg.log.keep_checkpoints, extra_dirs={"dcp": tmp})
+                            keep_last=self.cfg.log.keep_checkpoints, extra_dirs={"dcp": tmp}, protect=self._protected())
         D.barrier()
         return final
 
@@ -70,11 +75,8 @@ class CheckpointMixin:
         a = self.cfg.algorithm
         lora = ({"rank": a.lora_rank, "alpha": a.lora_alpha, "target_modules": self.lora_targets}
                 if self.lora else None)  # what `load_model(run_dir)` needs to rebuild the adapters
-        return save_checkpoint(self.out, step, groups,
-                               {"optimizer": meta, "model": self.cfg.model, "bad_steps": self.bad_steps, "lora": lora,
-                                "reward_guard": {
-                                   "total": self.guard.total, "invalid": self.guard.invalid}},
-                               keep_last=self.cfg.log.keep_checkpoints)
+        return save_checkpoint(self.out, step, groups, {**self._state(), "optimizer": meta, "lora": lora},
+                               keep_last=self.cfg.log.keep_checkpoints, protect=self._protected())
 
     def restore(self) -> int:
         """Load the newest checkpoint whose files match their manifest; damaged newer ones are reported and skipped
@@ -96,6 +98,7 @@ class CheckpointMixin:
             self.bad_steps = 0
         self.guard.total = int(state["reward_guard"]["total"])
         self.guard.invalid = int(state["reward_guard"]["invalid"])
+        self.last_within_bounds = state.get("last_within_bounds")  # absent from checkpoints older than the monitors
         return int(state["step"])
 
     def _restore_distributed(self, ckpt: Path) -> None:

@@ -1,0 +1,130 @@
+"""Reward-hacking monitors: image statistics against hand-worked images, drift arithmetic, persistence, bounds."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from margrpo.rl.monitors import DEFAULT_BOUNDS, DriftMonitor, compare, effective_bounds, report_series
+from margrpo.utils.image_stats import STATISTICS, image_statistics, jpeg_size_kb, to_uint8
+from margrpo.utils.images import to_pil
+
+
+def images(*arrays: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] arrays -> the [N, 3, H, W] floats in [-1, 1] a model decodes (exact on uint8 values)."""
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).double()
+    return (x / 127.5 - 1).float()
+
+
+def solid(rgb, size=32) -> np.ndarray:
+    return np.broadcast_to(np.array(rgb, dtype=np.uint8), (size, size, 3)).copy()
+
+
+def test_float_images_round_to_the_pixels_a_user_sees():
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (2, 9, 7, 3), dtype=np.uint8)
+    x = images(*arr)
+    assert np.array_equal(to_uint8(x), arr)
+    assert np.array_equal(to_uint8(x)[0], np.asarray(to_pil(x)[0]))
+
+
+def test_brightness_and_saturation_of_known_pixels():
+    half = solid((0, 0, 0))
+    half[:, 16:] = 255
+    s = image_statistics(images(solid((255, 0, 0)), solid((255, 255, 255)), half, solid((128, 128, 128)),
+                                solid((200, 100, 100))), period=8)
+    np.testing.assert_allclose(s["brightness"], [0.299, 1.0, 0.5, 128 / 255, (0.299 * 200 + 0.701 * 100) / 255])
+    # (max - min) / max per pixel; black pixels (max 0) count 0
+    np.testing.assert_allclose(s["saturation"], [1.0, 0.0, 0.0, 0.0, 0.5])
+
+
+def test_colour_entropy_counts_bits_of_the_quantised_colour_histogram():
+    two = solid((220, 30, 30))
+    two[16:] = (30, 30, 220)  # half red, half blue: 1 bit
+    four = solid((0, 0, 0))
+    four[:16, 16:], four[16:, :16], four[16:, 16:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)  # 2 bits
+    near = solid((200, 0, 0))
+    near[::2] = (210, 5, 5)  # two colours in one bin (top 3 bits 110, 000, 000): 0 bits
+    s = image_statistics(images(solid((220, 30, 30)), two, four, near), period=8)
+    np.testing.assert_allclose(s["colour_entropy"], [0.0, 1.0, 2.0, 0.0], atol=1e-12)
+
+
+def test_grid_energy_is_the_share_of_variance_that_repeats_with_the_token_period():
+    grid = solid((0, 0, 0))
+    grid[::8], grid[:, ::8] = 255, 255  # a line along every token border: all of it repeats every 8 px
+    faint = grid // 8 + 100  # the same grid, fainter and brighter: the same share
+    cells = np.zeros((32, 32, 3), dtype=np.uint8)
+    cells[(np.arange(32)[:, None] // 8 + np.arange(32)[None] // 8) % 2 == 1] = 255  # token-sized checkerboard
+    ramp = np.repeat(np.repeat((np.arange(32, dtype=np.uint8) * 8)[None, :, None], 32, 0), 3, 2)
+    s = image_statistics(images(grid, faint, cells, ramp, solid((40, 200, 90))), period=8)["grid_energy"]
+    # the token-sized checkerboard repeats every 16 px, not 8: every tile position averages to the same grey. A
+    # ramp's periodic part is the ramp within one tile: variance (p^2 - 1) / 12 of (W^2 - 1) / 12. Flat: 0.
+    np.testing.assert_allclose(s, [1.0, 1.0, 0.0, 63 / 1023, 0.0], atol=1e-12)
+    # images are cropped to whole tiles; noise keeps about (p^2 - 1) / (HW - 1) of its energy
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (64, 35, 35, 3), dtype=np.uint8)
+    assert image_statistics(images(*noise), period=8)["grid_energy"].mean() == pytest.approx(63 / 1023, rel=0.1)
+
+
+def test_jpeg_bits_per_pixel_order_flat_smooth_and_noisy_images():
+    flat = solid((90, 90, 90), 64)
+    smooth = np.repeat(np.repeat(np.arange(64, dtype=np.uint8)[None, :, None] * 4, 64, 0), 3, 2)
+    noisy = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    s = image_statistics(images(flat, smooth, noisy), period=8)["jpeg_bpp"]
+    assert s[0] < s[1] < s[2]
+    assert s[2] == pytest.approx(jpeg_size_kb(to_pil(images(noisy))[0]) * 8000 / 64**2)
+
+
+def test_drift_is_the_change_of_the_mean_in_step_zero_standard_deviations():
+    before = {"brightness": np.array([1.0, 2.0, 3.0]), "ir": np.array([1.0, 2.0, 3.0, np.nan])}
+    after = {"brightness": np.array([2.0, 3.0, 4.0]), "ir": np.array([0.0, 1.0, 2.0, 100.0])}
+    d = {x.name: x for x in compare(before, after, {"brightness": 0.9, "ir": 0.9}, watched=["ir"])}
+    assert d["brightness"].drift == pytest.approx(1.0) and d["brightness"].beyond  # mean 2 -> 3, sd 1
+    assert d["ir"].drift == pytest.approx(-1.0) and d["ir"].beyond  # the image without a step-0 value left out
+    up = {x.name: x for x in compare(after, before, {"brightness": 0.9, "ir": 0.9}, watched=["ir"])}
+    assert up["brightness"].beyond and not up["ir"].beyond  # statistics both ways, a watched reward only down
+    assert not compare(before, after, {"brightness": None})[0].beyond  # null: recorded, not bounded
+    assert "2 -> 3" in d["brightness"].describe() and "+50%" in d["brightness"].describe()
+    # step-0 images that all agree: the floor keeps the drift finite
+    flat = compare({"b": np.ones(4)}, {"b": np.full(4, 1.01)}, {})[0]
+    assert np.isfinite(flat.drift) and flat.drift > 5
+    with pytest.raises(ValueError, match="evaluation set changed"):
+        compare(before, {"brightness": np.ones(5)}, {})
+
+
+def test_configured_bounds_replace_the_defaults_key_by_key():
+    b = effective_bounds({"brightness": None, "shapes": 0.2}, ["shapes", "clip"])
+    assert b["brightness"] is None and b["shapes"] == 0.2 and b["clip"] > 0
+    assert all(b[k] == DEFAULT_BOUNDS[k] for k in STATISTICS if k != "brightness")
+
+
+class _Cfg:
+    def __init__(self, bounds=None, watch=None):
+        self.bounds, self.watch = bounds or {}, watch or {}
+
+
+def test_monitor_reads_step_zero_back_warns_and_records_per_image_values(tmp_path, capsys):
+    white = images(*[solid((255, 255, 255))] * 3, solid((250, 250, 250)))
+    shapes = white.clone()
+    shapes[:, :, 8:20, 8:20] = images(solid((40, 40, 220), 12))[0]  # a blue square on every image
+    prompts = ["a blue square"] * 4
+    m = DriftMonitor(_Cfg(watch={"verifier": {"type": "shapes"}}), tmp_path, period=8)
+    m0 = m.observe(0, shapes, prompts)
+    assert set(m0) == {f"monitor/{k}" for k in (*STATISTICS, "verifier")} and not m.beyond
+    # a fresh monitor (a resumed run) compares with step 0's file; the square is erased into white
+    m = DriftMonitor(_Cfg(watch={"verifier": {"type": "shapes"}}), tmp_path, period=8)
+    m2 = m.observe(2, white, prompts)
+    beyond = {d.name for d in m.beyond}
+    assert {"colour_entropy", "saturation", "brightness", "verifier"} <= beyond
+    assert m2["monitor/beyond"] == len(beyond) and m2["monitor/verifier"] < m0["monitor/verifier"]
+    err = capsys.readouterr().err
+    assert "monitors: step 2: colour_entropy" in err and "beyond its bound" in err
+    record = json.loads((tmp_path / "monitors-step-2.json").read_text())
+    assert len(record["values"]["colour_entropy"]) == 4 and "colour_entropy" in record["beyond"]
+    rows, notes = report_series([{"step": 0, **m0}, {"step": 2, **m2}], m.bounds)
+    assert rows[0]["step"] == 2 and rows[0]["drift / bound/colour_entropy"] < -1
+    assert any(n.startswith("monitors: colour_entropy beyond its bound 1 from step 2") for n in notes)
+    (tmp_path / "monitors-step-0.json").unlink()
+    with pytest.raises(FileNotFoundError, match="step 0's image statistics"):
+        m.observe(4, white, prompts)
