@@ -124,7 +124,120 @@ def test_monitor_reads_step_zero_back_warns_and_records_per_image_values(tmp_pat
     assert len(record["values"]["colour_entropy"]) == 4 and "colour_entropy" in record["beyond"]
     rows, notes = report_series([{"step": 0, **m0}, {"step": 2, **m2}], m.bounds)
     assert rows[0]["step"] == 2 and rows[0]["drift / bound/colour_entropy"] < -1
-    assert any(n.startswith("monitors: colour_entropy beyond its bound 1 from step 2") for n in notes)
+    bound = DEFAULT_BOUNDS["colour_entropy"]
+    assert any(n.startswith(f"monitors: colour_entropy beyond its bound {bound:g} from step 2") for n in notes)
+    # a run begun before the monitors existed has no step-0 file: recorded without drift, and said once
     (tmp_path / "monitors-step-0.json").unlink()
-    with pytest.raises(FileNotFoundError, match="step 0's image statistics"):
-        m.observe(4, white, prompts)
+    assert not any(k.endswith("/drift") for k in m.observe(4, white, prompts)) and not m.beyond
+    m.observe(6, white, prompts)
+    assert capsys.readouterr().err.count("monitors-step-0.json is missing") == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from conftest import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model().save_pretrained(path)
+    return path
+
+
+def _tiny_cfg(model_dir, out, steps, extra=()):
+    from margrpo.rl.config import TrainConfig
+    from margrpo.utils.config import load_config
+
+    return load_config(TrainConfig, None, [
+        f"model={model_dir}", f"out_dir={out}", f"steps={steps}", "rewards={colour_fraction: 1.0}",
+        "algorithm.prompts_per_step=2", "algorithm.group_size=4", "sampling.ar_steps=4", "sampling.diffusion_steps=6",
+        "algorithm.head_steps_per_ar_step=2", "optim.lr=3e-3", "eval.every=2", "eval.per_category=2",
+        "log.checkpoint_every=1", "log.keep_checkpoints=1", "log.sample_every=100", "log.tensorboard=false", *extra])
+
+
+@pytest.mark.parametrize("drift_from", [6, 2])
+def test_monitors_stop_returns_to_the_last_evaluation_within_bounds(tiny_model_dir, tmp_path, monkeypatch,
+                                                                    drift_from):
+    """The plumbing of `monitors.stop` (that the monitors fire on a hacked reward is the hacking test's): from step
+    `drift_from` on the monitors report a drift; the run stops there, the checkpoint of the evaluation before it
+    survives pruning (keep_checkpoints=1) and `--resume` continues from it exactly as a run without the stop."""
+    from margrpo.rl.faults import DriftStop
+    from margrpo.rl.monitors import Drift
+    from margrpo.rl.trainer import Trainer
+    from margrpo.utils.checkpoint import latest_checkpoint, list_checkpoints
+    from margrpo.utils.metrics import read_metrics
+
+    real = DriftMonitor.observe
+
+    def observe(self, step, images, prompts):
+        metrics = real(self, step, images, prompts)
+        if step >= drift_from:
+            self.drifts = [Drift("brightness", 0.9, 0.5, -7.5, 1.0, watched=False)]
+        return metrics
+
+    monkeypatch.setattr(DriftMonitor, "observe", observe)
+    out = tmp_path / "stop"
+    good = drift_from - 2
+    with pytest.raises(DriftStop, match=rf"at step {drift_from}, brightness 0.9 -> 0.5.*drift -7.50.*"
+                                        rf"step-{good} holds the weights of step {good}.*--resume {out}"):
+        Trainer(_tiny_cfg(tiny_model_dir, out, 8, ["monitors.stop=true"]), progress=False).run()
+    assert latest_checkpoint(out) == out / "checkpoints" / f"step-{good}"
+    assert {p.name for p in list_checkpoints(out)} == {f"step-{good}", f"step-{drift_from}"}  # the rest pruned
+    assert (out / "report.png").is_file()
+
+    monkeypatch.setattr(DriftMonitor, "observe", real)  # the user changed what drove the drift
+    resumed = Trainer(_tiny_cfg(tiny_model_dir, out, 8, ["monitors.stop=true"]), progress=False)
+    resumed.run(resume=True)
+    plain = Trainer(_tiny_cfg(tiny_model_dir, tmp_path / "plain", 8, ["monitors.stop=true"]), progress=False)
+    plain.run()
+    for a, b in zip(plain.model.mar.parameters(), resumed.model.mar.parameters(), strict=True):
+        assert torch.equal(a, b)
+    drop = ("time/", "memory/")
+    assert ([{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_metrics(out)]
+            == [{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_metrics(tmp_path / "plain")])
+
+
+HACK = ["steps=20", "eval.every=5", "eval.per_category=32", "algorithm.prompts_per_step=2", "algorithm.group_size=8",
+        "algorithm.ptx_batch_size=16", "optim.lr=3e-4", "log.sample_every=1000", "log.checkpoint_every=1000",
+        "log.tensorboard=false", "threads=1"]
+
+
+def _monitored_run(out, reward: str, seed: int, extra=()) -> list[dict]:
+    from margrpo.configs import config_path
+    from margrpo.rl.config import TrainConfig
+    from margrpo.rl.trainer import Trainer
+    from margrpo.utils.config import load_config
+    from margrpo.utils.metrics import read_metrics
+
+    cfg = load_config(TrainConfig, config_path("demo.yaml"),
+                      [f"out_dir={out}", f"seed={seed}", f"rewards={{{reward}: 1.0}}", *HACK, *extra])
+    Trainer(cfg, progress=False).run()
+    return [r for r in read_metrics(out) if "monitor/brightness" in r]
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+def test_monitors_fire_on_a_hacked_reward_and_not_on_the_verifier(seed, tmp_path, capsys):
+    """The hacking test (docs/failures.md, "Reward hacking"), with the default bounds: the demo's recipe at 6x its
+    learning rate with a quarter of its batch on the shipped base, 20 steps, evaluated every 5 on 128 held-out
+    images. Trained on the `colour_fraction` control reward (easy to hack: paint the picture red), the images turn
+    red-orange: brightness falls, saturation and colour entropy (a white background with a few flat shapes has
+    little) rise beyond their bounds, and the held-out shapes score, watched and never trained on, falls. The
+    shapes-verifier run of the same length stays inside every bound (docs/findings/2026-12-07-reward-hacking-
+    monitors.md has each seed's figures).
+    """
+    hacked = _monitored_run(tmp_path / "hacked", "colour_fraction", seed, ["monitors.watch={shapes: {}}"])
+    warnings = capsys.readouterr().err
+    first = next((r["step"] for r in hacked if r.get("monitor/beyond", 0) > 0), None)
+    print(f"seed {seed}: colour_fraction: the monitors fire from step {first}; "
+          + "; ".join(f"step {r['step']}: " + ", ".join(f"{k[8:-6]} {v:+.2f}" for k, v in r.items()
+                                                        if k.endswith("/drift")) for r in hacked[1:]))
+    assert first is not None, f"the monitors did not fire: {hacked}"
+    for name, sign in (("brightness", -1), ("saturation", 1), ("colour_entropy", 1)):
+        worst = max(sign * r[f"monitor/{name}/drift"] for r in hacked[1:])
+        assert worst > DEFAULT_BOUNDS[name], f"{name} stayed within its bound: {hacked}"
+        assert f": {name} " in warnings
+    end = hacked[-1]
+    assert end["monitor/shapes/drift"] < 0 and end["eval/heldout/strict"] < hacked[0]["eval/heldout/strict"]
+
+    verifier = _monitored_run(tmp_path / "verifier", "shapes", seed)
+    worst = max(abs(v) for r in verifier for k, v in r.items() if k.endswith("/drift"))
+    print(f"seed {seed}: shapes verifier: the largest |drift| {worst:.2f}")
+    assert all(r.get("monitor/beyond", 0) == 0 for r in verifier), verifier

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,10 +30,13 @@ import torch
 from margrpo.utils.atomic import atomic_write_text
 from margrpo.utils.image_stats import STATISTICS, image_statistics
 
+if TYPE_CHECKING:  # the config section imports this module's defaults
+    from margrpo.rl.config import MonitorSection
+
 # measured on the shapes world (docs/findings/2026-12-07-reward-hacking-monitors.md)
-DEFAULT_BOUNDS: dict[str, float] = {"brightness": 1.0, "saturation": 1.0, "colour_entropy": 1.0,
-                                    "grid_energy": 1.0, "jpeg_bpp": 1.0}
-WATCH_BOUND = 0.5  # a watched reward's largest fall, for labels `monitors.bounds` does not name
+DEFAULT_BOUNDS: dict[str, float] = {"brightness": 0.5, "saturation": 0.5, "colour_entropy": 0.5,
+                                    "grid_energy": 0.5, "jpeg_bpp": 0.5}
+WATCH_BOUND = 0.3  # a watched reward's largest fall, for labels `monitors.bounds` does not name
 UNITS = {"brightness": "", "saturation": "", "colour_entropy": " bits", "grid_energy": "", "jpeg_bpp": " bits/px"}
 
 
@@ -55,7 +59,7 @@ class Drift:
 
     def describe(self) -> str:
         unit = UNITS.get(self.name, "")
-        relative = f", {self.after / self.before - 1:+.0%}" if self.before != 0 else ""
+        relative = f", {self.after / self.before - 1:+.0%}" if self.before > 0 and not self.watched else ""
         bound = "no bound"
         if self.bound is not None:
             bound = f"bound {'a fall of ' if self.watched else '+-'}{self.bound:g}"
@@ -91,7 +95,7 @@ def drift_table(drifts: Sequence[Drift]) -> str:
     """Markdown: value | before | after | change | drift | bound | beyond (the demo's before/after record)."""
     lines = ["| value | before | after | change | drift (sd) | bound | |", "|---|---:|---:|---:|---:|---:|---|"]
     for d in drifts:
-        change = f"{d.after / d.before - 1:+.0%}" if d.before != 0 else ""
+        change = f"{d.after / d.before - 1:+.0%}" if d.before > 0 and not d.watched else ""
         bound = "" if d.bound is None else f"{'fall ' if d.watched else '±'}{d.bound:g}"
         lines.append(f"| {d.name} | {d.before:.4g} | {d.after:.4g} | {change} | {d.drift:+.2f} | {bound} | "
                      f"{'**beyond**' if d.beyond else ''} |")
@@ -119,7 +123,7 @@ class DriftMonitor:
     there, so a resumed run compares with the same step 0 as an uninterrupted one.
     """
 
-    def __init__(self, cfg, directory: Path, period: int, device: str | torch.device = "cpu"):
+    def __init__(self, cfg: MonitorSection, directory: Path, period: int, device: str | torch.device = "cpu"):
         self.dir = directory
         self.period = period
         self.watched = list(cfg.watch)
@@ -131,6 +135,7 @@ class DriftMonitor:
             self.rewards = build_rewards({label: {**opts, "weight": 1.0} for label, opts in cfg.watch.items()},
                                          device=device)
         self.drifts: list[Drift] = []  # of the last observation
+        self.warned_missing_base = False
 
     def _file(self, step: int) -> Path:
         return self.dir / f"monitors-step-{step}.json"
@@ -150,12 +155,13 @@ class DriftMonitor:
         values = self.measure(images, prompts)
         metrics = {f"monitor/{k}": float(np.nanmean(v)) for k, v in values.items() if np.isfinite(v).any()}
         self.drifts = []
-        if step > 0:
-            base = self._file(0)
-            if not base.is_file():
-                raise FileNotFoundError(f"monitors: {base} is missing: step 0's image statistics, which every later "
-                                        "evaluation is compared with (was the run started without in-loop "
-                                        "evaluation? start a new run)")
+        base = self._file(0)
+        if step > 0 and not base.is_file():
+            if not self.warned_missing_base:
+                print(f"monitors: {base} is missing (a run begun before the monitors existed, or the file was "
+                      "removed): the statistics are recorded without drift or bounds", file=sys.stderr)
+                self.warned_missing_base = True
+        elif step > 0:
             before = {k: np.array(v, dtype=np.float64) for k, v in json.loads(base.read_text())["values"].items()}
             self.drifts = compare(before, values, self.bounds, self.watched)
             for d in self.drifts:

@@ -98,7 +98,8 @@ class CheckpointMixin:
             self.bad_steps = 0
         self.guard.total = int(state["reward_guard"]["total"])
         self.guard.invalid = int(state["reward_guard"]["invalid"])
-        self.last_within_bounds = state.get("last_within_bounds")  # absent from checkpoints older than the monitors
+        # absent from checkpoints older than the monitors; dropped when the run goes on without monitors.stop
+        self.last_within_bounds = state.get("last_within_bounds") if self.cfg.monitors.stop else None
         return int(state["step"])
 
     def _restore_distributed(self, ckpt: Path) -> None:

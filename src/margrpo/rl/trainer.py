@@ -523,7 +523,9 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
                          f"the bounds, and is the checkpoint --resume continues from")
             self.write_report()
         D.barrier()
-        beyond = "; ".join(d.describe() for d in self.monitor.beyond) if self.monitor is not None else "(rank 0 says)"
+        beyond = "(see rank 0's message)"
+        if self.monitor is not None:
+            beyond = "; ".join(d.describe() for d in self.monitor.beyond)
         return DriftStop(f"reward-hacking monitors (monitors.stop): at step {step}, {beyond}. {where}: change what "
                          f"drives the drift (a lower optim.lr, a larger algorithm.beta, another reward) and continue "
                          f"with margrpo train --resume {self.out} key=value ...; see {self.out / 'report.png'}")
