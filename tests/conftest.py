@@ -45,3 +45,11 @@ def tiny_model(seed: int = 0):
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return model
 
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """`tiny_model()` written as a model folder (what a config's `model:` names)."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model().save_pretrained(path)
+    return path

@@ -99,21 +99,16 @@ def test_configured_bounds_replace_the_defaults_key_by_key():
     assert all(b[k] == DEFAULT_BOUNDS[k] for k in STATISTICS if k != "brightness")
 
 
-class _Cfg:
-    def __init__(self, bounds=None, watch=None):
-        self.bounds, self.watch = bounds or {}, watch or {}
-
-
 def test_monitor_reads_step_zero_back_warns_and_records_per_image_values(tmp_path, capsys):
     white = images(*[solid((255, 255, 255))] * 3, solid((250, 250, 250)))
     shapes = white.clone()
     shapes[:, :, 8:20, 8:20] = images(solid((40, 40, 220), 12))[0]  # a blue square on every image
     prompts = ["a blue square"] * 4
-    m = DriftMonitor(_Cfg(watch={"verifier": {"type": "shapes"}}), tmp_path, period=8)
+    m = DriftMonitor({}, {"verifier": {"type": "shapes"}}, tmp_path, period=8)
     m0 = m.observe(0, shapes, prompts)
     assert set(m0) == {f"monitor/{k}" for k in (*STATISTICS, "verifier")} and not m.beyond
     # a fresh monitor (a resumed run) compares with step 0's file; the square is erased into white
-    m = DriftMonitor(_Cfg(watch={"verifier": {"type": "shapes"}}), tmp_path, period=8)
+    m = DriftMonitor({}, {"verifier": {"type": "shapes"}}, tmp_path, period=8)
     m2 = m.observe(2, white, prompts)
     beyond = {d.name for d in m.beyond}
     assert {"colour_entropy", "saturation", "brightness", "verifier"} <= beyond
@@ -133,15 +128,6 @@ def test_monitor_reads_step_zero_back_warns_and_records_per_image_values(tmp_pat
     assert capsys.readouterr().err.count("monitors-step-0.json is missing") == 1
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from conftest import tiny_model
-
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model().save_pretrained(path)
-    return path
-
-
 def _tiny_cfg(model_dir, out, steps, extra=()):
     from margrpo.rl.config import TrainConfig
     from margrpo.utils.config import load_config
@@ -156,9 +142,10 @@ def _tiny_cfg(model_dir, out, steps, extra=()):
 @pytest.mark.parametrize("drift_from", [6, 2])
 def test_monitors_stop_returns_to_the_last_evaluation_within_bounds(tiny_model_dir, tmp_path, monkeypatch,
                                                                     drift_from):
-    """The plumbing of `monitors.stop` (that the monitors fire on a hacked reward is the hacking test's): from step
-    `drift_from` on the monitors report a drift; the run stops there, the checkpoint of the evaluation before it
-    survives pruning (keep_checkpoints=1) and `--resume` continues from it exactly as a run without the stop."""
+    """The plumbing of `monitors.stop` (that the monitors fire on a hacked reward is the hacking test's): the real
+    statistics are recorded without bounds, and from step `drift_from` on the monitors report a drift; the run
+    stops, the checkpoint of the evaluation before it survives pruning (keep_checkpoints=1) and `--resume` continues
+    from it exactly as a run without the stop."""
     from margrpo.rl.faults import DriftStop
     from margrpo.rl.monitors import Drift
     from margrpo.rl.trainer import Trainer
@@ -174,19 +161,20 @@ def test_monitors_stop_returns_to_the_last_evaluation_within_bounds(tiny_model_d
         return metrics
 
     monkeypatch.setattr(DriftMonitor, "observe", observe)
+    stop = ["monitors.stop=true", "monitors.bounds={" + ", ".join(f"{k}: null" for k in STATISTICS) + "}"]
     out = tmp_path / "stop"
     good = drift_from - 2
     with pytest.raises(DriftStop, match=rf"at step {drift_from}, brightness 0.9 -> 0.5.*drift -7.50.*"
                                         rf"step-{good} holds the weights of step {good}.*--resume {out}"):
-        Trainer(_tiny_cfg(tiny_model_dir, out, 8, ["monitors.stop=true"]), progress=False).run()
+        Trainer(_tiny_cfg(tiny_model_dir, out, 8, stop), progress=False).run()
     assert latest_checkpoint(out) == out / "checkpoints" / f"step-{good}"
     assert {p.name for p in list_checkpoints(out)} == {f"step-{good}", f"step-{drift_from}"}  # the rest pruned
     assert (out / "report.png").is_file()
 
     monkeypatch.setattr(DriftMonitor, "observe", real)  # the user changed what drove the drift
-    resumed = Trainer(_tiny_cfg(tiny_model_dir, out, 8, ["monitors.stop=true"]), progress=False)
+    resumed = Trainer(_tiny_cfg(tiny_model_dir, out, 8, stop), progress=False)
     resumed.run(resume=True)
-    plain = Trainer(_tiny_cfg(tiny_model_dir, tmp_path / "plain", 8, ["monitors.stop=true"]), progress=False)
+    plain = Trainer(_tiny_cfg(tiny_model_dir, tmp_path / "plain", 8, stop), progress=False)
     plain.run()
     for a, b in zip(plain.model.mar.parameters(), resumed.model.mar.parameters(), strict=True):
         assert torch.equal(a, b)

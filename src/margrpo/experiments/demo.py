@@ -94,7 +94,8 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
     train_s = time.perf_counter() - t0
     after = evaluate(trainer.model, prompts, sampler, seed=cfg.eval.seed, progress=not quiet)
     train_after = evaluate(trainer.model, train_prompts, sampler, seed=cfg.eval.seed + 1, progress=not quiet)
-    monitor = DriftMonitor(cfg.monitors, out, token_period(base), cfg.device)  # reward-hacking monitors' statistics
+    # the reward-hacking monitors' statistics (and watched rewards) of the held-out images, before and after
+    monitor = DriftMonitor(cfg.monitors.bounds, cfg.monitors.watch, out, token_period(base), cfg.device)
     stats = {"before": monitor.measure(before.images, prompts), "after": monitor.measure(after.images, prompts)}
     drifts = compare(stats["before"], stats["after"], monitor.bounds, monitor.watched)
     table = comparison_table(before, after)

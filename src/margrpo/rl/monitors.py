@@ -22,16 +22,12 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from margrpo.utils.atomic import atomic_write_text
 from margrpo.utils.image_stats import STATISTICS, image_statistics
-
-if TYPE_CHECKING:  # the config section imports this module's defaults
-    from margrpo.rl.config import MonitorSection
 
 # measured on the shapes world (docs/findings/2026-12-07-reward-hacking-monitors.md)
 DEFAULT_BOUNDS: dict[str, float] = {"brightness": 0.5, "saturation": 0.5, "colour_entropy": 0.5,
@@ -123,16 +119,18 @@ class DriftMonitor:
     there, so a resumed run compares with the same step 0 as an uninterrupted one.
     """
 
-    def __init__(self, cfg: MonitorSection, directory: Path, period: int, device: str | torch.device = "cpu"):
+    def __init__(self, bounds: Mapping[str, float | None], watch: Mapping[str, Mapping], directory: Path,
+                 period: int, device: str | torch.device = "cpu"):
+        """`bounds` and `watch` as `monitors.bounds` and `monitors.watch` give them; `period` is `token_period`."""
         self.dir = directory
         self.period = period
-        self.watched = list(cfg.watch)
-        self.bounds = effective_bounds(cfg.bounds, self.watched)
+        self.watched = list(watch)
+        self.bounds = effective_bounds(bounds, self.watched)
         self.rewards = None
         if self.watched:
             from margrpo.rewards import build_rewards
 
-            self.rewards = build_rewards({label: {**opts, "weight": 1.0} for label, opts in cfg.watch.items()},
+            self.rewards = build_rewards({label: {**opts, "weight": 1.0} for label, opts in watch.items()},
                                          device=device)
         self.drifts: list[Drift] = []  # of the last observation
         self.warned_missing_base = False

@@ -101,7 +101,8 @@ class Trainer(CheckpointMixin, RunOutputsMixin):
         # rank 0 evaluates alone (DDP: its unwrapped replica needs no collectives; FSDP2 refuses eval for now)
         self.evaluator = self.monitor = None
         if cfg.eval.every > 0 and self.rank == 0:
-            self.monitor = DriftMonitor(cfg.monitors, self.out / "eval", token_period(self.model), cfg.device)
+            self.monitor = DriftMonitor(cfg.monitors.bounds, cfg.monitors.watch, self.out / "eval",
+                                        token_period(self.model), cfg.device)
             self.evaluator = TrainingEvaluator(cfg, self.out, self.monitor)
         self.last_within_bounds: int | None = None  # monitors.stop: the step of the checkpoint a drift returns to
         self.bad_steps = 0  # consecutive steps skipped for a numerical fault
