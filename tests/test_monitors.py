@@ -85,7 +85,7 @@ def test_drift_is_the_change_of_the_mean_in_step_zero_standard_deviations():
     up = {x.name: x for x in compare(after, before, {"brightness": 0.9, "ir": 0.9}, watched=["ir"])}
     assert up["brightness"].beyond and not up["ir"].beyond  # statistics both ways, a watched reward only down
     assert not compare(before, after, {"brightness": None})[0].beyond  # null: recorded, not bounded
-    assert "2 -> 3" in d["brightness"].describe() and "+50%" in d["brightness"].describe()
+    assert "2 -> 3" in d["brightness"].describe() and "+50.0%" in d["brightness"].describe()
     # step-0 images that all agree: the floor keeps the drift finite
     flat = compare({"b": np.ones(4)}, {"b": np.full(4, 1.01)}, {})[0]
     assert np.isfinite(flat.drift) and flat.drift > 5

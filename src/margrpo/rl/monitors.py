@@ -55,7 +55,7 @@ class Drift:
 
     def describe(self) -> str:
         unit = UNITS.get(self.name, "")
-        relative = f", {self.after / self.before - 1:+.0%}" if self.before > 0 and not self.watched else ""
+        relative = f", {self.after / self.before - 1:+.1%}" if self.before > 0 and not self.watched else ""
         bound = "no bound"
         if self.bound is not None:
             bound = f"bound {'a fall of ' if self.watched else '+-'}{self.bound:g}"
@@ -91,7 +91,7 @@ def drift_table(drifts: Sequence[Drift]) -> str:
     """Markdown: value | before | after | change | drift | bound | beyond (the demo's before/after record)."""
     lines = ["| value | before | after | change | drift (sd) | bound | |", "|---|---:|---:|---:|---:|---:|---|"]
     for d in drifts:
-        change = f"{d.after / d.before - 1:+.0%}" if d.before > 0 and not d.watched else ""
+        change = f"{d.after / d.before - 1:+.1%}" if d.before > 0 and not d.watched else ""
         bound = "" if d.bound is None else f"{'fall ' if d.watched else '±'}{d.bound:g}"
         lines.append(f"| {d.name} | {d.before:.4g} | {d.after:.4g} | {change} | {d.drift:+.2f} | {bound} | "
                      f"{'**beyond**' if d.beyond else ''} |")
