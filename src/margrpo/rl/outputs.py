@@ -15,6 +15,7 @@ REPORT_KEYS = ["reward/mean", "accuracy/strict", "loss/kl", "grad_norm", "ratio/
                "reward/by_category/*", "accuracy/by_category/*"]
 # the in-loop evaluations (eval.every): held-out and in-distribution, of the weights and of their EMA, one panel
 EVAL_KEYS = ["eval*/strict"]
+MONITOR_KEY = "drift / bound/*"  # `margrpo.rl.monitors.report_series`
 
 
 class RunOutputsMixin:
@@ -41,6 +42,21 @@ class RunOutputsMixin:
         if self.rank == 0:
             save_png(make_grid(imgs, nrow=8, labels=labels, upscale=3), self.out / "samples" / f"step-{step}.png")
 
+    def write_report(self) -> list[dict]:
+        """report.png from metrics.jsonl: the training curves, the in-loop evaluations and the monitors' drifts as
+        shares of their bounds (+-1 marked), with a line per monitored value that went beyond. Returns the rows."""
+        from margrpo.rl.monitors import report_series
+        from margrpo.utils.plots import plot_report
+
+        metrics = read_metrics(self.out)
+        keys = REPORT_KEYS + (EVAL_KEYS if self.evaluator is not None else [])
+        drift, notes = report_series(metrics, self.monitor.bounds) if self.monitor is not None else ([], [])
+        if drift:
+            keys.append(MONITOR_KEY)
+        plot_report(metrics + drift, keys, self.out / "report.png", title=f"{self.out.name}", smoothing=0.6,
+                    guides={MONITOR_KEY: (-1.0, 1.0)}, notes=notes)
+        return metrics
+
     # ------------------------------------------------------------------ the loop
     def _wandb(self, resume: bool) -> list:
         """The W&B mirror of the metrics rows (`log.wandb`), on rank 0 only; none otherwise."""
@@ -61,8 +77,6 @@ class RunOutputsMixin:
 
     def _finish(self) -> list[dict]:
         """The report, the exported model(s); the logged rows of the training steps (rank 0 writes them)."""
-        from margrpo.utils.plots import plot_report
-
         export = self.model
         if self.fsdp:  # gather the full weights (a collective) into a fresh copy of the base model on rank 0
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -79,9 +93,7 @@ class RunOutputsMixin:
             D.barrier()
             return []
 
-        metrics = read_metrics(self.out)
-        keys = REPORT_KEYS + (EVAL_KEYS if self.evaluator is not None else [])
-        plot_report(metrics, keys, self.out / "report.png", title=f"{self.out.name}", smoothing=0.6)
+        metrics = self.write_report()
         with self._exportable():
             export.save_pretrained(self.out / "model", metadata={"trained_from": self.cfg.model,
                                                                  "steps": self.cfg.steps})

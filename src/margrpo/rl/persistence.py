@@ -14,7 +14,7 @@ from margrpo.rl import distributed as D
 from margrpo.utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from margrpo.utils.tensor_state import optimizer_state_from_tensors, optimizer_state_to_tensors
 
-KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged
+KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged (and `_protected`)
 
 
 class CheckpointMixin:
@@ -22,7 +22,12 @@ class CheckpointMixin:
 
     def _state(self) -> dict:
         return {"model": self.cfg.model, "bad_steps": self.bad_steps,
-                "reward_guard": {"total": self.guard.total, "invalid": self.guard.invalid}}
+                "reward_guard": {"total": self.guard.total, "invalid": self.guard.invalid},
+                "last_within_bounds": self.last_within_bounds}
+
+    def _protected(self) -> tuple[int, ...]:
+        """The checkpoint pruning must keep: that of the last evaluation within the monitors' bounds."""
+        return (self.last_within_bounds,) if self.last_within_bounds is not None else ()
 
     def _dcp_state(self) -> dict:
         """The trainable weights and optimizer state keyed by parameter name (not by rank or shard), the form
@@ -54,7 +59,7 @@ class CheckpointMixin:
         if self.rank == 0:
             save_checkpoint(self.out, step, {}, {**self._state(), "dcp": True, "world_size": self.world,
                                                  "rollout_shards": self.shards},
-                            keep_last=KEEP_CHECKPOINTS, extra_dirs={"dcp": tmp})
+                            keep_last=KEEP_CHECKPOINTS, extra_dirs={"dcp": tmp}, protect=self._protected())
         D.barrier()
         return final
 
@@ -72,11 +77,8 @@ class CheckpointMixin:
         a = self.cfg.algorithm
         lora = ({"rank": a.lora_rank, "alpha": a.lora_alpha, "target_modules": self.lora_targets}
                 if self.lora else None)  # what `load_model(run_dir)` needs to rebuild the adapters
-        return save_checkpoint(self.out, step, groups,
-                               {"optimizer": meta, "model": self.cfg.model, "bad_steps": self.bad_steps, "lora": lora,
-                                "reward_guard": {
-                                   "total": self.guard.total, "invalid": self.guard.invalid}},
-                               keep_last=KEEP_CHECKPOINTS)
+        return save_checkpoint(self.out, step, groups, {**self._state(), "optimizer": meta, "lora": lora},
+                               keep_last=KEEP_CHECKPOINTS, protect=self._protected())
 
     def restore(self) -> int:
         """Load the newest checkpoint whose files match their manifest; damaged newer ones are reported and skipped
@@ -98,6 +100,8 @@ class CheckpointMixin:
             self.bad_steps = 0
         self.guard.total = int(state["reward_guard"]["total"])
         self.guard.invalid = int(state["reward_guard"]["invalid"])
+        # absent from checkpoints older than the monitors; dropped when the run goes on without monitors.stop
+        self.last_within_bounds = state.get("last_within_bounds") if self.cfg.monitors.stop else None
         return int(state["step"])
 
     def _restore_distributed(self, ckpt: Path) -> None:
