@@ -131,7 +131,7 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
             print(f"removing the previous comparison's {out / sub}")
             shutil.rmtree(out / sub)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_file = config or config_path("demo.yaml")
+    cfg_file = config or config_path("compare.yaml")
     jobs = [Job(m, s, kind, str(cfg_file), tuple(overrides), str(out), control_steps)
             for m in methods for kind in ("main", "control") for s in seeds]
     jobs += [Job(m, seeds[0], "null", str(cfg_file), tuple(overrides), str(out), control_steps) for m in methods]
