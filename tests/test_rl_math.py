@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from margrpo.rl.advantages import group_advantages
-from margrpo.rl.loss_terms import clipped_surrogate, consistency_mask, gaussian_kl, reference_code_kl
+from margrpo.rl.loss import consistency_mask
+from margrpo.rl.loss_terms import clipped_surrogate, gaussian_kl, reference_code_kl
 from margrpo.sampling.mte import token_uncertainty, top_fraction_mask
 
 
@@ -151,7 +152,7 @@ def test_mte_trajectories_drawn_under_the_scored_condition_carry_zero_mean_gradi
     tokens by a zero-mean one; the reference code's ``commit`` source draws under another condition and
     its term is not zero-mean. Measured as a z-score of the Monte Carlo mean against its standard error.
     """
-    from margrpo.models.heads import DdpmHead
+    from margrpo.models.ddpm_head import DdpmHead
 
     from conftest import randomize
 

@@ -221,7 +221,7 @@ def test_lora_run_trains_only_adapters_checkpoints_them_and_resumes_exactly(tiny
     base = {n: p.detach().clone() for n, p in full.model.named_parameters() if ".lora_" not in n}
     adapters = {n: p.detach().clone() for n, p in full.params}
     assert adapters and all(".lora_" in n for n in adapters)
-    assert {id(p) for g in full.opt.param_groups for p in g["params"]} == {id(p) for _, p in full.params}
+    assert {id(p) for g in full.state.opt.param_groups for p in g["params"]} == {id(p) for _, p in full.params}
     full.run()
     after = dict(full.model.named_parameters())
     assert all(torch.equal(base[n], after[n]) for n in base)  # the base model (head included) is untouched

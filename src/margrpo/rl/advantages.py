@@ -28,7 +28,6 @@ class Advantages:
     def zero_signal_fraction(self) -> float:
         return self.tied_groups / max(1, self.num_groups)
 
-
 def group_advantages(rewards: torch.Tensor, group: torch.Tensor, valid: torch.Tensor | None = None,
                      std: str = "group", eps: float = 1e-4, unbiased: bool = True,
                      tie_tol: float = 1e-6, clip: float | None = None) -> Advantages:

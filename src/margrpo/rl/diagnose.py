@@ -79,7 +79,7 @@ def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
     grads = policy_grad(stochastic)
     for p, g in zip(params, grads, strict=True):
         p.grad = g
-    tr.opt.step()  # the diagnostic's own trainer: its optimizer state is thrown away with it
+    tr.state.opt.step()  # the diagnostic's own trainer: its optimizer state is thrown away with it
     rows = []
     with torch.no_grad():
         for j in stochastic:
@@ -112,7 +112,7 @@ def gradient_agreement(cfg: TrainConfig, batches: int, first_step: int = 1000) -
     def capture() -> float:  # stands in for the optimizer step: keep the gradient, move nothing
         g = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for _, p in tr.params])
         grads.append(g.double())
-        tr.opt.zero_grad(set_to_none=True)
+        tr.state.opt.zero_grad(set_to_none=True)
         return float(g.norm())
 
     tr._optimizer_step = capture

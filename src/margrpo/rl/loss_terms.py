@@ -1,5 +1,5 @@
-"""Per-element terms of the loss (`rl/loss.py` masks, reduces and sums them): the PPO-clipped surrogate, the KL
-to the reference, MAR-GRPO's consistency mask, and the forward-process estimators' per-draw terms.
+"""Per-element terms of the loss (`rl/loss.py` masks, reduces and sums them): the PPO-clipped surrogate and its
+ratios' statistics, the KL to the reference, and the forward-process estimators' per-draw terms.
 
 * `matching_terms`: advantage-weighted matching (AWM, Xue et al. 2025), the PPO surrogate on minus the head's
   training loss on each token's final value;
@@ -13,7 +13,6 @@ PPO epoch, and cache the rollout's ("old") terms in the first epoch. Everything 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from margrpo.models.heads import ScoredTransitions
 from margrpo.rl.config import AlgorithmSection
@@ -57,25 +56,21 @@ def reference_code_kl(mean_policy: torch.Tensor, mean_ref: torch.Tensor) -> torc
     return torch.exp(d) - d - 1
 
 
+def ratio_stats(ratio: torch.Tensor, keep: torch.Tensor, clip_eps: float) -> dict[str, float]:
+    """Mean, max, min and clipped share of the PPO ratios [M, N, 1] of the kept tokens `keep` [N] (all if none)."""
+    with torch.no_grad():
+        kept = keep[None, :, None].expand_as(ratio)
+        r = ratio[kept] if bool(kept.any()) else ratio.reshape(-1)
+        return {"ratio/mean": float(r.mean()), "ratio/max": float(r.max()), "ratio/min": float(r.min()),
+                "clip_fraction": float(((r - 1).abs() > clip_eps).float().mean()) if clip_eps > 0 else 0.0}
+
+
 def kl_terms(policy: ScoredTransitions, ref: ScoredTransitions, mode: str) -> torch.Tensor:
     if mode == "gaussian":
         return gaussian_kl(policy.mean, policy.std, ref.mean, ref.std)
     if mode == "reference":
         return reference_code_kl(policy.mean, ref.mean)
     raise ValueError(f"kl={mode!r}; valid: 'gaussian', 'reference'")
-
-
-def consistency_mask(step_values: torch.Tensor, prev_values: torch.Tensor, final: torch.Tensor,
-                     committed: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
-    """MAR-GRPO's consistency-aware selection: keep committed tokens, and unknown ones whose step output moved toward
-    the final token (cosine over channels gained more than `tau` since the previous step).
-
-    All inputs are aligned over the same tokens: step_values / prev_values / final [..., C], committed [...] bool.
-    """
-    def cosine(values: torch.Tensor) -> torch.Tensor:
-        return F.cosine_similarity(values.float(), final.float(), dim=-1, eps=1e-8)
-
-    return committed | (cosine(step_values) - cosine(prev_values) > tau)
 
 
 def matching_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv: torch.Tensor,

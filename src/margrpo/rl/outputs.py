@@ -1,13 +1,17 @@
-"""What a training run leaves for its user: in-loop evaluations, sample grids, the W&B mirror, the report and
-the exported model folder(s). A mixin of `Trainer` (`rl/trainer.py`); rank 0 writes."""
+"""What a training run leaves for its user: sample grids, the W&B mirror, the report and the exported model
+folder(s). Plain functions, each given what it writes; rank 0 writes (docs/design.md, "Distributed")."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+from pathlib import Path
 
+from margrpo.models.base import ImageModel
 from margrpo.models.loading import load_model
 from margrpo.rl import distributed as D
+from margrpo.rl.config import TrainConfig
+from margrpo.rl.eval_loop import ParameterEMA
 from margrpo.utils.images import make_grid, save_png
 from margrpo.utils.metrics import read_metrics
 
@@ -17,80 +21,80 @@ REPORT_KEYS = ["reward/mean", "accuracy/strict", "loss/kl", "grad_norm", "ratio/
 EVAL_KEYS = ["eval*/strict"]
 
 
-class RunOutputsMixin:
-    """Evaluation, samples, logging mirrors and the final export for `Trainer`."""
+def sample_prompts(cfg: TrainConfig, training_prompts: list[str]) -> list[str]:
+    """The prompts of the run's sample grids: the fixed ones, the shapes world's demo prompts, or the first 8."""
+    if cfg.prompts.fixed:
+        return list(cfg.prompts.fixed)[:8]
+    if cfg.prompts.source == "shapes":
+        from margrpo.worlds import shapes
 
-    def evaluate(self, step: int) -> dict[str, float]:
-        """In-loop verifier accuracy of the policy (and of its EMA), paired with step 0 (`rl.eval_loop`)."""
-        metrics = self.evaluator.evaluate(self.model, step)
-        if self.ema is not None and step > 0:  # at step 0 the average is the policy itself
-            with self.ema.swapped():
-                metrics.update(self.evaluator.evaluate(self.model, step, tag="_ema"))
-        return metrics
+        return list(shapes.DEMO_PROMPTS)
+    return training_prompts[:8]
 
-    def save_samples(self, step: int) -> None:
-        """Rank 0's sample grid. Under DDP it samples alone (the unwrapped replica: no collectives); FSDP2's
-        sharded policy needs every rank in the call, and rank 0 alone writes the file."""
-        if self.rank != 0 and not self.fsdp:
-            return
-        from margrpo.sampling.pipeline import MARPipeline
 
-        pipe = MARPipeline(self.model, self.cfg.sampling)
-        imgs = pipe(self.sample_prompts, num_images_per_prompt=4, seed=self.cfg.seed)
-        labels = [p for p in self.sample_prompts for _ in range(4)]
-        if self.rank == 0:
-            save_png(make_grid(imgs, nrow=8, labels=labels, upscale=3), self.out / "samples" / f"step-{step}.png")
+def save_samples(model: ImageModel, cfg: TrainConfig, prompts: list[str], path: Path, dist: D.DistContext,
+                 fsdp: bool) -> None:
+    """Rank 0's sample grid. Under DDP it samples alone (the unwrapped replica: no collectives); FSDP2's sharded
+    policy needs every rank in the call, and rank 0 alone writes the file."""
+    if dist.rank != 0 and not fsdp:
+        return
+    from margrpo.sampling.pipeline import MARPipeline
 
-    # ------------------------------------------------------------------ the loop
-    def _wandb(self, resume: bool) -> list:
-        """The W&B mirror of the metrics rows (`log.wandb`), on rank 0 only; none otherwise."""
-        from margrpo.utils.wandb_log import WandbMirror, is_rank_zero
+    imgs = MARPipeline(model, cfg.sampling)(prompts, num_images_per_prompt=4, seed=cfg.seed)
+    labels = [p for p in prompts for _ in range(4)]
+    if dist.rank == 0:
+        save_png(make_grid(imgs, nrow=8, labels=labels, upscale=3), path)
 
-        lg = self.cfg.log
-        if not lg.wandb or not is_rank_zero():
-            return []
-        return [WandbMirror(self.out, config=dataclasses.asdict(self.cfg), resume=resume)]
 
-    def _exportable(self):
-        """LoRA runs export the adapters merged into the base weights (a plain folder that loads without peft)."""
-        if not self.lora:
-            return contextlib.nullcontext()
-        from margrpo.models.lora import merged
+def wandb_mirrors(cfg: TrainConfig, out: Path, resume: bool) -> list:
+    """The W&B mirror of the metrics rows (`log.wandb`), on rank 0 only; none otherwise."""
+    from margrpo.utils.wandb_log import WandbMirror, is_rank_zero
 
-        return merged(self.model.policy)
+    if not cfg.log.wandb or not is_rank_zero():
+        return []
+    return [WandbMirror(out, config=dataclasses.asdict(cfg), resume=resume)]
 
-    def _finish(self) -> list[dict]:
-        """The report, the exported model(s); the logged rows of the training steps (rank 0 writes them)."""
-        from margrpo.utils.plots import plot_report
 
-        export = self.model
-        if self.fsdp:  # gather the full weights (a collective) into a fresh copy of the base model on rank 0
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _exportable(model: ImageModel, lora: bool):
+    """LoRA runs export the adapters merged into the base weights (a plain folder that loads without peft)."""
+    if not lora:
+        return contextlib.nullcontext()
+    from margrpo.models.lora import merged
 
-            full = get_model_state_dict(self.model.policy,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if self.rank == 0:
-                export = load_model(self.cfg.model, "cpu")
-                if self.cfg.sampling.diffusion_steps is not None:
-                    export.head.set_sampling_steps(self.cfg.sampling.diffusion_steps)
-                export.policy.load_state_dict(full)
+    return merged(model.policy)
+
+
+def finish(model: ImageModel, cfg: TrainConfig, out: Path, ema: ParameterEMA | None, lora: bool, evaluated: bool,
+           dist: D.DistContext, fsdp: bool) -> list[dict]:
+    """The report and the exported model(s); returns the logged rows of the training steps (rank 0 writes them)."""
+    from margrpo.utils.plots import plot_report
+
+    export = model
+    if fsdp:  # gather the full weights (a collective) into a fresh copy of the base model on rank 0
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.rank == 0:
+            export = load_model(cfg.model, "cpu")
+            if cfg.sampling.diffusion_steps is not None:
+                export.head.set_sampling_steps(cfg.sampling.diffusion_steps)
+            export.policy.load_state_dict(full)
+    D.barrier()
+    if dist.rank != 0:
         D.barrier()
-        if self.rank != 0:
-            D.barrier()
-            return []
+        return []
 
-        metrics = read_metrics(self.out)
-        keys = REPORT_KEYS + (EVAL_KEYS if self.evaluator is not None else [])
-        plot_report(metrics, keys, self.out / "report.png", title=f"{self.out.name}", smoothing=0.6)
-        with self._exportable():
-            export.save_pretrained(self.out / "model", metadata={"trained_from": self.cfg.model,
-                                                                 "steps": self.cfg.steps})
-        if self.ema is not None:
-            with self.ema.swapped(), self._exportable():
-                self.model.save_pretrained(self.out / "model_ema", metadata={
-                    "trained_from": self.cfg.model, "steps": self.cfg.steps, "ema_decay": self.cfg.eval.ema_decay})
-        D.barrier()  # the other ranks wait for the export, so a launcher sees the run's files once all exit
-        return [r for r in metrics if r["step"] > 0]  # the training steps (step 0 holds the first evaluation)
+    metrics = read_metrics(out)
+    keys = REPORT_KEYS + (EVAL_KEYS if evaluated else [])
+    plot_report(metrics, keys, out / "report.png", title=f"{out.name}", smoothing=0.6)
+    with _exportable(model, lora):
+        export.save_pretrained(out / "model", metadata={"trained_from": cfg.model, "steps": cfg.steps})
+    if ema is not None:
+        with ema.swapped(), _exportable(model, lora):
+            model.save_pretrained(out / "model_ema", metadata={
+                "trained_from": cfg.model, "steps": cfg.steps, "ema_decay": cfg.eval.ema_decay})
+    D.barrier()  # the other ranks wait for the export, so a launcher sees the run's files once all exit
+    return [r for r in metrics if r["step"] > 0]  # the training steps (step 0 holds the first evaluation)
 
 
 class NoWriter:

@@ -19,16 +19,10 @@ from tqdm.auto import tqdm
 
 from margrpo.models.base import Policy
 from margrpo.models.conditioning import Condition
-from margrpo.models.heads import DiffusionHead
+from margrpo.models.heads import DiffusionHead, check_finite, split_noise
 from margrpo.models.schedules import guidance_at_step
-from margrpo.sampling.chains import (
-    check_finite,
-    run_chain,
-    run_chains,
-    split_noise,
-)
 from margrpo.sampling.config import RecordPlan, SamplerConfig
-from margrpo.sampling.mte import record_mte, sample_commit_mte, token_uncertainty, top_fraction_mask
+from margrpo.sampling.mte import record_mte, token_uncertainty, top_fraction_mask
 from margrpo.sampling.rollout import ARStepRecord, Rollout
 
 
@@ -140,8 +134,8 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
         committed = to_pred.reshape(-1)[flat_diff]
         noise_fn = None if all_committed else split_noise(committed, head.token_dim, generator, extra_generator,
                                                           batch_size * counts[i])
-        x_final, traj = run_chain(head, zc_sel, zu_sel, guidance, config.temperature, generator, recorded, noise_fn,
-                                  finite)
+        x_final, traj = head.sample_chain(zc_sel, zu_sel, guidance, config.temperature, generator, recorded, noise_fn,
+                                          finite)
         canvas_before = tokens.clone() if recorded else None
         x_commit = x_final if all_committed else x_final[torch.argsort((~committed).to(torch.int8),
                                                                        stable=True)[:batch_size * counts[i]]]
@@ -168,16 +162,18 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
                 z=z_c.clone() if plan.record_z else None,
                 z_uncond=z_u.clone() if (plan.record_z and z_u is not None) else None)
             if mte_k > 0 and plan.mte_source == "scored":
-                chains = run_chains(head, zc_sel, zu_sel, guidance, config.temperature, mte_generator, mte_k, finite)
+                chains = head.sample_chains(zc_sel, zu_sel, guidance, config.temperature, mte_generator, mte_k, finite)
                 uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
                                               plan.mte_top_fraction).reshape(-1)
                 record_mte(steps[i], head, chains, uncertain, scoring[i], plan, config.temperature)
         known = known | to_pred
         still -= counts[i]
 
-    if need_commit_z:
-        chains = sample_commit_mte(head, z_commit, z_u_commit, guidance_commit, mte_k, config.temperature,
-                                   mte_generator, finite)
+    if need_commit_z:  # K extra chains per token under the condition (and guidance) of the step that committed it
+        d = z_commit.shape[-1]
+        zu_commit = z_u_commit.reshape(flat_b, d) if z_u_commit is not None else None
+        chains = head.sample_chains(z_commit.reshape(flat_b, d), zu_commit, guidance_commit.reshape(flat_b, 1),
+                                    config.temperature, mte_generator, mte_k, finite)
         # uncertainty per image over all its tokens (the reference code's), then each step's share of them
         uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
                                       plan.mte_top_fraction).reshape(-1)

@@ -29,7 +29,9 @@ from torch import nn
 
 from margrpo.models.base import Policy
 from margrpo.models.conditioning import Condition
-from margrpo.models.heads import DdpmHead, DiffusionHead, FlowHead
+from margrpo.models.ddpm_head import DdpmHead
+from margrpo.models.flow_head import FlowHead
+from margrpo.models.heads import DiffusionHead
 from margrpo.models.transformer import Block
 
 

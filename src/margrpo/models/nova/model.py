@@ -33,7 +33,8 @@ from torch import nn
 
 from margrpo.models.base import Policy
 from margrpo.models.conditioning import Condition
-from margrpo.models.heads import DiffusionHead, FlowHead
+from margrpo.models.flow_head import FlowHead
+from margrpo.models.heads import DiffusionHead
 from margrpo.models.schedulers import FlowMatchScheduler
 
 # Upstream's registered architecture names (`transformer_nova.py`): depth, width and heads.
