@@ -233,9 +233,9 @@ class DiffusionHead(nn.Module):
 
         They run as one chain of states [K, N, C]: the network broadcasts the chain axis over the N conditions, so
         its conditioning (time and z embeddings, AdaLN modulations) is computed once per token for all K chains
-        (measured 1.36x faster than K chains one by one). The noise is drawn first, chain by chain in the order of
-        K sequential calls of `sample_chain` (init, then each stochastic step), so chain k sees exactly the draws
-        it would see alone: the two differ only in matmul rounding.
+        (faster than K chains one by one: docs/findings/2026-12-02-scale.md). The noise is drawn first, chain by
+        chain in the order of K sequential calls of `sample_chain` (init, then each stochastic step), so chain k sees
+        exactly the draws it would see alone: the two differ only in matmul rounding.
         """
         shape = (z.shape[0], self.token_dim)
         draws = [[self.init_noise(shape, generator, z.device)]

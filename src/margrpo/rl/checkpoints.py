@@ -145,7 +145,7 @@ def _save_distributed(out: Path, step: int, state: TrainingState, dist: D.DistCo
     return final
 
 
-def restore(out: Path, state: TrainingState, device: torch.device, fsdp: bool, max_consecutive: int) -> int:
+def restore(out: Path, state: TrainingState, device: torch.device, fsdp: bool, max_bad_steps: int) -> int:
     """Load the newest checkpoint whose files match their manifest into `state`; returns its step. Damaged newer ones
     are reported and skipped (the run then repeats their steps, with the same result, since every step is a
     function of the seed)."""
@@ -162,7 +162,7 @@ def restore(out: Path, state: TrainingState, device: torch.device, fsdp: bool, m
     else:
         _restore_tensors(ckpt, tensors, meta, state, fsdp)
     state.bad_steps = int(meta.get("bad_steps", 0))  # restored: a resume after a crash must not change the run
-    if state.bad_steps >= max_consecutive:  # the run stopped for them: the user changed something
+    if state.bad_steps >= max_bad_steps:  # the run stopped for them: the user changed something
         state.bad_steps = 0
     state.guard.total = int(meta["reward_guard"]["total"])
     state.guard.invalid = int(meta["reward_guard"]["invalid"])

@@ -51,6 +51,9 @@ def raise_on_any_rank(fault: StepFault | None, where: str) -> None:
         raise fault
 
 
+MAX_BAD_STEPS = 3  # bad steps in a row that stop a run (with a checkpoint of the last good weights)
+
+
 class TrainingFault(RuntimeError):
     """Too many bad steps in a row: the run stopped; its checkpoint holds the last good weights."""
 

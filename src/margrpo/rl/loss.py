@@ -307,7 +307,7 @@ def trajectory_loss(s: ScoredStep, cfg: AlgorithmSection) -> StepLoss:
     for c0, j in enumerate(js):
         jc = [j]
         main = replay_transitions(s.policy.head, rec.x, jc, leaf_sc, temperature)
-        pg, ratio = clipped_surrogate(main.logp, old[c0:c0 + 1], s.adv, cfg.clip_eps, cfg.dual_clip)
+        pg, ratio = clipped_surrogate(main.logp, old[c0:c0 + 1], s.adv, cfg.clip_eps)
         pol = (pg * w_main[None, :, None]).sum() * step_weights[c0]
         term = pol if weight == 1.0 else weight * pol
         if use_kl:
@@ -331,7 +331,7 @@ def trajectory_loss(s: ScoredStep, cfg: AlgorithmSection) -> StepLoss:
             new = replay_transitions(s.policy.head, rec.mte_x.transpose(0, 1), jc, leaf_sc, temperature,
                                      tokens=idx).logp.transpose(0, 1)
             old_c = old_k[:, c0:c0 + 1]
-            pg_k = clipped_surrogate(new, old_c, s.adv[:, idx][None], cfg.clip_eps, cfg.dual_clip)[0]
+            pg_k = clipped_surrogate(new, old_c, s.adv[:, idx][None], cfg.clip_eps)[0]
             pol = (pg_k * w[idx][None, None, :, None]).sum() / k_chains * step_weights[c0]
             accumulate(pol if weight == 1.0 else weight * pol)
             policy_value = policy_value + pol.detach()

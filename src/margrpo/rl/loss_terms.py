@@ -21,14 +21,12 @@ MAX_LOG_RATIO = 20.0
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                      clip_eps: float, dual_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO loss per element, -min(rho A, clip(rho, 1-eps, 1+eps) A), and the ratio rho (float32).
 
-    `advantages` must broadcast against `logp`. With clip_eps <= 0 no clipping is applied (plain
-    importance-weighted policy gradient). `dual_clip` = c > 1 also bounds the objective of negative
-    advantages below by c A (dual-clip PPO), so one element whose ratio exploded cannot dominate the
-    gradient. The log-ratio is clamped to +-20 before exponentiating: beyond that the element's
-    gradient is zero anyway under clipping, and exp would overflow to inf and turn gradients into nan.
+    `advantages` must broadcast against `logp`. With clip_eps <= 0 no clipping is applied (plain importance-weighted
+    policy gradient). The log-ratio is clamped to +-20 before exponentiating: exp would overflow to inf and turn
+    gradients into nan.
     """
     ratio = torch.exp((logp.float() - old_logp.float()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
     unclipped = ratio * advantages
@@ -36,8 +34,6 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
         return -unclipped, ratio
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
     objective = torch.minimum(unclipped, clipped)
-    if dual_clip is not None:
-        objective = torch.where(advantages < 0, torch.maximum(objective, dual_clip * advantages), objective)
     return -objective, ratio
 
 
@@ -98,7 +94,7 @@ def matching_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor,
         if not first_epoch:
             raise RuntimeError(f"matching: no old loss cached for {key} after the first PPO epoch")
         old_cache[key] = loss.detach()
-    return clipped_surrogate(-loss, -old_cache[key], adv, cfg.clip_eps, cfg.dual_clip)
+    return clipped_surrogate(-loss, -old_cache[key], adv, cfg.clip_eps)
 
 
 def nft_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv: torch.Tensor, cfg: AlgorithmSection,

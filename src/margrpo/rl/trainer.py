@@ -34,7 +34,15 @@ from margrpo.rl.advantages import Advantages, group_advantages
 from margrpo.rl.category_metrics import accuracy_metrics
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.eval_loop import TrainingEvaluator
-from margrpo.rl.faults import StepFault, StopRequest, TrainingFault, TrainingStopped, loss_fault, raise_on_any_rank
+from margrpo.rl.faults import (
+    MAX_BAD_STEPS,
+    StepFault,
+    StopRequest,
+    TrainingFault,
+    TrainingStopped,
+    loss_fault,
+    raise_on_any_rank,
+)
 from margrpo.rl.loss import PolicyNorm, ar_step_loss
 from margrpo.rl.prompts import PromptSource
 from margrpo.rl.selection import select_steps
@@ -122,8 +130,7 @@ class Trainer:
         with timer("reward"):
             rewards = self.rewards(batch)
             a = self.cfg.algorithm
-            adv = group_advantages(torch.nan_to_num(rewards.scores), batch.groups, rewards.valid, a.advantage_std,
-                                   clip=a.advantage_clip)
+            adv = group_advantages(torch.nan_to_num(rewards.scores), batch.groups, rewards.valid, a.advantage_std)
         with timer("update"):
             losses, grad_norms = self.update(step, batch, adv)
         return self.metrics(batch, rewards, adv, losses, grad_norms, timer)
@@ -347,7 +354,7 @@ class Trainer:
         """One training step and its logging, evaluation, samples and checkpoint; a step with a numerical fault is
         skipped with weights, optimizer and EMA as before it."""
         t0 = time.perf_counter()
-        state, limit = self.state, self.cfg.faults.max_consecutive
+        state, limit = self.state, MAX_BAD_STEPS
         snapshot = state.snapshot()
         try:
             rec = self.train_step(step)
@@ -395,4 +402,4 @@ class Trainer:
         return checkpoints.save(self.out, step, self.state, self.dist, self.shards)
 
     def restore(self) -> int:
-        return checkpoints.restore(self.out, self.state, self.device, self.fsdp, self.cfg.faults.max_consecutive)
+        return checkpoints.restore(self.out, self.state, self.device, self.fsdp, MAX_BAD_STEPS)

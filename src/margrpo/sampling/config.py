@@ -26,8 +26,8 @@ class SamplerConfig:
 
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"cfg": "guidance_scale", "cfg_schedule": "guidance_schedule"}
     REMOVED_KEYS: ClassVar[dict[str, str]] = {
-        "batch_mte_chains": "the K MTE chains always run together, one head call per step (measured 1.36x faster, "
-                            "the same chains up to matmul rounding)",
+        "batch_mte_chains": "the K MTE chains always run together, one head call per step (faster, and the same "
+                            "chains up to matmul rounding: docs/findings/2026-12-02-scale.md)",
         "compile": "rollouts run eager (torch.compile gives the same rollout and no measurement showed it faster)",
     }
 
