@@ -113,7 +113,7 @@ def test_matching_estimator_is_the_advantage_weighted_pretraining_loss_at_ratio_
     # explicit: z of the step's committed tokens, the head's loss on their final values, weighted by A
     model.mar.zero_grad()
     rec = r.steps[step]
-    z = model.mar.condition(rec.canvas, rec.mask, r.cond)[rec.diffused]
+    z = model.mar.compute_z(rec.canvas, rec.mask, r.cond)[rec.diffused]
     target = r.tokens[rec.diffused]
     img = torch.arange(6).repeat_interleave(int(rec.diffused.sum()) // 6)
     g = torch.Generator().manual_seed(5)
@@ -290,7 +290,7 @@ def test_stratified_shards_cut_one_global_batch():
 def test_the_old_balance_option_names_its_replacement():
     from margrpo.utils.config import ConfigError
 
-    with pytest.raises(ConfigError, match="renamed 'prompts.category_balance'"):
+    with pytest.raises(ConfigError, match="renamed to 'prompts.category_balance'"):
         load_config(TrainConfig, None, ["prompts.balance_categories=true"])
     with pytest.raises(ConfigError, match="'stratified', 'random', 'off'"):
         load_config(TrainConfig, None, ["prompts.category_balance=true"])

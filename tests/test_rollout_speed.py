@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from margrpo.models.conditioning import Condition
-from margrpo.models.mar import MAR
+from margrpo.models.mar import MARPolicy
 from margrpo.sampling.sampler import sample
 
 from conftest import randomize, sampling, tiny_mar_kwargs
 
 
-def _model() -> MAR:
-    return randomize(MAR(**tiny_mar_kwargs(head="ddpm", num_sampling_steps="6")), std=0.05, seed=1)
+def _model() -> MARPolicy:
+    return randomize(MARPolicy(**tiny_mar_kwargs(head="ddpm", num_sampling_steps="6")), std=0.05, seed=1)
 
 
 def _run(model, **cfg):

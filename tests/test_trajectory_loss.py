@@ -12,7 +12,7 @@ import torch
 
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import ESTIMATORS, AlgorithmSection
-from margrpo.rl.loss import LOSSES, PolicyNorm, ar_step_loss, kept_policy_tokens, step_conditions
+from margrpo.rl.loss import LOSSES, PolicyNorm, ar_step_loss, kept_policy_tokens, step_z
 from margrpo.rl.loss_terms import gaussian_kl
 from margrpo.sampling.sampler import sample
 
@@ -34,7 +34,7 @@ def one_graph_loss(policy, reference, r, step, js, adv, use, cfg) -> tuple[torch
     img = torch.arange(r.batch_size).repeat_interleave(n // r.batch_size)
     a = adv[img][None, :, None]
     keep = kept_policy_tokens(r, step, use, cfg)[None, :, None].float()
-    sc = step_conditions(policy, r, step, cfg.score_guidance)
+    sc = step_z(policy, r, step, cfg.score_guidance)
     main = policy.head.score_transitions(rec.x, js, sc.z, sc.z_uncond, sc.guidance, r.temperature)
     pg, rho = _ppo(main.logp, rec.logp[js], a)
     idx = rec.mte_tokens  # the uncertain tokens: the mean of their K chains' surrogates replaces the main one
@@ -52,7 +52,7 @@ def one_graph_loss(policy, reference, r, step, js, adv, use, cfg) -> tuple[torch
     kept_sum = (pg * keep).sum()
     per_token = {"element": keep.sum() * len(js) * c, "token": keep.sum() * len(js), "rollout": DENOMINATOR * c}
     policy_term = kept_sum / per_token[cfg.normalize]
-    ref_sc = step_conditions(reference, r, step, cfg.score_guidance)
+    ref_sc = step_z(reference, r, step, cfg.score_guidance)
     with torch.no_grad():
         ref = reference.head.score_transitions(rec.x, js, ref_sc.z, ref_sc.z_uncond, ref_sc.guidance, r.temperature)
     if cfg.kl == "gaussian":

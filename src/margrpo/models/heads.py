@@ -113,9 +113,9 @@ class DiffusionHead(nn.Module):
 
     def forward(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
                 guidance: float = 1.0, temperature: float = 1.0) -> Transition:
-        """The transition of head step j for states x [..., N, C] under per-token conditions z [N, D].
+        """The transition of head step j for states x [..., N, C] under per-token z [N, D].
 
-        Leading axes of x (K chains of the same N tokens) broadcast over the conditions: every network here
+        Leading axes of x (K chains of the same N tokens) broadcast over z: every network here
         computes its conditioning (time and z embeddings, the AdaLN modulations: most of its work) once per
         token and applies it to all chains, which is what makes MTE's K extra chains cheap.
         """
@@ -133,7 +133,7 @@ class DiffusionHead(nn.Module):
         """Mean, std and log-probability of x[j] -> x[j+1] for each head step j in `js` ([J, ..., N, C] float32).
 
         `x` is a trajectory stack [T+1, ..., N, C] (axes between the first and the token axis, K chains of the same
-        tokens, broadcast over the conditions z [N, D]); guided when `z_uncond` is given. Every step goes through
+        tokens, broadcast over z [N, D]); guided when `z_uncond` is given. Every step goes through
         the module call, so DDP and FSDP2 hooks fire.
         """
         means, stds, logps = [], [], []
@@ -195,7 +195,7 @@ class DiffusionHead(nn.Module):
                      temperature: float, generator: torch.Generator | None, record: bool,
                      noise: Callable[[], torch.Tensor] | None = None, finite: list[torch.Tensor] | None = None
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """The whole chain for N tokens under conditions z [N, D]: the final x [N, C] and, if `record`, the x and
+        """The whole chain for N tokens under their z [N, D]: the final x [N, C] and, if `record`, the x and
         logp stacks ([T+1, N, C], [T, N, C]; a deterministic step's log-probability is 0).
 
         `noise()` (if given) supplies each standard-normal draw [N, C] instead of `generator`, or [K, N, C] for K
@@ -229,9 +229,9 @@ class DiffusionHead(nn.Module):
     def sample_chains(self, z: torch.Tensor, z_uncond: torch.Tensor | None, guidance: float | torch.Tensor,
                       temperature: float, generator: torch.Generator | None, k: int,
                       finite: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """K independent recorded chains for the same N conditions: their states [K, T+1, N, C].
+        """K independent recorded chains for the same N tokens' z: their states [K, T+1, N, C].
 
-        They run as one chain of states [K, N, C]: the network broadcasts the chain axis over the N conditions, so
+        They run as one chain of states [K, N, C]: the network broadcasts the chain axis over the N z, so
         its conditioning (time and z embeddings, AdaLN modulations) is computed once per token for all K chains
         (faster than K chains one by one: docs/findings/2026-12-02-scale.md). The noise is drawn first, chain by
         chain in the order of K sequential calls of `sample_chain` (init, then each stochastic step), so chain k sees

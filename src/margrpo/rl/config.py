@@ -93,7 +93,7 @@ class AlgorithmSection:
                         range=(0, 64))
     mte_top_fraction: float = option(0.3, "share of each image's tokens, the most uncertain, scored through the K "
                                      "chains (MAR-GRPO's 30%)", range=(0.0, 1.0))
-    mte_source: str = option("commit", "condition the K chains are drawn under: each token's committing step (the "
+    mte_source: str = option("commit", "the z the K chains are drawn under: each token's committing step (the "
                              "release) or the scored step", choices=MTE_SOURCES)
     consistency_start: int = option(1, "policy_tokens: consistent: AR steps up to this one are not filtered (the "
                                     "release's i > 1)", range=(0, 4096))

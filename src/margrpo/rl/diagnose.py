@@ -32,7 +32,7 @@ import torch
 
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import TrainConfig
-from margrpo.rl.loss import ar_step_loss, replay_transitions, step_conditions
+from margrpo.rl.loss import ar_step_loss, replay_transitions, step_z
 from margrpo.rl.selection import scorable_head_steps, scored_guidance
 from margrpo.rl.trainer import Trainer
 from margrpo.sampling.config import RecordPlan
@@ -85,7 +85,7 @@ def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
         for j in stochastic:
             log_ratio, clamped, count = 0.0, 0.0, 0
             for i, rec in rollout.steps.items():
-                sc = step_conditions(policy, rollout, i, a.score_guidance)
+                sc = step_z(policy, rollout, i, a.score_guidance)
                 new = replay_transitions(head, rec.x, [j], sc, rollout.temperature)
                 log_ratio = max(log_ratio, float((new.logp - rec.logp[[j]]).abs().max()))
                 clamped += float(_clamped_fraction(head, rec.x[j], j, sc)) * rec.x.shape[1]

@@ -303,7 +303,7 @@ def cat_rollouts(parts: list):
         mte_tokens = None if rec.mte_tokens is None else torch.cat(
             [r.mte_tokens + o for r, o in zip(recs, offsets, strict=True)])
         steps[i] = ARStepRecord(
-            step=rec.step, known=cat([r.known for r in recs]), to_pred=cat([r.to_pred for r in recs]),
+            ar_step=rec.ar_step, known=cat([r.known for r in recs]), to_pred=cat([r.to_pred for r in recs]),
             diffused=cat([r.diffused for r in recs]), canvas=cat([r.canvas for r in recs]), guidance=rec.guidance,
             x=cat([r.x for r in recs], 1), logp=cat([r.logp for r in recs], 1),
             logp_cond=cat([r.logp_cond for r in recs], 1), z=cat([r.z for r in recs]),

@@ -39,7 +39,7 @@ from margrpo.rl.config import AlgorithmSection
 from margrpo.rl.loss_terms import MAX_LOG_RATIO, clipped_surrogate, kl_terms, matching_terms, nft_terms, ratio_stats
 from margrpo.sampling.mte import token_uncertainty
 from margrpo.sampling.rollout import ARStepRecord, Rollout
-from margrpo.sampling.sampler import compute_conditions
+from margrpo.sampling.sampler import guided_z
 
 
 @dataclass
@@ -49,36 +49,36 @@ class StepLoss:
 
 
 @dataclass
-class StepConditions:  # recomputed conditions of one AR step, restricted to its diffused tokens ([N, D])
+class StepZ:  # recomputed z of one AR step, restricted to its diffused tokens ([N, D])
     z: torch.Tensor
     z_uncond: torch.Tensor | None
     guidance: float
     z_full: torch.Tensor  # [B, L, D]
 
 
-def step_conditions(policy: Policy, rollout: Rollout, step: int, score_guidance: str = "rollout") -> StepConditions:
-    """z for AR step `step` from its recorded canvas and known set, in eval mode as at sampling, with the sampler's
-    own `compute_conditions` and batch layout, so that before any update the recomputed log-probabilities equal the
+def step_z(policy: Policy, rollout: Rollout, ar_step: int, score_guidance: str = "rollout") -> StepZ:
+    """z for AR step `ar_step` from its recorded canvas and known set, in eval mode as at sampling, with the sampler's
+    own `guided_z` and batch layout, so that before any update the recomputed log-probabilities equal the
     recorded ones. `score_guidance="cond_only"` leaves the unconditional branch out (the MAR-GRPO release scores the
     conditional branch alone)."""
-    if step not in rollout.steps:
-        raise KeyError(f"AR step {step} was not recorded; recorded steps: {sorted(rollout.steps)}")
-    rec = rollout.steps[step]
+    if ar_step not in rollout.steps:
+        raise KeyError(f"AR step {ar_step} was not recorded; recorded steps: {sorted(rollout.steps)}")
+    rec = rollout.steps[ar_step]
     guided = rollout.guidance_scale != 1.0 and score_guidance == "rollout"
     was_training = policy.training
     policy.eval()  # dropout off as at sampling, whatever mode the trainer keeps the model in; gradients still flow
     try:
-        z_c, z_u = compute_conditions(policy, rec.canvas, rec.mask, rollout.cond, guided)
+        z_c, z_u = guided_z(policy, rec.canvas, rec.mask, rollout.cond, guided)
     finally:
         policy.train(was_training)
     sel = rec.diffused
-    return StepConditions(z=z_c[sel], z_uncond=z_u[sel] if z_u is not None else None,
-                          guidance=rec.guidance if guided else 1.0, z_full=z_c)
+    return StepZ(z=z_c[sel], z_uncond=z_u[sel] if z_u is not None else None,
+                 guidance=rec.guidance if guided else 1.0, z_full=z_c)
 
 
-def replay_transitions(head: DiffusionHead, x: torch.Tensor, js: Sequence[int], cond: StepConditions,
+def replay_transitions(head: DiffusionHead, x: torch.Tensor, js: Sequence[int], cond: StepZ,
                        temperature: float, tokens: torch.Tensor | None = None) -> ScoredTransitions:
-    """`head.score_transitions` under a step's recomputed conditions (of `tokens`, an index tensor into its N diffused
+    """`head.score_transitions` under a step's recomputed z (of `tokens`, an index tensor into its N diffused
     tokens, when given: x is then [T+1, ..., n, C])."""
     z, zu = cond.z, cond.z_uncond
     if tokens is not None:
@@ -99,15 +99,15 @@ def consistency_mask(step_values: torch.Tensor, prev_values: torch.Tensor, final
     return committed | (cosine(step_values) - cosine(prev_values) > tau)
 
 
-def kept_policy_tokens(rollout: Rollout, step: int, use: torch.Tensor, cfg: AlgorithmSection,
+def kept_policy_tokens(rollout: Rollout, ar_step: int, use: torch.Tensor, cfg: AlgorithmSection,
                        stats: dict[str, float] | None = None) -> torch.Tensor:
-    """[N] bool over AR step `step`'s diffused tokens: those that enter the policy term (module docstring)."""
-    rec = rollout.steps[step]
+    """[N] bool over AR step `ar_step`'s diffused tokens: those that enter the policy term (module docstring)."""
+    rec = rollout.steps[ar_step]
     b = rollout.batch_size
     img = torch.arange(b, device=rec.x.device).repeat_interleave(int(rec.diffused.sum()) // b)
     keep = use.to(rec.x.device)[img].clone()
-    if cfg.policy_tokens == "consistent" and step > cfg.consistency_start and (step - 1) in rollout.steps:
-        prev_vals = rollout.steps[step - 1].final_values()[rec.diffused]
+    if cfg.policy_tokens == "consistent" and ar_step > cfg.consistency_start and (ar_step - 1) in rollout.steps:
+        prev_vals = rollout.steps[ar_step - 1].final_values()[rec.diffused]
         final = rollout.tokens[rec.diffused]
         cons = consistency_mask(rec.x[-1], prev_vals, final, rec.committed_in_diffused(), cfg.consistency_tau)
         keep &= cons
@@ -172,7 +172,7 @@ class ScoredStep:
     js: list[int]  # the scored head steps
     adv: torch.Tensor  # [1, N, 1] each diffused token's advantage
     keep: torch.Tensor  # [N] bool: the tokens in the policy term
-    conditions: StepConditions
+    step_z: StepZ
     cache: dict  # across PPO epochs: the forward-process estimators' old terms, the reference's transitions
     first_epoch: bool
     generator: torch.Generator | None  # the forward-process estimators' draws (the same in every epoch)
@@ -194,24 +194,24 @@ class ScoredStep:
 
     def reference_transitions(self, score_guidance: str) -> ScoredTransitions:
         """The frozen reference's transitions at the scored head steps, computed once per rollout (cached)."""
-        key = ("reference", self.rec.step, tuple(self.js))
+        key = ("reference", self.rec.ar_step, tuple(self.js))
         if key not in self.cache:
             with torch.no_grad():
-                sc = step_conditions(self.reference, self.rollout, self.rec.step, score_guidance)
+                sc = step_z(self.reference, self.rollout, self.rec.ar_step, score_guidance)
                 self.cache[key] = replay_transitions(self.reference.head, self.rec.x, self.js, sc,
                                                      self.rollout.temperature)
         return self.cache[key]
 
 
-def ar_step_loss(policy: Policy, reference: Policy | None, rollout: Rollout, step: int,
+def ar_step_loss(policy: Policy, reference: Policy | None, rollout: Rollout, ar_step: int,
                  head_steps: list[int], advantages: torch.Tensor, use: torch.Tensor, cfg: AlgorithmSection,
                  old_cache: dict, first_epoch: bool, generator: torch.Generator | None = None,
                  norm: PolicyNorm | None = None) -> StepLoss:
-    """Loss of AR step `step` of `rollout` at head steps `head_steps` (see the module docstring).
+    """Loss of AR step `ar_step` of `rollout` at head steps `head_steps` (see the module docstring).
 
     `advantages` [B] and `use` [B] (valid and informative samples) are per image; `ScoredStep` says what the other
     arguments are. `norm`: the rollout's `PolicyNorm` (a trainer computes it once for all its scored steps; without
-    one, this step's own in one process: normalize=rollout needs the rollout's). Its weight multiplies the policy
+    one, this AR step's own in one process: normalize=rollout needs the rollout's). Its weight multiplies the policy
     term (not the KL); `stats` keep the unweighted value.
     """
     if cfg.estimator not in LOSSES:
@@ -220,19 +220,19 @@ def ar_step_loss(policy: Policy, reference: Policy | None, rollout: Rollout, ste
         if p is not None and p.head.num_steps != rollout.head_steps:
             raise ValueError(f"the head samples {p.head.num_steps} steps, the rollout recorded {rollout.head_steps}; "
                              f"call head.set_sampling_steps({rollout.head_steps})")
-    rec = rollout.steps[step]
+    rec = rollout.steps[ar_step]
     b = rollout.batch_size
     img = torch.arange(b, device=rec.x.device).repeat_interleave(int(rec.diffused.sum()) // b)
     if norm is None and cfg.normalize != "rollout":
-        norm = PolicyNorm.of(rollout, [step], {step: head_steps}, use, cfg)
-    keep = norm.keep[step] if norm else kept_policy_tokens(rollout, step, use, cfg)
-    sc = step_conditions(policy, rollout, step, cfg.score_guidance)
+        norm = PolicyNorm.of(rollout, [ar_step], {ar_step: head_steps}, use, cfg)
+    keep = norm.keep[ar_step] if norm else kept_policy_tokens(rollout, ar_step, use, cfg)
+    sc = step_z(policy, rollout, ar_step, cfg.score_guidance)
     scored = ScoredStep(policy=policy, reference=reference, rollout=rollout, rec=rec, js=list(head_steps),
                         adv=advantages.to(rec.x.device).float()[img][None, :, None], keep=keep,
-                        conditions=sc, cache=old_cache, first_epoch=first_epoch, generator=generator,
+                        step_z=sc, cache=old_cache, first_epoch=first_epoch, generator=generator,
                         policy_denominator=norm.denominator if norm else None,
-                        policy_weight=norm.weights[step] if norm else 1.0,
-                        stats=dict(norm.mask_stats[step]) if norm else {})
+                        policy_weight=norm.weights[ar_step] if norm else 1.0,
+                        stats=dict(norm.mask_stats[ar_step]) if norm else {})
     return LOSSES[cfg.estimator](scored, cfg)
 
 
@@ -248,7 +248,7 @@ def trajectory_loss(s: ScoredStep, cfg: AlgorithmSection) -> StepLoss:
     returned has the summed value and, through `(z * dL/dz).sum()` (+ the head weights'; exactly 0 in value), the
     summed gradient, for the caller's backward through the transformer.
     """
-    rollout, rec, js, keep, sc, stats = s.rollout, s.rec, s.js, s.keep, s.conditions, s.stats
+    rollout, rec, js, keep, sc, stats = s.rollout, s.rec, s.js, s.keep, s.step_z, s.stats
     dev = rec.x.device
     temperature = rollout.temperature
     n_tok, c = rec.x.shape[1], rec.x.shape[2]
@@ -264,7 +264,7 @@ def trajectory_loss(s: ScoredStep, cfg: AlgorithmSection) -> StepLoss:
         if len(idx):
             missing = sorted(set(js) - set(rec.mte_head_steps))
             if missing:
-                raise ValueError(f"AR step {rec.step}: the rollout recorded MTE log-probabilities at head steps "
+                raise ValueError(f"AR step {rec.ar_step}: the rollout recorded MTE log-probabilities at head steps "
                                  f"{rec.mte_head_steps}, not at {missing} (the RecordPlan's head_steps)")
             mte = (idx, rec.mte_logp[:, [rec.mte_head_steps.index(j) for j in js]])
     w_main = w.clone() if mte is not None else w  # the uncertain tokens' term: their chains'
@@ -288,7 +288,7 @@ def trajectory_loss(s: ScoredStep, cfg: AlgorithmSection) -> StepLoss:
 
     z = sc.z.detach().requires_grad_(True)
     zu = sc.z_uncond.detach().requires_grad_(True) if sc.z_uncond is not None else None
-    leaf_sc = StepConditions(z=z, z_uncond=zu, guidance=sc.guidance, z_full=sc.z_full)
+    leaf_sc = StepZ(z=z, z_uncond=zu, guidance=sc.guidance, z_full=sc.z_full)
     head_params = [p for p in s.policy.head.parameters() if p.requires_grad]
     leaves = [z, *([zu] if zu is not None else []), *head_params]
     grads: list[torch.Tensor | None] = [None] * len(leaves)
@@ -325,7 +325,7 @@ def trajectory_loss(s: ScoredStep, cfg: AlgorithmSection) -> StepLoss:
             r_clip = r_clip + ((r - 1).abs() > cfg.clip_eps).float().sum()
         del main, pg, ratio, pol, term
         if mte is not None:
-            # the K chains of the uncertain tokens together: their conditioning is computed once per token
+            # the K chains of the uncertain tokens together: their z is computed once per token
             idx, old_k = mte
             k_chains = rec.mte_x.shape[0]
             new = replay_transitions(s.policy.head, rec.mte_x.transpose(0, 1), jc, leaf_sc, temperature,
@@ -366,7 +366,7 @@ def _forward_process_loss(s: ScoredStep, cfg: AlgorithmSection, pg: torch.Tensor
         policy_loss = (pg * s.keep.float()[None, :, None]).sum() / count
     kl_loss = torch.zeros((), device=rec.x.device)
     if s.reference is not None and cfg.beta > 0:
-        main = replay_transitions(s.policy.head, rec.x, s.js, s.conditions, s.rollout.temperature)
+        main = replay_transitions(s.policy.head, rec.x, s.js, s.step_z, s.rollout.temperature)
         kl = kl_terms(main, s.reference_transitions(cfg.score_guidance), cfg.kl)
         kl_loss = kl.sum() / (kl.shape[0] * kl.shape[1] * (1 if cfg.normalize == "token" else kl.shape[2]))
     loss = (policy_loss if s.policy_weight == 1.0 else s.policy_weight * policy_loss) + cfg.beta * kl_loss
@@ -378,15 +378,15 @@ def _forward_process_loss(s: ScoredStep, cfg: AlgorithmSection, pg: torch.Tensor
 
 def matching_loss(s: ScoredStep, cfg: AlgorithmSection) -> StepLoss:
     """Advantage-weighted matching: the PPO surrogate on minus the head's pretraining loss (`matching_terms`)."""
-    pg, ratio = matching_terms(s.policy.head, s.rollout.tokens[s.rec.diffused], s.conditions.z, s.adv, cfg,
-                               s.cache, ("matching", s.rec.step), s.first_epoch, s.generator)
+    pg, ratio = matching_terms(s.policy.head, s.rollout.tokens[s.rec.diffused], s.step_z.z, s.adv, cfg,
+                               s.cache, ("matching", s.rec.ar_step), s.first_epoch, s.generator)
     return _forward_process_loss(s, cfg, pg, ratio)
 
 
 def nft_loss(s: ScoredStep, cfg: AlgorithmSection) -> StepLoss:
     """DiffusionNFT's negative-aware loss on each token's final value (`nft_terms`)."""
-    pg, nft_stats = nft_terms(s.policy.head, s.rollout.tokens[s.rec.diffused], s.conditions.z, s.adv, cfg,
-                              s.cache, ("nft", s.rec.step), s.first_epoch, s.generator)
+    pg, nft_stats = nft_terms(s.policy.head, s.rollout.tokens[s.rec.diffused], s.step_z.z, s.adv, cfg,
+                              s.cache, ("nft", s.rec.ar_step), s.first_epoch, s.generator)
     s.stats.update(nft_stats)
     return _forward_process_loss(s, cfg, pg, None)
 

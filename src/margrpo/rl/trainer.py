@@ -18,6 +18,7 @@ come from the base model), `samples/step-N.png`, `report.png`, and `model/` (`rl
 from __future__ import annotations
 
 import copy
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -90,11 +91,8 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.model.policy.set_gradient_checkpointing(True)
         a = cfg.algorithm
-        self.reference = None
-        if a.beta > 0:  # copied before wrapping and before any adapter: a plain frozen replica of the base
-            self.reference = copy.deepcopy(self.model.policy).eval()
-            for p in self.reference.parameters():
-                p.requires_grad_(False)
+        # copied before wrapping and before any adapter: a plain frozen replica of the base
+        self.reference = copy.deepcopy(self.model.policy).eval().requires_grad_(False) if a.beta > 0 else None
         self.state = checkpoints.TrainingState.create(cfg, self.model, self.dist)
         self.policy = self.state.policy  # what the sampler and the loss call (DDP / FSDP2's module: its hooks fire)
         from margrpo.rewards import build_rewards
@@ -229,12 +227,8 @@ class Trainer:
             "lr": self.cfg.optim.lr, "rollout/mbytes": batch.rollout.nbytes() / 2**20,
         })
         rec.update(timer.summary(prefix="time/"))
-        if self.device.type == "cuda":
-            rec["memory/peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        else:
-            import resource
-
-            rec["memory/peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        rec["memory/peak_gb"] = (torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda"
+                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
         return rec
 
     # ------------------------------------------------------------------ pieces of the update
@@ -300,9 +294,7 @@ class Trainer:
         return float(norm)
 
     def _autocast(self):
-        if self.cfg.autocast == "none":
-            return torch.autocast(device_type=self.device.type, enabled=False)
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast != "none")
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False) -> list[dict]:
