@@ -65,3 +65,11 @@ def sampling(record: bool = True, **kw):
     cfg = SamplerConfig(**{"ar_steps": 16, "diffusion_steps": None, **{k: v for k, v in kw.items() if k in names}})
     plan = RecordPlan(**{"record_z": True, **{k: v for k, v in kw.items() if k not in names}}) if record else None
     return cfg, plan
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """`tiny_model()` written as a model folder (what a config's `model:` names)."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model().save_pretrained(path)
+    return path

@@ -171,7 +171,9 @@ def test_demo_quick_runs_twice_in_the_same_folder(model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "removing the previous demo run" in out and "| overall |" in out
     assert (tmp_path / "demo" / "grid_before_after.png").is_file()
-    assert json.loads((tmp_path / "demo" / "after.json").read_text())["summary"]["overall"]["n"] == 32
+    after = json.loads((tmp_path / "demo" / "after.json").read_text())
+    assert after["summary"]["overall"]["n"] == 32 and 0 <= after["statistics"]["colour_entropy"] <= 9
+    assert "| colour_entropy |" in out  # the reward-hacking monitors' statistics, before and after
     # each gain twice: at the same sampler settings, and both models at their best (chosen on training prompts)
     assert "over the base at the same sampler settings" in out and "over the base at its best settings" in out
     assert "the base's computed in" in out and "the base's read from the cache" in out  # the second run's

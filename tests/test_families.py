@@ -93,6 +93,7 @@ def test_the_policy_keeps_the_contract(family, tmp_path):
     (2.0, "rollout", "scored", "unknown"),
     (2.0, "cond_only", "commit", "committed"),
     (1.0, "rollout", "scored", "committed"),
+    (2.0, "rollout", "bridge", "unknown"),
 ])
 def test_ratio_is_one_before_the_first_update(family, guidance_scale, score_guidance, mte_source, policy_tokens):
     """The old log-probabilities are the rollout's own (main trajectory and MTE chains, recorded at sampling), so a

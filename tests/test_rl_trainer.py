@@ -8,7 +8,7 @@ import torch
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import AlgorithmSection, TrainConfig
 from margrpo.rl.loss import PolicyNorm, ar_step_loss, kept_policy_tokens
-from margrpo.rl.selection import select_steps
+from margrpo.rl.selection import scorable_head_steps, select_steps
 from margrpo.rl.trainer import Trainer
 from margrpo.sampling.sampler import sample
 from margrpo.utils.config import load_config
@@ -67,7 +67,7 @@ def test_policy_norm_weighs_a_rank_by_its_share_of_the_global_kept_tokens():
     assert norm.denominator is None
 
 
-@pytest.mark.parametrize("mte_source", ["commit", "scored"])
+@pytest.mark.parametrize("mte_source", ["commit", "scored", "bridge"])
 def test_the_recorded_old_log_probs_catch_a_replay_that_differs_from_sampling(mte_source):
     """The ratio-is-1 check is not true by construction: a model changed after sampling moves every ratio."""
     model = tiny_model()
@@ -481,3 +481,22 @@ def test_numerical_faults_skip_the_step_and_too_many_in_a_row_stop_the_run(tiny_
     with pytest.raises(TrainingFault, match=r"log-ratio above faults.max_log_ratio=0.0 \(.*\) at step 3, AR step \d+, "
                                             "PPO epoch 1"):
         tr.run()
+
+
+def test_head_steps_follow_the_sampler_gain_only_where_the_policy_term_scores_them(tiny_model_dir, tmp_path):
+    """The trajectory estimator scores the recorded transitions, whose noise gain grows with guidance / temperature
+    (a cooler, guided sampler leaves fewer scorable steps); the forward-process estimators use the head steps only for
+    the analytic KL, chosen at the unit gain, so a guided, cool rollout still trains them."""
+    model = tiny_model()
+    over = ["sampling.diffusion_steps=10", "sampling.guidance_scale=2.0", "sampling.temperature=0.5",
+            "algorithm.head_step_max_gain=3.0"]
+    model.mar.head.set_sampling_steps(10)
+    unit = set(scorable_head_steps(model.mar.head, 3.0))
+    for estimator in ("matching", "nft"):
+        cfg = _cfg(tiny_model_dir, tmp_path / estimator, 1, [*over, f"algorithm.estimator={estimator}",
+                                                            "algorithm.mte_k=0"])
+        _, head_steps, _ = select_steps(cfg, model.mar, 0)
+        assert head_steps and all(set(v) <= unit for v in head_steps.values())
+    cfg = _cfg(tiny_model_dir, tmp_path / "trajectory", 1, [*over, "algorithm.mte_k=0"])
+    with pytest.raises(ValueError, match="no head step has a score gain"):
+        select_steps(cfg, model.mar, 0)

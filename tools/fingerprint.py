@@ -70,9 +70,11 @@ def digest_tensors(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def digest_metrics(path: Path) -> str:
+    """The logged metrics less timings and the reward-hacking monitors' `monitor/*` (measurements of the evaluation
+    images, whose own digest is `eval`; absent before the monitors, so old and new checkouts compare equal)."""
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    keep = [{k: v for k, v in r.items() if not any(s in k for s in ("time", "sec", "per_s", "_s", "rss", "memory"))}
-            for r in rows]
+    keep = [{k: v for k, v in r.items() if not k.startswith("monitor/")
+             and not any(s in k for s in ("time", "sec", "per_s", "_s", "rss", "memory"))} for r in rows]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

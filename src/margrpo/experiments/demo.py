@@ -4,9 +4,10 @@ Each gain is reported twice (`experiments/baselines.py`): against the base at th
 the base at its best guidance x temperature setting, the trained model also at its best, both chosen on training
 prompts. The base's grid comes from the result cache after the first run (`~/.cache/margrpo/sampler-grid/`).
 
-Writes under the output folder: `before.json`, `after.json`, `base_best.json`, `after_best.json`, `results.md`
-(per-category tables and the base's grid), `grid_before_after.png` (the same seeds before | after), the training run
-(`run/`, with `report.png`).
+Writes under the output folder: `before.json`, `after.json` (both with the reward-hacking monitors' image
+statistics), `base_best.json`, `after_best.json`, `results.md` (per-category tables, the base's grid, the
+statistics' drift), `grid_before_after.png` (the same seeds before | after), the training run (`run/`, with
+`report.png`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from margrpo.experiments.baselines import (
 from margrpo.experiments.results_doc import publish
 from margrpo.models.loading import load_model
 from margrpo.rl.config import TrainConfig
+from margrpo.rl.monitors import DriftMonitor, compare, drift_table, token_period
 from margrpo.rl.trainer import Trainer
 from margrpo.utils.config import load_config
 from margrpo.utils.images import make_grid, save_png, side_by_side, to_pil
@@ -136,6 +138,10 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
     after = evaluate_set(trainer.model, sets["heldout"], sampler, progress=not quiet)
     train_after = evaluate_set(trainer.model, sets["train"], sampler, progress=not quiet)
     after_best = trained_at_best(trainer.model, selection, sets["heldout"], sampler, settings, progress=not quiet)
+    # the reward-hacking monitors' statistics (and watched rewards) of the held-out images, before and after
+    monitor = DriftMonitor(cfg.monitors.bounds, cfg.monitors.watch, out, token_period(base), cfg.device)
+    stats = {"before": monitor.measure(before.images, prompts), "after": monitor.measure(after.images, prompts)}
+    drifts = compare(stats["before"], stats["after"], monitor.bounds, monitor.watched)
     table = comparison_table(before, after)
     same, best = paired_strict_change(before, after)["overall"], best_change(base_best, after_best)
     delta, se = paired_strict_change(train_before, train_after)["overall"]
@@ -153,8 +159,10 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
     results = {"before": before, "after": after, "train_before": train_before, "train_after": train_after,
                "base_best": base_best.heldout, "after_best": after_best.heldout}
     for name, res in results.items():
-        (out / f"{name}.json").write_text(json.dumps({"summary": res.summary, "seconds": res.seconds,
-                                                      **res.to_json()}, indent=2))
+        record = {"summary": res.summary, "seconds": res.seconds, **res.to_json()}
+        if name in stats:
+            record["statistics"] = {k: float(np.nanmean(v)) for k, v in stats[name].items()}
+        (out / f"{name}.json").write_text(json.dumps(record, indent=2))
     (out / "baselines.json").write_text(json.dumps({
         "same_settings_change": same, "best_settings_change": best, "base_best": base_best.setting.label,
         "trained_best": after_best.setting.label, "base_grid": base_best.grid.to_json(),
@@ -167,7 +175,9 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
           f"{gain_line(same, best, sampler)}\n\n{in_dist}\n\n"
           f"Sampler grids: the base's {base_best.grid.source()}; the trained model's {after_best.seconds:.0f}s. "
           f"The base's grid ({len(selection.prompts)} training-prompt and {len(prompts)} held-out images per "
-          f"setting):\n\n{base_best.grid.table()}\n")
+          f"setting):\n\n{base_best.grid.table()}\n\n"
+          "Reward-hacking monitors (docs/failures.md), the held-out images before and after; drift in standard "
+          f"deviations of the base's images:\n\n{drift_table(drifts)}\n")
     if cfg.eval.every > 0:
         md += ("\nDuring training (strict accuracy, change ± paired s.e. against step 0 in points):\n\n"
                f"{eval_curve_table(read_metrics(run_dir))}\n")

@@ -191,6 +191,26 @@ class DiffusionHead(nn.Module):
             noise = torch.randn(tr.mean.shape, generator=generator, device=tr.mean.device, dtype=torch.float32)
         return tr.mean + tr.std * noise
 
+    def bridge_chains(self, x0: torch.Tensor, k: int, temperature: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """K chains [K, T+1, N, C] of the forward process's reverse given the final values x0 [N, C] (the
+        scheduler's `bridge_step`): trajectories the head could have taken that end at x0. No network call.
+
+        Why: the MTE of the MAR-GRPO release averages the policy term over K fresh head chains that never reach the
+        image, so the reward does not depend on them and, scored under the z that drew them, their score
+        has zero mean (docs/design.md, "MTE"). Chains that end at the committed value keep the token's own
+        contribution: the expected score of a bridge step is the gradient of minus the head's denoising error on
+        x0 at that step (the matching estimator's signal, on the scored head steps)."""
+        if k < 1:
+            raise ValueError(f"bridge_chains needs k >= 1 chains, got {k}")
+        x0 = x0.float()[None].expand(k, *x0.shape)
+        x = self.scheduler.bridge_start(x0, self.init_noise(tuple(x0.shape), generator, x0.device))
+        states = [x]
+        for j in range(self.num_steps):
+            x = self.sample_step(self.scheduler.bridge_step(x, j, x0, temperature), j, generator)
+            states.append(x)
+        return torch.stack(states, dim=1)
+
     def sample_chain(self, z: torch.Tensor, z_uncond: torch.Tensor | None, guidance: float | torch.Tensor,
                      temperature: float, generator: torch.Generator | None, record: bool,
                      noise: Callable[[], torch.Tensor] | None = None, finite: list[torch.Tensor] | None = None

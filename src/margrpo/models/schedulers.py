@@ -287,6 +287,23 @@ class DdpmScheduler:
         std = torch.exp(0.5 * log_var) * temperature
         return Transition(mean=mean, std=std, clamped=clamped)
 
+    def bridge_start(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The first state of a bridge to x0: x0 noised to the chain's first (noisiest) respaced step."""
+        ab = float(self.schedule.alphas_cumprod[self.index_of_step(0)])
+        return math.sqrt(ab) * x0.float() + math.sqrt(1.0 - ab) * noise
+
+    def bridge_step(self, x: torch.Tensor, j: int, x0: torch.Tensor, temperature: float) -> Transition:
+        """The forward process's reverse step given the final value: q(x^{j+1} | x^j, x0), the DDPM posterior of
+        the respaced chain (its mean is the head's step with the exact eps of (x^j, x0); its std the posterior's,
+        the learned variance's lower end), the std scaled by `temperature` as the sampler scales the head's.
+
+        A chain of these steps from `bridge_start` is a bridge: its state after step j is distributed as x0 noised to
+        that step's diffusion index, and it ends exactly at x0 (the last, deterministic step's posterior mean is x0)."""
+        k = self.index_of_step(j)
+        mean = self._coef["posterior_mean_coef1"][k] * x0.float() + self._coef["posterior_mean_coef2"][k] * x.float()
+        std = torch.exp(0.5 * self._coef["posterior_log_variance_clipped"][k]) * temperature
+        return Transition(mean=mean, std=torch.full_like(mean, float(std)))
+
     # ------------------------------------------------------------------ training-noise law
     def sample_train_levels(self, n: int, generator: torch.Generator | None,
                             device: torch.device | str) -> torch.Tensor:
@@ -376,6 +393,19 @@ class FlowMatchScheduler:
             mean = xf + v * dt
             std_val = 0.0
         return Transition(mean=mean, std=torch.full_like(mean, std_val))
+
+    def bridge_start(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The first state of a bridge to x0: x0 noised to the chain's first sigma."""
+        sigma = float(self.sigmas[0])
+        return (1.0 - sigma) * x0.float() + sigma * noise
+
+    def bridge_step(self, x: torch.Tensor, j: int, x0: torch.Tensor, temperature: float) -> Transition:
+        """Step j with the velocity that carries x^j straight to the final value, v = (x^j - x0) / sigma_j (the
+        conditional velocity of the rectified path through x^j and x0), and the step's own noise: a chain of these
+        steps is pulled to x0 (with noise level a = 0 it is the straight line and ends exactly at x0; the SDE's
+        correction terms leave its last state within O(a^2) of x0)."""
+        sigma = float(self.sigmas[j])
+        return self.step(x, j, (x.float() - x0.float()) / sigma, temperature)
 
     # ------------------------------------------------------------------ training-noise law
     def sample_train_levels(self, n: int, generator: torch.Generator | None,

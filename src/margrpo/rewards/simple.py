@@ -10,23 +10,17 @@ DDPO additionally divides the compressibility reward by 500; pass ``scale=1/500`
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import torch
 from PIL import Image
 
+from margrpo.utils.image_stats import jpeg_size_kb
+
 from .base import Reward, ScoreResult
 from .registry import register_reward
 
 __all__ = ["JpegCompressibility", "JpegIncompressibility", "jpeg_size_kb"]
-
-
-def jpeg_size_kb(image: Image.Image, quality: int = 95) -> float:
-    """Size in kB (1000 bytes) of ``image`` encoded as RGB JPEG at ``quality``."""
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.tell() / 1000.0
 
 
 class _JpegReward(Reward):

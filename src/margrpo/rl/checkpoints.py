@@ -25,13 +25,14 @@ from margrpo.utils.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from margrpo.utils.rng import make_generator
 from margrpo.utils.tensor_state import optimizer_state_from_tensors, optimizer_state_to_tensors
 
-KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged
+KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged (and `protected`)
 
 
 @dataclass
 class TrainingState:
-    """The trainable weights and their optimizer, the EMA of the weights, the reward guard's counts and the count
-    of bad steps in a row: everything a step changes that a checkpoint must hold."""
+    """The trainable weights and their optimizer, the EMA of the weights, the reward guard's counts, the count of
+    bad steps in a row and the last evaluation within the monitors' bounds: everything a step changes that a
+    checkpoint must hold."""
 
     policy: nn.Module  # the module the optimizer's parameters belong to (DDP / FSDP2's in several processes)
     params: list[tuple[str, nn.Parameter]]
@@ -41,6 +42,7 @@ class TrainingState:
     model_spec: str  # the config's `model`, written beside the weights
     lora: dict | None = None  # rank, alpha and target modules: what `load_model(run_dir)` needs to rebuild adapters
     bad_steps: int = 0
+    last_within_bounds: int | None = None  # monitors.stop: the step of the checkpoint a drift returns to
 
     @classmethod
     def create(cls, cfg: TrainConfig, model: ImageModel, dist: D.DistContext) -> TrainingState:
@@ -89,7 +91,12 @@ class TrainingState:
 
     def counters(self) -> dict:
         return {"model": self.model_spec, "bad_steps": self.bad_steps,
-                "reward_guard": {"total": self.guard.total, "invalid": self.guard.invalid}}
+                "reward_guard": {"total": self.guard.total, "invalid": self.guard.invalid},
+                "last_within_bounds": self.last_within_bounds}
+
+    def protected(self) -> tuple[int, ...]:
+        """The checkpoint pruning must keep: that of the last evaluation within the monitors' bounds."""
+        return (self.last_within_bounds,) if self.last_within_bounds is not None else ()
 
 
 def save(out: Path, step: int, state: TrainingState, dist: D.DistContext, shards: int) -> Path:
@@ -103,10 +110,8 @@ def save(out: Path, step: int, state: TrainingState, dist: D.DistContext, shards
     groups = {"policy": {n: p.detach() for n, p in state.params}, "optimizer": tens}
     if state.ema is not None:
         groups["ema"] = state.ema.shadow
-    c = state.counters()
-    return save_checkpoint(out, step, groups, {"optimizer": meta, "model": c["model"], "bad_steps": c["bad_steps"],
-                                               "lora": state.lora, "reward_guard": c["reward_guard"]},
-                           keep_last=KEEP_CHECKPOINTS)
+    return save_checkpoint(out, step, groups, {**state.counters(), "optimizer": meta, "lora": state.lora},
+                           keep_last=KEEP_CHECKPOINTS, protect=state.protected())
 
 
 def _dcp_state(state: TrainingState) -> dict:
@@ -140,15 +145,17 @@ def _save_distributed(out: Path, step: int, state: TrainingState, dist: D.DistCo
     if dist.rank == 0:
         save_checkpoint(out, step, {}, {**state.counters(), "dcp": True, "world_size": dist.world,
                                         "rollout_shards": shards},
-                        keep_last=KEEP_CHECKPOINTS, extra_dirs={"dcp": tmp})
+                        keep_last=KEEP_CHECKPOINTS, extra_dirs={"dcp": tmp}, protect=state.protected())
     D.barrier()
     return final
 
 
-def restore(out: Path, state: TrainingState, device: torch.device, fsdp: bool, max_bad_steps: int) -> int:
+def restore(out: Path, state: TrainingState, device: torch.device, fsdp: bool, max_bad_steps: int,
+            keep_within_bounds: bool = False) -> int:
     """Load the newest checkpoint whose files match their manifest into `state`; returns its step. Damaged newer ones
     are reported and skipped (the run then repeats their steps, with the same result, since every step is a
-    function of the seed)."""
+    function of the seed). `keep_within_bounds` (`monitors.stop`): keep the checkpoint's last evaluation within the
+    monitors' bounds (dropped when the run goes on without monitors.stop)."""
     skipped: list[str] = []
     ckpt = latest_checkpoint(out, verify=True, skipped=skipped)
     for problem in skipped:
@@ -166,6 +173,8 @@ def restore(out: Path, state: TrainingState, device: torch.device, fsdp: bool, m
         state.bad_steps = 0
     state.guard.total = int(meta["reward_guard"]["total"])
     state.guard.invalid = int(meta["reward_guard"]["invalid"])
+    # absent from checkpoints older than the monitors
+    state.last_within_bounds = meta.get("last_within_bounds") if keep_within_bounds else None
     return int(meta["step"])
 
 

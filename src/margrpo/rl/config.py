@@ -6,8 +6,8 @@ through exactly the same code with different values. Every option is declared on
 in `sampling/config.py`, the sampler's own config), with its meaning, default and source; `docs/configuration.md`
 is generated from these declarations (`python -m margrpo.rl.config`), and a test fails when it is stale.
 
-A leaf: the loss, the trainer and the tools read these dataclasses, and this module imports only the sampler's
-config and the loader's `option`.
+A leaf: the loss, the trainer, the monitors and the tools read these dataclasses, and this module imports only the
+sampler's config, the loader's `option` and the names of the image statistics (`utils.image_stats`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,16 @@ from typing import ClassVar
 
 from margrpo.sampling.config import MTE_SOURCES, POLICY_TOKENS, SCORE_GUIDANCE_MODES, SamplerConfig
 from margrpo.utils.config import option
+from margrpo.utils.image_stats import STATISTICS
 
 # the estimators of the policy term: each is one function of `rl.loss.LOSSES`
 ESTIMATORS = ("trajectory", "matching", "nft")
 NORMALIZE_MODES = ("element", "token", "rollout")
+# the reward-hacking monitors' default bounds (`monitors.bounds`), measured on the shapes world
+# (docs/findings/2026-12-07-reward-hacking-monitors.md); `margrpo.rl.monitors` applies them
+DEFAULT_BOUNDS: dict[str, float] = {"brightness": 0.5, "saturation": 0.5, "colour_entropy": 0.5,
+                                    "grid_energy": 0.5, "jpeg_bpp": 0.5}
+WATCH_BOUND = 0.3  # a watched reward's largest fall, for labels `monitors.bounds` does not name
 
 
 @dataclass
@@ -93,8 +99,10 @@ class AlgorithmSection:
                         range=(0, 64))
     mte_top_fraction: float = option(0.3, "share of each image's tokens, the most uncertain, scored through the K "
                                      "chains (MAR-GRPO's 30%)", range=(0.0, 1.0))
-    mte_source: str = option("commit", "the z the K chains are drawn under: each token's committing step (the "
-                             "release) or the scored step", choices=MTE_SOURCES)
+    mte_source: str = option("commit", "the K chains: drawn under each token's committing step (the release) or the "
+                             "scored step, whose scores have zero mean for the committed tokens (the reward does not "
+                             "depend on them), or bridges from the forward process to the token's committed value, "
+                             "whose scores keep its own contribution (docs/design.md, MTE)", choices=MTE_SOURCES)
     consistency_start: int = option(1, "policy_tokens: consistent: AR steps up to this one are not filtered (the "
                                     "release's i > 1)", range=(0, 4096))
     consistency_tau: float = option(0.0, "policy_tokens: consistent: the cosine gain a token must exceed to be kept "
@@ -203,6 +211,42 @@ class EvalSection:
 
 
 @dataclass
+class MonitorSection:
+    """Reward-hacking monitors: each in-loop evaluation's images and watched rewards against step 0's.
+
+    On wherever `eval.every` evaluates (docs/failures.md, "Reward hacking"; `margrpo.rl.monitors`). Why: hacked
+    rewards ruin images unnoticed while the reward curve rises: grid artifacts within a few epochs (flow_grpo#233),
+    images drifting brighter (DiffusionNFT#47), erased backgrounds (UniRL#407, colour entropy down 54%). Drift is
+    the change of the mean in standard deviations of step 0's per-image values.
+    """
+
+    bounds: dict[str, float | None] = option(
+        factory=dict, help="largest drift allowed per monitored value (a watched reward: largest fall), over the "
+        "defaults measured on the shapes world ("
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_BOUNDS.items()) + f", each watched reward {WATCH_BOUND:g}; "
+        "docs/findings/2026-12-07-reward-hacking-monitors.md); null records a value without a bound", range=(0.0, None))
+    watch: dict[str, dict] = option(
+        factory=dict, help="held-out rewards scored on the evaluation images, never trained on: label -> the "
+        "reward's options as in `rewards:` (`type:` when the label is not the reward's name), e.g. {imagereward: "
+        "{checkpoint: ...}} beside a run trained on hpsv2")
+    stop: bool = option(False, "stop the run at the first evaluation beyond a bound; every evaluation within the "
+                        "bounds is then a checkpoint, and `--resume` continues from the last of them")
+
+    def __post_init__(self) -> None:
+        clash = sorted(set(self.watch) & set(STATISTICS))
+        if clash:
+            raise ValueError(f"monitors.watch: labels {clash} are names of image statistics; choose other labels")
+        unknown = sorted(set(self.bounds) - set(STATISTICS) - set(self.watch))
+        if unknown:
+            raise ValueError(f"monitors.bounds: {unknown} is neither an image statistic ({', '.join(STATISTICS)}) "
+                             f"nor a label of monitors.watch ({', '.join(self.watch) or 'none'})")
+        for label, opts in self.watch.items():
+            if "weight" in opts:
+                raise ValueError(f"monitors.watch.{label}: a watched reward has no weight (it is not trained on); "
+                                 "its bound goes in monitors.bounds")
+
+
+@dataclass
 class FaultSection:
     """Which steps count as bad (docs/failures.md); 3 in a row stop a run.
 
@@ -255,6 +299,7 @@ class TrainConfig:
     log: LogSection = option(factory=LogSection, help="run-directory outputs")
     eval: EvalSection = option(factory=EvalSection, help="in-loop evaluation")
     faults: FaultSection = option(factory=FaultSection, help="numerical faults")
+    monitors: MonitorSection = option(factory=MonitorSection, help="reward-hacking monitors")
     distributed: DistributedSection = option(factory=DistributedSection, help="multi-process runs (torchrun)")
     device: str = option("cpu", "torch device (cpu, cuda, cuda:1, ...)")
     autocast: str = option("none", "bf16 autocast for the networks (log-probs stay float32)", choices=("none", "bf16"))
@@ -265,6 +310,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.rewards:
             raise ValueError("rewards: at least one reward is needed, e.g. {shapes: 1.0}")
+        if self.eval.every == 0 and (self.monitors.stop or self.monitors.watch):
+            raise ValueError("monitors.stop and monitors.watch act at the in-loop evaluations; set eval.every > 0")
 
 
 DOCS_HEADER = """# Configuration

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from margrpo.rl.config import TrainConfig
+from margrpo.rl.monitors import DriftMonitor
 from margrpo.utils.atomic import atomic_write_text
 
 
@@ -54,7 +55,7 @@ class ParameterEMA:
 class TrainingEvaluator:
     """Held-out (and in-distribution) verifier accuracy of a training run, paired with step 0."""
 
-    def __init__(self, cfg: TrainConfig, out_dir: Path):
+    def __init__(self, cfg: TrainConfig, out_dir: Path, monitor: DriftMonitor | None = None):
         from margrpo.worlds.shapes.evaluate import eval_sets
 
         if cfg.prompts.source != "shapes" or cfg.prompts.fixed:
@@ -62,6 +63,7 @@ class TrainingEvaluator:
                              f"prompts.source='shapes' without prompts.fixed (got source={cfg.prompts.source!r})")
         self.cfg = cfg
         self.dir = out_dir / "eval"
+        self.monitor = monitor  # measures the policy's held-out images (not the EMA's) against step 0's
         # the evaluation sets of `margrpo eval`, the demo and compare (worlds/shapes/evaluate.py): same prompts, seeds
         self.splits = eval_sets(cfg.eval.per_category, cfg.eval.seed,
                                 ("heldout", "train") if cfg.eval.in_distribution else ("heldout",))
@@ -93,6 +95,8 @@ class TrainingEvaluator:
                 delta, se = paired_strict_change(before, res)["overall"]
                 metrics[f"{prefix}/strict_change"] = delta
                 metrics[f"{prefix}/strict_change_se"] = se
+            if self.monitor is not None and not tag and split == "heldout":
+                metrics.update(self.monitor.observe(step, res.images, res.prompts))
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self._file(step, tag), json.dumps(record))
         return metrics

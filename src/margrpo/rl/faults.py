@@ -1,4 +1,5 @@
-"""How a training run stops: a numerical fault in one step, too many in a row, or a signal (docs/failures.md)."""
+"""How a training run stops: a numerical fault in one step, too many in a row, drift beyond the reward-hacking
+monitors' bounds, or a signal (docs/failures.md)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,11 @@ MAX_BAD_STEPS = 3  # bad steps in a row that stop a run (with a checkpoint of th
 
 class TrainingFault(RuntimeError):
     """Too many bad steps in a row: the run stopped; its checkpoint holds the last good weights."""
+
+
+class DriftStop(TrainingFault):
+    """`monitors.stop`: an evaluation drifted beyond the monitors' bounds; `--resume` continues from the checkpoint
+    of the last evaluation within them (`margrpo.rl.monitors`)."""
 
 
 class TrainingStopped(Exception):

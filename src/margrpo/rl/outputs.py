@@ -12,6 +12,7 @@ from margrpo.models.loading import load_model
 from margrpo.rl import distributed as D
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.eval_loop import ParameterEMA
+from margrpo.rl.monitors import DriftMonitor
 from margrpo.utils.images import make_grid, save_png
 from margrpo.utils.metrics import read_metrics
 
@@ -19,6 +20,7 @@ REPORT_KEYS = ["reward/mean", "accuracy/strict", "loss/kl", "grad_norm", "ratio/
                "reward/by_category/*", "accuracy/by_category/*"]
 # the in-loop evaluations (eval.every): held-out and in-distribution, of the weights and of their EMA, one panel
 EVAL_KEYS = ["eval*/strict"]
+MONITOR_KEY = "drift / bound/*"  # `margrpo.rl.monitors.report_series`
 
 
 def sample_prompts(cfg: TrainConfig, training_prompts: list[str]) -> list[str]:
@@ -64,11 +66,25 @@ def _exportable(model: ImageModel, lora: bool):
     return merged(model.policy)
 
 
-def finish(model: ImageModel, cfg: TrainConfig, out: Path, ema: ParameterEMA | None, lora: bool, evaluated: bool,
-           dist: D.DistContext, fsdp: bool) -> list[dict]:
-    """The report and the exported model(s); returns the logged rows of the training steps (rank 0 writes them)."""
+def write_report(out: Path, evaluated: bool, monitor: DriftMonitor | None) -> list[dict]:
+    """report.png from metrics.jsonl: the training curves, the in-loop evaluations and the monitors' drifts as shares
+    of their bounds (+-1 marked), with a line per monitored value that went beyond. Returns the rows."""
+    from margrpo.rl.monitors import report_series
     from margrpo.utils.plots import plot_report
 
+    metrics = read_metrics(out)
+    keys = REPORT_KEYS + (EVAL_KEYS if evaluated else [])
+    drift, notes = report_series(metrics, monitor.bounds) if monitor is not None else ([], [])
+    if drift:
+        keys.append(MONITOR_KEY)
+    plot_report(metrics + drift, keys, out / "report.png", title=f"{out.name}", smoothing=0.6,
+                guides={MONITOR_KEY: (-1.0, 1.0)}, notes=notes)
+    return metrics
+
+
+def finish(model: ImageModel, cfg: TrainConfig, out: Path, ema: ParameterEMA | None, lora: bool, evaluated: bool,
+           dist: D.DistContext, fsdp: bool, monitor: DriftMonitor | None = None) -> list[dict]:
+    """The report and the exported model(s); returns the logged rows of the training steps (rank 0 writes them)."""
     export = model
     if fsdp:  # gather the full weights (a collective) into a fresh copy of the base model on rank 0
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -84,9 +100,7 @@ def finish(model: ImageModel, cfg: TrainConfig, out: Path, ema: ParameterEMA | N
         D.barrier()
         return []
 
-    metrics = read_metrics(out)
-    keys = REPORT_KEYS + (EVAL_KEYS if evaluated else [])
-    plot_report(metrics, keys, out / "report.png", title=f"{out.name}", smoothing=0.6)
+    metrics = write_report(out, evaluated, monitor)
     with _exportable(model, lora):
         export.save_pretrained(out / "model", metadata={"trained_from": cfg.model, "steps": cfg.steps})
     if ema is not None:

@@ -46,7 +46,10 @@ def select_steps(cfg: TrainConfig, policy: Policy, step: int, rank: int = 0
     g = make_generator(cfg.seed, "select", rank, step)
     count = min(max(1, round(a.ar_step_fraction * n_ar)), n_ar)
     ar = sorted(torch.randperm(n_ar, generator=g)[:count].tolist())
-    eligible = scorable_head_steps(head, a.head_step_max_gain, scored_guidance(cfg), cfg.sampling.temperature)
+    if a.estimator == "trajectory":  # the policy term scores the recorded transitions: its gain is the sampler's
+        eligible = scorable_head_steps(head, a.head_step_max_gain, scored_guidance(cfg), cfg.sampling.temperature)
+    else:  # the head steps carry only the analytic KL, whose noise does not scale with guidance / temperature
+        eligible = scorable_head_steps(head, a.head_step_max_gain)
     per = len(eligible) if a.head_steps_per_ar_step is None else min(a.head_steps_per_ar_step, len(eligible))
     head_steps = {i: sorted(eligible[k] for k in torch.randperm(len(eligible), generator=g)[:per].tolist())
                   for i in ar}

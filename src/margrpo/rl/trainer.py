@@ -37,6 +37,7 @@ from margrpo.rl.config import TrainConfig
 from margrpo.rl.eval_loop import TrainingEvaluator
 from margrpo.rl.faults import (
     MAX_BAD_STEPS,
+    DriftStop,
     StepFault,
     StopRequest,
     TrainingFault,
@@ -45,11 +46,12 @@ from margrpo.rl.faults import (
     raise_on_any_rank,
 )
 from margrpo.rl.loss import PolicyNorm, ar_step_loss
+from margrpo.rl.monitors import DriftMonitor, token_period
 from margrpo.rl.prompts import PromptSource
 from margrpo.rl.selection import select_steps
 from margrpo.sampling.rollout import Rollout
 from margrpo.sampling.sampler import sample
-from margrpo.utils.checkpoint import latest_checkpoint
+from margrpo.utils.checkpoint import latest_checkpoint, point_latest
 from margrpo.utils.config import save_config
 from margrpo.utils.metrics import MetricsWriter, StepTimer
 from margrpo.utils.rng import make_generator
@@ -101,7 +103,11 @@ class Trainer:
         self.prompts = PromptSource(cfg)
         self.sample_prompts = outputs.sample_prompts(cfg, self.prompts.prompts)
         # rank 0 evaluates alone (DDP: its unwrapped replica needs no collectives; FSDP2 refuses eval for now)
-        self.evaluator = TrainingEvaluator(cfg, self.out) if cfg.eval.every > 0 and self.rank == 0 else None
+        self.evaluator = self.monitor = None
+        if cfg.eval.every > 0 and self.rank == 0:
+            self.monitor = DriftMonitor(cfg.monitors.bounds, cfg.monitors.watch, self.out / "eval",
+                                        token_period(self.model), cfg.device)
+            self.evaluator = TrainingEvaluator(cfg, self.out, self.monitor)
         self.ptx_data = None
         if a.ptx_weight > 0:
             if cfg.prompts.source != "shapes":
@@ -316,10 +322,12 @@ class Trainer:
                                 mirrors=outputs.wandb_mirrors(self.cfg, self.out, resume))
                   if self.rank == 0 else outputs.NoWriter())
         D.barrier()
-        if start == 0:
+        if not resume:
             self.save_samples(0)
             if self.evaluator is not None and self.rank == 0:
                 writer.log(0, self.evaluate(0))
+            if self._within_bounds(0):  # monitors.stop: a drift at the first evaluation returns to the base weights
+                self.save(0)
         bar = tqdm(range(start, self.cfg.steps), initial=start, total=self.cfg.steps, desc="train",
                    disable=not self.progress)
         stop = StopRequest()
@@ -340,7 +348,7 @@ class Trainer:
             raise
         writer.close()
         return outputs.finish(self.model, self.cfg, self.out, self.state.ema, self.state.lora is not None,
-                              self.evaluator is not None, self.dist, self.fsdp)
+                              self.evaluator is not None, self.dist, self.fsdp, self.monitor)
 
     def _run_step(self, step: int, writer: MetricsWriter, bar) -> None:
         """One training step and its logging, evaluation, samples and checkpoint; a step with a numerical fault is
@@ -371,12 +379,44 @@ class Trainer:
                         and (done % self.cfg.eval.every == 0 or done == self.cfg.steps))
         if evaluate_now:
             rec.update(self.evaluate(done))
+        within = self._within_bounds(done)
         writer.log(done, rec)
         bar.set_postfix(reward=f"{rec.get('reward/mean', float('nan')):.3f}", kl=f"{rec.get('loss/kl', 0):.2e}")
         if done % self.cfg.log.sample_every == 0 or done == self.cfg.steps:
             self.save_samples(done)
-        if done % self.cfg.log.checkpoint_every == 0 or done == self.cfg.steps:
+        if done % self.cfg.log.checkpoint_every == 0 or done == self.cfg.steps or within:
             self.save(done)
+        if within is False:
+            writer.close()
+            raise self._drift_stop(done)
+
+    def _within_bounds(self, done: int) -> bool | None:
+        """With `monitors.stop`, at an evaluation step: whether rank 0's monitors found every value within its bound
+        (the same verdict on every rank); such a step becomes `last_within_bounds`. None at other steps."""
+        c = self.cfg
+        if not (c.monitors.stop and c.eval.every > 0 and (done % c.eval.every == 0 or done == c.steps)):
+            return None
+        within = D.broadcast_flag(self.monitor is None or not self.monitor.beyond)
+        if within:
+            self.state.last_within_bounds = done
+        return within
+
+    def _drift_stop(self, step: int) -> DriftStop:
+        """monitors.stop: point `--resume` at the checkpoint of the last evaluation within bounds, draw the report."""
+        good = self.state.last_within_bounds
+        where = "no checkpoint within bounds is recorded (a run resumed from a checkpoint older than the monitors)"
+        if self.rank == 0:
+            if good is not None:
+                where = (f"{point_latest(self.out, good)} holds the weights of step {good}, the last evaluation within "
+                         f"the bounds, and is the checkpoint --resume continues from")
+            outputs.write_report(self.out, self.evaluator is not None, self.monitor)
+        D.barrier()
+        beyond = "(see rank 0's message)"
+        if self.monitor is not None:
+            beyond = "; ".join(d.describe() for d in self.monitor.beyond)
+        return DriftStop(f"reward-hacking monitors (monitors.stop): at step {step}, {beyond}. {where}: change what "
+                         f"drives the drift (a lower optim.lr, a larger algorithm.beta, another reward) and continue "
+                         f"with margrpo train --resume {self.out} key=value ...; see {self.out / 'report.png'}")
 
     def evaluate(self, step: int) -> dict[str, float]:
         """In-loop verifier accuracy of the policy (and of its EMA), paired with step 0 (`rl.eval_loop`)."""
@@ -394,4 +434,5 @@ class Trainer:
         return checkpoints.save(self.out, step, self.state, self.dist, self.shards)
 
     def restore(self) -> int:
-        return checkpoints.restore(self.out, self.state, self.device, self.fsdp, MAX_BAD_STEPS)
+        return checkpoints.restore(self.out, self.state, self.device, self.fsdp, MAX_BAD_STEPS,
+                                   keep_within_bounds=self.cfg.monitors.stop)

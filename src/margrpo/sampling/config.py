@@ -16,7 +16,7 @@ from margrpo.utils.config import option
 
 GUIDANCE_SCHEDULES = ("linear", "constant")
 POLICY_TOKENS = ("committed", "unknown", "consistent")
-MTE_SOURCES = ("commit", "scored")
+MTE_SOURCES = ("commit", "scored", "bridge")
 SCORE_GUIDANCE_MODES = ("rollout", "cond_only")
 
 
@@ -55,9 +55,10 @@ class RecordPlan:
     `steps`: the AR steps to record (None = all). `policy_tokens`: which tokens a recorded step runs through the head
     (those it commits, or every still-unknown one, which the policy term of `unknown` / `consistent` needs).
     `mte_k` > 0: per image, the `mte_top_fraction` most uncertain tokens of a recorded step keep their K extra
-    chains (drawn under the committing step's z, or the scored one's: `mte_source`) and the chains'
-    log-probabilities at `head_steps[step]` (every stochastic head step where not given), under the step's scoring
-    z, so the loss's ratio-is-1 check can fail. `score_guidance`: the density the loss scores transitions
+    chains (drawn under the committing step's z, or the scored one's, or bridges from the forward process to the
+    token's committed value: `mte_source`) and the chains' log-probabilities at `head_steps[step]` (every stochastic
+    head step where not given), under the step's scoring z, so the loss's ratio-is-1 check can fail.
+    `score_guidance`: the density the loss scores transitions
     under (the guided one that sampled, or the conditional branch alone: the rollout then records its
     log-probabilities too). `record_z`: also keep each recorded step's z (tests compare replay with it).
     """

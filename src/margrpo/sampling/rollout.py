@@ -82,7 +82,7 @@ class Rollout:
     policy_tokens: str  # which tokens the recorded steps diffused: "committed" or every "unknown" one
     prompts: list[str] = field(default_factory=list)
     group: torch.Tensor | None = None  # [B] prompt index of each image
-    mte_source: str | None = None  # where the MTE chains were drawn: "commit" or "scored" (None: no MTE)
+    mte_source: str | None = None  # where the MTE chains came from: "commit", "scored", "bridge" (None: no MTE)
 
     @property
     def batch_size(self) -> int:

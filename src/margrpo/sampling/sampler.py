@@ -102,7 +102,9 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
     recorded_steps = set() if record is None else set(range(n_steps) if plan.steps is None else plan.steps)
     mte_k = plan.mte_k if record is not None else 0
     steps: dict[int, ARStepRecord] = {}
-    need_commit_z = mte_k > 0 and plan.mte_source == "commit"
+    # the release's uncertainty comes from K chains under each token's committing condition ("commit"); "bridge"
+    # ranks the tokens the same way and then scores K bridges to their committed values instead of those chains
+    need_commit_z = mte_k > 0 and plan.mte_source in ("commit", "bridge")
     scoring: dict[int, tuple[torch.Tensor, torch.Tensor | None, float]] = {}
     z_commit = z_u_commit = guidance_commit = None
     if need_commit_z:
@@ -177,6 +179,8 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
         # uncertainty per image over all its tokens (the reference code's), then each step's share of them
         uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
                                       plan.mte_top_fraction).reshape(-1)
+        if plan.mte_source == "bridge":
+            chains = head.bridge_chains(tokens.reshape(flat_b, c), mte_k, config.temperature, mte_generator)
         for i, r in steps.items():
             flat = r.diffused.reshape(-1).nonzero().flatten()
             record_mte(r, head, chains[:, :, flat], uncertain[flat], scoring[i], plan, config.temperature)

@@ -53,6 +53,7 @@ __all__ = [
     "verify_checkpoint",
     "list_checkpoints",
     "prune_checkpoints",
+    "point_latest",
 ]
 
 log = logging.getLogger(__name__)
@@ -257,13 +258,15 @@ def save_checkpoint(
     state: Mapping[str, Any] | None = None,
     keep_last: int | None = None,
     extra_dirs: Mapping[str, str | os.PathLike] | None = None,
+    protect: Iterable[int] = (),
 ) -> Path:
     """Atomically write ``run_dir/checkpoints/step-<step>/`` and point ``latest`` at it.
 
     ``tensors`` maps a group name (``"policy"``, ``"optimizer"``) to a flat dict of tensors, one
     safetensors file per group. ``state`` is any JSON-able dict (RNG states, data position, the
     optimizer's JSON half); it is stored in ``state.json`` together with ``step``. Re-saving an
-    existing step replaces it. ``keep_last=k`` then deletes all but the k newest checkpoints.
+    existing step replaces it. ``keep_last=k`` then deletes all but the k newest checkpoints and those of the steps
+    in ``protect``.
     ``extra_dirs`` maps a name to a finished folder (a ``torch.distributed.checkpoint`` the ranks wrote) that is
     moved into the checkpoint before it is committed, its files in the manifest. Returns the checkpoint directory.
     """
@@ -319,8 +322,19 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     _write_latest(root, final.name)
     if keep_last is not None:
-        prune_checkpoints(run_dir, keep_last)
+        prune_checkpoints(run_dir, keep_last, protect)
     return final
+
+
+def point_latest(run_dir: str | os.PathLike, step: int) -> Path:
+    """Make the complete checkpoint of ``step`` the one to resume from (``latest``), e.g. an earlier one than the
+    newest when the later ones hold weights a run should not continue from. Returns its directory."""
+    root = _checkpoints_root(Path(run_dir))
+    d = root / f"step-{int(step)}"
+    if not _is_complete(d):
+        raise CheckpointError(f"{d} is not a complete checkpoint")
+    _write_latest(root, d.name)
+    return d
 
 
 def _list_complete(root: Path) -> list[Path]:
@@ -339,8 +353,9 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return _list_complete(_checkpoints_root(Path(run_dir)))
 
 
-def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Delete all but the ``keep_last`` newest checkpoints (never the one ``latest`` names).
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, protect: Iterable[int] = ()) -> list[Path]:
+    """Delete all but the ``keep_last`` newest checkpoints (never the one ``latest`` names, nor the steps in
+    ``protect``: the trainer keeps the last one its reward-hacking monitors found within bounds).
 
     Also removes leftovers of interrupted deletions. Returns the deleted directories.
     """
@@ -349,9 +364,10 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     root = _checkpoints_root(Path(run_dir))
     ckpts = list_checkpoints(run_dir)
     protected = latest_checkpoint(run_dir)
+    kept = {f"step-{int(s)}" for s in protect}
     removed = []
     for d in ckpts[: max(0, len(ckpts) - keep_last)]:
-        if protected is not None and d.resolve() == protected.resolve():
+        if (protected is not None and d.resolve() == protected.resolve()) or d.name in kept:
             continue
         _remove_dir(d)
         removed.append(d)

@@ -78,6 +78,8 @@ def plot_report(
     smoothing: float = 0.0,
     ncols: int = 3,
     dpi: int = 100,
+    guides: Mapping[str, Sequence[float]] | None = None,
+    notes: Sequence[str] = (),
 ) -> Path:
     """One panel per key of ``metrics`` (rows from ``metrics.jsonl``) against step.
 
@@ -85,7 +87,9 @@ def plot_report(
     the raw curve is drawn faintly under its EMA, except a sparse one (under ``SPARSE_POINTS`` points, such as
     the in-loop evaluations every few hundred steps), drawn as measured with markers: an EMA over a handful of
     points would mostly show its own lag. A key with no data gets a panel saying so, so
-    that a missing metric is visible instead of silently absent. Returns the written path.
+    that a missing metric is visible instead of silently absent. ``guides`` maps a key to values
+    marked by dashed horizontal lines in its panel (bounds); ``notes`` are lines of text printed
+    in red under the title (warnings). Returns the written path.
     """
     if not keys:
         raise ValueError("plot_report: no keys to plot")
@@ -112,6 +116,8 @@ def plot_report(
             else:
                 ax.plot(x, y, linewidth=1.2, marker="." if x.size < SPARSE_POINTS else None, label=label)
             drawn += 1
+        for y in (guides or {}).get(key, ()):
+            ax.axhline(y, color="0.3", linestyle="--", linewidth=0.8)
         if drawn == 0:
             _note(ax, f"no data for '{key}'")
             ax.set_xticks([])
@@ -120,8 +126,10 @@ def plot_report(
             ax.legend(fontsize=7)
     for idx in range(len(keys), nrows * ncols):
         axes[idx // ncols][idx % ncols].set_visible(False)
-    if title:
-        fig.suptitle(title)
+    if title or notes:
+        lines = [title] if title else []
+        fig.suptitle("\n".join(lines + list(notes)), color="firebrick" if notes else "black",
+                     fontsize=10 if notes else None)
     return _save(fig, path, dpi)
 
 
