@@ -16,16 +16,16 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/margrpo demo --readme README.md
+	$(BIN)/margrpo demo --results docs/results.md
 
 # the demo for an hour, with held-out and in-distribution accuracy every 200 steps (curve in the report)
 demo-long: setup
-	$(BIN)/margrpo demo --config demo-long.yaml --out runs/demo-long --readme README.md
+	$(BIN)/margrpo demo --config demo-long.yaml --out runs/demo-long --results docs/results.md
 
 # grpo, mar-grpo, mar-grpo-matching and nft, 3 seeds each with the demo's settings, plus null and positive
-# controls; two worker processes (one per core); table into the README
+# controls; two worker processes (one per core); table into docs/results.md
 compare: setup
-	$(BIN)/margrpo compare --seeds 0 1 2 --control-steps 15 --readme README.md steps=100
+	$(BIN)/margrpo compare --seeds 0 1 2 --control-steps 15 --results docs/results.md steps=100
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks

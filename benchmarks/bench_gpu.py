@@ -36,8 +36,8 @@ from margrpo.sampling.sampler import sample
 
 
 def nova_policy(tiny: bool) -> tuple[Policy, object]:
-    """A NOVA-0.6B-shaped `NOVATransformer` and a condition factory (random text features)."""
-    from margrpo.models.nova.model import NOVAConfig, NOVATransformer, ViTSpec
+    """A NOVA-0.6B-shaped `NOVAPolicy` and a condition factory (random text features)."""
+    from margrpo.models.nova.model import NOVAConfig, NOVAPolicy, ViTSpec
 
     if tiny:
         cfg = NOVAConfig(image_dim=4, image_size=(128, 128), image_stride=8, text_token_dim=16, text_token_len=8,
@@ -47,7 +47,7 @@ def nova_policy(tiny: bool) -> tuple[Policy, object]:
         cfg = NOVAConfig(image_dim=4, image_size=(512, 512), image_stride=8, text_token_dim=2560, text_token_len=256,
                          image_base_size=(32, 32), video_base_size=(1, 16, 16), video_encoder=ViTSpec(16, 1024, 16),
                          image_encoder=ViTSpec(32, 1024, 16), image_decoder=ViTSpec(3, 1280))
-    policy = NOVATransformer(cfg)
+    policy = NOVAPolicy(cfg)
 
     def condition(n: int, device: torch.device, g: torch.Generator) -> Condition:
         text = torch.randn(n, cfg.text_token_len, cfg.text_token_dim, generator=g, device=device)
@@ -61,7 +61,7 @@ def harmon_policy(tiny: bool) -> tuple[Policy, object]:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from margrpo.models.harmon.policy import HarmonPolicy
-    from margrpo.models.mar.model import MAR
+    from margrpo.models.mar.model import MARPolicy
 
     if tiny:
         llm_cfg = Qwen2Config(vocab_size=272, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -78,7 +78,7 @@ def harmon_policy(tiny: bool) -> tuple[Policy, object]:
                       encoder_depth=20, encoder_num_heads=16, decoder_embed_dim=1280, decoder_depth=20,
                       decoder_num_heads=16, buffer_size=64, diffloss_d=12, diffloss_w=1536, class_num=1000)
     llm = Qwen2ForCausalLM(llm_cfg)
-    mar = MAR(**mar_kw, num_sampling_steps="10")
+    mar = MARPolicy(**mar_kw, num_sampling_steps="10")
     policy = HarmonPolicy(llm, mar, torch.arange(8))
     prompt_len = 32 if not tiny else 6
 

@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.common import machine, median_spread, write_results
 from margrpo.models.loading import load_model
-from margrpo.rl.loss import replay_transitions, step_conditions
+from margrpo.rl.loss import replay_transitions, step_z
 from margrpo.sampling import sampler as current
 from margrpo.sampling.config import RecordPlan, SamplerConfig
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     def replay():
         with torch.no_grad(), autocast:
             for i in r.steps:
-                replay_transitions(model.head, r.steps[i].x, js, step_conditions(model.policy, r, i), r.temperature)
+                replay_transitions(model.head, r.steps[i].x, js, step_z(model.policy, r, i), r.temperature)
 
     replay()
     ts = []

@@ -29,16 +29,16 @@ def _without_against(argv: list[str]) -> list[str]:
     return out
 
 
-def update_readme(readme: Path) -> None:
-    """Copy every results table into the README's bench-results block."""
-    from margrpo.experiments.readme import update_readme as write_block
+def update_results(doc: Path) -> None:
+    """Copy every results table into docs/results.md's bench-results block."""
+    from margrpo.experiments.results_doc import write_block
 
     parts = []
     for md in sorted(RESULTS.glob("*.md")):
         meta = json.loads(md.with_suffix(".json").read_text()).get("meta", {})
         where = ", ".join(f"{k} {meta[k]}" for k in ("device", "dtype", "threads", "batch") if k in meta)
         parts.append(f"**{md.stem}** ({where or 'see JSON'}):\n\n{md.read_text().strip()}\n")
-    write_block(readme, "\n".join(parts), start="<!-- bench-results:start -->", end="<!-- bench-results:end -->")
+    write_block(doc, "\n".join(parts), start="<!-- bench-results:start -->", end="<!-- bench-results:end -->")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in BENCHMARKS + (GPU_BENCHMARKS if torch.cuda.is_available() else []):
         print(f"== {name}")
         importlib.import_module(name).main(argv if name in TAKES_AGAINST else _without_against(argv))
-    update_readme(Path(__file__).resolve().parents[1] / "README.md")
+    update_results(Path(__file__).resolve().parents[1] / "docs" / "results.md")
     return 0
 
 

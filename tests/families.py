@@ -13,7 +13,7 @@ import torch
 from harmon_files import load_tiny_harmon
 
 from margrpo.models.base import ImageModel
-from margrpo.models.mar import MAR, MARImageModel
+from margrpo.models.mar import MARImageModel, MARPolicy
 
 from conftest import randomize, tiny_mar_kwargs
 
@@ -25,20 +25,20 @@ class Family:
 
 
 def _text_mar(latent: bool = False, **spec) -> ImageModel:
+    from margrpo.models.codecs import AutoencoderCodec
     from margrpo.models.mar.factory import ModelSpec, build_model
-    from margrpo.models.tokenizers import AutoencoderTokenizer
     from margrpo.models.vae import AutoencoderKL
     from margrpo.worlds.shapes.pretrain import vocabulary
 
     torch.manual_seed(0)  # only the module initialisers
-    tokenizer = None
+    codec = None
     if latent:  # a KL autoencoder at stride 4 (LTH14's KL-16 layout, tiny): 8 x 8 x 4 latents, 2 x 2 patches
-        tokenizer = AutoencoderTokenizer(AutoencoderKL(embed_dim=4, ch_mult=(1, 2, 2), ch=32, num_res_blocks=1,
-                                                       resolution=32, encoder_attn_resolutions=(),
-                                                       decoder_attn_resolutions=()), scale=0.5, patch_size=2)
-        spec = {"tokenizer": "autoencoder", "patch_size": 2, **spec}
+        codec = AutoencoderCodec(AutoencoderKL(embed_dim=4, ch_mult=(1, 2, 2), ch=32, num_res_blocks=1,
+                                               resolution=32, encoder_attn_resolutions=(),
+                                               decoder_attn_resolutions=()), scale=0.5, patch_size=2)
+        spec = {"codec": "autoencoder", "patch_size": 2, **spec}
     model = build_model(ModelSpec(width=32, depth=1, num_heads=2, head_width=32, head_depth=1, diffusion_steps=6,
-                                  text_dim=16, **spec), vocabulary(), tokenizer)
+                                  text_dim=16, **spec), vocabulary(), codec)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # upstream zero-inits the head's output layers, which would hide z's effect
         for p in model.policy.head.parameters():
@@ -47,7 +47,7 @@ def _text_mar(latent: bool = False, **spec) -> ImageModel:
 
 
 def _class_mar(head: str) -> ImageModel:
-    return MARImageModel(randomize(MAR(**tiny_mar_kwargs(head=head, num_sampling_steps="6")), seed=1)).eval()
+    return MARImageModel(randomize(MARPolicy(**tiny_mar_kwargs(head=head, num_sampling_steps="6")), seed=1)).eval()
 
 
 def _nova() -> ImageModel:

@@ -66,7 +66,7 @@ def write_tiny_harmon(root: Path, with_vae_keys: bool = False) -> dict[str, Path
     """Write the three files under `root`; returns {"pth", "llm", "vae"}."""
     from transformers import Qwen2ForCausalLM
 
-    from margrpo.models.mar.model import MAR
+    from margrpo.models.mar.model import MARPolicy
 
     root.mkdir(parents=True, exist_ok=True)
     llm_dir = root / "Qwen2.5-tiny-Instruct"
@@ -75,7 +75,7 @@ def write_tiny_harmon(root: Path, with_vae_keys: bool = False) -> dict[str, Path
     tiny_tokenizer().save_pretrained(str(llm_dir))
     torch.manual_seed(1)
     llm = Qwen2ForCausalLM(cfg)
-    mar = MAR(**MAR_KW)
+    mar = MARPolicy(**MAR_KW)
     proj_in = nn.Sequential(nn.Linear(32, 32), nn.SiLU(), nn.Linear(32, 32))
     proj_out = nn.Sequential(nn.Linear(32, 32), nn.SiLU(), nn.Linear(32, 32))
     sd: dict[str, torch.Tensor] = {}

@@ -45,9 +45,9 @@ def _tokenizer():
 
 def write_tiny_nova(path: Path, *, seed: int = 0, shift: float = 1.0, text_encoder: bool = True, vae: bool = True,
                     state: dict[str, torch.Tensor] | None = None, **config_over) -> Path:
-    """Write the folder; `state` (default: a seeded random NOVATransformer's) is the transformer's weights."""
+    """Write the folder; `state` (default: a seeded random NOVAPolicy's) is the transformer's weights."""
     from margrpo.models.nova.image_model import read_transformer_config
-    from margrpo.models.nova.model import NOVATransformer
+    from margrpo.models.nova.model import NOVAPolicy
 
     path = Path(path)
     (path / "transformer").mkdir(parents=True, exist_ok=True)
@@ -59,7 +59,7 @@ def write_tiny_nova(path: Path, *, seed: int = 0, shift: float = 1.0, text_encod
     if state is None:
         config, _ = read_transformer_config(path)
         torch.manual_seed(seed)  # only the module initialisers (loaders fork the global RNG: test_families.py)
-        state = NOVATransformer(config).state_dict()
+        state = NOVAPolicy(config).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / "transformer" /
                                                                   "diffusion_pytorch_model.safetensors"))
     if vae:

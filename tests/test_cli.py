@@ -187,9 +187,10 @@ def test_demo_quick_runs_twice_in_the_same_folder(model_dir, tmp_path, capsys):
 
 
 def test_compare_writes_a_table_per_method_with_control(model_dir, tmp_path, capsys):
-    readme = tmp_path / "README.md"
-    readme.write_text("# x\n<!-- compare-results:start -->\nold\n<!-- compare-results:end -->\ntail\n")
-    rc = main(["compare", "--readme", str(readme), f"model={model_dir}", "steps=2", "sampling.ar_steps=4",
+    results_doc = tmp_path / "docs" / "results.md"
+    results_doc.parent.mkdir()
+    results_doc.write_text("# x\n<!-- compare-results:start -->\nold\n<!-- compare-results:end -->\ntail\n")
+    rc = main(["compare", "--results", str(results_doc), f"model={model_dir}", "steps=2", "sampling.ar_steps=4",
                "sampling.diffusion_steps=4",
                "algorithm.prompts_per_step=2", "algorithm.group_size=2", "eval.per_category=2",
                "log.tensorboard=false", "--seeds", "0", "1", "--control-steps", "2", "--out", str(tmp_path / "cmp"),
@@ -213,8 +214,9 @@ def test_compare_writes_a_table_per_method_with_control(model_dir, tmp_path, cap
     assert "| grpo | 2 |" in table and "| mar-grpo | 2 |" in table and "| mar-grpo-matching | 2 |" in table
     assert "| nft | 2 |" in table and "in-distribution" in table and "vs base at its best" in table
     assert (tmp_path / "cmp" / "compare_reward_mean.png").is_file()
-    text = readme.read_text()
+    text = results_doc.read_text()
     assert "old" not in text and "| mar-grpo | 2 |" in text and text.endswith("tail\n")
+    assert "](images/compare_grad_norm.png)" in text
     assert (tmp_path / "docs" / "images" / "compare_grad_norm.png").is_file()
     capsys.readouterr()
     rc = main(["compare", f"model={model_dir}", "steps=1", "sampling.ar_steps=4", "sampling.diffusion_steps=4",
@@ -222,3 +224,18 @@ def test_compare_writes_a_table_per_method_with_control(model_dir, tmp_path, cap
                "log.tensorboard=false", "--seeds", "0", "--control-steps", "1", "--out", str(tmp_path / "cmp"),
                "--quiet"])
     assert rc == 0 and "removing the previous comparison" in capsys.readouterr().out  # `make compare` reruns
+
+
+def test_results_are_written_into_docs_results_md_and_the_readme_stays_short():
+    """`make demo`, `demo-long`, `compare` and `bench` write between docs/results.md's markers; the README keeps
+    one summary table and stays a user's document under 10 KB."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    results, readme = (root / "docs" / "results.md").read_text(), (root / "README.md").read_text()
+    for block in ("demo-results", "demo-long-results", "compare-results", "bench-results"):
+        assert f"<!-- {block}:start -->" in results and f"<!-- {block}:end -->" in results
+        assert f"<!-- {block}:start -->" not in readme
+    assert len(readme.encode()) < 10_000
+    with pytest.raises(SystemExit, match="--readme was renamed to --results"):
+        main(["demo", "--readme", "README.md"])

@@ -297,8 +297,8 @@ def test_a_renamed_key_points_to_its_new_name():
 
     with pytest.raises(ConfigError) as err:
         load_config(TrainConfig, None, ["sampling.cfg=3.0", "algorithm.guidance=cond_only"])
-    assert "it was renamed 'sampling.guidance_scale'" in str(err.value)
-    assert "it was renamed 'algorithm.score_guidance'" in str(err.value)
+    assert "it was renamed to 'sampling.guidance_scale'" in str(err.value)
+    assert "it was renamed to 'algorithm.score_guidance'" in str(err.value)
 
 
 def test_a_removed_key_says_why_it_went():

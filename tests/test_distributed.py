@@ -7,7 +7,7 @@ process; the whole file takes about a minute and a half on a 2-core machine.
 Why the comparison can be exact up to float rounding: with `distributed.rollout_shards=2` the global batch is
 drawn as two shards with their own random streams, whether one process draws both or each of two processes draws
 one (`rl/distributed.py`); the rewards are gathered so the advantages are the global batch's, and the policy terms
-are weighed so that the averaged gradient is the one-process gradient (`Trainer._policy_weights`).
+are weighed so that the averaged gradient is the one-process gradient (`rl.loss.PolicyNorm`).
 """
 
 from __future__ import annotations

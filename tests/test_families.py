@@ -14,8 +14,8 @@ from families import FAMILIES
 from margrpo.models.loading import load_model
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import AlgorithmSection
-from margrpo.rl.loss import ar_step_loss, replay_transitions, step_conditions
-from margrpo.sampling.sampler import compute_conditions, sample
+from margrpo.rl.loss import ar_step_loss, replay_transitions, step_z
+from margrpo.sampling.sampler import guided_z, sample
 
 from conftest import sampling
 
@@ -46,7 +46,7 @@ def test_the_policy_keeps_the_contract(family, tmp_path):
     with torch.no_grad():
         z = policy(tokens, mask, cond)
         assert torch.equal(z, policy(tokens, mask, cond))  # stateless: the same call gives the same z
-        assert torch.equal(z, model.condition(tokens, mask, cond)) and torch.equal(z, policy.condition(tokens, mask,
+        assert torch.equal(z, model.compute_z(tokens, mask, cond)) and torch.equal(z, policy.compute_z(tokens, mask,
                                                                                                       cond))
         other = torch.where(mask.bool()[..., None], torch.randn(tokens.shape, generator=g), tokens)
         assert torch.allclose(z, policy(other, mask, cond), atol=1e-6)  # unknown positions' values are unseen
@@ -130,7 +130,7 @@ def test_replay_recomputes_the_rollouts_conditions_and_log_probs(family, guidanc
     js = [j for j in range(r.head_steps) if head.is_stochastic(j)]
     for i, rec in r.steps.items():
         with torch.no_grad():
-            sc = step_conditions(model.policy, r, i)
+            sc = step_z(model.policy, r, i)
             st = replay_transitions(head, rec.x, js, sc, r.temperature)
         assert (sc.z_full - rec.z).abs().max() / rec.z.abs().max() < 1e-5
         ref = rec.logp[js]
@@ -147,11 +147,11 @@ def test_batched_steps_give_each_steps_own_conditions(family):
     steps = [r.steps[i] for i in (0, 1, 3)]
     cond = type(r.cond).cat([r.cond] * len(steps))
     with torch.no_grad():
-        z_c, z_u = compute_conditions(model.policy, torch.cat([s.canvas for s in steps]),
+        z_c, z_u = guided_z(model.policy, torch.cat([s.canvas for s in steps]),
                                       torch.cat([s.mask for s in steps]), cond, True)
         b = r.batch_size
         for k, i in enumerate((0, 1, 3)):
-            single = step_conditions(model.policy, r, i)
+            single = step_z(model.policy, r, i)
             rows = slice(k * b, (k + 1) * b)
             assert torch.allclose(z_c[rows][steps[k].diffused], single.z, atol=1e-5, rtol=1e-4)
             assert torch.allclose(z_u[rows][steps[k].diffused], single.z_uncond, atol=1e-5, rtol=1e-4)

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from margrpo.models.heads import DdpmHead, FlowHead, gaussian_log_prob
-from margrpo.models.schedules import DdpmSchedule, flow_sigmas
+from margrpo.models.ddpm_head import DdpmHead
+from margrpo.models.flow_head import FlowHead
+from margrpo.models.heads import gaussian_log_prob
+from margrpo.models.schedulers import DdpmSchedule, flow_sigmas
 
 from conftest import randomize
 

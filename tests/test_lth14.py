@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from margrpo.compat import lth14
-from margrpo.models.mar import MAR
+from margrpo.models.mar import MARPolicy
 
 from conftest import randomize, tiny_mar_kwargs
 
@@ -29,8 +29,8 @@ def upstream_args(**over) -> argparse.Namespace:
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    model = randomize(MAR(**UPSTREAM_KW), seed=1)
-    ema = randomize(MAR(**UPSTREAM_KW), seed=2)
+    model = randomize(MARPolicy(**UPSTREAM_KW), seed=1)
+    ema = randomize(MARPolicy(**UPSTREAM_KW), seed=2)
     path = tmp_path / "checkpoint-last.pth"
     torch.save({"model": model.state_dict(), "model_ema": ema.state_dict(), "epoch": 3,
                 "args": upstream_args()}, path)
@@ -58,15 +58,15 @@ def test_loaded_model_computes_what_the_original_does(checkpoint):
     mask[:, :10] = 1
     labels = torch.tensor([3, 999])
     with torch.no_grad():
-        assert torch.equal(loaded.condition(tokens, mask, labels), ema.condition(tokens, mask, labels))
-        z = ema.condition(tokens, mask, None)
+        assert torch.equal(loaded.compute_z(tokens, mask, labels), ema.compute_z(tokens, mask, labels))
+        z = ema.compute_z(tokens, mask, None)
         t = torch.tensor([5] * 32)
         assert torch.equal(loaded.head.net(tokens.reshape(32, 16), t, z.reshape(32, -1)),
                            ema.head.net(tokens.reshape(32, 16), t, z.reshape(32, -1)))
 
 
 def test_from_state_dict_with_upstream_kwargs():
-    model = randomize(MAR(**tiny_mar_kwargs(class_num=1000, clip_denoised=False)))
+    model = randomize(MARPolicy(**tiny_mar_kwargs(class_num=1000, clip_denoised=False)))
     kw = {k: v for k, v in tiny_mar_kwargs(class_num=1000).items() if k != "clip_denoised"}
     loaded = lth14.from_state_dict(model.state_dict(), **kw)
     assert loaded.config.encoder_num_heads == 4 and loaded.config.seq_len == 64
@@ -75,13 +75,13 @@ def test_from_state_dict_with_upstream_kwargs():
 
 
 def test_mismatched_geometry_is_reported():
-    model = MAR(**UPSTREAM_KW)
+    model = MARPolicy(**UPSTREAM_KW)
     with pytest.raises(lth14.CheckpointError, match="tokens"):
         lth14.from_state_dict(model.state_dict(), img_size=128, encoder_num_heads=1, decoder_num_heads=1)
 
 
 def test_missing_unexpected_and_mismatched_keys_are_named(tmp_path):
-    sd = MAR(**UPSTREAM_KW).state_dict()
+    sd = MARPolicy(**UPSTREAM_KW).state_dict()
     sd.pop("decoder_norm.weight")
     sd["extra.thing"] = torch.zeros(1)
     sd["class_emb.weight"] = torch.zeros(1000, 64)
@@ -97,7 +97,7 @@ def test_missing_unexpected_and_mismatched_keys_are_named(tmp_path):
 
 def test_missing_ema_entry_is_explained(tmp_path):
     path = tmp_path / "no_ema.pth"
-    torch.save({"model": MAR(**UPSTREAM_KW).state_dict(), "args": upstream_args()}, path)
+    torch.save({"model": MARPolicy(**UPSTREAM_KW).state_dict(), "args": upstream_args()}, path)
     with pytest.raises(lth14.CheckpointError, match="ema=False"):
         lth14.load_checkpoint(path)
     assert lth14.load_checkpoint(path, ema=False).config.decoder_depth == 3
@@ -110,20 +110,20 @@ class Evil:
 
 def test_refuses_arbitrary_pickled_objects(tmp_path):
     path = tmp_path / "evil.pth"
-    torch.save({"model": MAR(**UPSTREAM_KW).state_dict(), "args": Evil()}, path)
+    torch.save({"model": MARPolicy(**UPSTREAM_KW).state_dict(), "args": Evil()}, path)
     with pytest.raises(Exception, match="refused|weights_only|Unsupported"):
         lth14.load_checkpoint(path, ema=False)
 
 
 def test_preset_name_sets_heads():
-    sd = MAR(**{**UPSTREAM_KW, "encoder_embed_dim": 64, "decoder_embed_dim": 64}).state_dict()
+    sd = MARPolicy(**{**UPSTREAM_KW, "encoder_embed_dim": 64, "decoder_embed_dim": 64}).state_dict()
     cfg = lth14.infer_config(sd, {"model": "mar_huge"})
     assert cfg.encoder_num_heads == 16
 
 
 def test_head_counts_come_from_the_file_or_the_caller_never_a_guess(tmp_path):
     """A 64-wide model with 2 heads per block: the weights alone are the same for 1, 2 or 4 heads."""
-    two = randomize(MAR(**{**UPSTREAM_KW, "encoder_num_heads": 2, "decoder_num_heads": 2}), seed=3).eval()
+    two = randomize(MARPolicy(**{**UPSTREAM_KW, "encoder_num_heads": 2, "decoder_num_heads": 2}), seed=3).eval()
     path = tmp_path / "two-heads.pth"
     torch.save({"model": two.state_dict(), "args": upstream_args(encoder_num_heads=2, decoder_num_heads=2)}, path)
     loaded = lth14.load_checkpoint(path, ema=False)
@@ -131,8 +131,8 @@ def test_head_counts_come_from_the_file_or_the_caller_never_a_guess(tmp_path):
     tokens, mask = torch.randn(2, 16, 16), torch.zeros(2, 16)
     mask[:, :10] = 1
     with torch.no_grad():
-        assert torch.equal(loaded.condition(tokens, mask, torch.tensor([1, 2])),
-                           two.condition(tokens, mask, torch.tensor([1, 2])))
+        assert torch.equal(loaded.compute_z(tokens, mask, torch.tensor([1, 2])),
+                           two.compute_z(tokens, mask, torch.tensor([1, 2])))
     bare = argparse.Namespace(**{k: v for k, v in vars(upstream_args()).items() if not k.endswith("num_heads")})
     torch.save({"model": two.state_dict(), "args": bare}, path)
     with pytest.raises(lth14.CheckpointError, match="does not say encoder_num_heads.*pass it"):
@@ -155,7 +155,7 @@ def test_convert_writes_a_model_folder_that_training_can_name(tmp_path, capsys):
     from margrpo.utils.config import load_config
 
     kw = dict(UPSTREAM_KW, img_size=32, vae_stride=4, vae_embed_dim=4, class_num=10)
-    mar = randomize(MAR(**kw), seed=4)
+    mar = randomize(MARPolicy(**kw), seed=4)
     ckpt = tmp_path / "checkpoint-last.pth"
     torch.save({"model": mar.state_dict(), "model_ema": mar.state_dict(),
                 "args": upstream_args(img_size=32, vae_stride=4, vae_embed_dim=4, class_num=10)}, ckpt)

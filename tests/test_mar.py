@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from margrpo.models.conditioning import Condition, HashedTextEncoder
-from margrpo.models.mar import MAR
+from margrpo.models.mar import MARPolicy
 
 from conftest import randomize, tiny_mar_kwargs
 
@@ -61,7 +61,7 @@ def ref_condition(sd, kw, tokens, mask, labels):
 @pytest.fixture
 def model_and_inputs():
     kw = tiny_mar_kwargs()
-    model = randomize(MAR(**kw)).eval()
+    model = randomize(MARPolicy(**kw)).eval()
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(3, 64, 48, generator=g)
     order = torch.rand(3, 64, generator=g).argsort(1)
@@ -74,7 +74,7 @@ def model_and_inputs():
 @pytest.mark.parametrize("labels", [None, torch.tensor([1, 5, 9])])
 def test_condition_matches_upstream_formula(model_and_inputs, labels):
     kw, model, tokens, mask = model_and_inputs
-    z = model.condition(tokens, mask, labels)
+    z = model.compute_z(tokens, mask, labels)
     ref = ref_condition(model.state_dict(), kw, tokens, mask, labels)
     assert z.shape == (3, 64, 32)
     assert rel_err(z, ref) < 1e-5
@@ -83,7 +83,7 @@ def test_condition_matches_upstream_formula(model_and_inputs, labels):
 @torch.no_grad()
 def test_head_net_and_loss_with_fixed_noise(model_and_inputs):
     kw, model, tokens, mask = model_and_inputs
-    z = model.condition(tokens, mask, torch.tensor([1, 2, 3]))
+    z = model.compute_z(tokens, mask, torch.tensor([1, 2, 3]))
     mul = kw.get("diffusion_batch_mul", 4)
     n = 3 * 64 * mul
     g = torch.Generator().manual_seed(5)
@@ -100,7 +100,7 @@ def test_head_net_and_loss_with_fixed_noise(model_and_inputs):
 
 
 def test_patchify_layout_channel_then_row_then_col():
-    model = MAR(**tiny_mar_kwargs())
+    model = MARPolicy(**tiny_mar_kwargs())
     img = torch.arange(3 * 32 * 32, dtype=torch.float32).reshape(1, 3, 32, 32)
     tok = model.patchify(img)
     # token 1 is the patch at row 0, column 1 (raster order); inside it: channel, then patch row, then column
@@ -110,7 +110,7 @@ def test_patchify_layout_channel_then_row_then_col():
 
 
 def test_pretrain_loss_backprops_and_is_reproducible():
-    model = randomize(MAR(**tiny_mar_kwargs(attn_dropout=0.0, proj_dropout=0.0))).train()
+    model = randomize(MARPolicy(**tiny_mar_kwargs(attn_dropout=0.0, proj_dropout=0.0))).train()
     tokens = torch.rand(2, 64, 48) * 2 - 1
     l1 = model.pretrain_loss(tokens, torch.tensor([0, 3]), torch.Generator().manual_seed(0))
     l2 = model.pretrain_loss(tokens, torch.tensor([0, 3]), torch.Generator().manual_seed(0))
@@ -121,7 +121,7 @@ def test_pretrain_loss_backprops_and_is_reproducible():
 
 def test_rows_with_different_known_counts_give_each_row_its_own_conditions():
     """Several AR steps of a rollout in one batch: padded, masked attention equals each row computed alone."""
-    model = randomize(MAR(**tiny_mar_kwargs(attn_dropout=0.0, proj_dropout=0.0))).eval()
+    model = randomize(MARPolicy(**tiny_mar_kwargs(attn_dropout=0.0, proj_dropout=0.0))).eval()
     g = torch.Generator().manual_seed(0)
     tokens = torch.rand(3, 64, 48, generator=g) * 2 - 1
     mask = torch.ones(3, 64)
@@ -129,8 +129,8 @@ def test_rows_with_different_known_counts_give_each_row_its_own_conditions():
         mask[row, torch.randperm(64, generator=g)[:known]] = 0
     labels = torch.tensor([1, 4, 7])
     with torch.no_grad():
-        together = model.condition(tokens, mask, labels)
-        alone = torch.cat([model.condition(tokens[i:i + 1], mask[i:i + 1], labels[i:i + 1]) for i in range(3)])
+        together = model.compute_z(tokens, mask, labels)
+        alone = torch.cat([model.compute_z(tokens[i:i + 1], mask[i:i + 1], labels[i:i + 1]) for i in range(3)])
     assert torch.allclose(together, alone, atol=1e-5)
     assert not torch.allclose(together[0], together[1], atol=1e-3)  # the rows do differ
 
@@ -138,15 +138,15 @@ def test_rows_with_different_known_counts_give_each_row_its_own_conditions():
 @pytest.mark.parametrize("mode", ["buffer", "cross_attention"])
 def test_text_conditional_model_uses_the_text(mode):
     enc = HashedTextEncoder(["red", "blue", "circle", "square", "a"], dim=16, max_len=4)
-    model = randomize(MAR(**tiny_mar_kwargs(condition="text", text_dim=16, condition_mode=mode))).eval()
+    model = randomize(MARPolicy(**tiny_mar_kwargs(condition="text", text_dim=16, condition_mode=mode))).eval()
     randomize(enc, seed=3)
     with torch.no_grad():
         c = enc.encode(["a red circle", "a blue square"])
         tokens, mask = torch.zeros(2, 64, 48), torch.ones(2, 64)
-        z1 = model.condition(tokens, mask, c)
-        z2 = model.condition(tokens, mask, Condition(text=c.text.flip(0), text_mask=c.text_mask.flip(0)))
-        zu = model.condition(tokens, mask, None)
-        zdrop = model.condition(tokens, mask, c, drop=torch.tensor([True, False]))
+        z1 = model.compute_z(tokens, mask, c)
+        z2 = model.compute_z(tokens, mask, Condition(text=c.text.flip(0), text_mask=c.text_mask.flip(0)))
+        zu = model.compute_z(tokens, mask, None)
+        zdrop = model.compute_z(tokens, mask, c, drop=torch.tensor([True, False]))
     assert not torch.allclose(z1[0], z1[1])
     assert torch.allclose(z1[0], z2[1], atol=1e-6)
     assert torch.allclose(zdrop[0], zu[0], atol=1e-6) and torch.allclose(zdrop[1], z1[1], atol=1e-6)

@@ -2,7 +2,7 @@
 
 The reward depends on a token's committed value only. MTE, as the MAR-GRPO release defines it, replaces the policy
 term of the uncertain tokens by the mean score of K fresh head chains that never reach the image; scored under the
-condition that drew them, E[grad log p(chain | z)] = 0, so its mean over redraws of the chains vanishes like
+z that drew them, E[grad log p(chain | z)] = 0, so its mean over redraws of the chains vanishes like
 1/sqrt(M). Bridges (chains of the forward process's reverse that end at the committed value) keep a mean: the
 gradient of minus the head's denoising error on that value at the scored steps. These tests measure both through
 the real sampler and loss, and check the bridge's law and its expected score against first principles.
@@ -15,7 +15,9 @@ import math
 import pytest
 import torch
 
-from margrpo.models.heads import DdpmHead, FlowHead, gaussian_log_prob
+from margrpo.models.ddpm_head import DdpmHead
+from margrpo.models.flow_head import FlowHead
+from margrpo.models.heads import gaussian_log_prob
 from margrpo.rl.config import AlgorithmSection
 from margrpo.rl.loss import ar_step_loss
 from margrpo.rl.loss_terms import gaussian_kl
@@ -90,7 +92,7 @@ def _mte_gradients(model, source: str, policy_tokens: str, redraws: int) -> torc
     ("scored", "committed", False),  # drawn and scored under the same z: zero mean
     ("commit", "committed", False),  # a committed token's committing step is the scored step: the same
     ("bridge", "committed", True),   # bridges to the committed value keep the token's own contribution
-    ("commit", "unknown", True),     # a later step's condition scored under this one's: the release's bias
+    ("commit", "unknown", True),     # a later step's z scored under this one's: the release's bias
 ])
 def test_the_mte_terms_mean_over_redrawn_chains(source, policy_tokens, has_mean):
     """|mean of M redraws| / mean |single draw|: about 1/sqrt(M) for a zero-mean term (measured 1.2 / sqrt(M) at

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from margrpo.models.heads import DdpmHead, FlowHead
+from margrpo.models.ddpm_head import DdpmHead
+from margrpo.models.flow_head import FlowHead
 from margrpo.rl.config import AlgorithmSection
 from margrpo.rl.loss_terms import nft_terms, stratified_uniform
 

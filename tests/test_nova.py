@@ -71,7 +71,7 @@ def test_load_takes_dtype_and_flow_shift(folder):
     cond = m.encode_prompts(["a red circle"])
     tokens, mask = torch.randn(1, 64, 16), torch.ones(1, 64)
     with torch.no_grad():
-        z = m.condition(tokens, mask, cond)
+        z = m.compute_z(tokens, mask, cond)
         tr = m.head(torch.randn(64, 16), 0, z[0])
     assert z.dtype == torch.bfloat16 and tr.mean.dtype == torch.float32  # log-prob arithmetic stays float32
     assert m.head.scheduler.sampling_shift == 3.0
@@ -338,8 +338,8 @@ def test_prompt_features_and_the_unconditional_prompt(model):
     assert isinstance(phi, AutoModel.from_config(phi.config).__class__)
     tokens, mask = torch.randn(3, 64, 16), torch.ones(3, 64)
     with torch.no_grad():
-        zu = model.condition(tokens, mask, None)
-        assert torch.allclose(model.condition(tokens, mask, cond)[2], zu[2], atol=1e-6)
+        zu = model.compute_z(tokens, mask, None)
+        assert torch.allclose(model.compute_z(tokens, mask, cond)[2], zu[2], atol=1e-6)
     assert model.encode_prompts(None) is None
 
 
@@ -352,7 +352,7 @@ def test_a_folder_without_text_encoder_takes_raw_features(tmp_path):
         m.decode(torch.zeros(1, 64, 16))
     cond = m.encode_prompts([torch.randn(2, TEXT_DIM)])
     with torch.no_grad():
-        assert m.condition(torch.zeros(1, 64, 16), torch.ones(1, 64), cond).shape == (1, 64, 32)
+        assert m.compute_z(torch.zeros(1, 64, 16), torch.ones(1, 64), cond).shape == (1, 64, 32)
 
 
 # ------------------------------------------------------------------------------------------------- codec
@@ -419,7 +419,7 @@ def test_training_can_name_a_nova_folder(tmp_path):
     export = tmp_path / "run" / "model"
     assert (export / "transformer" / "config.json").is_file()
     trained = load_model(str(export), "cpu")
-    assert type(trained).__name__ == "NOVAModel" and set(trained.state_dict()) == set(nova.load(path).state_dict())
+    assert type(trained).__name__ == "NOVAImageModel" and set(trained.state_dict()) == set(nova.load(path).state_dict())
     assert (tmp_path / "run" / "checkpoints").is_dir()
     from_run = load_model(str(tmp_path / "run"), "cpu")  # the run directory: base folder + the last checkpoint
     a, b = from_run.state_dict(), trained.state_dict()

@@ -76,7 +76,7 @@ def test_upstream_loads_our_folder_strictly_and_computes_the_same(upstream, tmp_
         z_up = up.image_encoder(up.mask_embed(up.image_encoder.patch_embed(lat.clone())), c, prev_ids)
         tokens = ours.patchify(lat)
         assert torch.equal(up.image_encoder.patch_embed.patchify(lat), tokens)
-        assert torch.allclose(ours.condition(tokens, mask[..., 0], cond), z_up, atol=1e-5)
+        assert torch.allclose(ours.compute_z(tokens, mask[..., 0], cond), z_up, atol=1e-5)
         xt, t = torch.randn(2, 4, 16, 16, generator=g), torch.full((2,), 734.0)
         v_up = up.image_decoder(xt, t, z_up)
         v = ours.head.net(ours.patchify(xt).reshape(-1, 16), t.repeat_interleave(64), z_up.reshape(-1, 32))

@@ -7,13 +7,13 @@ import shutil
 import pytest
 import torch
 
+from margrpo.models.codecs import AutoencoderCodec
 from margrpo.models.mar.factory import ModelSpec, build_model
 from margrpo.models.mar.image_model import MARImageModel
-from margrpo.models.tokenizers import AutoencoderTokenizer
 from margrpo.worlds.shapes.pretrain import EvalSpec, PretrainConfig, pretrain, vocabulary
 from margrpo.worlds.shapes.pretrain_autoencoder import AutoencoderSpec, train_autoencoder
 
-TINY_MODEL = ModelSpec(tokenizer="autoencoder", patch_size=1, width=32, depth=1, num_heads=2, head_width=32,
+TINY_MODEL = ModelSpec(codec="autoencoder", patch_size=1, width=32, depth=1, num_heads=2, head_width=32,
                        head_depth=1, diffusion_steps=4, text_dim=16, clip_denoised=False)
 TINY_AE = AutoencoderSpec(embed_dim=4, ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, num_groups=4, steps=3,
                           batch_size=8, scale_images=16)
@@ -61,9 +61,9 @@ def test_latent_token_pretrain_is_reproducible_exports_and_resumes(tmp_path):
     for (k, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"same seed, different weights at {k}"
     loaded = MARImageModel.load_pretrained(tmp_path / "a" / "model")
-    assert isinstance(loaded.tokenizer, AutoencoderTokenizer)
+    assert isinstance(loaded.codec, AutoencoderCodec)
     assert loaded.mar.config.vae_stride == 8 and loaded.mar.config.vae_embed_dim == 4
-    assert loaded.tokenizer.scale == pytest.approx(model_a.tokenizer.scale)
+    assert loaded.codec.scale == pytest.approx(model_a.codec.scale)
     images = _sample(loaded)
     assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1.0
     assert torch.equal(images, _sample(model_a.eval()))
@@ -81,7 +81,7 @@ def test_latent_token_pretrain_is_reproducible_exports_and_resumes(tmp_path):
 
 
 def test_generator_folder_rejects_a_broken_tokenizer_spec(tmp_path):
-    tok = AutoencoderTokenizer(TINY_AE.build(32), scale=0.5)
+    tok = AutoencoderCodec(TINY_AE.build(32), scale=0.5)
     build_model(TINY_MODEL, vocabulary(), tok).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["tokenizer"]["type"] == "autoencoder_kl" and cfg["tokenizer"]["scale"] == 0.5
@@ -96,17 +96,21 @@ def test_generator_folder_rejects_a_broken_tokenizer_spec(tmp_path):
 
 
 def test_config_errors_name_the_problem():
+    from margrpo.utils.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="'model.tokenizer'; it was renamed to 'model.codec'"):
+        load_config(PretrainConfig, None, ["model.tokenizer=autoencoder"])
     with pytest.raises(ValueError, match="'autoencoder' section is required"):
         PretrainConfig(model=TINY_MODEL)
     with pytest.raises(ValueError, match="would do nothing"):
         PretrainConfig(autoencoder=TINY_AE)
     with pytest.raises(ValueError, match="num_groups=8 must divide"):
         AutoencoderSpec(ch=12, num_groups=8)
-    with pytest.raises(ValueError, match="needs an autoencoder tokenizer"):
+    with pytest.raises(ValueError, match="needs an autoencoder codec"):
         build_model(TINY_MODEL, vocabulary())
     with pytest.raises(ValueError, match="not a multiple"):
         build_model(ModelSpec(**{**TINY_MODEL.__dict__, "img_size": 36}), vocabulary(),
-                        AutoencoderTokenizer(TINY_AE.build(32), scale=1.0))
+                        AutoencoderCodec(TINY_AE.build(32), scale=1.0))
 
 
 def test_lr_cycles_restart_and_extend_a_shorter_run_exactly():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import math
 import sys
-import threading
 import time
 import types
 
@@ -15,7 +14,6 @@ import torch
 from PIL import Image
 
 from margrpo.rewards import (
-    AsyncRewardScorer,
     CompositeReward,
     Reward,
     RewardFailure,
@@ -177,36 +175,6 @@ def test_failure_guard_counts_and_raises_with_fraction():
     g2.load_state_dict({"total": 100, "invalid": 10, "reasons": {"nonfinite": 10}})
     g2.update(ok)
     assert g2.metrics()["reward/run_invalid_fraction"] == pytest.approx(10 / 104)
-
-
-def test_async_scorer_matches_sync_and_snapshots_inputs():
-    r = Const(sleep_s=0.05)
-    x = _imgs(3, seed=1)
-    sync = r(x, ["p"] * 3)
-    with AsyncRewardScorer(r, max_pending=2) as scorer:
-        fut = scorer.submit(x, ["p"] * 3)
-        x.fill_(1.0)  # the sampler reuses its buffer for the next batch while scoring runs
-        fut2 = scorer.submit(x, ["p"] * 3)
-        out = fut.result(timeout=10)
-        assert torch.equal(out.scores, sync.scores) and out.reasons == sync.reasons
-        assert torch.allclose(fut2.result(timeout=10).scores, torch.full((3,), 255.0))
-    failing = AsyncRewardScorer(Const(raise_exc=ValueError("x"), catch_errors=False))
-    with pytest.raises(ValueError):
-        failing.submit(x, ["p"] * 3).result(timeout=10)
-    failing.close()
-
-
-def test_async_scorer_overlaps_with_caller_work():
-    r = Const(sleep_s=0.3)
-    scorer = AsyncRewardScorer(r)
-    t0 = time.perf_counter()
-    fut = scorer.submit(_imgs(2), ["p"] * 2)
-    time.sleep(0.3)  # "sampling the next batch"
-    fut.result(timeout=10)
-    elapsed = time.perf_counter() - t0
-    scorer.close()
-    assert elapsed < 0.55, f"scoring did not overlap with the caller ({elapsed:.2f}s)"
-    assert threading.active_count() >= 1
 
 
 def test_jpeg_rewards_match_ddpo_definition():

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import margrpo
-from margrpo.rewards import AsyncRewardScorer, Reward, build_reward
+from margrpo.rewards import Reward, build_reward
 from margrpo.rewards.remote import Limits, RemoteReward, RewardServer, RewardServerError, is_loopback_host
 from margrpo.rewards.remote.schema import encode_png_b64
 
@@ -106,15 +106,6 @@ def test_concurrent_clients_get_their_own_results(server):
         t.join(timeout=60)
     assert not errors and results == {k: True for k in range(4)}
     assert server.images_scored == 4 * 3 * 3
-
-
-def test_async_scorer_over_remote_matches_sync(server):
-    client = RemoteReward(url=server.url, reward="pixel_mean")
-    x = _imgs(4, seed=7)
-    with AsyncRewardScorer(client) as scorer:
-        fut = scorer.submit(x, ["p"] * 4)
-        sync = client(x, ["p"] * 4)
-        assert torch.equal(fut.result(timeout=30).scores, sync.scores)
 
 
 def test_malformed_requests_get_clear_4xx(server):

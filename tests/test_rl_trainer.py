@@ -1,12 +1,13 @@
 """The RL objective and trainer: ratio is 1 before the first update, frozen head, end-to-end run and resume."""
 
+import dataclasses
 
 import pytest
 import torch
 
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import AlgorithmSection, TrainConfig
-from margrpo.rl.loss import ar_step_loss
+from margrpo.rl.loss import PolicyNorm, ar_step_loss, kept_policy_tokens
 from margrpo.rl.selection import scorable_head_steps, select_steps
 from margrpo.rl.trainer import Trainer
 from margrpo.sampling.sampler import sample
@@ -35,14 +36,35 @@ def test_rollout_normalisation_weighs_every_kept_pair_alike():
                            AlgorithmSection(beta=0.0, mte_k=3), {}, True)
     assert abs(element.stats["ratio/max"] - 1) < 1e-5 and abs(element.stats["ratio/min"] - 1) < 1e-5
     assert abs(element.stats["mte/ratio_max"] - 1) < 1e-5
-    rollout = ar_step_loss(model.mar, None, r, 2, [0, 2, 4], adv.values, adv.use,
-                           AlgorithmSection(beta=0.0, mte_k=3, normalize="rollout"), {}, True,
-                           policy_denominator=123.0)
+    by_rollout = AlgorithmSection(beta=0.0, mte_k=3, normalize="rollout")
+    norm = PolicyNorm.of(r, [1, 2], {1: [0, 2], 2: [0, 2, 4]}, adv.use, by_rollout)
+    # the denominator: the kept (token, head step) pairs of the rollout's scored steps, over the scored steps
+    pairs = [float(kept_policy_tokens(r, i, adv.use, by_rollout).sum()) * n for i, n in ((1, 2), (2, 3))]
+    assert norm.denominator == pytest.approx(sum(pairs) / 2) and norm.weights == {1: 1.0, 2: 1.0}
+    rollout = ar_step_loss(model.mar, None, r, 2, [0, 2, 4], adv.values, adv.use, by_rollout, {}, True,
+                           norm=dataclasses.replace(norm, denominator=123.0))
     c = r.tokens.shape[-1]
     assert rollout.stats["loss/policy"] * 123.0 == pytest.approx(element.stats["loss/policy"]
                                                                  * element.stats["elements"] / c, rel=1e-5)
-    with pytest.raises(ValueError, match="policy_denominator"):
+    with pytest.raises(ValueError, match="PolicyNorm"):  # the rollout's denominator cannot come from one step
         ar_step_loss(model.mar, None, r, 2, [0], adv.values, adv.use, AlgorithmSection(normalize="rollout"), {}, True)
+
+
+def test_policy_norm_weighs_a_rank_by_its_share_of_the_global_kept_tokens():
+    """Rank r's policy term, a mean over its k_r kept tokens, is weighed W k_r / K (K the global count), so that the
+    ranks' averaged gradient is the gradient of one mean over the global batch."""
+    model = tiny_model()
+    cond = model.encode_prompts(["a red circle", "two blue squares"]).repeat_interleave(3)
+    scfg, plan = sampling(ar_steps=4, policy_tokens="unknown", record_z=False)
+    r = sample(model.mar, cond, 6, scfg, torch.Generator().manual_seed(0), record=plan)
+    adv = group_advantages(torch.tensor([0.1, 0.5, 0.9, 0.2, 0.2, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1]))
+    other = [7.0, 3.0]  # the other rank's kept tokens at AR steps 1 and 2
+    norm = PolicyNorm.of(r, [1, 2], {1: [0], 2: [0]}, adv.use, AlgorithmSection(mte_k=0), world=2,
+                         all_reduce_sum=lambda values: [v + o for v, o in zip(values, other, strict=True)])
+    for i, o in zip((1, 2), other, strict=True):
+        k = float(norm.keep[i].sum())
+        assert k > 0 and norm.weights[i] == pytest.approx(2 * k / (k + o))
+    assert norm.denominator is None
 
 
 @pytest.mark.parametrize("mte_source", ["commit", "scored", "bridge"])
@@ -91,7 +113,7 @@ def test_matching_estimator_is_the_advantage_weighted_pretraining_loss_at_ratio_
     # explicit: z of the step's committed tokens, the head's loss on their final values, weighted by A
     model.mar.zero_grad()
     rec = r.steps[step]
-    z = model.mar.condition(rec.canvas, rec.mask, r.cond)[rec.diffused]
+    z = model.mar.compute_z(rec.canvas, rec.mask, r.cond)[rec.diffused]
     target = r.tokens[rec.diffused]
     img = torch.arange(6).repeat_interleave(int(rec.diffused.sum()) // 6)
     g = torch.Generator().manual_seed(5)
@@ -134,7 +156,7 @@ def _cfg(model_dir, out, steps, extra=()):
         "log.sample_every=100", "log.tensorboard=false", "optim.lr=3e-3", *extra])
 
 
-@pytest.mark.parametrize("extra", [(), ("algorithm.normalize=rollout", "algorithm.advantage_clip=1.0"),
+@pytest.mark.parametrize("extra", [(), ("algorithm.normalize=rollout",),
                                    ("algorithm.estimator=matching", "algorithm.mte_k=0"),
                                    ("algorithm.estimator=nft", "algorithm.mte_k=0"),
                                    ("eval.every=2", "eval.per_category=2", "eval.in_distribution=true",
@@ -268,7 +290,7 @@ def test_stratified_shards_cut_one_global_batch():
 def test_the_old_balance_option_names_its_replacement():
     from margrpo.utils.config import ConfigError
 
-    with pytest.raises(ConfigError, match="renamed 'prompts.category_balance'"):
+    with pytest.raises(ConfigError, match="renamed to 'prompts.category_balance'"):
         load_config(TrainConfig, None, ["prompts.balance_categories=true"])
     with pytest.raises(ConfigError, match="'stratified', 'random', 'off'"):
         load_config(TrainConfig, None, ["prompts.category_balance=true"])
@@ -451,14 +473,12 @@ def test_numerical_faults_skip_the_step_and_too_many_in_a_row_stop_the_run(tiny_
 
     # a KL bound: any KL above it makes the step bad
     bad["loss"] = set()
-    tr = Trainer(_cfg(tiny_model_dir, tmp_path / "kl", 3, ["faults.max_kl=0.0", "faults.max_consecutive=2"]),
-                 progress=False)
+    tr = Trainer(_cfg(tiny_model_dir, tmp_path / "kl", 4, ["faults.max_kl=0.0"]), progress=False)
     with pytest.raises(TrainingFault, match="KL to the reference above faults.max_kl"):
         tr.run()
     # a log-ratio bound: the first PPO epoch has rho = 1 exactly, the second (after an update) does not
-    tr = Trainer(_cfg(tiny_model_dir, tmp_path / "ratio", 3, ["faults.max_log_ratio=0.0", "faults.max_consecutive=2"]),
-                 progress=False)
-    with pytest.raises(TrainingFault, match=r"log-ratio above faults.max_log_ratio=0.0 \(.*\) at step 2, AR step \d+, "
+    tr = Trainer(_cfg(tiny_model_dir, tmp_path / "ratio", 4, ["faults.max_log_ratio=0.0"]), progress=False)
+    with pytest.raises(TrainingFault, match=r"log-ratio above faults.max_log_ratio=0.0 \(.*\) at step 3, AR step \d+, "
                                             "PPO epoch 1"):
         tr.run()
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from margrpo.models.conditioning import Condition
-from margrpo.models.mar import MAR
-from margrpo.rl.loss import replay_transitions, step_conditions
+from margrpo.models.mar import MARPolicy
+from margrpo.rl.loss import replay_transitions, step_z
 from margrpo.sampling.config import SamplerConfig
 from margrpo.sampling.sampler import sample
 
@@ -13,7 +13,7 @@ from conftest import randomize, sampling, tiny_mar_kwargs
 
 
 def make(head="ddpm", std=0.05):
-    return randomize(MAR(**tiny_mar_kwargs(head=head, num_sampling_steps="6")), std=std, seed=1)
+    return randomize(MARPolicy(**tiny_mar_kwargs(head=head, num_sampling_steps="6")), std=std, seed=1)
 
 
 def run(model, seed=0, n=4, mte_seed=1, **cfg):
@@ -120,7 +120,7 @@ def test_recomputed_log_probs_equal_recorded(head, guidance_scale, policy_tokens
     js = [j for j in range(r.head_steps) if m.head.is_stochastic(j)]
     for i, rec in r.steps.items():
         with torch.no_grad():
-            sc = step_conditions(m, r, i)
+            sc = step_z(m, r, i)
             st = replay_transitions(m.head, rec.x, js, sc, r.temperature)
         assert (sc.z_full - rec.z).abs().max() / rec.z.abs().max() < 1e-5
         ref = rec.logp[js]
@@ -128,7 +128,7 @@ def test_recomputed_log_probs_equal_recorded(head, guidance_scale, policy_tokens
         assert torch.isfinite(st.logp).all()
     # with grad: same values, and the gradient reaches the transformer through z only
     i = 2
-    sc = step_conditions(m, r, i)
+    sc = step_z(m, r, i)
     st = replay_transitions(m.head, r.steps[i].x, js, sc, r.temperature)
     ratio = torch.exp(st.logp - r.steps[i].logp[js])
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
@@ -141,8 +141,8 @@ def test_cond_only_scoring_differs_under_guidance():
     r = run(m, ar_steps=4, guidance_scale=3.0, guidance_schedule="constant")
     js = [3, 4]  # late steps: early ones are dominated by the x0 clamp
     with torch.no_grad():
-        guided = replay_transitions(m.head, r.steps[0].x, js, step_conditions(m, r, 0, "rollout"), 1.0)
-        cond_only = replay_transitions(m.head, r.steps[0].x, js, step_conditions(m, r, 0, "cond_only"), 1.0)
+        guided = replay_transitions(m.head, r.steps[0].x, js, step_z(m, r, 0, "rollout"), 1.0)
+        cond_only = replay_transitions(m.head, r.steps[0].x, js, step_z(m, r, 0, "cond_only"), 1.0)
     assert (guided.mean - cond_only.mean).abs().max() > 1e-4
     ref = r.steps[0].logp[js]
     assert (guided.logp - ref).abs().max() / ref.abs().max() < 1e-5
@@ -152,7 +152,7 @@ def test_unrecorded_step_is_a_clear_error():
     m = make()
     r = run(m, ar_steps=4, steps=(0,))
     with pytest.raises(KeyError, match="not recorded"):
-        step_conditions(m, r, 2)
+        step_z(m, r, 2)
 
 
 def test_images_do_not_depend_on_what_is_diffused_or_recorded():
@@ -177,11 +177,11 @@ def test_the_ar_schedule_comes_from_the_policy_and_is_checked():
     """The sampler takes the policy's schedule (a family may give fewer steps than asked, as NOVA drops the empty
     ones) and refuses one that does not cover every token once."""
 
-    class TwoSteps(MAR):
+    class TwoSteps(MARPolicy):
         def mask_schedule(self, num_steps, seq_len=None):
             return [40, 24]
 
-    class Broken(MAR):
+    class Broken(MARPolicy):
         def mask_schedule(self, num_steps, seq_len=None):
             return [40, 20]  # 4 tokens never generated
 

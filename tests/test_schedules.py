@@ -1,20 +1,12 @@
-"""Schedules against hand-computed values and upstream's published formulas."""
+"""The AR schedule and the schedulers' noise tables against hand-computed values and upstream's formulas."""
 
 import math
 
 import numpy as np
 import pytest
 
-from margrpo.models.schedules import (
-    DdpmSchedule,
-    cosine_betas,
-    flow_sde_std,
-    flow_sigmas,
-    guidance_at_step,
-    mask_len_after_step,
-    mask_schedule,
-    space_timesteps,
-)
+from margrpo.models.ar_schedule import guidance_at_step, mask_len_after_step, mask_schedule
+from margrpo.models.schedulers import DdpmSchedule, cosine_betas, flow_sde_std, flow_sigmas, space_timesteps
 
 
 @pytest.mark.parametrize("n,L", [(1, 16), (4, 16), (8, 64), (16, 64), (64, 256), (64, 1024), (256, 256)])

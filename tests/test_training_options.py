@@ -76,7 +76,7 @@ def test_bf16_autocast_keeps_rl_statistics_float32_and_close_to_float32(family):
     """
     import copy
 
-    from margrpo.rl.loss import replay_transitions, step_conditions
+    from margrpo.rl.loss import replay_transitions, step_z
     from margrpo.rl.loss_terms import kl_terms
 
     fam = FAMILIES[family]
@@ -108,7 +108,7 @@ def test_bf16_autocast_keeps_rl_statistics_float32_and_close_to_float32(family):
     out = {}
     for bf in (False, True):
         with torch.no_grad(), _bf16(bf):
-            sc, rsc = step_conditions(policy, r32, 1), step_conditions(reference, r32, 1)
+            sc, rsc = step_z(policy, r32, 1), step_z(reference, r32, 1)
             st = replay_transitions(policy.head, r32.steps[1].x, js, sc, r32.temperature)
             kl = kl_terms(st, replay_transitions(reference.head, r32.steps[1].x, js, rsc, r32.temperature), "gaussian")
         assert st.logp.dtype == torch.float32 and kl.dtype == torch.float32 and sc.z.dtype == torch.float32
@@ -221,7 +221,7 @@ def test_lora_run_trains_only_adapters_checkpoints_them_and_resumes_exactly(tiny
     base = {n: p.detach().clone() for n, p in full.model.named_parameters() if ".lora_" not in n}
     adapters = {n: p.detach().clone() for n, p in full.params}
     assert adapters and all(".lora_" in n for n in adapters)
-    assert {id(p) for g in full.opt.param_groups for p in g["params"]} == {id(p) for _, p in full.params}
+    assert {id(p) for g in full.state.opt.param_groups for p in g["params"]} == {id(p) for _, p in full.params}
     full.run()
     after = dict(full.model.named_parameters())
     assert all(torch.equal(base[n], after[n]) for n in base)  # the base model (head included) is untouched

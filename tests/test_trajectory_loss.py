@@ -5,13 +5,14 @@ log-probabilities and the Gaussian KL are the ones tested against torch.distribu
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import ESTIMATORS, AlgorithmSection
-from margrpo.rl.loss import LOSSES, ar_step_loss, kept_policy_tokens, step_conditions
+from margrpo.rl.loss import LOSSES, PolicyNorm, ar_step_loss, kept_policy_tokens, step_z
 from margrpo.rl.loss_terms import gaussian_kl
 from margrpo.sampling.sampler import sample
 
@@ -33,7 +34,7 @@ def one_graph_loss(policy, reference, r, step, js, adv, use, cfg) -> tuple[torch
     img = torch.arange(r.batch_size).repeat_interleave(n // r.batch_size)
     a = adv[img][None, :, None]
     keep = kept_policy_tokens(r, step, use, cfg)[None, :, None].float()
-    sc = step_conditions(policy, r, step, cfg.score_guidance)
+    sc = step_z(policy, r, step, cfg.score_guidance)
     main = policy.head.score_transitions(rec.x, js, sc.z, sc.z_uncond, sc.guidance, r.temperature)
     pg, rho = _ppo(main.logp, rec.logp[js], a)
     idx = rec.mte_tokens  # the uncertain tokens: the mean of their K chains' surrogates replaces the main one
@@ -51,7 +52,7 @@ def one_graph_loss(policy, reference, r, step, js, adv, use, cfg) -> tuple[torch
     kept_sum = (pg * keep).sum()
     per_token = {"element": keep.sum() * len(js) * c, "token": keep.sum() * len(js), "rollout": DENOMINATOR * c}
     policy_term = kept_sum / per_token[cfg.normalize]
-    ref_sc = step_conditions(reference, r, step, cfg.score_guidance)
+    ref_sc = step_z(reference, r, step, cfg.score_guidance)
     with torch.no_grad():
         ref = reference.head.score_transitions(rec.x, js, ref_sc.z, ref_sc.z_uncond, ref_sc.guidance, r.temperature)
     if cfg.kl == "gaussian":
@@ -94,8 +95,9 @@ def test_trajectory_loss_has_the_one_graph_value_and_gradient(case):
             w.add_(0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(2)))
     js = [1, 2, 3]  # the head steps the trainer would score (score gain <= 3; 0 and 4 are noise-dominated)
     step = 2
-    sl = ar_step_loss(policy, reference, r, step, js, adv.values, adv.use, cfg, {}, first_epoch=True,
-                      policy_denominator=DENOMINATOR)
+    norm = dataclasses.replace(PolicyNorm.of(r, [step], {step: js}, adv.use, cfg),
+                               denominator=DENOMINATOR if cfg.normalize == "rollout" else None)
+    sl = ar_step_loss(policy, reference, r, step, js, adv.values, adv.use, cfg, {}, first_epoch=True, norm=norm)
     got = torch.autograd.grad(sl.loss, params, allow_unused=True)
     want_loss, want = one_graph_loss(policy, reference, r, step, js, adv.values, adv.use, cfg)
     expected = torch.autograd.grad(want_loss, params, allow_unused=True)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from margrpo.compat.kl16 import KL16CheckpointError, load_kl16, load_kl16_with_report
-from margrpo.models.tokenizers import AutoencoderTokenizer
+from margrpo.models.codecs import AutoencoderCodec
 from margrpo.models.vae import (
     AttnBlock,
     AutoencoderKL,
@@ -198,7 +198,7 @@ def test_safetensors_and_training_extras(tmp_path: Path) -> None:
 
 def test_encode_decode_shapes_and_tokenizer() -> None:
     vae = _tiny()
-    tok = AutoencoderTokenizer(vae, scale=0.2325, patch_size=2)
+    tok = AutoencoderCodec(vae, scale=0.2325, patch_size=2)
     assert not any(p.requires_grad for p in vae.parameters())
     assert tok.stride == 4 and tok.token_dim == 16 and tok.latent_shape(16, 24) == (4, 4, 6)
     x = torch.rand(2, 3, 16, 24) * 2 - 1

@@ -55,11 +55,17 @@ CASES = {
 }
 
 
+def old_name(key: str) -> str:
+    """The parameter's name before issue #25 renamed the image model's `tokenizer` to `codec`."""
+    return "tokenizer." + key[len("codec."):] if key.startswith("codec.") else key
+
+
 def digest_tensors(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for k in sorted(tensors):
+    named = {old_name(k): v for k, v in tensors.items()}
+    for k in sorted(named):
         h.update(k.encode())
-        h.update(tensors[k].detach().float().contiguous().numpy().tobytes())
+        h.update(named[k].detach().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -15,8 +15,8 @@
   token group (the tokens the step commits; the still-unknown ones), and their mean pairwise cosine; `--null`
   shuffles each group's rewards among its images (a reward with no information: the cosines must vanish).
 * `mte-gradient`: on one rollout (AR step 3, the 30% most uncertain tokens), the gradient in z of the MTE term
-  averaged over M redraws of its K = 4 chains, for chains drawn under the scored condition, under each token's
-  committing condition (the MAR-GRPO release) and bridges to the committed value; against the main trajectory's
+  averaged over M redraws of its K = 4 chains, for chains drawn under the scored z, under each token's
+  committing z (the MAR-GRPO release) and bridges to the committed value; against the main trajectory's
   term and the matching gradient. A zero-mean term's average falls as 1 / sqrt(M).
 
 Deterministic from the seeds on one thread; prints tables and writes JSON with `--json`.
@@ -31,10 +31,10 @@ import math
 import numpy as np
 import torch
 
+from margrpo.models.heads import DiffusionHead
 from margrpo.models.loading import load_model
-from margrpo.rl.loss import step_conditions
+from margrpo.rl.loss import step_z
 from margrpo.rl.loss_terms import stratified_uniform
-from margrpo.sampling.chains import run_chains
 from margrpo.sampling.config import RecordPlan, SamplerConfig
 from margrpo.sampling.mte import token_uncertainty, top_fraction_mask
 from margrpo.sampling.sampler import sample
@@ -101,6 +101,12 @@ class _InstrumentedHead:
         if noise is None and self._head.is_stochastic(j):
             noise = self._draw(tuple(tr.mean.shape), generator, tr.mean.device)
         return self._head.sample_step(tr, j, generator, noise)
+
+    def sample_chain(self, *args, **kwargs):  # the head's own chain, through this wrapper's call and draws
+        return DiffusionHead.sample_chain(self, *args, **kwargs)
+
+    def sample_chains(self, *args, **kwargs):
+        return DiffusionHead.sample_chains(self, *args, **kwargs)
 
 
 def _train_prompts(per_category: int, seed: int) -> tuple[list[str], list[str]]:
@@ -199,7 +205,7 @@ def agreement(args) -> dict:
             n = int(rec.diffused.sum())
             a = adv.repeat_interleave(n // n_img)
             committed = rec.committed_in_diffused()
-            z = step_conditions(policy, r, i).z
+            z = step_z(policy, r, i).z
             gen = make_generator(5, "draws", b, i)
             t = head.loss_noise_levels(stratified_uniform(draws, n, gen, "cpu").reshape(-1))
             target = r.tokens[rec.diffused]
@@ -248,7 +254,7 @@ def mte_gradient(args) -> dict:
     committed = rec.committed_in_diffused()
     x0 = r.tokens[rec.diffused]
     js = [j for j in range(head.num_steps) if head.is_stochastic(j) and head.unit_score_gain(j) <= 3.0]
-    z = step_conditions(policy, r, step).z.detach().clone().requires_grad_(True)
+    z = step_z(policy, r, step).z.detach().clone().requires_grad_(True)
     commit_z = torch.zeros(n_img * policy.seq_len, z.shape[1])
     for s in r.steps.values():
         sel = s.to_pred.reshape(-1)
@@ -263,8 +269,9 @@ def mte_gradient(args) -> dict:
         lp = head.score_transitions(chains.transpose(0, 1), js, z).logp  # [J, K, N, C]
         return lp.sum(dim=(0, -1)).mean(0)
 
-    with torch.no_grad():  # the uncertain tokens: spread of K head samples under the scored condition
-        ranks = torch.stack([head.sample(z.detach(), generator=make_generator(0, "rank", m)) for m in range(k_chains)])
+    with torch.no_grad():  # the uncertain tokens: spread of K head samples under the scored z
+        ranks = torch.stack([head.sample_chain(z.detach(), None, 1.0, 1.0, make_generator(0, "rank", m), False)[0]
+                             for m in range(k_chains)])
     uncertain = top_fraction_mask(token_uncertainty(ranks).reshape(n_img, -1), 0.3).reshape(-1)
     out = {}
     for group, mask in (("committed", uncertain & committed), ("unknown", uncertain & ~committed)):
@@ -282,8 +289,8 @@ def mte_gradient(args) -> dict:
                     if source == "bridge":
                         chains = head.bridge_chains(x0, k_chains, generator=gen)
                     else:
-                        chains = run_chains(head, z.detach() if source == "scored" else z_commit, None, 1.0, 1.0, gen,
-                                            k_chains)
+                        chains = head.sample_chains(z.detach() if source == "scored" else z_commit, None, 1.0, 1.0,
+                                                    gen, k_chains)
                 acc += grad(-(w * chains_logp(chains)).sum())
                 if m & (m - 1) == 0 and m in (1, 4, 16, 64, 256, 1024):
                     mean = acc / m

@@ -10,8 +10,13 @@ from pathlib import Path
 import torch
 
 
-def _set_threads(n: int | None) -> None:
-    # Tiny models run faster on one thread than two on a shared 2-core machine; make it a choice.
+def _results_doc(args: argparse.Namespace) -> Path | None:  # `--readme`: its name while results were in README
+    if args.readme:
+        raise SystemExit("--readme was renamed to --results: the results live in docs/results.md")
+    return Path(args.results) if args.results else None
+
+
+def _set_threads(n: int | None) -> None:  # tiny models run faster on one thread than two on a shared 2-core CPU
     if n:
         torch.set_num_threads(n)
 
@@ -31,9 +36,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args.device)
     cfg = SamplerConfig(ar_steps=args.ar_steps, diffusion_steps=args.diffusion_steps,
                         guidance_scale=args.guidance_scale, temperature=args.temperature)
-    pipe = MARPipeline(model, cfg)
-    prompts = args.prompt
-    t0 = time.perf_counter()
+    pipe, prompts, t0 = MARPipeline(model, cfg), args.prompt, time.perf_counter()
     images = pipe(prompts, num_images_per_prompt=args.n, seed=args.seed, progress=not args.quiet)
     dt = time.perf_counter() - t0
     labels = [p for p in prompts for _ in range(args.n)]
@@ -67,7 +70,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from margrpo.experiments.demo import run_demo
 
     return run_demo(Path(args.out), quick=args.quick, quiet=args.quiet, overrides=args.overrides, config=args.config,
-                    readme=Path(args.readme) if args.readme else None)
+                    results_doc=_results_doc(args))
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
@@ -76,7 +79,8 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller, faster demo")
     p.add_argument("--config", default="demo.yaml", help="shipped config to run (demo.yaml, demo-long.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the demo config, e.g. steps=30")
-    p.add_argument("--readme", default=None, help="write the results table into this README's results block")
+    p.add_argument("--results", default=None, help="write the results into this file's demo block (docs/results.md)")
+    p.add_argument("--readme", default=None, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -245,7 +249,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     config, overrides = _config_and_overrides(args)
     run_compare(config, Path(args.out), args.methods or list(METHODS), args.seeds, overrides, args.control_steps,
-                quiet=args.quiet, readme=Path(args.readme) if args.readme else None, workers=args.workers)
+                quiet=args.quiet, results_doc=_results_doc(args), workers=args.workers)
     return 0
 
 
@@ -259,7 +263,8 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="runs in parallel, one process (and thread) each")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--control-steps", type=int, default=20, help="steps of the positive-control run per method")
-    p.add_argument("--readme", help="write the table and plots into this README's compare block")
+    p.add_argument("--results", default=None, help="write the table and plots into this file's compare block")
+    p.add_argument("--readme", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
@@ -371,8 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     from margrpo.rl.faults import TrainingFault, TrainingStopped
     from margrpo.utils.checkpoint import CheckpointError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except TrainingStopped as e:  # SIGINT / SIGTERM: the step finished and its checkpoint is written

@@ -30,7 +30,7 @@ import numpy as np
 
 from margrpo.configs import config_path
 from margrpo.experiments.baselines import base_at_best, selection_set, trained_at_best
-from margrpo.experiments.readme import publish_to_readme
+from margrpo.experiments.results_doc import publish
 from margrpo.models.loading import load_model
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.trainer import Trainer
@@ -48,7 +48,7 @@ CONTROL = ["rewards={colour_fraction: 1.0}", "prompts.fixed=[a red square]", "al
            "algorithm.group_size=64", "algorithm.ar_step_fraction=1.0", "algorithm.head_steps_per_ar_step=8",
            "optim.name=adamw", "optim.lr=1e-4", "algorithm.ptx_weight=0", "eval.every=0"]
 METHODS = ("grpo", "mar-grpo", "mar-grpo-matching", "nft")
-README_START, README_END = "<!-- compare-results:start -->", "<!-- compare-results:end -->"
+RESULTS_START, RESULTS_END = "<!-- compare-results:start -->", "<!-- compare-results:end -->"
 PLOTS = ("reward/mean", "loss/kl", "grad_norm")
 
 
@@ -124,7 +124,7 @@ def _plot_name(key: str) -> str:
 
 
 def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[int], overrides: list[str],
-                control_steps: int, quiet: bool = False, readme: Path | None = None, workers: int = 2) -> dict:
+                control_steps: int, quiet: bool = False, results_doc: Path | None = None, workers: int = 2) -> dict:
     for sub in ("main", "null", "control"):
         if (out / sub).is_dir():
             # compare owns these folders: a second `make compare` starts over instead of refusing to run
@@ -190,13 +190,13 @@ def run_compare(config: str | None, out: Path, methods: list[str], seeds: list[i
     (out / "compare.md").write_text(table + "\n")
     (out / "compare.json").write_text(json.dumps(results, indent=2))
     print(table)
-    if readme is not None:
+    if results_doc is not None:
         description = (f"`margrpo compare` ({', '.join(methods)}; {cfg0.steps} steps per run on the "
                        f"{Path(cfg_file).name} settings; seeds {', '.join(map(str, seeds))}; positive control "
                        f"{control_steps} steps per seed; overrides: {' '.join(overrides) or 'none'}):")
-        publish_to_readme(readme, f"{description}\n\n{table}\n",
-                          [(out / _plot_name(key), _plot_name(key), key) for key in PLOTS],
-                          README_START, README_END)
+        publish(results_doc, f"{description}\n\n{table}\n",
+                [(out / _plot_name(key), _plot_name(key), key) for key in PLOTS],
+                RESULTS_START, RESULTS_END)
     return results
 
 

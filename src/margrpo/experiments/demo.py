@@ -29,7 +29,7 @@ from margrpo.experiments.baselines import (
     selection_set,
     trained_at_best,
 )
-from margrpo.experiments.readme import publish_to_readme
+from margrpo.experiments.results_doc import publish
 from margrpo.models.loading import load_model
 from margrpo.rl.config import TrainConfig
 from margrpo.rl.monitors import DriftMonitor, compare, drift_table, token_period
@@ -107,8 +107,8 @@ def eval_curve_table(rows: list[dict]) -> str:
 
 
 def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: list[str] | None = None,
-             readme: Path | None = None, config: str = "demo.yaml") -> int:
-    """Evaluate the base, train with the shipped `config`, evaluate again; results into `readme`'s block named
+             results_doc: Path | None = None, config: str = "demo.yaml") -> int:
+    """Evaluate the base, train with the shipped `config`, evaluate again; results into `results_doc`'s block named
     after the config (`<!-- demo-results:start -->` for demo.yaml, `<!-- demo-long-results:start -->` ...)."""
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -183,10 +183,10 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
                f"{eval_curve_table(read_metrics(run_dir))}\n")
     (out / "results.md").write_text(md)
     print(md)
-    if readme is not None and not quick:
+    if results_doc is not None and not quick:
         stem = Path(config).stem
-        publish_to_readme(readme, md, [(out / "grid_before_after.png", f"{stem}_before_after.png", "before and after"),
-                                       (out / "run" / "report.png", f"{stem}_report.png", "training curves")],
-                          f"<!-- {stem}-results:start -->", f"<!-- {stem}-results:end -->")
+        publish(results_doc, md, [(out / "grid_before_after.png", f"{stem}_before_after.png", "before and after"),
+                                  (out / "run" / "report.png", f"{stem}_report.png", "training curves")],
+                f"<!-- {stem}-results:start -->", f"<!-- {stem}-results:end -->")
     print(f"grids: {out / 'grid_before_after.png'}; curves: {out / 'run' / 'report.png'}")
     return 0

@@ -1,7 +1,7 @@
 """The two interfaces every model family implements; the sampler, replay, objective and trainer see only these.
 
 * `Policy` (an `nn.Module`): what RL trains. `forward(tokens, mask, cond, drop)` returns the per-token head
-  conditions z; the policy owns its diffusion head (`head`), its generation order and AR schedule
+  input z; the policy owns its diffusion head (`head`), its generation order and AR schedule
   (`sample_orders`, `mask_schedule`), its pretraining loss and its named parameter groups ("ar", "head").
   The sampler and replay call the module itself (and the head module itself), never a helper method, because
   DDP all-reduces gradients, and FSDP2 unshards parameters, only around a registered module's `forward`.
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from margrpo.models.ar_schedule import mask_schedule
 from margrpo.models.heads import DiffusionHead
-from margrpo.models.schedules import mask_schedule
 
 PARAMETER_GROUPS = ("ar", "head")
 
@@ -47,15 +47,15 @@ class Policy(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor, cond=None,
                 drop: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover - abstract
-        """Per-token head conditions z [B, L, D] for a canvas `tokens` [B, L, C] and `mask` [B, L] (1 = unknown)."""
+        """The head's per-token input z [B, L, D] for a canvas `tokens` [B, L, C] and `mask` [B, L] (1 = unknown)."""
         raise NotImplementedError
 
-    def condition(self, tokens: torch.Tensor, mask: torch.Tensor, cond=None,
+    def compute_z(self, tokens: torch.Tensor, mask: torch.Tensor, cond=None,
                   drop: torch.Tensor | None = None) -> torch.Tensor:
-        """The module call under the name the model-family contract shares (`model.condition(tokens, mask, labels)`).
+        """The module call under the name the model-family contract shares (`model.compute_z(tokens, mask, labels)`).
 
         Not upstream's: LTH14/mar's `MAR.forward(imgs, labels)` returns its training loss; here the pretraining
-        loss is `pretrain_loss` and the module call is the conditions z.
+        loss is `pretrain_loss` and the module call is z.
         """
         return self(tokens, mask, cond, drop)
 
@@ -181,7 +181,7 @@ class ImageModel(nn.Module):
     def head(self) -> DiffusionHead:
         return self.policy.head
 
-    def condition(self, tokens: torch.Tensor, mask: torch.Tensor, cond=None,
+    def compute_z(self, tokens: torch.Tensor, mask: torch.Tensor, cond=None,
                   drop: torch.Tensor | None = None) -> torch.Tensor:
         return self.policy(tokens, mask, cond, drop)
 

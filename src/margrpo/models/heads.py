@@ -14,30 +14,32 @@ the RL losses ask a head:
 * `is_stochastic(j)`: whether step j adds noise (a deterministic step has no log-probability);
 * `set_sampling_steps(T)`: a new sampling chain (the scheduler's `set_timesteps`; the network is unchanged);
 * `init_noise(...)` and `sample_step(...)`: the starting x^0 ~ N(0, I) and one draw from a transition;
+* `sample_chain(z, ...)` / `sample_chains(z, ..., k)`: a token's whole chain of head steps (recorded with its
+  log-probabilities when asked), or K chains of the same tokens in one call per step (MTE's);
 * `loss(target, z)`: the pretraining loss.
 
 Log-probabilities are computed by `gaussian_log_prob` in float32 whatever the autocast dtype,
 because the PPO ratio exp(logp_new - logp_old) amplifies any rounding error.
 
-Two heads exist: `DdpmHead` (MAR / Harmon: epsilon prediction, learned-range variance, cosine
-schedule respaced to the sampling step count) and `FlowHead` (NOVA-style velocity prediction with the
-Flow-GRPO SDE step of noise level `a`).
+Two heads exist: `ddpm_head.DdpmHead` (MAR / Harmon: epsilon prediction, learned-range variance, cosine schedule
+respaced to the sampling step count) and `flow_head.FlowHead` (NOVA-style velocity prediction with the Flow-GRPO SDE
+step of noise level `a`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from margrpo.models.mlp_net import SimpleMLPAdaLN
 from margrpo.models.schedulers import DdpmScheduler, FlowMatchScheduler, Transition
 
-__all__ = ["DdpmHead", "DiffusionHead", "FlowHead", "ScoredTransitions", "Transition", "gaussian_log_prob"]
+__all__ = ["DiffusionHead", "ScoredTransitions", "Transition", "check_finite", "gaussian_log_prob", "guided_prediction",
+           "split_noise"]
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -61,7 +63,7 @@ class ScoredTransitions:
     logp: torch.Tensor
 
 
-def _guided(out_c: torch.Tensor, out_u: torch.Tensor | None, guidance: float) -> torch.Tensor:
+def guided_prediction(out_c: torch.Tensor, out_u: torch.Tensor | None, guidance: float) -> torch.Tensor:
     if out_u is None:
         return out_c
     return out_u + guidance * (out_c - out_u)
@@ -111,9 +113,9 @@ class DiffusionHead(nn.Module):
 
     def forward(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
                 guidance: float = 1.0, temperature: float = 1.0) -> Transition:
-        """The transition of head step j for states x [..., N, C] under per-token conditions z [N, D].
+        """The transition of head step j for states x [..., N, C] under per-token z [N, D].
 
-        Leading axes of x (K chains of the same N tokens) broadcast over the conditions: every network here
+        Leading axes of x (K chains of the same N tokens) broadcast over z: every network here
         computes its conditioning (time and z embeddings, the AdaLN modulations: most of its work) once per
         token and applies it to all chains, which is what makes MTE's K extra chains cheap.
         """
@@ -131,7 +133,7 @@ class DiffusionHead(nn.Module):
         """Mean, std and log-probability of x[j] -> x[j+1] for each head step j in `js` ([J, ..., N, C] float32).
 
         `x` is a trajectory stack [T+1, ..., N, C] (axes between the first and the token axis, K chains of the same
-        tokens, broadcast over the conditions z [N, D]); guided when `z_uncond` is given. Every step goes through
+        tokens, broadcast over z [N, D]); guided when `z_uncond` is given. Every step goes through
         the module call, so DDP and FSDP2 hooks fire.
         """
         means, stds, logps = [], [], []
@@ -195,7 +197,7 @@ class DiffusionHead(nn.Module):
         scheduler's `bridge_step`): trajectories the head could have taken that end at x0. No network call.
 
         Why: the MTE of the MAR-GRPO release averages the policy term over K fresh head chains that never reach the
-        image, so the reward does not depend on them and, scored under the condition that drew them, their score
+        image, so the reward does not depend on them and, scored under the z that drew them, their score
         has zero mean (docs/design.md, "MTE"). Chains that end at the committed value keep the token's own
         contribution: the expected score of a bridge step is the gradient of minus the head's denoising error on
         x0 at that step (the matching estimator's signal, on the scored head steps)."""
@@ -209,169 +211,93 @@ class DiffusionHead(nn.Module):
             states.append(x)
         return torch.stack(states, dim=1)
 
-    def sample(self, z: torch.Tensor, z_uncond: torch.Tensor | None = None, guidance: float = 1.0,
-               temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Full chain for conditions z [N, D]; returns the clean tokens [N, C] (float32)."""
-        x = self.init_noise((z.shape[0], self.token_dim), generator, z.device)
-        for j in range(self.num_steps):
-            x = self.sample_step(self(x, j, z, z_uncond, guidance, temperature), j, generator)
-        return x
+    def sample_chain(self, z: torch.Tensor, z_uncond: torch.Tensor | None, guidance: float | torch.Tensor,
+                     temperature: float, generator: torch.Generator | None, record: bool,
+                     noise: Callable[[], torch.Tensor] | None = None, finite: list[torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """The whole chain for N tokens under their z [N, D]: the final x [N, C] and, if `record`, the x and
+        logp stacks ([T+1, N, C], [T, N, C]; a deterministic step's log-probability is 0).
 
-
-class DdpmHead(DiffusionHead):
-    """MAR's DiffLoss head: epsilon prediction with learned-range variance, on a `DdpmScheduler`.
-
-    `clip_denoised` clamps the predicted x0 to [-clip_range, clip_range] before forming the posterior
-    mean. Why: at the first respaced step of the cosine schedule x0 = (x - sqrt(1 - a) eps) / sqrt(a)
-    with a ~ 1e-9, so an eps error of 0.1 moves the posterior mean by ~170 and the chain never comes
-    back; a large, well-trained model (upstream MAR, clip off) predicts eps there almost exactly, a
-    small one does not. Pixel tokens clip to [-1, 1]; the shapes autoencoder's unit-std latents to a
-    bound just above their largest measured magnitude.
-    """
-
-    def __init__(self, token_dim: int, z_channels: int, width: int, depth: int,
-                 num_sampling_steps: str | int = "100", noise_schedule: str = "cosine",
-                 clip_denoised: bool = False, grad_checkpointing: bool = False,
-                 diffusion_steps: int = 1000, clip_range: float = 1.0):
-        super().__init__()
-        self.token_dim = token_dim
-        self.scheduler = DdpmScheduler(num_sampling_steps, noise_schedule, diffusion_steps, clip_denoised,
-                                       clip_range)
-        self.net = SimpleMLPAdaLN(token_dim, width, token_dim * 2, z_channels, depth, grad_checkpointing)
-
-    @property
-    def gen_schedule(self):
-        """The respaced sampling schedule's float64 arrays (LTH14's `gen_diffusion`)."""
-        return self.scheduler.schedule
-
-    @property
-    def train_schedule(self):
-        """The 1000-step training schedule's float64 arrays (LTH14's `train_diffusion`)."""
-        return self.scheduler.train
-
-    def index_of_step(self, j: int) -> int:
-        return self.scheduler.index_of_step(j)
-
-    def net_timestep(self, j: int) -> int:
-        return self.scheduler.net_timestep(j)
-
-    def transition(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
-                   guidance: float = 1.0, temperature: float = 1.0) -> Transition:
-        c = self.token_dim
-        out_c, out_u = self._net_out(x, self.scheduler.net_time(j, z.shape[0], x.device), z, z_uncond)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            eps = _guided(out_c[..., :c].float(), None if out_u is None else out_u[..., :c].float(), guidance)
-            var_values = out_c[..., c:].float()  # the conditional branch's variance, as upstream
-            return self.scheduler.step(x, j, eps, var_values, temperature)
-
-    # ------------------------------------------------------------------ pretraining loss
-    def regression_error(self, target: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
-                         noise: torch.Tensor) -> torch.Tensor:
-        out = self.net(self.scheduler.add_noise(target, t, noise), t, z)
-        return out[:, :self.token_dim].float() - noise.float()
-
-    def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None,
-             t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample improved-DDPM hybrid loss (MSE on eps + VLB for the variance), as MAR trains.
-
-        Returns [N]. `t` and `noise` may be given for reproducible tests.
+        `noise()` (if given) supplies each standard-normal draw [N, C] instead of `generator`, or [K, N, C] for K
+        chains of the same N tokens (the network broadcasts the chain axis over z). With `finite` (a list), the
+        all-finite flag is appended as a tensor for the caller to check once (`check_finite`) instead of being read
+        here: reading it is a device-to-host sync per call, i.e. per AR step.
         """
-        s = self.scheduler.train
-        n = target.shape[0]
-        if t is None:
-            t = self.scheduler.sample_train_levels(n, generator, target.device)
-        if noise is None:
-            noise = torch.randn(target.shape, generator=generator, device=target.device, dtype=target.dtype)
+        x = noise() if noise is not None else self.init_noise((z.shape[0], self.token_dim), generator, z.device)
+        xs, logps = [x], []
+        for j in range(self.num_steps):
+            tr = self(x, j, z, z_uncond, guidance if z_uncond is not None else 1.0, temperature)
+            eps = noise() if (noise is not None and self.is_stochastic(j)) else None
+            x = self.sample_step(tr, j, generator, eps)
+            if record:
+                xs.append(x)
+                if self.is_stochastic(j):
+                    logps.append(gaussian_log_prob(x, tr.mean, tr.std))
+                else:
+                    logps.append(torch.zeros_like(x))
+        ok = torch.isfinite(x).all()
+        if record:
+            ok = ok & torch.stack([torch.isfinite(lp).all() for lp in logps]).all()
+        if finite is not None:
+            finite.append(ok)
+        else:
+            check_finite([ok])
+        if not record:
+            return x, None
+        return x, {"x": torch.stack(xs), "logp": torch.stack(logps)}
 
-        def ex(arr: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(arr).to(target.device)[t].float().unsqueeze(-1)
+    def sample_chains(self, z: torch.Tensor, z_uncond: torch.Tensor | None, guidance: float | torch.Tensor,
+                      temperature: float, generator: torch.Generator | None, k: int,
+                      finite: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """K independent recorded chains for the same N tokens' z: their states [K, T+1, N, C].
 
-        x_t = self.scheduler.add_noise(target, t, noise)
-        out = self.net(x_t, t, z)
-        c = self.token_dim
-        eps, var_values = out[:, :c], out[:, c:]
-        mse = ((noise - eps) ** 2).mean(dim=-1)
-        # VLB term trains only the variance: the mean uses a detached eps (upstream `frozen_out`).
-        true_mean = ex(s.posterior_mean_coef1) * target + ex(s.posterior_mean_coef2) * x_t
-        true_log_var = ex(s.posterior_log_variance_clipped)
-        x0 = ex(s.sqrt_recip_alphas_cumprod) * x_t - ex(s.sqrt_recipm1_alphas_cumprod) * eps.detach()
-        p_mean = ex(s.posterior_mean_coef1) * x0 + ex(s.posterior_mean_coef2) * x_t
-        frac = (var_values + 1) / 2
-        p_log_var = frac * ex(np.log(s.betas)) + (1 - frac) * ex(s.posterior_log_variance_clipped)
-        kl = 0.5 * (-1.0 + p_log_var - true_log_var + torch.exp(true_log_var - p_log_var)
-                    + (true_mean - p_mean) ** 2 * torch.exp(-p_log_var))
-        kl = kl.mean(dim=-1) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(target, p_mean, 0.5 * p_log_var).mean(dim=-1) / math.log(2.0)
-        vb = torch.where(t == 0, nll, kl)
-        return mse + vb
+        They run as one chain of states [K, N, C]: the network broadcasts the chain axis over the N z, so
+        its conditioning (time and z embeddings, AdaLN modulations) is computed once per token for all K chains
+        (faster than K chains one by one: docs/findings/2026-12-02-scale.md). The noise is drawn first, chain by
+        chain in the order of K sequential calls of `sample_chain` (init, then each stochastic step), so chain k sees
+        exactly the draws it would see alone: the two differ only in matmul rounding.
+        """
+        shape = (z.shape[0], self.token_dim)
+        draws = [[self.init_noise(shape, generator, z.device)]
+                 + [torch.randn(shape, generator=generator, device=z.device, dtype=torch.float32)
+                    for j in range(self.num_steps) if self.is_stochastic(j)] for _ in range(k)]
+        it = iter(range(len(draws[0])))
 
+        def noise() -> torch.Tensor:  # the K chains' s-th draws, [K, N, C]
+            s = next(it)
+            return torch.stack([d[s] for d in draws])
 
-def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+        traj = self.sample_chain(z, z_uncond, guidance, temperature, generator, True, noise, finite)[1]
+        return traj["x"].transpose(0, 1)
 
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor,
-                                        log_scales: torch.Tensor) -> torch.Tensor:
-    """Log-likelihood of 8-bit-discretised data in [-1, 1] (improved DDPM's decoder NLL at t = 0)."""
-    centered = x - means
-    inv_stdv = torch.exp(-log_scales)
-    cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
-    cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    cdf_delta = cdf_plus - cdf_min
-    return torch.where(x < -0.999, log_cdf_plus,
-                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
+def check_finite(flags: list[torch.Tensor]) -> None:
+    """Raise if any of the chains' all-finite flags is false (one host read for all of them)."""
+    if flags and not bool(torch.stack(flags).all()):
+        raise FloatingPointError("the diffusion head produced non-finite values (tokens or log-probabilities); "
+                                 "the model weights or the sampling settings are broken")
 
 
-class FlowHead(DiffusionHead):
-    """Velocity-prediction flow-matching head on a `FlowMatchScheduler` (the Flow-GRPO SDE step; noise level
-    a = 0 gives the deterministic Euler ODE)."""
+def split_noise(committed: torch.Tensor, token_dim: int, main: torch.Generator | None,
+                extra: torch.Generator | None, n_commit: int | None = None) -> Callable[[], torch.Tensor]:
+    """Standard-normal draws [N, C] where committed tokens use `main` and the others `extra`.
 
-    def __init__(self, token_dim: int, z_channels: int, width: int, depth: int, num_sampling_steps: int = 25,
-                 noise_level: float = 0.7, shift: float = 1.0, grad_checkpointing: bool = False,
-                 train_sigma_sampling: str = "logit_normal"):
-        super().__init__()
-        self.token_dim = token_dim
-        self.scheduler = FlowMatchScheduler(num_sampling_steps, shift, noise_level, train_sigma_sampling)
-        self.net = SimpleMLPAdaLN(token_dim, width, token_dim, z_channels, depth, grad_checkpointing)
+    The committed tokens then see exactly the noise they would see if only they were diffused, so the
+    images do not depend on which AR steps diffuse (and record) all unknown tokens. `n_commit` (the number of
+    committed tokens, known to the sampler's schedule) saves a host read; the rows are placed through a stable
+    sort instead of boolean masks (the same rows in the same order, without a sync).
+    """
+    if n_commit is None:
+        n_commit = int(committed.sum())
+    n_other = committed.numel() - n_commit
+    dev = committed.device
+    perm = torch.argsort((~committed).to(torch.int8), stable=True)  # committed rows first, each part ascending
+    rows_c, rows_o = perm[:n_commit], perm[n_commit:]
 
-    @property
-    def sigmas(self) -> np.ndarray:
-        """[T + 1] sigmas of the sampling chain, ending in 0 (diffusers' `FlowMatchEulerDiscreteScheduler`)."""
-        return self.scheduler.sigmas
+    def draw() -> torch.Tensor:
+        out = torch.empty(committed.numel(), token_dim, device=dev)
+        out[rows_c] = torch.randn(n_commit, token_dim, generator=main, device=dev)
+        out[rows_o] = torch.randn(n_other, token_dim, generator=extra, device=dev)
+        return out
 
-    @property
-    def noise_level(self) -> float:
-        """The SDE step's a (settable; 0 = the Euler ODE)."""
-        return self.scheduler.noise_level
-
-    @noise_level.setter
-    def noise_level(self, value: float) -> None:
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"noise_level must be a finite number >= 0 (0 = the Euler ODE), got {value!r}")
-        self.scheduler.noise_level = float(value)
-
-    def transition(self, x: torch.Tensor, j: int, z: torch.Tensor, z_uncond: torch.Tensor | None = None,
-                   guidance: float = 1.0, temperature: float = 1.0) -> Transition:
-        out_c, out_u = self._net_out(x, self.scheduler.net_time(j, z.shape[0], x.device), z, z_uncond)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            v = _guided(out_c.float(), None if out_u is None else out_u.float(), guidance)
-            return self.scheduler.step(x, j, v, temperature)
-
-    def regression_error(self, target: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
-                         noise: torch.Tensor) -> torch.Tensor:
-        sig = t.float().unsqueeze(-1)
-        v = self.net(self.scheduler.add_noise(target, t, noise), t.float() * 1000.0, z)
-        return sig * ((noise - target).float() - v.float())
-
-    def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None,
-             t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample flow-matching MSE on the velocity; `t` here is sigma in (0, 1)."""
-        n = target.shape[0]
-        if t is None:
-            t = self.scheduler.sample_train_levels(n, generator, target.device)
-        if noise is None:
-            noise = torch.randn(target.shape, generator=generator, device=target.device, dtype=target.dtype)
-        v = self.net(self.scheduler.add_noise(target, t, noise), t.float() * 1000.0, z)
-        return ((v.float() - (noise - target).float()) ** 2).mean(dim=-1)
+    return draw

@@ -11,6 +11,8 @@ sigmas, turns a (guided) prediction into the next step's mean and std, and says 
   (noise level `a`; a = 0 is the Euler ODE).
 
 Step arithmetic is float32 whatever the autocast dtype: the PPO ratio exp(logp_new - logp_old) amplifies rounding.
+The schedulers' tables follow the improved-DDPM/DiT code that LTH14/mar vendors (float64 numpy arrays, cast to
+float32 only when indexed), so that released checkpoints sample exactly as upstream, and diffusers' flow sigmas.
 """
 
 from __future__ import annotations
@@ -21,7 +23,178 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from margrpo.models.schedules import DdpmSchedule, flow_sigmas
+# ----------------------------------------------------------------------------------------------
+# DDPM (improved DDPM / DiT / MAR)
+# ----------------------------------------------------------------------------------------------
+
+
+def cosine_betas(num_timesteps: int = 1000, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal cosine schedule, discretised as in improved-DDPM `betas_for_alpha_bar`."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = []
+    for i in range(num_timesteps):
+        t1 = i / num_timesteps
+        t2 = (i + 1) / num_timesteps
+        betas.append(min(1 - alpha_bar(t2) / alpha_bar(t1), max_beta))
+    return np.array(betas, dtype=np.float64)
+
+
+def linear_betas(num_timesteps: int = 1000) -> np.ndarray:
+    """The DDPM linear schedule scaled to `num_timesteps` (improved-DDPM `get_named_beta_schedule`)."""
+    scale = 1000 / num_timesteps
+    return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -> list[int]:
+    """Which base timesteps a respaced sampler keeps (improved-DDPM `space_timesteps`).
+
+    `"100"` keeps 100 evenly strided steps out of `num_timesteps`; `"10,15,20"` splits the range in
+    three sections; `"ddimN"` uses DDIM's integer stride. Returns the sorted kept timesteps.
+    """
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired = int(section_counts[len("ddim"):])
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return sorted(range(0, num_timesteps, stride))
+            raise ValueError(f"cannot create exactly {desired} steps with an integer stride")
+        section_counts = [int(x) for x in section_counts.split(",")] if section_counts else [num_timesteps]
+    elif isinstance(section_counts, int):
+        section_counts = [section_counts]
+    size_per = num_timesteps // len(section_counts)
+    extra = num_timesteps % len(section_counts)
+    start_idx = 0
+    all_steps: list[int] = []
+    for i, section_count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < section_count:
+            raise ValueError(f"cannot divide section of {size} steps into {section_count}")
+        frac_stride = 1.0 if section_count <= 1 else (size - 1) / (section_count - 1)
+        cur_idx = 0.0
+        for _ in range(section_count):
+            all_steps.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
+        start_idx += size
+    return sorted(set(all_steps))
+
+
+@dataclass(frozen=True)
+class DdpmSchedule:
+    """All float64 arrays of a (possibly respaced) Gaussian diffusion, indexed by respaced step k.
+
+    `timestep_map[k]` is the base timestep fed to the network (MAR passes the *original* timestep,
+    `rescale_timesteps=False`). Sampling runs k = K-1, ..., 0.
+    """
+
+    betas: np.ndarray
+    timestep_map: np.ndarray
+    alphas_cumprod: np.ndarray
+    alphas_cumprod_prev: np.ndarray
+    sqrt_recip_alphas_cumprod: np.ndarray
+    sqrt_recipm1_alphas_cumprod: np.ndarray
+    posterior_variance: np.ndarray
+    posterior_log_variance_clipped: np.ndarray
+    posterior_mean_coef1: np.ndarray
+    posterior_mean_coef2: np.ndarray
+    sqrt_alphas_cumprod: np.ndarray
+    sqrt_one_minus_alphas_cumprod: np.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.betas)
+
+    @staticmethod
+    def from_betas(betas: np.ndarray, timestep_map: np.ndarray | None = None) -> DdpmSchedule:
+        betas = np.asarray(betas, dtype=np.float64)
+        alphas = 1.0 - betas
+        ac = np.cumprod(alphas, axis=0)
+        ac_prev = np.append(1.0, ac[:-1])
+        post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+        if len(post_var) > 1:
+            post_log_var = np.log(np.append(post_var[1], post_var[1:]))
+        else:  # a single step has posterior variance 0; upstream gives an empty array here
+            post_log_var = np.log(np.maximum(post_var, 1e-20))
+        return DdpmSchedule(
+            betas=betas,
+            timestep_map=np.arange(len(betas)) if timestep_map is None else np.asarray(timestep_map),
+            alphas_cumprod=ac,
+            alphas_cumprod_prev=ac_prev,
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
+            sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1),
+            posterior_variance=post_var,
+            posterior_log_variance_clipped=post_log_var,
+            posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
+            posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+            sqrt_alphas_cumprod=np.sqrt(ac),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
+        )
+
+    @staticmethod
+    def create(num_sampling_steps: str | int = "100", noise_schedule: str = "cosine",
+               diffusion_steps: int = 1000) -> DdpmSchedule:
+        """Respaced schedule as `create_diffusion(timestep_respacing, noise_schedule)` in MAR."""
+        if noise_schedule == "cosine":
+            base = cosine_betas(diffusion_steps)
+        elif noise_schedule == "linear":
+            base = linear_betas(diffusion_steps)
+        else:
+            raise ValueError(f"unknown noise_schedule {noise_schedule!r}; valid: 'cosine', 'linear'")
+        if num_sampling_steps in ("", None):
+            num_sampling_steps = diffusion_steps
+        use = set(space_timesteps(diffusion_steps, str(num_sampling_steps)))
+        base_ac = np.cumprod(1.0 - base)
+        last = 1.0
+        new_betas, tmap = [], []
+        for i, a in enumerate(base_ac):
+            if i in use:
+                new_betas.append(1 - a / last)
+                last = a
+                tmap.append(i)
+        return DdpmSchedule.from_betas(np.array(new_betas), np.array(tmap))
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow matching (NOVA / diffusers FlowMatchEulerDiscreteScheduler)
+# ----------------------------------------------------------------------------------------------
+
+
+def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000,
+                sampling_shift: float | None = None) -> np.ndarray:
+    """Sigmas of diffusers' `FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)`, plus a final 0.
+
+    `sampling_shift` is diffusers' `set_shift(s)` before `set_timesteps` (NOVA's `flow_shift`): the construction
+    shift still fixes sigma_min and sigma_max, the sampling shift replaces it in the second shift.
+
+    As diffusers does: the training sigmas t / N (t = 1..N) are shifted, `s * sigma / (1 + (s - 1) * sigma)`, and
+    their ends give sigma_max and sigma_min; the inference sigmas are a linspace between those two in timestep
+    units, shifted again. So the shift enters the low end twice (shift 3, 10 steps: last non-zero sigma 0.0089,
+    not the 0.0030 of shifting a linspace from 1 to 1/N once); tests/test_schedules.py checks every value against
+    diffusers. Returns num_steps + 1 values, decreasing, ending at 0.
+    """
+
+    def shifted(sigma, s=shift):
+        return s * sigma / (1 + (s - 1) * sigma)
+
+    sigma_min, sigma_max = shifted(1.0 / num_train_timesteps), shifted(1.0)
+    timesteps = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, num_steps)
+    sigmas = shifted(timesteps / num_train_timesteps, shift if sampling_shift is None else sampling_shift)
+    return np.append(sigmas, 0.0).astype(np.float64)
+
+
+def flow_sde_std(sigmas: np.ndarray, noise_level: float) -> np.ndarray:
+    """Per-step noise std of the Flow-GRPO SDE step, `a * sqrt(sigma / (1 - sigma~)) * sqrt(-dt)`.
+
+    sigma~ is the next sigma when sigma == 1 (Flow-GRPO's `sigma_max = sigmas[1]`), which keeps the
+    first step finite. Returns the std of x_{j+1} given x_j for j = 0..T-1.
+    """
+    sigma = sigmas[:-1]
+    sigma_next = sigmas[1:]
+    denom_sigma = np.where(sigma == 1.0, sigmas[1], sigma)
+    std_dev_t = noise_level * np.sqrt(sigma / (1 - denom_sigma))
+    return std_dev_t * np.sqrt(sigma - sigma_next)
 
 
 @dataclass
@@ -158,7 +331,7 @@ class FlowMatchScheduler:
 
     with sigma~ the next sigma at sigma = 1, keeps the marginals of the probability-flow ODE and gives every step a
     Gaussian law. `noise_level` a = 0 is the deterministic Euler ODE. Sigmas are diffusers'
-    `FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(T)` plus a final 0 (`schedules.flow_sigmas`).
+    `FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(T)` plus a final 0 (`flow_sigmas`).
     """
 
     def __init__(self, num_sampling_steps: int = 25, shift: float = 1.0, noise_level: float = 0.7,

@@ -25,7 +25,7 @@ with their defaults and only overrides `ch_mult` and `z_channels=embed_dim`):
   (upstream's only case) these are (2e -> 2e) and (e -> e).
 * The posterior clamps the log-variance to [-30, 20] before exponentiating.
 * The latent scale 0.2325 is *not* part of the autoencoder; MAR multiplies after sampling and divides
-  before decoding. `tokenizers.AutoencoderTokenizer` does that.
+  before decoding. `codecs.AutoencoderCodec` does that.
 """
 
 from __future__ import annotations

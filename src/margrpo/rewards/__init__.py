@@ -6,12 +6,10 @@ are imported only when a reward that needs them is built (see ``available_reward
 
 from __future__ import annotations
 
-from .async_scorer import AsyncRewardScorer
 from .base import ImageBatch, Reward, RewardFailure, RewardFailureGuard, RewardFn, RewardOutput, to_pil_images
 from .registry import CompositeReward, available_rewards, build_reward, build_rewards, register_reward
 
 __all__ = [
-    "AsyncRewardScorer",
     "CompositeReward",
     "ImageBatch",
     "Reward",

@@ -2,7 +2,7 @@
 
 * `colour_fraction` (positive control): the share of pixels close to one colour, dense and easy. A
   trainer that cannot raise this within a few minutes has a broken estimator; no other result counts
-  until it can (DESIGN.md section 4, lesson 4). Any image model can satisfy it by painting more of the
+  until it can. Any image model can satisfy it by painting more of the
   colour, so it also works on untrained or unrelated models.
 * `random` (null control): a pseudo-random number per image, uniform on [0, 1) and unlearnable. Its
   policy gradient is zero in expectation, so whatever a run under it does to another metric (log the

@@ -28,15 +28,13 @@ class Advantages:
     def zero_signal_fraction(self) -> float:
         return self.tied_groups / max(1, self.num_groups)
 
-
 def group_advantages(rewards: torch.Tensor, group: torch.Tensor, valid: torch.Tensor | None = None,
                      std: str = "group", eps: float = 1e-4, unbiased: bool = True,
-                     tie_tol: float = 1e-6, clip: float | None = None) -> Advantages:
+                     tie_tol: float = 1e-6) -> Advantages:
     """Advantages for rewards [N] with group ids [N] (images of one prompt share an id).
 
     `unbiased` uses Bessel's correction for the std (torch's default, as the reference code does). A
-    group with fewer than two valid samples is treated as tied (no baseline exists). `clip` bounds the
-    advantages to [-clip, clip] (Flow-GRPO's and DanceGRPO's adv_clip_max).
+    group with fewer than two valid samples is treated as tied (no baseline exists).
     """
     if std not in STD_MODES:
         raise ValueError(f"std={std!r}; valid: {STD_MODES}")
@@ -66,7 +64,5 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, valid: torch.Te
         values = torch.where(use, centred / (s + eps), torch.zeros_like(values))
     elif std == "none":
         values = torch.where(use, centred, torch.zeros_like(values))
-    if clip is not None:
-        values = values.clamp(-clip, clip)
     return Advantages(values=values, use=use, num_groups=len(ids), tied_groups=tied,
                       invalid=int((~valid).sum()))

@@ -43,25 +43,29 @@ class AlgorithmSection:
                        "(docs/findings/2026-12-07-one-trajectory-loss.md)",
         "batch_ar_steps": "each scored AR step has its own transformer forward (one call for all of them gave the "
                           "same gradient and no speed-up)",
-        "branch": "branched groups are gone (measured: no gain)",
+        "branch": "branched groups are gone (they learned no better: docs/findings/"
+                  "2026-11-30-trainer-readings-before-the-head-step-fix.md)",
         "advantage_eps": "the std is offset by 1e-4 (the MAR-GRPO release's and Flow-GRPO's value)",
         "ar_step_count": "set algorithm.ar_step_fraction (12 of 64 AR steps: 0.1875)",
         "lora_target_modules": "the adapters go on the model family's transformer attention and MLP linears "
                                "(Policy.lora_target_modules)",
         "nft_weighting": "DiffusionNFT's draws are weighed adaptively, as its release",
         "consistency": "set algorithm.policy_tokens: consistent (true) or unknown (false)",
+        "advantage_clip": "advantages are not clipped (clipping them at 2 learned no better: docs/findings/"
+                          "2026-12-01-noise-dominated-head-steps.md)",
+        "dual_clip": "PPO's clip is the only bound (dual-clip PPO was never used or measured here)",
     }
 
-    group_size: int = option(8, "images per prompt (G); advantages are relative within a group", range=(2, 4096))
+    group_size: int = option(8, "images per prompt (G); advantages are relative within a group (GRPO, Shao et al. "
+                             "2024)", range=(2, 4096))
     prompts_per_step: int = option(4, "prompts per rollout; a rollout has prompts_per_step x group_size images",
                                    range=(1, 4096))
     advantage_std: str = option("group", "std that scales the advantages: the group's (GRPO), the batch's "
                                 "(Flow-GRPO's global_std) or none", choices=("group", "batch", "none"))
-    advantage_clip: float | None = option(None, "advantages beyond +-this are clipped (Flow-GRPO, DanceGRPO, DDPO: "
-                                          "5); null = no clip", range=(1e-6, None))
-    ar_step_fraction: float = option(0.5, "share of AR steps scored per rollout (drawn per step)", range=(0.0, 1.0))
+    ar_step_fraction: float = option(0.5, "share of AR steps scored per rollout, drawn per step (MAR-GRPO scores 12 of "
+                                     "64)", range=(0.0, 1.0))
     head_steps_per_ar_step: int | None = option(None, "head steps scored per scored AR step, drawn among the "
-                                                "scorable ones (null = all)", range=(1, 1000))
+                                                "scorable ones (null = all; MAR-GRPO scores 10)", range=(1, 1000))
     head_step_max_gain: float = option(3.0, "head steps whose score gain (DiffusionHead.score_gain: std the "
                                        "step's mean moves per unit of network output) exceeds this are not scored, "
                                        "in the policy term, MTE or the KL (docs/findings/2026-12-01-noise-dominated-"
@@ -71,22 +75,21 @@ class AlgorithmSection:
                                       "trajectory-loss.md)", choices=("none", "std"))
     score_guidance: str = option("rollout", "density the transitions are scored under: the guided one that sampled, or "
                            "the conditional branch alone (the MAR-GRPO release)", choices=SCORE_GUIDANCE_MODES)
-    clip_eps: float = option(0.2, "PPO clip range of the ratio (0 = no clip)", range=(0.0, 10.0))
-    dual_clip: float | None = option(None, "dual-clip PPO bound c on negative advantages' objective (Ye et al. "
-                                     "2020)", range=(1.0, 100.0))
+    clip_eps: float = option(0.2, "PPO clip range of the ratio (Schulman et al. 2017; 0 = no clip)", range=(0.0, 10.0))
     normalize: str = option("element", "policy-term reduction: mean over an AR step's kept elements, Harmon's sum "
                             "over channels (token), or one mean over the rollout's kept (token, head step) pairs "
                             "(rollout)", choices=NORMALIZE_MODES)
-    ppo_epochs: int = option(1, "optimizer passes over each rollout", range=(1, 100))
+    ppo_epochs: int = option(1, "optimizer passes over each rollout (PPO's epochs)", range=(1, 100))
     update: str = option("rollout", "one optimizer step per rollout and epoch, or one per scored AR step (the "
                          "MAR-GRPO release)", choices=("rollout", "ar_step"))
-    beta: float = option(0.01, "KL coefficient against the frozen reference", range=(0.0, 1e6))
+    beta: float = option(0.01, "KL coefficient against the frozen reference (MAR-GRPO's and Flow-GRPO's 0.01)",
+                         range=(0.0, 1e6))
     kl: str = option("gaussian", "the KL: analytic Gaussian per element (Flow-GRPO), or the release's e^d - d - 1 on "
                      "means", choices=("gaussian", "reference"))
     train: str = option("ar", "which parameters train: the AR transformer (MAR-GRPO's frozen head), the head, "
                         "both, or LoRA adapters on the transformer (lora; peft)",
                         choices=("ar", "head", "both", "lora"))
-    lora_rank: int = option(8, "LoRA rank r (train: lora)", range=(1, 4096))
+    lora_rank: int = option(8, "LoRA rank r (train: lora; Hu et al. 2021)", range=(1, 4096))
     lora_alpha: float = option(16.0, "LoRA alpha: the update is scaled by alpha / r", range=(1e-6, 1e6))
     policy_tokens: str = option("consistent", "tokens in the policy term: those each scored AR step commits (GRPO), "
                                 "every still-unknown one, or the still-unknown ones whose head output moved toward "
@@ -95,7 +98,7 @@ class AlgorithmSection:
     mte_k: int = option(4, "MAR-GRPO's multi-trajectory expectation: K extra head chains per token (0 = off)",
                         range=(0, 64))
     mte_top_fraction: float = option(0.3, "share of each image's tokens, the most uncertain, scored through the K "
-                                     "chains", range=(0.0, 1.0))
+                                     "chains (MAR-GRPO's 30%)", range=(0.0, 1.0))
     mte_source: str = option("commit", "the K chains: drawn under each token's committing step (the release) or the "
                              "scored step, whose scores have zero mean for the committed tokens (the reward does not "
                              "depend on them), or bridges from the forward process to the token's committed value, "
@@ -108,7 +111,8 @@ class AlgorithmSection:
                             "advantage-weighted matching (Xue et al. 2025) or DiffusionNFT (Zheng et al. 2025, arXiv "
                             "2509.16117)", choices=ESTIMATORS)
     noise_draws: int = option(4, "(noise level, noise) draws per token of the forward-process estimators, stratified "
-                              "in noise level, the same in every PPO epoch", range=(1, 1024))
+                              "in noise level, the same in every PPO epoch (docs/findings/2026-12-01-noise-dominated-"
+                              "head-steps.md)", range=(1, 1024))
     nft_beta: float = option(1.0, "DiffusionNFT's beta: how far the implicit positive and negative policies "
                              "extrapolate (the release's 1.0)", range=(1e-6, 100.0))
     nft_adv_clip: float = option(5.0, "DiffusionNFT's A_max: r = clamp(A / A_max, -1, 1) / 2 + 1/2 (the release's "
@@ -244,15 +248,15 @@ class MonitorSection:
 
 @dataclass
 class FaultSection:
-    """Which steps count as bad, and how many in a row stop a run (docs/failures.md).
+    """Which steps count as bad (docs/failures.md); 3 in a row stop a run.
 
     A step is bad when a loss, the gradient norm or a rollout's tokens or log-probabilities are not finite, or the
     KL / the largest PPO log-ratio exceed the bounds; it is skipped with weights, optimizer and EMA restored.
     Non-finite rewards are handled per image by the rewards' validity masks and `max_reward_failure_fraction`.
     """
 
-    max_consecutive: int = option(3, "bad steps in a row that stop the run (with a checkpoint of the last good "
-                                  "weights)", range=(1, None))
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {"max_consecutive": "3 bad steps in a row stop a run"}
+
     max_kl: float | None = option(None, "a step whose KL to the reference exceeds this is bad (null = no bound)",
                                   range=(0.0, None))
     max_log_ratio: float | None = option(None, "a step whose largest |log PPO ratio| exceeds this is bad (null = no "

@@ -32,7 +32,7 @@ import torch
 
 from margrpo.rl.advantages import group_advantages
 from margrpo.rl.config import TrainConfig
-from margrpo.rl.loss import ar_step_loss, replay_transitions, step_conditions
+from margrpo.rl.loss import ar_step_loss, replay_transitions, step_z
 from margrpo.rl.selection import scorable_head_steps, scored_guidance
 from margrpo.rl.trainer import Trainer
 from margrpo.sampling.config import RecordPlan
@@ -79,13 +79,13 @@ def head_step_diagnostics(cfg: TrainConfig, step: int = 0) -> list[dict]:
     grads = policy_grad(stochastic)
     for p, g in zip(params, grads, strict=True):
         p.grad = g
-    tr.opt.step()  # the diagnostic's own trainer: its optimizer state is thrown away with it
+    tr.state.opt.step()  # the diagnostic's own trainer: its optimizer state is thrown away with it
     rows = []
     with torch.no_grad():
         for j in stochastic:
             log_ratio, clamped, count = 0.0, 0.0, 0
             for i, rec in rollout.steps.items():
-                sc = step_conditions(policy, rollout, i, a.score_guidance)
+                sc = step_z(policy, rollout, i, a.score_guidance)
                 new = replay_transitions(head, rec.x, [j], sc, rollout.temperature)
                 log_ratio = max(log_ratio, float((new.logp - rec.logp[[j]]).abs().max()))
                 clamped += float(_clamped_fraction(head, rec.x[j], j, sc)) * rec.x.shape[1]
@@ -112,7 +112,7 @@ def gradient_agreement(cfg: TrainConfig, batches: int, first_step: int = 1000) -
     def capture() -> float:  # stands in for the optimizer step: keep the gradient, move nothing
         g = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for _, p in tr.params])
         grads.append(g.double())
-        tr.opt.zero_grad(set_to_none=True)
+        tr.state.opt.zero_grad(set_to_none=True)
         return float(g.norm())
 
     tr._optimizer_step = capture

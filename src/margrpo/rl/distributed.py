@@ -25,10 +25,14 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from margrpo.rl.config import TrainConfig
 
 STRATEGIES = ("ddp", "fsdp")
 SUMMED_STATS = ("elements",)
@@ -45,6 +49,27 @@ class DistContext:
     @property
     def active(self) -> bool:
         return self.world > 1
+
+
+def check_shards(cfg: TrainConfig, world: int) -> int:
+    """The number of rollout shards; refuses what a multi-process run does not support (yet)."""
+    a = cfg.algorithm
+    shards = cfg.distributed.rollout_shards or world
+    if shards % world or a.prompts_per_step % shards:
+        raise ValueError(f"distributed.rollout_shards={shards} must be a multiple of the world size {world} and divide "
+                         f"algorithm.prompts_per_step={a.prompts_per_step} (whole groups per shard, equal shards per "
+                         "process)")
+    if a.ptx_weight > 0 and a.ptx_batch_size % shards:
+        raise ValueError(f"algorithm.ptx_batch_size={a.ptx_batch_size} must be a multiple of the rollout shards "
+                         f"({shards}): each shard's ptx images are an equal part of the batch")
+    if world > 1 and cfg.distributed.strategy == "fsdp":
+        if cfg.eval.every > 0 or cfg.eval.ema_decay > 0:
+            raise ValueError("distributed.strategy=fsdp: in-loop evaluation and the EMA are not supported yet "
+                             "(set eval.every=0 and eval.ema_decay=0, or use strategy=ddp)")
+        if a.ptx_weight > 0:
+            raise ValueError("distributed.strategy=fsdp: algorithm.ptx_weight > 0 is not supported yet (its "
+                             "loss runs outside the sharded module's forward; use strategy=ddp or ptx_weight: 0)")
+    return shards
 
 
 def env_world_size() -> int:
@@ -278,7 +303,7 @@ def cat_rollouts(parts: list):
         mte_tokens = None if rec.mte_tokens is None else torch.cat(
             [r.mte_tokens + o for r, o in zip(recs, offsets, strict=True)])
         steps[i] = ARStepRecord(
-            step=rec.step, known=cat([r.known for r in recs]), to_pred=cat([r.to_pred for r in recs]),
+            ar_step=rec.ar_step, known=cat([r.known for r in recs]), to_pred=cat([r.to_pred for r in recs]),
             diffused=cat([r.diffused for r in recs]), canvas=cat([r.canvas for r in recs]), guidance=rec.guidance,
             x=cat([r.x for r in recs], 1), logp=cat([r.logp for r in recs], 1),
             logp_cond=cat([r.logp_cond for r in recs], 1), z=cat([r.z for r in recs]),

@@ -3,10 +3,19 @@ monitors' bounds, or a signal (docs/failures.md)."""
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from margrpo.rl import distributed as D
+
+if TYPE_CHECKING:
+    from margrpo.rl.config import FaultSection
 
 
 class StepFault(Exception):
@@ -18,6 +27,32 @@ class StepFault(Exception):
 
     def __reduce__(self):  # picklable, so that it crosses a process pool (margrpo compare's workers)
         return type(self), (self.what, self.where, self.value)
+
+
+def loss_fault(loss: torch.Tensor, stats: dict[str, float], where: str, bounds: FaultSection) -> StepFault | None:
+    """A non-finite loss, or a KL or PPO log-ratio beyond `faults.max_kl` / `faults.max_log_ratio`; else None."""
+    if not torch.isfinite(loss):
+        return StepFault("non-finite loss", where, float(loss.detach()))
+    if bounds.max_kl is not None and stats.get("loss/kl", 0.0) > bounds.max_kl:
+        return StepFault(f"KL to the reference above faults.max_kl={bounds.max_kl}", where, stats["loss/kl"])
+    if bounds.max_log_ratio is not None:
+        keys = ("ratio/max", "ratio/min", "mte/ratio_max", "mte/ratio_min")  # MTE chains carry their own ratios
+        log_ratio = max(abs(math.log(max(stats.get(k, 1.0), 1e-30))) for k in keys)
+        if log_ratio > bounds.max_log_ratio:
+            return StepFault(f"PPO log-ratio above faults.max_log_ratio={bounds.max_log_ratio}", where, log_ratio)
+    return None
+
+
+def raise_on_any_rank(fault: StepFault | None, where: str) -> None:
+    """Raise `fault`, or, when another rank found one, a fault saying so: a step is skipped on every rank or on
+    none (one rank skipping alone would leave the others waiting in its collectives)."""
+    if D.all_reduce_sum([fault is not None])[0] > 0 and fault is None:  # every rank calls the collective
+        raise StepFault("a fault on another rank", where, float("nan"))
+    if fault is not None:
+        raise fault
+
+
+MAX_BAD_STEPS = 3  # bad steps in a row that stop a run (with a checkpoint of the last good weights)
 
 
 class TrainingFault(RuntimeError):

@@ -1,5 +1,5 @@
-"""Per-element terms of the loss (`rl/loss.py` masks, reduces and sums them): the PPO-clipped surrogate, the KL
-to the reference, MAR-GRPO's consistency mask, and the forward-process estimators' per-draw terms.
+"""Per-element terms of the loss (`rl/loss.py` masks, reduces and sums them): the PPO-clipped surrogate and its
+ratios' statistics, the KL to the reference, and the forward-process estimators' per-draw terms.
 
 * `matching_terms`: advantage-weighted matching (AWM, Xue et al. 2025), the PPO surrogate on minus the head's
   training loss on each token's final value;
@@ -13,7 +13,6 @@ PPO epoch, and cache the rollout's ("old") terms in the first epoch. Everything 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from margrpo.models.heads import ScoredTransitions
 from margrpo.rl.config import AlgorithmSection
@@ -22,14 +21,12 @@ MAX_LOG_RATIO = 20.0
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                      clip_eps: float, dual_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO loss per element, -min(rho A, clip(rho, 1-eps, 1+eps) A), and the ratio rho (float32).
 
-    `advantages` must broadcast against `logp`. With clip_eps <= 0 no clipping is applied (plain
-    importance-weighted policy gradient). `dual_clip` = c > 1 also bounds the objective of negative
-    advantages below by c A (dual-clip PPO), so one element whose ratio exploded cannot dominate the
-    gradient. The log-ratio is clamped to +-20 before exponentiating: beyond that the element's
-    gradient is zero anyway under clipping, and exp would overflow to inf and turn gradients into nan.
+    `advantages` must broadcast against `logp`. With clip_eps <= 0 no clipping is applied (plain importance-weighted
+    policy gradient). The log-ratio is clamped to +-20 before exponentiating: exp would overflow to inf and turn
+    gradients into nan.
     """
     ratio = torch.exp((logp.float() - old_logp.float()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
     unclipped = ratio * advantages
@@ -37,8 +34,6 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
         return -unclipped, ratio
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
     objective = torch.minimum(unclipped, clipped)
-    if dual_clip is not None:
-        objective = torch.where(advantages < 0, torch.maximum(objective, dual_clip * advantages), objective)
     return -objective, ratio
 
 
@@ -57,25 +52,21 @@ def reference_code_kl(mean_policy: torch.Tensor, mean_ref: torch.Tensor) -> torc
     return torch.exp(d) - d - 1
 
 
+def ratio_stats(ratio: torch.Tensor, keep: torch.Tensor, clip_eps: float) -> dict[str, float]:
+    """Mean, max, min and clipped share of the PPO ratios [M, N, 1] of the kept tokens `keep` [N] (all if none)."""
+    with torch.no_grad():
+        kept = keep[None, :, None].expand_as(ratio)
+        r = ratio[kept] if bool(kept.any()) else ratio.reshape(-1)
+        return {"ratio/mean": float(r.mean()), "ratio/max": float(r.max()), "ratio/min": float(r.min()),
+                "clip_fraction": float(((r - 1).abs() > clip_eps).float().mean()) if clip_eps > 0 else 0.0}
+
+
 def kl_terms(policy: ScoredTransitions, ref: ScoredTransitions, mode: str) -> torch.Tensor:
     if mode == "gaussian":
         return gaussian_kl(policy.mean, policy.std, ref.mean, ref.std)
     if mode == "reference":
         return reference_code_kl(policy.mean, ref.mean)
     raise ValueError(f"kl={mode!r}; valid: 'gaussian', 'reference'")
-
-
-def consistency_mask(step_values: torch.Tensor, prev_values: torch.Tensor, final: torch.Tensor,
-                     committed: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
-    """MAR-GRPO's consistency-aware selection: keep committed tokens, and unknown ones whose step output moved toward
-    the final token (cosine over channels gained more than `tau` since the previous step).
-
-    All inputs are aligned over the same tokens: step_values / prev_values / final [..., C], committed [...] bool.
-    """
-    def cosine(values: torch.Tensor) -> torch.Tensor:
-        return F.cosine_similarity(values.float(), final.float(), dim=-1, eps=1e-8)
-
-    return committed | (cosine(step_values) - cosine(prev_values) > tau)
 
 
 def matching_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv: torch.Tensor,
@@ -103,7 +94,7 @@ def matching_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor,
         if not first_epoch:
             raise RuntimeError(f"matching: no old loss cached for {key} after the first PPO epoch")
         old_cache[key] = loss.detach()
-    return clipped_surrogate(-loss, -old_cache[key], adv, cfg.clip_eps, cfg.dual_clip)
+    return clipped_surrogate(-loss, -old_cache[key], adv, cfg.clip_eps)
 
 
 def nft_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv: torch.Tensor, cfg: AlgorithmSection,

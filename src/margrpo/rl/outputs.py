@@ -1,13 +1,18 @@
-"""What a training run leaves for its user: in-loop evaluations, sample grids, the W&B mirror, the report and
-the exported model folder(s). A mixin of `Trainer` (`rl/trainer.py`); rank 0 writes."""
+"""What a training run leaves for its user: sample grids, the W&B mirror, the report and the exported model
+folder(s). Plain functions, each given what it writes; rank 0 writes (docs/design.md, "Distributed")."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+from pathlib import Path
 
+from margrpo.models.base import ImageModel
 from margrpo.models.loading import load_model
 from margrpo.rl import distributed as D
+from margrpo.rl.config import TrainConfig
+from margrpo.rl.eval_loop import ParameterEMA
+from margrpo.rl.monitors import DriftMonitor
 from margrpo.utils.images import make_grid, save_png
 from margrpo.utils.metrics import read_metrics
 
@@ -18,91 +23,92 @@ EVAL_KEYS = ["eval*/strict"]
 MONITOR_KEY = "drift / bound/*"  # `margrpo.rl.monitors.report_series`
 
 
-class RunOutputsMixin:
-    """Evaluation, samples, logging mirrors and the final export for `Trainer`."""
+def sample_prompts(cfg: TrainConfig, training_prompts: list[str]) -> list[str]:
+    """The prompts of the run's sample grids: the fixed ones, the shapes world's demo prompts, or the first 8."""
+    if cfg.prompts.fixed:
+        return list(cfg.prompts.fixed)[:8]
+    if cfg.prompts.source == "shapes":
+        from margrpo.worlds import shapes
 
-    def evaluate(self, step: int) -> dict[str, float]:
-        """In-loop verifier accuracy of the policy (and of its EMA), paired with step 0 (`rl.eval_loop`)."""
-        metrics = self.evaluator.evaluate(self.model, step)
-        if self.ema is not None and step > 0:  # at step 0 the average is the policy itself
-            with self.ema.swapped():
-                metrics.update(self.evaluator.evaluate(self.model, step, tag="_ema"))
-        return metrics
+        return list(shapes.DEMO_PROMPTS)
+    return training_prompts[:8]
 
-    def save_samples(self, step: int) -> None:
-        """Rank 0's sample grid. Under DDP it samples alone (the unwrapped replica: no collectives); FSDP2's
-        sharded policy needs every rank in the call, and rank 0 alone writes the file."""
-        if self.rank != 0 and not self.fsdp:
-            return
-        from margrpo.sampling.pipeline import MARPipeline
 
-        pipe = MARPipeline(self.model, self.cfg.sampling)
-        imgs = pipe(self.sample_prompts, num_images_per_prompt=4, seed=self.cfg.seed)
-        labels = [p for p in self.sample_prompts for _ in range(4)]
-        if self.rank == 0:
-            save_png(make_grid(imgs, nrow=8, labels=labels, upscale=3), self.out / "samples" / f"step-{step}.png")
+def save_samples(model: ImageModel, cfg: TrainConfig, prompts: list[str], path: Path, dist: D.DistContext,
+                 fsdp: bool) -> None:
+    """Rank 0's sample grid. Under DDP it samples alone (the unwrapped replica: no collectives); FSDP2's sharded
+    policy needs every rank in the call, and rank 0 alone writes the file."""
+    if dist.rank != 0 and not fsdp:
+        return
+    from margrpo.sampling.pipeline import MARPipeline
 
-    def write_report(self) -> list[dict]:
-        """report.png from metrics.jsonl: the training curves, the in-loop evaluations and the monitors' drifts as
-        shares of their bounds (+-1 marked), with a line per monitored value that went beyond. Returns the rows."""
-        from margrpo.rl.monitors import report_series
-        from margrpo.utils.plots import plot_report
+    imgs = MARPipeline(model, cfg.sampling)(prompts, num_images_per_prompt=4, seed=cfg.seed)
+    labels = [p for p in prompts for _ in range(4)]
+    if dist.rank == 0:
+        save_png(make_grid(imgs, nrow=8, labels=labels, upscale=3), path)
 
-        metrics = read_metrics(self.out)
-        keys = REPORT_KEYS + (EVAL_KEYS if self.evaluator is not None else [])
-        drift, notes = report_series(metrics, self.monitor.bounds) if self.monitor is not None else ([], [])
-        if drift:
-            keys.append(MONITOR_KEY)
-        plot_report(metrics + drift, keys, self.out / "report.png", title=f"{self.out.name}", smoothing=0.6,
-                    guides={MONITOR_KEY: (-1.0, 1.0)}, notes=notes)
-        return metrics
 
-    # ------------------------------------------------------------------ the loop
-    def _wandb(self, resume: bool) -> list:
-        """The W&B mirror of the metrics rows (`log.wandb`), on rank 0 only; none otherwise."""
-        from margrpo.utils.wandb_log import WandbMirror, is_rank_zero
+def wandb_mirrors(cfg: TrainConfig, out: Path, resume: bool) -> list:
+    """The W&B mirror of the metrics rows (`log.wandb`), on rank 0 only; none otherwise."""
+    from margrpo.utils.wandb_log import WandbMirror, is_rank_zero
 
-        lg = self.cfg.log
-        if not lg.wandb or not is_rank_zero():
-            return []
-        return [WandbMirror(self.out, config=dataclasses.asdict(self.cfg), resume=resume)]
+    if not cfg.log.wandb or not is_rank_zero():
+        return []
+    return [WandbMirror(out, config=dataclasses.asdict(cfg), resume=resume)]
 
-    def _exportable(self):
-        """LoRA runs export the adapters merged into the base weights (a plain folder that loads without peft)."""
-        if not self.lora:
-            return contextlib.nullcontext()
-        from margrpo.models.lora import merged
 
-        return merged(self.model.policy)
+def _exportable(model: ImageModel, lora: bool):
+    """LoRA runs export the adapters merged into the base weights (a plain folder that loads without peft)."""
+    if not lora:
+        return contextlib.nullcontext()
+    from margrpo.models.lora import merged
 
-    def _finish(self) -> list[dict]:
-        """The report, the exported model(s); the logged rows of the training steps (rank 0 writes them)."""
-        export = self.model
-        if self.fsdp:  # gather the full weights (a collective) into a fresh copy of the base model on rank 0
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return merged(model.policy)
 
-            full = get_model_state_dict(self.model.policy,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if self.rank == 0:
-                export = load_model(self.cfg.model, "cpu")
-                if self.cfg.sampling.diffusion_steps is not None:
-                    export.head.set_sampling_steps(self.cfg.sampling.diffusion_steps)
-                export.policy.load_state_dict(full)
+
+def write_report(out: Path, evaluated: bool, monitor: DriftMonitor | None) -> list[dict]:
+    """report.png from metrics.jsonl: the training curves, the in-loop evaluations and the monitors' drifts as shares
+    of their bounds (+-1 marked), with a line per monitored value that went beyond. Returns the rows."""
+    from margrpo.rl.monitors import report_series
+    from margrpo.utils.plots import plot_report
+
+    metrics = read_metrics(out)
+    keys = REPORT_KEYS + (EVAL_KEYS if evaluated else [])
+    drift, notes = report_series(metrics, monitor.bounds) if monitor is not None else ([], [])
+    if drift:
+        keys.append(MONITOR_KEY)
+    plot_report(metrics + drift, keys, out / "report.png", title=f"{out.name}", smoothing=0.6,
+                guides={MONITOR_KEY: (-1.0, 1.0)}, notes=notes)
+    return metrics
+
+
+def finish(model: ImageModel, cfg: TrainConfig, out: Path, ema: ParameterEMA | None, lora: bool, evaluated: bool,
+           dist: D.DistContext, fsdp: bool, monitor: DriftMonitor | None = None) -> list[dict]:
+    """The report and the exported model(s); returns the logged rows of the training steps (rank 0 writes them)."""
+    export = model
+    if fsdp:  # gather the full weights (a collective) into a fresh copy of the base model on rank 0
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.rank == 0:
+            export = load_model(cfg.model, "cpu")
+            if cfg.sampling.diffusion_steps is not None:
+                export.head.set_sampling_steps(cfg.sampling.diffusion_steps)
+            export.policy.load_state_dict(full)
+    D.barrier()
+    if dist.rank != 0:
         D.barrier()
-        if self.rank != 0:
-            D.barrier()
-            return []
+        return []
 
-        metrics = self.write_report()
-        with self._exportable():
-            export.save_pretrained(self.out / "model", metadata={"trained_from": self.cfg.model,
-                                                                 "steps": self.cfg.steps})
-        if self.ema is not None:
-            with self.ema.swapped(), self._exportable():
-                self.model.save_pretrained(self.out / "model_ema", metadata={
-                    "trained_from": self.cfg.model, "steps": self.cfg.steps, "ema_decay": self.cfg.eval.ema_decay})
-        D.barrier()  # the other ranks wait for the export, so a launcher sees the run's files once all exit
-        return [r for r in metrics if r["step"] > 0]  # the training steps (step 0 holds the first evaluation)
+    metrics = write_report(out, evaluated, monitor)
+    with _exportable(model, lora):
+        export.save_pretrained(out / "model", metadata={"trained_from": cfg.model, "steps": cfg.steps})
+    if ema is not None:
+        with ema.swapped(), _exportable(model, lora):
+            model.save_pretrained(out / "model_ema", metadata={
+                "trained_from": cfg.model, "steps": cfg.steps, "ema_decay": cfg.eval.ema_decay})
+    D.barrier()  # the other ranks wait for the export, so a launcher sees the run's files once all exit
+    return [r for r in metrics if r["step"] > 0]  # the training steps (step 0 holds the first evaluation)
 
 
 class NoWriter:

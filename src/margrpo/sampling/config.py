@@ -26,8 +26,8 @@ class SamplerConfig:
 
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"cfg": "guidance_scale", "cfg_schedule": "guidance_schedule"}
     REMOVED_KEYS: ClassVar[dict[str, str]] = {
-        "batch_mte_chains": "the K MTE chains always run together, one head call per step (measured 1.36x faster, "
-                            "the same chains up to matmul rounding)",
+        "batch_mte_chains": "the K MTE chains always run together, one head call per step (faster, and the same "
+                            "chains up to matmul rounding: docs/findings/2026-12-02-scale.md)",
         "compile": "rollouts run eager (torch.compile gives the same rollout and no measurement showed it faster)",
     }
 
@@ -55,10 +55,10 @@ class RecordPlan:
     `steps`: the AR steps to record (None = all). `policy_tokens`: which tokens a recorded step runs through the head
     (those it commits, or every still-unknown one, which the policy term of `unknown` / `consistent` needs).
     `mte_k` > 0: per image, the `mte_top_fraction` most uncertain tokens of a recorded step keep their K extra
-    chains (drawn under the committing step's condition, or the scored one's, or bridges from the forward process
-    to the token's committed value: `mte_source`) and the chains' log-probabilities at `head_steps[step]` (every
-    stochastic head step where not given), under the step's scoring conditions, so the loss's ratio-is-1 check can
-    fail. `score_guidance`: the density the loss scores transitions
+    chains (drawn under the committing step's z, or the scored one's, or bridges from the forward process to the
+    token's committed value: `mte_source`) and the chains' log-probabilities at `head_steps[step]` (every stochastic
+    head step where not given), under the step's scoring z, so the loss's ratio-is-1 check can fail.
+    `score_guidance`: the density the loss scores transitions
     under (the guided one that sampled, or the conditional branch alone: the rollout then records its
     log-probabilities too). `record_z`: also keep each recorded step's z (tests compare replay with it).
     """

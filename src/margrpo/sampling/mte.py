@@ -5,8 +5,8 @@
 * `top_fraction_mask`: per image, the `fraction` most uncertain tokens (at least one when fraction > 0), ties
   broken by position.
 
-The sampler draws the chains (`sample_commit_mte` from each token's committing condition, or per recorded step)
-and records, for the selected tokens only, their states and log-probabilities (`record_mte`); the objective
+The sampler draws the chains (`DiffusionHead.sample_chains`, from each token's committing z or per recorded
+step) and records, for the selected tokens only, their states and log-probabilities (`record_mte`); the loss
 averages the policy term over them (`margrpo.rl.loss`).
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from margrpo.models.heads import DiffusionHead
-from margrpo.sampling.chains import run_chains
 from margrpo.sampling.config import RecordPlan
 from margrpo.sampling.rollout import ARStepRecord
 
@@ -47,10 +46,10 @@ def top_fraction_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 def record_mte(rec: ARStepRecord, head: DiffusionHead, chains: torch.Tensor, uncertain: torch.Tensor,
                scoring: tuple[torch.Tensor, torch.Tensor | None, float], plan: RecordPlan, temperature: float) -> None:
     """Keep the K chains [K, T+1, N, C] of a step's `uncertain` tokens and their log-probabilities under the
-    step's scoring conditions, at the head steps the trainer will score: what replay reads, nothing more."""
-    if plan.head_steps is not None and rec.step not in plan.head_steps:
+    step's scoring z, at the head steps the trainer will score: what replay reads, nothing more."""
+    if plan.head_steps is not None and rec.ar_step not in plan.head_steps:
         return  # recorded for another reason (the consistency mask of the next step), never scored
-    js = (list(plan.head_steps[rec.step]) if plan.head_steps is not None
+    js = (list(plan.head_steps[rec.ar_step]) if plan.head_steps is not None
           else [j for j in range(head.num_steps) if head.is_stochastic(j)])
     idx = uncertain.nonzero().flatten()
     z, zu, guidance = scoring
@@ -65,19 +64,5 @@ def record_mte(rec: ARStepRecord, head: DiffusionHead, chains: torch.Tensor, unc
 def chain_log_probs(head: DiffusionHead, chains: torch.Tensor, js: list[int], z: torch.Tensor,
                     z_uncond: torch.Tensor | None, guidance: float, temperature: float) -> torch.Tensor:
     """Log-probabilities [K, J, n, C] of K chains' transitions [K, T+1, n, C] at head steps `js`, in one head call
-    per step: the chain axis broadcasts over the n conditions (their conditioning computed once)."""
+    per step: the chain axis broadcasts over the n tokens' z (computed once)."""
     return head.score_transitions(chains.transpose(0, 1), js, z, z_uncond, guidance, temperature).logp.transpose(0, 1)
-
-
-def sample_commit_mte(head: DiffusionHead, z_commit: torch.Tensor, z_u_commit: torch.Tensor | None,
-                      guidance_commit: torch.Tensor, k: int, temperature: float,
-                      generator: torch.Generator | None, finite: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """K extra chains per token under the condition of the step that committed it (reference-code MTE).
-
-    Returns [K, T+1, B*L, C]. The guidance of each token is the one used at its committing step.
-    """
-    b, seq_len, d = z_commit.shape
-    z = z_commit.reshape(b * seq_len, d)
-    zu = z_u_commit.reshape(b * seq_len, d) if z_u_commit is not None else None
-    g = guidance_commit.reshape(b * seq_len, 1)
-    return run_chains(head, z, zu, g, temperature, generator, k, finite)

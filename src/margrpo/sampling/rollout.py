@@ -8,7 +8,7 @@ uncertain tokens with their log-probabilities. Trajectories are packed: the N di
 taken in row-major (image, position) order of the `diffused` mask, so `z[diffused]` lines up with `x[:, n]`.
 Only what replay reads is stored (as Flow-GRPO's rollouts): no means or stds, and z only on request.
 
-Shapes (B images, L tokens, C token channels, D condition width, T head steps, N diffused tokens, K MTE chains,
+Shapes (B images, L tokens, C token channels, D width of z, T head steps, N diffused tokens, K MTE chains,
 n uncertain tokens, J recorded MTE head steps):
 
     known, to_pred, diffused   [B, L] bool
@@ -20,7 +20,7 @@ n uncertain tokens, J recorded MTE head steps):
                                                scored "cond_only")
     mte_tokens                 [n]             indices into the N diffused tokens
     mte_x                      [K, T + 1, n, C]
-    mte_logp                   [K, J, n, C]    at head steps `mte_head_steps`, under the scoring conditions
+    mte_logp                   [K, J, n, C]    at head steps `mte_head_steps`, under the scoring z
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from margrpo.models.conditioning import Condition
 
 @dataclass
 class ARStepRecord:
-    step: int
+    ar_step: int
     known: torch.Tensor
     to_pred: torch.Tensor
     diffused: torch.Tensor

@@ -3,7 +3,7 @@
 One loop serves every model family: it sees only the `Policy` interface (`models/base.py`): the policy module
 itself, `policy(tokens, mask, cond, drop)` -> z, its head module, `policy.head(x, j, z, ...)` -> the step's
 Gaussian, and `policy.sample_orders` / `policy.mask_schedule` for the generation order and the AR schedule.
-`compute_conditions` (here) and the head's `score_transitions` are shared with the loss (`rl/loss.py`), which
+`guided_z` (here) and the head's `score_transitions` are shared with the loss (`rl/loss.py`), which
 recomputes the same quantities for the trainer: using the same code (same batch layout for guidance) is what makes
 the recomputed log-probabilities equal to the recorded ones; the MTE chains are drawn and recorded by `mte.py`.
 
@@ -17,23 +17,17 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from margrpo.models.ar_schedule import guidance_at_step
 from margrpo.models.base import Policy
 from margrpo.models.conditioning import Condition
-from margrpo.models.heads import DiffusionHead
-from margrpo.models.schedules import guidance_at_step
-from margrpo.sampling.chains import (
-    check_finite,
-    run_chain,
-    run_chains,
-    split_noise,
-)
+from margrpo.models.heads import DiffusionHead, check_finite, split_noise
 from margrpo.sampling.config import RecordPlan, SamplerConfig
-from margrpo.sampling.mte import record_mte, sample_commit_mte, token_uncertainty, top_fraction_mask
+from margrpo.sampling.mte import record_mte, token_uncertainty, top_fraction_mask
 from margrpo.sampling.rollout import ARStepRecord, Rollout
 
 
-def compute_conditions(policy: Policy, tokens: torch.Tensor, mask: torch.Tensor,
-                       cond: Condition | None, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def guided_z(policy: Policy, tokens: torch.Tensor, mask: torch.Tensor,
+             cond: Condition | None, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """z for the conditional branch and (when guided) the unconditional one, in one batched call.
 
     The unconditional rows use the same canvas and mask as the conditional ones (upstream duplicates
@@ -126,7 +120,7 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
         # the linear guidance schedule reads upstream's clamped count, which is 1 (not 0) after the last step
         guidance = (guidance_at_step(config.guidance_scale, schedule, seq_len, max(1, mask_len))
                     if config.guided else 1.0)
-        z_c, z_u = compute_conditions(policy, tokens, mask, cond, config.guided)
+        z_c, z_u = guided_z(policy, tokens, mask, cond, config.guided)
         recorded = i in recorded_steps
         # all unknown tokens are diffused only where the step is recorded (the consistency mask needs them)
         diffuse_all = plan.policy_tokens != "committed" and recorded
@@ -142,8 +136,8 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
         committed = to_pred.reshape(-1)[flat_diff]
         noise_fn = None if all_committed else split_noise(committed, head.token_dim, generator, extra_generator,
                                                           batch_size * counts[i])
-        x_final, traj = run_chain(head, zc_sel, zu_sel, guidance, config.temperature, generator, recorded, noise_fn,
-                                  finite)
+        x_final, traj = head.sample_chain(zc_sel, zu_sel, guidance, config.temperature, generator, recorded, noise_fn,
+                                          finite)
         canvas_before = tokens.clone() if recorded else None
         x_commit = x_final if all_committed else x_final[torch.argsort((~committed).to(torch.int8),
                                                                        stable=True)[:batch_size * counts[i]]]
@@ -157,7 +151,7 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
                 z_u_commit.view(flat_b, d)[flat_pred] = z_u.reshape(flat_b, d)[flat_pred]
             guidance_commit.view(flat_b, 1)[flat_pred] = guidance
         if recorded:
-            # the conditions the loss scores this step's transitions under (the sampling ones, or cond-only)
+            # the z the loss scores this step's transitions under (the sampling ones, or cond-only)
             scoring[i] = (zc_sel, zu_sel, guidance) if plan.score_guidance == "rollout" else (zc_sel, None, 1.0)
             logp_cond = None
             if config.guided and plan.score_guidance == "cond_only":
@@ -165,21 +159,23 @@ def sample(policy: Policy, cond: Condition | None, batch_size: int, config: Samp
                 js = [j for j in range(head.num_steps) if head.is_stochastic(j)]
                 logp_cond[js] = head.score_transitions(traj["x"], js, zc_sel, None, 1.0, config.temperature).logp
             steps[i] = ARStepRecord(
-                step=i, known=known.clone(), to_pred=to_pred.clone(), diffused=diffused.clone(),
+                ar_step=i, known=known.clone(), to_pred=to_pred.clone(), diffused=diffused.clone(),
                 canvas=canvas_before, guidance=float(guidance), x=traj["x"], logp=traj["logp"], logp_cond=logp_cond,
                 z=z_c.clone() if plan.record_z else None,
                 z_uncond=z_u.clone() if (plan.record_z and z_u is not None) else None)
             if mte_k > 0 and plan.mte_source == "scored":
-                chains = run_chains(head, zc_sel, zu_sel, guidance, config.temperature, mte_generator, mte_k, finite)
+                chains = head.sample_chains(zc_sel, zu_sel, guidance, config.temperature, mte_generator, mte_k, finite)
                 uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
                                               plan.mte_top_fraction).reshape(-1)
                 record_mte(steps[i], head, chains, uncertain, scoring[i], plan, config.temperature)
         known = known | to_pred
         still -= counts[i]
 
-    if need_commit_z:
-        chains = sample_commit_mte(head, z_commit, z_u_commit, guidance_commit, mte_k, config.temperature,
-                                   mte_generator, finite)
+    if need_commit_z:  # K extra chains per token under the z (and guidance) of the step that committed it
+        d = z_commit.shape[-1]
+        zu_commit = z_u_commit.reshape(flat_b, d) if z_u_commit is not None else None
+        chains = head.sample_chains(z_commit.reshape(flat_b, d), zu_commit, guidance_commit.reshape(flat_b, 1),
+                                    config.temperature, mte_generator, mte_k, finite)
         # uncertainty per image over all its tokens (the reference code's), then each step's share of them
         uncertain = top_fraction_mask(token_uncertainty(chains[:, -1]).reshape(batch_size, -1),
                                       plan.mte_top_fraction).reshape(-1)

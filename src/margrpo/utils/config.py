@@ -721,7 +721,7 @@ def _build_dataclass(cls: type, value: Any, path: tuple, ctx: _Ctx) -> Any:
             close = difflib.get_close_matches(str(k), list(flds), n=1, cutoff=0.6)
             hint = f"; did you mean '{_fmt(path + (close[0],))}'?" if close else ""
             if k in renamed:
-                hint = f"; it was renamed '{_fmt(path + (renamed[k],))}'"
+                hint = f"; it was renamed to '{_fmt(path + (renamed[k],))}'"
             if k in removed:
                 hint = f"; it was removed: {removed[k]}"
             section = f" of {_fmt(path)}" if path else ""

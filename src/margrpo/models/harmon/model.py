@@ -24,7 +24,7 @@ from margrpo.models.base import ImageModel
 from margrpo.models.harmon.condition import HarmonCondition
 from margrpo.models.harmon.policy import CFG_PROMPT, PROMPT_TEMPLATE, HarmonPolicy, format_prompt
 from margrpo.models.mar.lth14 import MAR_PRESETS, UPSTREAM_KWARGS, count_blocks, infer_config
-from margrpo.models.mar.model import MAR
+from margrpo.models.mar.model import MARPolicy
 from margrpo.models.vae import KL16_LATENT_SCALE, AutoencoderKL
 from margrpo.models.weights import WeightsMismatchError, preserves_global_rng
 
@@ -58,7 +58,7 @@ def _preset_for(mar_sd: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def mar_type_and_kwargs(mar: MAR) -> tuple[str, dict[str, Any]]:
+def mar_type_and_kwargs(mar: MARPolicy) -> tuple[str, dict[str, Any]]:
     """`config.json["mar"]` for a MAR: the matching preset name (else "custom") and every upstream argument, so the
     folder gives the whole architecture whatever its `type`."""
     cfg = mar.config
@@ -72,7 +72,7 @@ def mar_type_and_kwargs(mar: MAR) -> tuple[str, dict[str, Any]]:
 
 
 def _build_mar(mar_sd: Mapping[str, torch.Tensor], source: str, config_kwargs: Mapping[str, Any],
-               mar_type: str | None, mar_kwargs: Mapping[str, Any]) -> MAR:
+               mar_type: str | None, mar_kwargs: Mapping[str, Any]) -> MARPolicy:
     unknown = sorted(set(mar_kwargs) - UPSTREAM_KWARGS)
     if unknown:
         raise TypeError(f"unknown MAR argument(s) {unknown}; valid: {sorted(UPSTREAM_KWARGS)}")
@@ -83,7 +83,7 @@ def _build_mar(mar_sd: Mapping[str, torch.Tensor], source: str, config_kwargs: M
                                     f"are not that preset's; give encoder_num_heads and decoder_num_heads")
     args = {"model": preset or mar_type or "", **config_kwargs}
     try:
-        return MAR(infer_config(mar_sd, args, **mar_kwargs))
+        return MARPolicy(infer_config(mar_sd, args, **mar_kwargs))
     except WeightsMismatchError as e:
         raise HarmonCheckpointError(f"{source} [mar.*]: {e}") from None
 

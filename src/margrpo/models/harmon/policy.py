@@ -1,7 +1,7 @@
 """Harmon's policy (Wu et al. 2025; wusize/Harmon): a MAR encoder and decoder around a Qwen2.5 LLM, LTH14's DDPM
 head.
 
-`HarmonPolicy` is the `Policy`: it holds one of our `MAR` modules (LTH14 parameter names, so upstream's `mar.*`
+`HarmonPolicy` is the `Policy`: it holds one of our `MARPolicy` modules (LTH14 parameter names, so upstream's `mar.*`
 keys load as they are) and calls its `forward_mae_encoder` / `forward_mae_decoder` pieces with the LLM in between,
 as upstream's `Harmon.forward_mae_encoder`:
 
@@ -25,7 +25,7 @@ from margrpo.models.base import Policy
 from margrpo.models.harmon.condition import HarmonCondition, make_cache, trim_cache
 from margrpo.models.heads import DiffusionHead
 from margrpo.models.mar.model import LORA_TARGETS as MAR_LORA_TARGETS
-from margrpo.models.mar.model import MAR
+from margrpo.models.mar.model import MARPolicy
 
 __all__ = ["CFG_PROMPT", "PROMPT_TEMPLATE", "HarmonPolicy", "build_mlp", "format_prompt"]
 
@@ -62,7 +62,7 @@ class HarmonPolicy(Policy):
 
     default_guidance_schedule = "constant"  # upstream's Harmon guides with a constant scale by default
 
-    def __init__(self, llm: nn.Module, mar: MAR, uncond_input_ids: torch.Tensor):
+    def __init__(self, llm: nn.Module, mar: MARPolicy, uncond_input_ids: torch.Tensor):
         super().__init__()
         hidden = int(llm.config.hidden_size)
         d_enc = mar.config.encoder_embed_dim

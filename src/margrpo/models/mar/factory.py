@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from torch import nn
 
 from margrpo.models.conditioning import HashedTextEncoder
 from margrpo.models.mar.image_model import MARImageModel
-from margrpo.models.mar.model import MAR, MARConfig
+from margrpo.models.mar.model import MARConfig, MARPolicy
 
 
 @dataclass
 class ModelSpec:
     """A text-to-image MAR. Encoder and decoder share width, depth and head count.
 
-    `tokenizer`: "pixels" (tokens are raw pixel patches) or "autoencoder" (tokens are patches of a
+    `codec`: "pixels" (tokens are raw pixel patches) or "autoencoder" (tokens are patches of a
     KL autoencoder's latent grid; the autoencoder is passed to `build_model`, e.g. trained by
     `margrpo pretrain` first).
     """
 
-    tokenizer: str = field(default="pixels", metadata={"choices": ("pixels", "autoencoder")})
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"tokenizer": "codec"}
+
+    codec: str = field(default="pixels", metadata={"choices": ("pixels", "autoencoder")})
     img_size: int = field(default=32, metadata={"range": (8, 1024)})
     patch_size: int = field(default=8, metadata={"range": (1, 64)})
     width: int = field(default=128, metadata={"range": (8, 4096)})
@@ -56,23 +59,23 @@ class ModelSpec:
         )
 
 
-def build_model(spec: ModelSpec, vocab: list[str], tokenizer: nn.Module | None = None) -> MARImageModel:
+def build_model(spec: ModelSpec, vocab: list[str], codec: nn.Module | None = None) -> MARImageModel:
     """A randomly initialised image model with a small learned text encoder over `vocab`.
 
-    `tokenizer` is required iff `spec.tokenizer == "autoencoder"` (an `AutoencoderTokenizer`).
+    `codec` is required iff `spec.codec == "autoencoder"` (an `AutoencoderCodec`).
     """
-    if (spec.tokenizer == "autoencoder") != (tokenizer is not None):
-        raise ValueError(f"model.tokenizer={spec.tokenizer!r} needs "
-                         + ("an autoencoder tokenizer" if tokenizer is None else "no tokenizer argument"))
-    if tokenizer is not None and spec.img_size % (tokenizer.stride * spec.patch_size):
+    if (spec.codec == "autoencoder") != (codec is not None):
+        raise ValueError(f"model.codec={spec.codec!r} needs "
+                         + ("an autoencoder codec" if codec is None else "no codec argument"))
+    if codec is not None and spec.img_size % (codec.stride * spec.patch_size):
         raise ValueError(f"model.img_size={spec.img_size} is not a multiple of the autoencoder stride "
-                         f"{tokenizer.stride} x model.patch_size={spec.patch_size}")
+                         f"{codec.stride} x model.patch_size={spec.patch_size}")
     if spec.text_max_len > spec.buffer_size and spec.condition_mode == "buffer":
         raise ValueError(f"model.text_max_len={spec.text_max_len} exceeds model.buffer_size={spec.buffer_size}; "
                          "text tokens go into the buffer")
     te = HashedTextEncoder(vocab, dim=spec.text_dim, max_len=spec.text_max_len, depth=spec.text_depth,
                            num_heads=max(1, spec.text_dim // 32))
-    if tokenizer is None:
-        return MARImageModel(MAR(spec.mar_config()), text_encoder=te)
-    mar = MAR(spec.mar_config(tokenizer.latent_channels, tokenizer.stride))
-    return MARImageModel(mar, tokenizer=tokenizer, text_encoder=te)
+    if codec is None:
+        return MARImageModel(MARPolicy(spec.mar_config()), text_encoder=te)
+    mar = MARPolicy(spec.mar_config(codec.latent_channels, codec.stride))
+    return MARImageModel(mar, codec=codec, text_encoder=te)

@@ -1,9 +1,10 @@
 """The MAR family's `ImageModel`: a MAR policy packaged with what turns prompts into conditions and tokens into images.
 
-`MARImageModel` = MAR transformer + diffusion head (the policy, `.mar`) + tokenizer (pixels or a KL autoencoder) +
-optional text encoder. It saves to and loads from a folder: `config.json` (architecture, tokenizer and
-text-encoder specs, format version) and `model.safetensors` (all weights, prefixed `mar.` /
-`text_encoder.` / `tokenizer.`).
+`MARImageModel` = MAR transformer + diffusion head (the policy, `.mar`) + image codec (`.codec`: pixels or a KL
+autoencoder, `models/codecs.py`) + optional text encoder. It saves to and loads from a folder: `config.json`
+(architecture, codec and text-encoder specs, format version) and `model.safetensors` (all weights, prefixed `mar.` /
+`text_encoder.` / `tokenizer.`). The folder names the codec `tokenizer` (its key and weight prefix since format
+version 1), so folders written before the codec's rename load as they are.
 No pickle is involved in either direction.
 """
 
@@ -17,9 +18,9 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from margrpo.models.base import ImageModel
+from margrpo.models.codecs import AutoencoderCodec, PixelCodec
 from margrpo.models.conditioning import Condition, HashedTextEncoder, TextEncoder
-from margrpo.models.mar.model import MAR, MARConfig
-from margrpo.models.tokenizers import AutoencoderTokenizer, PixelTokenizer
+from margrpo.models.mar.model import MARConfig, MARPolicy
 from margrpo.models.vae import AutoencoderKL
 from margrpo.models.weights import load_state_strict, preserves_global_rng
 from margrpo.utils.atomic import atomic_write, atomic_write_text
@@ -29,16 +30,16 @@ FORMAT_VERSION = 1
 
 
 class MARImageModel(ImageModel):
-    def __init__(self, mar: MAR, tokenizer: nn.Module | None = None, text_encoder: TextEncoder | None = None):
+    def __init__(self, mar: MARPolicy, codec: nn.Module | None = None, text_encoder: TextEncoder | None = None):
         super().__init__()
         self.mar = mar
-        self.tokenizer = tokenizer if tokenizer is not None else PixelTokenizer()
+        self.codec = codec if codec is not None else PixelCodec()
         self.text_encoder = text_encoder
         if mar.config.condition == "text" and text_encoder is None:
             raise ValueError("a text-conditional MAR needs a text encoder")
 
     @property
-    def policy(self) -> MAR:
+    def policy(self) -> MARPolicy:
         """The MAR transformer and its head (stored as `mar`: the folder's and checkpoints' key prefix)."""
         return self.mar
 
@@ -63,11 +64,11 @@ class MARImageModel(ImageModel):
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens [B, L, C] -> images [B, 3, H, W] in [-1, 1] (an autoencoder's output is clamped)."""
-        return self.tokenizer.decode(self.mar.unpatchify(tokens)).clamp(-1, 1)
+        return self.codec.decode(self.mar.unpatchify(tokens)).clamp(-1, 1)
 
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> tokens [B, L, C]."""
-        return self.mar.patchify(self.tokenizer.encode(images, generator=generator))
+        return self.mar.patchify(self.codec.encode(images, generator=generator))
 
     # ------------------------------------------------------------------ persistence
     def spec(self) -> dict:
@@ -78,9 +79,9 @@ class MARImageModel(ImageModel):
                        "depth": len(te.encoder.layers), "num_heads": te.encoder.layers[0].self_attn.num_heads}
         elif te is not None:
             te_spec = {"type": type(te).__name__, "max_len": te.max_len}
-        tok_spec = self.tokenizer.spec() if hasattr(self.tokenizer, "spec") else {"type": type(self.tokenizer).__name__}
+        codec_spec = self.codec.spec() if hasattr(self.codec, "spec") else {"type": type(self.codec).__name__}
         return {"format": FORMAT, "version": FORMAT_VERSION, "mar": self.mar.config.to_dict(),
-                "tokenizer": tok_spec, "text_encoder": te_spec}
+                "tokenizer": codec_spec, "text_encoder": te_spec}
 
     def save_pretrained(self, path: str | Path, metadata: dict | None = None) -> Path:
         path = Path(path)
@@ -91,8 +92,8 @@ class MARImageModel(ImageModel):
         tensors = _prefixed_state(self.mar, "mar.")
         if isinstance(self.text_encoder, HashedTextEncoder):
             tensors.update(_prefixed_state(self.text_encoder, "text_encoder."))
-        if isinstance(self.tokenizer, AutoencoderTokenizer):
-            tensors.update(_prefixed_state(self.tokenizer, "tokenizer."))
+        if isinstance(self.codec, AutoencoderCodec):
+            tensors.update(_prefixed_state(self.codec, "tokenizer."))
         blob = save(tensors, metadata={"format": FORMAT})
         atomic_write(path / "model.safetensors", lambda f: f.write(blob), binary=True)
         atomic_write_text(path / "config.json", json.dumps(spec, indent=2))
@@ -124,9 +125,9 @@ class MARImageModel(ImageModel):
         if spec["version"] > FORMAT_VERSION:
             raise ValueError(f"{cfg_file}: format version {spec['version']} is newer than this margrpo "
                              f"understands ({FORMAT_VERSION}); upgrade margrpo")
-        mar = MAR(_mar_config(spec["mar"], cfg_file))
+        mar = MARPolicy(_mar_config(spec["mar"], cfg_file))
         te = _build_text_encoder(spec["text_encoder"], cfg_file)
-        tokenizer = _build_tokenizer(spec["tokenizer"], cfg_file)
+        codec = _build_codec(spec["tokenizer"], cfg_file)
         weights = path / "model.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: missing (a model folder holds config.json and model.safetensors)")
@@ -138,9 +139,9 @@ class MARImageModel(ImageModel):
         _load_prefixed(mar, tensors, "mar.", path)
         if te is not None:
             _load_prefixed(te, tensors, "text_encoder.", path)
-        if isinstance(tokenizer, AutoencoderTokenizer):
-            _load_prefixed(tokenizer, tensors, "tokenizer.", path)
-        model = cls(mar, tokenizer, te)
+        if isinstance(codec, AutoencoderCodec):
+            _load_prefixed(codec, tensors, "tokenizer.", path)
+        model = cls(mar, codec, te)
         return model.to(device).eval()  # dropout off: a loaded model computes what it computed when saved
 
 
@@ -176,21 +177,22 @@ def _build_text_encoder(te_spec: object, cfg_file: Path) -> TextEncoder | None:
     return HashedTextEncoder(*(te_spec[k] for k in keys))
 
 
-def _build_tokenizer(tok_spec: object, cfg_file: Path) -> nn.Module:
+def _build_codec(tok_spec: object, cfg_file: Path) -> nn.Module:
+    """The image codec the folder's key `tokenizer` describes."""
     if not isinstance(tok_spec, dict):
         raise ValueError(f"{cfg_file}: key 'tokenizer' must be an object with a 'type' ('pixels' or "
                          f"'autoencoder_kl'), got {tok_spec!r}")
     kind = tok_spec.get("type")
     if kind == "pixels":
-        return PixelTokenizer()
+        return PixelCodec()
     if kind == "autoencoder_kl":
         try:
             vae = AutoencoderKL(**tok_spec["config"])
-            return AutoencoderTokenizer(vae, scale=float(tok_spec["scale"]), patch_size=int(tok_spec["patch_size"]))
+            return AutoencoderCodec(vae, scale=float(tok_spec["scale"]), patch_size=int(tok_spec["patch_size"]))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{cfg_file}: key 'tokenizer' is not a valid autoencoder_kl spec ({e!r}); it needs "
                              "'config' (AutoencoderKL arguments), 'scale' and 'patch_size'") from e
-    raise ValueError(f"{cfg_file}: tokenizer type {kind!r} cannot be rebuilt from this folder; "
+    raise ValueError(f"{cfg_file}: codec (key 'tokenizer') type {kind!r} cannot be rebuilt from this folder; "
                      "valid: 'pixels', 'autoencoder_kl'")
 
 

@@ -7,8 +7,8 @@ malicious file cannot run code. The architecture comes from the file's `args` (p
 explicit keyword arguments override both. Every missing, unexpected or mis-shaped key is reported.
 
 Public API (kept stable: an external check calls these names):
-    load_checkpoint(path, ema=True, **kwargs) -> MAR
-    from_state_dict(state_dict, **kwargs) -> MAR
+    load_checkpoint(path, ema=True, **kwargs) -> MARPolicy
+    from_state_dict(state_dict, **kwargs) -> MARPolicy
     load_vae(path) -> AutoencoderKL
     convert(checkpoint, out, vae=None, ema=True, **kwargs) -> Path   (a model folder that `model:` can name)
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from margrpo.models.mar.model import MAR, MARConfig
+from margrpo.models.mar.model import MARConfig, MARPolicy
 from margrpo.models.weights import WeightsMismatchError, load_state_strict, preserves_global_rng
 
 # LTH14/mar `models/mar.py` presets: (embed dim, depth, heads) for encoder and decoder alike.
@@ -128,11 +128,11 @@ def infer_config(sd: Mapping[str, torch.Tensor], args: Mapping[str, Any] | None 
     return config
 
 
-def from_state_dict(state_dict: Mapping[str, torch.Tensor], source: str = "<state dict>", **kwargs: Any) -> MAR:
+def from_state_dict(state_dict: Mapping[str, torch.Tensor], source: str = "<state dict>", **kwargs: Any) -> MARPolicy:
     """Build our MAR from an upstream state dict and upstream's constructor keyword arguments."""
     args = kwargs.pop("args", None)
     config = infer_config(state_dict, args, **kwargs)
-    model = MAR(config)
+    model = MARPolicy(config)
     load_into(model, state_dict, source)
     return model
 
@@ -156,7 +156,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 @preserves_global_rng
-def load_checkpoint(path: str | Path, ema: bool = True, **kwargs: Any) -> MAR:
+def load_checkpoint(path: str | Path, ema: bool = True, **kwargs: Any) -> MARPolicy:
     """Load `checkpoint-last.pth` (entry `model_ema` if `ema` else `model`) into our MAR, in eval mode."""
     ckpt = read_checkpoint(path)
     key = "model_ema" if ema else "model"
@@ -192,8 +192,8 @@ def convert(checkpoint: str | Path, out: str | Path, vae: str | Path, ema: bool 
     (`vae_embed_dim`, `vae_stride`). The result is class-conditional: prompts are ImageNet class indices. An
     existing non-empty `out` is refused unless `overwrite`.
     """
+    from margrpo.models.codecs import AutoencoderCodec
     from margrpo.models.mar.image_model import MARImageModel
-    from margrpo.models.tokenizers import AutoencoderTokenizer
     from margrpo.models.vae import KL16_LATENT_SCALE
 
     out = Path(out)
@@ -207,5 +207,5 @@ def convert(checkpoint: str | Path, out: str | Path, vae: str | Path, ema: bool 
         raise ValueError(f"{vae}: the autoencoder has {autoencoder.embed_dim} latent channels at stride "
                          f"{autoencoder.downsample_factor}; the MAR in {checkpoint} expects {cfg.vae_embed_dim} at "
                          f"stride {cfg.vae_stride} (vae_embed_dim, vae_stride)")
-    model = MARImageModel(mar, AutoencoderTokenizer(autoencoder, scale=KL16_LATENT_SCALE, patch_size=cfg.patch_size))
+    model = MARImageModel(mar, AutoencoderCodec(autoencoder, scale=KL16_LATENT_SCALE, patch_size=cfg.patch_size))
     return model.save_pretrained(out, metadata={"converted_from": str(checkpoint), "ema": ema, "vae": str(vae)})

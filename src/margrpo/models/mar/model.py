@@ -13,7 +13,7 @@ tokens (`condition_mode="buffer"`) or adds cross-attention to them in every bloc
 (`condition_mode="cross_attention"`). A flow-matching head can replace the DDPM head.
 
 MAR is the family's `Policy` (`models/base.py`): calling it, `mar(tokens, mask, cond)` (also
-`mar.condition(...)`), returns z [B, L, D] for the head (unlike upstream's `MAR.forward`, which returns the
+`mar.compute_z(...)`), returns z [B, L, D] for the head (unlike upstream's `MAR.forward`, which returns the
 training loss: that is `pretrain_loss` here); `head` is the diffusion head;
 `patchify`/`unpatchify` convert between latent images and tokens; `pretrain_loss` is MAR's training objective.
 """
@@ -29,7 +29,9 @@ from torch import nn
 
 from margrpo.models.base import Policy
 from margrpo.models.conditioning import Condition
-from margrpo.models.heads import DdpmHead, DiffusionHead, FlowHead
+from margrpo.models.ddpm_head import DdpmHead
+from margrpo.models.flow_head import FlowHead
+from margrpo.models.heads import DiffusionHead
 from margrpo.models.transformer import Block
 
 
@@ -115,7 +117,7 @@ def _truncnorm_sample(n: int, lo: float, hi: float, loc: float, scale: float,
 LORA_TARGETS = r"(encoder|decoder)_blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q|kv|proj)|mlp\.(fc1|fc2))"
 
 
-class MAR(Policy):
+class MARPolicy(Policy):
     def __init__(self, config: MARConfig | None = None, **kwargs):
         super().__init__()
         if config is None:
@@ -343,7 +345,7 @@ class MAR(Policy):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor,
                 cond: Condition | torch.Tensor | None = None,
                 drop: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-token head conditions z [B, L, D] for a canvas `tokens` [B, L, C] and `mask` [B, L] (1 = masked).
+        """The head's per-token input z [B, L, D] for a canvas `tokens` [B, L, C] and `mask` [B, L] (1 = masked).
 
         `cond` is class labels, a text Condition, or None for the unconditional branch (the learned
         fake latent, as upstream). `drop` [B] bool replaces those rows by the unconditional branch

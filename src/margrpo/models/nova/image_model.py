@@ -3,7 +3,7 @@
 Folder (e.g. `BAAI/nova-d48w1024-sd512`):
 
 * `transformer/config.json` + `transformer/diffusion_pytorch_model.safetensors` (or diffusers' sharded form,
-  `diffusion_pytorch_model.safetensors.index.json`): required, loaded strictly into `NOVATransformer`;
+  `diffusion_pytorch_model.safetensors.index.json`): required, loaded strictly into `NOVAPolicy`;
 * `scheduler/scheduler_config.json`: required, diffusers' `FlowMatchEulerDiscreteScheduler` options, turned into
   the head's `FlowMatchScheduler` (sigmas equal diffusers', shift quirk included);
 * `vae/` (diffusers `AutoencoderKL`, config + safetensors): optional, needed by `decode` / `encode_images`;
@@ -34,14 +34,14 @@ from margrpo.models.nova.model import (
     IMAGE_ENCODERS,
     VIDEO_ENCODERS,
     NOVAConfig,
-    NOVATransformer,
+    NOVAPolicy,
     ViTSpec,
 )
 from margrpo.models.schedulers import FlowMatchScheduler
 from margrpo.models.weights import load_state_strict, preserves_global_rng
 from margrpo.utils.atomic import atomic_write, atomic_write_text
 
-__all__ = ["NOVAModel", "is_nova_folder", "load", "read_scheduler", "read_transformer_config"]
+__all__ = ["NOVAImageModel", "is_nova_folder", "load", "read_scheduler", "read_transformer_config"]
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 REQUIRED_KEYS = ("image_dim", "image_size", "image_stride", "text_token_dim", "text_token_len", "image_base_size",
@@ -223,11 +223,11 @@ def _load_text_encoder(folder: Path, dtype: torch.dtype, text_token_dim: int) ->
     return model.eval().requires_grad_(False), tokenizer
 
 
-class NOVAModel(ImageModel):
-    """`NOVATransformer` (the policy, `transformer`) + optional diffusers VAE (`vae`) + optional Phi (`text_encoder`,
+class NOVAImageModel(ImageModel):
+    """`NOVAPolicy` (the policy, `transformer`) + optional diffusers VAE (`vae`) + optional Phi (`text_encoder`,
     with its tokenizer)."""
 
-    def __init__(self, transformer: NOVATransformer, vae: nn.Module | None = None,
+    def __init__(self, transformer: NOVAPolicy, vae: nn.Module | None = None,
                  text_encoder: nn.Module | None = None, tokenizer: object | None = None,
                  configs: dict[str, dict] | None = None):
         super().__init__()
@@ -243,10 +243,10 @@ class NOVAModel(ImageModel):
         self.register_load_state_dict_pre_hook(_add_transformer_prefix)
 
     @property
-    def policy(self) -> NOVATransformer:
+    def policy(self) -> NOVAPolicy:
         return self.transformer
 
-    def train(self, mode: bool = True) -> NOVAModel:
+    def train(self, mode: bool = True) -> NOVAImageModel:
         """The VAE and Phi stay in eval mode (frozen, and Phi's dropout would make prompt features random, drawn
         from the global RNG); only the transformer follows `mode`."""
         super().train(mode)
@@ -370,14 +370,14 @@ class NOVAModel(ImageModel):
 
     @classmethod
     def load_pretrained(cls, path: str | Path, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32, flow_shift: float | None = None) -> NOVAModel:
+                        dtype: torch.dtype = torch.float32, flow_shift: float | None = None) -> NOVAImageModel:
         return load(path, flow_shift=flow_shift, dtype=dtype, device=device)
 
 
 @preserves_global_rng
 def load(folder: str | Path, *, flow_shift: float | None = None, dtype: torch.dtype = torch.float32,
-         device: torch.device | str = "cpu") -> NOVAModel:
-    """A NOVA diffusers-style folder -> `NOVAModel` in eval mode, `dtype` on `device`; every weight file strictly.
+         device: torch.device | str = "cpu") -> NOVAImageModel:
+    """A NOVA diffusers-style folder -> `NOVAImageModel` in eval mode, `dtype` on `device`; every weight file strictly.
 
     `flow_shift` is `NOVAPipeline(flow_shift=...)`: diffusers' `set_shift` on the folder's scheduler (None keeps the
     config's shift, or the one a margrpo save recorded).
@@ -389,7 +389,7 @@ def load(folder: str | Path, *, flow_shift: float | None = None, dtype: torch.dt
     if flow_shift is None:
         flow_shift = (tcfg.get(MARGRPO_KEY) or {}).get("flow_shift")
     scheduler, scfg = read_scheduler(folder, flow_shift)
-    transformer = NOVATransformer(config, scheduler)
+    transformer = NOVAPolicy(config, scheduler)
     tensors, source = _read_safetensors(folder / "transformer")
     load_state_strict(transformer, tensors, source)
     configs = {"transformer": tcfg, "scheduler": scfg}
@@ -401,7 +401,7 @@ def load(folder: str | Path, *, flow_shift: float | None = None, dtype: torch.dt
     text_encoder = tokenizer = None
     if (folder / "text_encoder").is_dir():
         text_encoder, tokenizer = _load_text_encoder(folder, dtype, config.text_token_dim)
-    model = NOVAModel(transformer, vae, text_encoder, tokenizer, configs)
+    model = NOVAImageModel(transformer, vae, text_encoder, tokenizer, configs)
     return model.to(device=device, dtype=dtype).eval()
 
 

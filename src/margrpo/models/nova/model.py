@@ -1,6 +1,6 @@
 """NOVA's transformer (BAAI, baaivision/NOVA `NOVATransformer3DModel`) as a margrpo `Policy`, text-to-image only.
 
-Module and parameter names are upstream's, so `NOVATransformer.state_dict()` has exactly the keys of upstream's
+Module and parameter names are upstream's, so `NOVAPolicy.state_dict()` has exactly the keys of upstream's
 `transformer/diffusion_pytorch_model.safetensors`:
 
 * `text_embed` (`proj`, `norm`, buffer `weight` [512, text_token_dim]): `c_text = LayerNorm(Linear(text))`, and the
@@ -33,7 +33,8 @@ from torch import nn
 
 from margrpo.models.base import Policy
 from margrpo.models.conditioning import Condition
-from margrpo.models.heads import DiffusionHead, FlowHead
+from margrpo.models.flow_head import FlowHead
+from margrpo.models.heads import DiffusionHead
 from margrpo.models.schedulers import FlowMatchScheduler
 
 # Upstream's registered architecture names (`transformer_nova.py`): depth, width and heads.
@@ -341,7 +342,7 @@ class NOVAFlowHead(FlowHead):
 
 
 # ----------------------------------------------------------------------------------------------------------- policy
-class NOVATransformer(Policy):
+class NOVAPolicy(Policy):
     """NOVA's text-to-image transformer with its flow head: z = f(canvas, mask, text), stateless per call."""
 
     default_guidance_schedule = "constant"  # upstream's guidance scale is the same at every AR step

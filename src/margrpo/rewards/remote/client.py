@@ -1,7 +1,7 @@
 """Client reward that scores on a ``margrpo serve-reward`` server; standard library only.
 
-It is a :class:`~margrpo.rewards.base.Reward`, so it can be a part of a composite or be wrapped in
-:class:`~margrpo.rewards.async_scorer.AsyncRewardScorer` like any in-process reward. Requests are
+It is a :class:`~margrpo.rewards.base.Reward`, so it can be a part of a composite like any in-process reward.
+Requests are
 split into ``batch_size`` chunks; each chunk is retried (bounded, exponential backoff) on connection
 errors, timeouts and 5xx answers, never on 4xx (those are the request's fault and would fail again).
 When every attempt fails, :class:`RewardServerError` says which server, how many attempts, for how long,

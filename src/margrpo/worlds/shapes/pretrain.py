@@ -61,7 +61,7 @@ class EvalSpec:
 @dataclass
 class PretrainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
-    autoencoder: AutoencoderSpec | None = None  # required iff model.tokenizer == "autoencoder"
+    autoencoder: AutoencoderSpec | None = None  # required iff model.codec == "autoencoder"
     eval: EvalSpec = field(default_factory=EvalSpec)
     out_dir: str = "runs/pretrain"
     seed: int = 0
@@ -93,9 +93,9 @@ class PretrainConfig:
             raise ValueError(f"category_weights has unknown categories {sorted(unknown)}; valid: {shapes.CATEGORIES}")
         if sum(self.category_weights.values()) <= 0:
             raise ValueError("category_weights must have a positive sum")
-        if (self.model.tokenizer == "autoencoder") != (self.autoencoder is not None):
-            raise ValueError("the 'autoencoder' section is required when model.tokenizer is 'autoencoder' and "
-                             f"would do nothing otherwise; model.tokenizer is {self.model.tokenizer!r}")
+        if (self.model.codec == "autoencoder") != (self.autoencoder is not None):
+            raise ValueError("the 'autoencoder' section is required when model.codec is 'autoencoder' and "
+                             f"would do nothing otherwise; model.codec is {self.model.codec!r}")
 
 
 def vocabulary() -> list[str]:
@@ -126,17 +126,17 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     dev = torch.device(cfg.device)
-    tokenizer = None
+    codec = None
     if cfg.autoencoder is not None:
-        tokenizer = train_autoencoder(cfg.autoencoder, img_size=cfg.model.img_size, seed=cfg.seed, out_dir=out,
-                                      category_weights=cfg.category_weights, device=dev, progress=progress)
+        codec = train_autoencoder(cfg.autoencoder, img_size=cfg.model.img_size, seed=cfg.seed, out_dir=out,
+                                  category_weights=cfg.category_weights, device=dev, progress=progress)
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's global RNG
         torch.manual_seed(derive_seed(cfg.seed, "pretrain", "init"))
-        model = build_model(cfg.model, vocabulary(), tokenizer).to(dev)
+        model = build_model(cfg.model, vocabulary(), codec).to(dev)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # not a frozen tokenizer
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # not a frozen codec
     decay, no_decay = [], []
     for name, p in trainable:
         (no_decay if p.ndim < 2 or "pos_embed" in name or "fake_latent" in name or "mask_token" in name

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from margrpo.models.tokenizers import AutoencoderTokenizer
+from margrpo.models.codecs import AutoencoderCodec
 from margrpo.models.vae import AutoencoderKL
 from margrpo.models.weights import load_state_strict
 from margrpo.utils.atomic import atomic_write, atomic_write_text
@@ -69,7 +69,7 @@ def _lr_at(step: int, spec: AutoencoderSpec) -> float:
     return spec.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / spec.steps)))
 
 
-def _load_stage(folder: Path, spec: AutoencoderSpec, img_size: int, seed: int) -> AutoencoderTokenizer | None:
+def _load_stage(folder: Path, spec: AutoencoderSpec, img_size: int, seed: int) -> AutoencoderCodec | None:
     meta_file, weights = folder / "autoencoder.json", folder / "autoencoder.safetensors"
     if not (meta_file.is_file() and weights.is_file()):
         return None
@@ -79,13 +79,13 @@ def _load_stage(folder: Path, spec: AutoencoderSpec, img_size: int, seed: int) -
         return None  # a different autoencoder: retrain (the old files are overwritten atomically)
     vae = spec.build(img_size)
     load_state_strict(vae, load_file(str(weights)), str(weights))
-    return AutoencoderTokenizer(vae, scale=float(meta["scale"]))
+    return AutoencoderCodec(vae, scale=float(meta["scale"]))
 
 
 def train_autoencoder(spec: AutoencoderSpec, *, img_size: int, seed: int, out_dir: str | Path,
                       category_weights: dict[str, float], device: torch.device | str = "cpu",
-                      progress: bool = True) -> AutoencoderTokenizer:
-    """Train (or reuse from `out_dir/autoencoder/`) the frozen tokenizer for latent-token pretraining."""
+                      progress: bool = True) -> AutoencoderCodec:
+    """Train (or reuse from `out_dir/autoencoder/`) the frozen codec for latent-token pretraining."""
     folder = Path(out_dir) / "autoencoder"
     dev = torch.device(device)
     cached = _load_stage(folder, spec, img_size, seed)
@@ -115,7 +115,7 @@ def train_autoencoder(spec: AutoencoderSpec, *, img_size: int, seed: int, out_di
         opt.step()
         if step % 50 == 0:
             bar.set_postfix(recon=f"{recon.item():.4f}")
-    opt.zero_grad(set_to_none=True)  # no stale gradients ride along into the frozen tokenizer
+    opt.zero_grad(set_to_none=True)  # no stale gradients ride along into the frozen codec
     vae.eval()
     # Latent scale and a verifier check of the reconstructions, both on images training never saw.
     check = ShapesBatches(seed, spec.scale_images, 0, img_size, category_weights, stream="autoencoder-check")
@@ -137,4 +137,4 @@ def train_autoencoder(spec: AutoencoderSpec, *, img_size: int, seed: int, out_di
     atomic_write_text(folder / "autoencoder.json", json.dumps(meta, indent=2))
     tqdm.write(f"autoencoder: {spec.steps} steps in {meta['train_seconds']:.0f}s, latent scale {1.0 / std:.4f}, "
                f"verifier strict accuracy on reconstructions {100 * summary['overall']['strict']:.1f}%")
-    return AutoencoderTokenizer(vae, scale=1.0 / std)
+    return AutoencoderCodec(vae, scale=1.0 / std)

@@ -1,8 +1,8 @@
 """Image <-> latent-image converters that sit between pixels and the MAR model's patchify.
 
-A tokenizer maps images in [-1, 1], [B, 3, H, W], to the "latent image" [B, C, h, w] that MAR patchifies
-into tokens, and back. `PixelTokenizer` is the identity on pixels (tokens are raw pixel patches: exact,
-no autoencoder to train, and the shapes verifier sees exactly what the model wrote). `AutoencoderTokenizer`
+A codec maps images in [-1, 1], [B, 3, H, W], to the "latent image" [B, C, h, w] that MAR patchifies
+into tokens, and back. `PixelCodec` is the identity on pixels (tokens are raw pixel patches: exact,
+no autoencoder to train, and the shapes verifier sees exactly what the model wrote). `AutoencoderCodec`
 wraps a KL autoencoder (`models/vae.py`: LTH14's and Harmon's KL-16, or the shapes world's small one).
 """
 
@@ -17,7 +17,7 @@ from torch import nn
 from margrpo.models.vae import KL16_LATENT_SCALE, AutoencoderKL, DiagonalGaussian
 
 
-class PixelTokenizer(nn.Module):
+class PixelCodec(nn.Module):
     """Pixels are the latents: C = 3, stride 1. Decoding clamps to the valid range [-1, 1]."""
 
     latent_channels = 3
@@ -33,7 +33,7 @@ class PixelTokenizer(nn.Module):
         return latents.clamp(-1, 1)
 
 
-class AutoencoderTokenizer(nn.Module):
+class AutoencoderCodec(nn.Module):
     """Frozen image <-> latent map with MAR's scaling: `encode` returns `z * scale`, `decode` divides.
 
     Wraps any `AutoencoderKL`: LTH14's KL-16 (scale 0.2325) or the shapes world's small one (stride 8,
@@ -56,7 +56,7 @@ class AutoencoderTokenizer(nn.Module):
         self.vae.requires_grad_(False)
         self.vae.eval()
 
-    def train(self, mode: bool = True) -> AutoencoderTokenizer:
+    def train(self, mode: bool = True) -> AutoencoderCodec:
         super().train(mode)
         self.vae.eval()
         return self
