@@ -22,8 +22,8 @@ demo: setup
 demo-long: setup
 	$(BIN)/margrpo demo --config demo-long.yaml --out runs/demo-long --results docs/results.md
 
-# grpo, mar-grpo, mar-grpo-matching and nft, 3 seeds each with the demo's settings at temperature 1 (compare.yaml), plus null and positive
-# controls; two worker processes (one per core); table into docs/results.md
+# grpo, mar-grpo, mar-grpo-matching and nft, 3 seeds each with the demo's settings at temperature 1
+# (compare.yaml), plus null and positive controls; two worker processes (one per core); table into docs/results.md
 compare: setup
 	$(BIN)/margrpo compare --seeds 0 1 2 --control-steps 15 --results docs/results.md steps=100
 

@@ -187,8 +187,9 @@ def test_monitors_stop_returns_to_the_last_evaluation_within_bounds(tiny_model_d
 HACK = ["steps=20", "eval.every=5", "eval.per_category=32", "algorithm.prompts_per_step=2", "algorithm.group_size=8",
         "algorithm.ptx_batch_size=16", "optim.lr=3e-4", "log.sample_every=1000", "log.checkpoint_every=1000",
         "log.tensorboard=false", "threads=1",
-        # the recipe the bounds were calibrated on (docs/findings/2026-12-07-reward-hacking-monitors.md): the demo's
-        # before its sampler moved to temperature 0.5 with every unknown token scored, categories drawn per prompt
+        # the demo's recipe when the bounds were calibrated (docs/findings/2026-12-07-reward-hacking-monitors.md),
+        # before it moved to temperature 0.5 with every unknown token scored; categories drawn per prompt. Later
+        # changes moved its figures (the base's step-0 accuracy 28.1% -> 36.7% on the new evaluation sets)
         "sampling.temperature=1.0", "algorithm.policy_tokens=consistent", "prompts.category_balance=random"]
 
 
@@ -211,10 +212,10 @@ def test_monitors_fire_on_a_hacked_reward_and_not_on_the_verifier(seed, tmp_path
     (temperature 1, consistency selection) at 6x its learning rate with a quarter of its batch on the shipped base,
     20 steps, evaluated every 5 on 128 held-out images. Trained on the `colour_fraction` control reward (easy to
     hack: paint the picture red), the images turn red-orange: brightness falls and colour entropy (a white
-    background with a few flat shapes has little) rises beyond their bounds, saturation rises, and the held-out
-    shapes score,
-    watched and never trained on, falls. The shapes-verifier run of the same length stays inside every bound
-    (docs/findings/2026-12-07-reward-hacking-monitors.md has each seed's figures).
+    background with a few flat shapes has little) rises beyond their bounds, saturation rises further than in the
+    verifier run, and the held-out shapes score, watched and never trained on, falls. The shapes-verifier run of
+    the same length stays inside every bound (docs/findings/2026-12-07-reward-hacking-monitors.md has each seed's
+    figures).
     """
     hacked = _monitored_run(tmp_path / "hacked", "colour_fraction", seed, ["monitors.watch={shapes: {}}"])
     warnings = capsys.readouterr().err
@@ -236,3 +237,5 @@ def test_monitors_fire_on_a_hacked_reward_and_not_on_the_verifier(seed, tmp_path
     worst = max(abs(v) for r in verifier for k, v in r.items() if k.endswith("/drift"))
     print(f"seed {seed}: shapes verifier: the largest |drift| {worst:.2f}")
     assert all(r.get("monitor/beyond", 0) == 0 for r in verifier), verifier
+    assert (max(r["monitor/saturation/drift"] for r in hacked[1:])
+            > max(abs(r["monitor/saturation/drift"]) for r in verifier[1:])), (hacked, verifier)

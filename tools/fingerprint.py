@@ -42,7 +42,10 @@ def eval_sampler(cfg: TrainConfig):
 # the guidance scale's config key (`sampling.cfg` before the renames of issue #14), so old checkouts run this too
 GUIDANCE_KEY = "guidance_scale" if "guidance_scale" in {f.name for f in fields(TrainConfig().sampling)} else "cfg"
 COMMON = ["steps=2", "log.sample_every=100", "log.checkpoint_every=1", "log.tensorboard=false", "threads=1",
-          "algorithm.prompts_per_step=2", "algorithm.group_size=4"]
+          "algorithm.prompts_per_step=2", "algorithm.group_size=4",
+          # pinned, so that a change of demo.yaml's recipe (2026-12-07: temperature 0.5, unknown tokens) does not
+          # change every digest; presets set their own policy_tokens after these
+          "sampling.temperature=1.0"]
 CASES = {
     "demo": [],
     **{p: [f"@presets/{p}.yaml"] for p in ("grpo", "mar-grpo", "mar-grpo-matching", "nft", "mar-grpo-nft",
