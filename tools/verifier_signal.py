@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import numpy as np
 import torch
 
 from margrpo.models.heads import DiffusionHead
 from margrpo.models.loading import load_model
+from margrpo.rl.advantages import group_advantages
+from margrpo.rl.diagnose import agreement_statistics
 from margrpo.rl.loss import step_z
-from margrpo.rl.loss_terms import stratified_uniform
+from margrpo.rl.loss_terms import stratified_denoising_loss, stratified_uniform
 from margrpo.sampling.config import RecordPlan, SamplerConfig
 from margrpo.sampling.mte import token_uncertainty, top_fraction_mask
 from margrpo.sampling.sampler import sample
@@ -124,6 +125,15 @@ def _scores(model, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tens
     return (torch.tensor([float(r["strict"]) for r in res]), torch.tensor([float(r["partial"]) for r in res]))
 
 
+def _advantages(reward: torch.Tensor, group: int) -> torch.Tensor:
+    """The demo's advantages: centred in each group of `group` consecutive images, over the batch's std."""
+    return group_advantages(reward, torch.arange(len(reward)) // group, std="batch").values
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
 def variance(args) -> dict:
     """E[Var(R | order and the tokens before step i)] per category, for every AR step i."""
     model = load_model("shipped:shapes-base", "cpu")
@@ -133,10 +143,7 @@ def variance(args) -> dict:
     cfg = SamplerConfig(ar_steps=8, diffusion_steps=10, temperature=args.temperature)
     n_steps = len(policy.mask_schedule(cfg.ar_steps))
     out = {}
-    for prefix in range(n_steps + 1):  # prefix = n_steps: everything shared (variance 0), not sampled
-        if prefix == n_steps:
-            out[prefix] = {c: {"strict": 0.0, "partial": 0.0} for c in [*CATEGORIES, "all"]}
-            break
+    for prefix in range(n_steps):
         strict, partial = [], []
         for k in range(0, len(prompts), 4):
             chunk = prompts[k:k + 4]
@@ -154,10 +161,11 @@ def variance(args) -> dict:
         out[prefix] = row
         print(f"tokens before AR step {prefix} shared: " + "  ".join(
             f"{c} {row[c]['partial']:.4f}/{row[c]['strict']:.3f}" for c in [*CATEGORIES, "all"]), flush=True)
+    out[n_steps] = {c: {"strict": 0.0, "partial": 0.0} for c in [*CATEGORIES, "all"]}  # all shared: no variance
     print("\nshare of the partial reward's within-group variance decided by each AR step's tokens:")
     total = out[0]
     for i in range(n_steps):
-        print(f"AR step {i} ({policy.mask_schedule(8)[i]} tokens): " + "  ".join(
+        print(f"AR step {i} ({policy.mask_schedule(cfg.ar_steps)[i]} tokens): " + "  ".join(
             f"{c} {(out[i][c]['partial'] - out[i + 1][c]['partial']) / max(total[c]['partial'], 1e-12):.0%}"
             for c in [*CATEGORIES, "all"]))
     return out
@@ -200,16 +208,14 @@ def agreement(args) -> dict:
         if args.null:  # no information: each group's rewards shuffled among its images
             perm = torch.argsort(torch.rand(n_img // g, g, generator=torch.Generator().manual_seed(b)), dim=1)
             reward = torch.gather(reward.reshape(-1, g), 1, perm).reshape(-1)
-        adv = (reward - reward.reshape(-1, g).mean(1).repeat_interleave(g)) / reward.std().clamp(min=1e-4)
+        adv = _advantages(reward, g)
         for i, rec in r.steps.items():
             n = int(rec.diffused.sum())
             a = adv.repeat_interleave(n // n_img)
             committed = rec.committed_in_diffused()
             z = step_z(policy, r, i).z
-            gen = make_generator(5, "draws", b, i)
-            t = head.loss_noise_levels(stratified_uniform(draws, n, gen, "cpu").reshape(-1))
-            target = r.tokens[rec.diffused]
-            loss = head.loss(target.repeat(draws, 1), z.repeat(draws, 1), generator=gen, t=t).reshape(draws, n).mean(0)
+            loss = stratified_denoising_loss(head, r.tokens[rec.diffused], z, draws,
+                                             make_generator(5, "draws", b, i)).mean(0)
             for group, mask in (("committed", committed), ("unknown", ~committed)):
                 if bool(mask.any()):
                     gr = torch.autograd.grad((a * loss * mask.float()).sum() / n_img, params, retain_graph=True,
@@ -219,19 +225,10 @@ def agreement(args) -> dict:
                     grads.setdefault(f"{i}/{group}", []).append(torch.cat(flat))
         print(f"batch {b + 1}/{args.batches}", flush=True)
     grads["all"] = [sum(grads[k][b] for k in grads) for b in range(args.batches)]
-
-    def cosines(gs: list[torch.Tensor]) -> dict:
-        x = torch.stack(gs)
-        u = x / x.norm(dim=1, keepdim=True)
-        off = (u @ u.T)[~torch.eye(len(x), dtype=torch.bool)]
-        h1, h2 = x[: len(x) // 2].mean(0), x[len(x) // 2:].mean(0)
-        return {"pair": float(off.mean()), "pair_se": float(off.std() / math.sqrt(len(off) / 2)),
-                "halves": float(h1 @ h2 / (h1.norm() * h2.norm())), "norm": float(x.norm(dim=1).mean())}
-
-    out = {k: cosines(v) for k, v in grads.items()}
+    out = {k: agreement_statistics(torch.stack(v)) for k, v in grads.items()}
     for k, v in out.items():
-        print(f"{k:12s} pairwise cosine {v['pair']:+.3f} ± {v['pair_se']:.3f}  halves {v['halves']:+.2f}  "
-              f"norm {v['norm']:.3g}")
+        print(f"{k:12s} pairwise cosine {v['mean_pair_cosine']:+.3f} ± {v['pair_cosine_se']:.3f}  "
+              f"halves {v['halves_cosine']:+.2f}  norm {v['grad_norm']:.3g}")
     return out
 
 
@@ -247,7 +244,7 @@ def mte_gradient(args) -> dict:
                SamplerConfig(ar_steps=8, diffusion_steps=10), make_generator(0, "mte-gradient", 0),
                record=RecordPlan(policy_tokens="unknown", record_z=True))
     _, reward = _scores(model, model.decode(r.tokens).float(), [p for p in prompts for _ in range(g)])
-    adv = (reward - reward.reshape(-1, g).mean(1).repeat_interleave(g)) / reward.std().clamp(min=1e-4)
+    adv = _advantages(reward, g)
     rec = r.steps[step]
     n = int(rec.diffused.sum())
     a = adv.repeat_interleave(n // n_img)
@@ -277,6 +274,7 @@ def mte_gradient(args) -> dict:
     for group, mask in (("committed", uncertain & committed), ("unknown", uncertain & ~committed)):
         w = a * mask.float()
         main = grad(-(w * head.score_transitions(rec.x, js, z).logp.sum(dim=(0, -1))).sum())
+        # the levels and the noises from two streams, as the figures in the findings were measured
         t = head.loss_noise_levels(stratified_uniform(64, n, make_generator(0, "match", 0), "cpu").reshape(-1))
         matching = grad((w * head.loss(x0.repeat(64, 1), z.repeat(64, 1), generator=make_generator(0, "match", 1),
                                        t=t).reshape(64, n).mean(0)).sum())
@@ -292,12 +290,10 @@ def mte_gradient(args) -> dict:
                         chains = head.sample_chains(z.detach() if source == "scored" else z_commit, None, 1.0, 1.0,
                                                     gen, k_chains)
                 acc += grad(-(w * chains_logp(chains)).sum())
-                if m & (m - 1) == 0 and m in (1, 4, 16, 64, 256, 1024):
+                if m in (1, 4, 16, 64, 256, 1024):
                     mean = acc / m
-                    curve[m] = {"norm": float(mean.norm()),
-                                "cos_main": float(mean.flatten() @ main.flatten() / (mean.norm() * main.norm())),
-                                "cos_matching": float(mean.flatten() @ matching.flatten()
-                                                      / (mean.norm() * matching.norm()))}
+                    curve[m] = {"norm": float(mean.norm()), "cos_main": _cosine(mean, main),
+                                "cos_matching": _cosine(mean, matching)}
             row[source] = curve
             print(f"{group:9s} {source:6s} " + "  ".join(
                 f"M={m}: {v['norm']:.3g} (cos main {v['cos_main']:+.2f}, matching {v['cos_matching']:+.2f})"

@@ -86,15 +86,23 @@ def matching_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor,
     rho = 1 before the first update.
     Returns ([M, N, 1] per-draw terms, ratio).
     """
-    n = target.shape[0]
-    m = cfg.noise_draws
-    t = head.loss_noise_levels(stratified_uniform(m, n, generator, target.device).reshape(-1))
-    loss = head.loss(target.float().repeat(m, 1), z.repeat(m, 1), generator=generator, t=t).float().reshape(m, n, 1)
+    loss = stratified_denoising_loss(head, target, z, cfg.noise_draws, generator).unsqueeze(-1)
     if key not in old_cache:
         if not first_epoch:
             raise RuntimeError(f"matching: no old loss cached for {key} after the first PPO epoch")
         old_cache[key] = loss.detach()
     return clipped_surrogate(-loss, -old_cache[key], adv, cfg.clip_eps)
+
+
+def stratified_denoising_loss(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, draws: int,
+                              generator: torch.Generator | None) -> torch.Tensor:
+    """[draws, N] float32: the head's pretraining loss on each token's value `target` [N, C] under z [N, D], at
+    `draws` (noise level, noise) draws per token with stratified levels (`stratified_uniform` mapped through the
+    head's training distribution): the matching estimator's per-draw term."""
+    n = target.shape[0]
+    t = head.loss_noise_levels(stratified_uniform(draws, n, generator, target.device).reshape(-1))
+    return head.loss(target.float().repeat(draws, 1), z.repeat(draws, 1), generator=generator,
+                     t=t).float().reshape(draws, n)
 
 
 def nft_terms(head: torch.nn.Module, target: torch.Tensor, z: torch.Tensor, adv: torch.Tensor, cfg: AlgorithmSection,
