@@ -54,7 +54,7 @@ def test_eval_grid_chooses_on_training_prompts_and_caches_the_grid(model_dir, tm
     assert record["chosen"] == grid["settings"][train.index(max(train))]  # the first best on training prompts
     assert len(list((tmp_path / "cache" / "sampler-grid").glob("*.json"))) == 1
     assert main(args) == 0  # the same grid again: read back from the cache
-    assert "read from the cache" in capsys.readouterr().out
+    assert "read from the result cache" in capsys.readouterr().out
     assert json.loads(out.read_text())["grid"] == grid
 
 
@@ -176,10 +176,10 @@ def test_demo_quick_runs_twice_in_the_same_folder(model_dir, tmp_path, capsys):
     assert "| colour_entropy |" in out  # the reward-hacking monitors' statistics, before and after
     # each gain twice: at the same sampler settings, and both models at their best (chosen on training prompts)
     assert "over the base at the same sampler settings" in out and "over the base at its best settings" in out
-    assert "the base's computed in" in out and "the base's read from the cache" in out  # the second run's
+    assert "the base's computed in" in out and "the base's read from the result cache" in out  # the second run's
     baselines = json.loads((tmp_path / "demo" / "baselines.json").read_text())
     assert set(baselines["trained_grid"]["results"]) == {"train"}  # a trained model's grid: training prompts only
-    assert set(baselines["base_grid"]["results"]) == {"train", "heldout"}
+    assert set(baselines["base_grid"]["results"]) == {"train"}  # and so is the base's
     # per-category reward and accuracy of each training step, and the in-loop curve in the report
     rows = [r for r in read_metrics(tmp_path / "demo" / "run") if "reward/mean" in r]
     assert rows and all({f"accuracy/by_category/{c}" for c in ("single", "position")} <= set(r) for r in rows)

@@ -59,13 +59,9 @@ def test_base_at_best_takes_the_held_out_score_at_the_setting_chosen_on_training
     from margrpo.experiments import baselines
 
     grid = two_split_grid()
-    monkeypatch.setattr(baselines, "cached_grid", lambda *a, **k: grid)
-    best = baselines.base_at_best("shipped:x", None, None, None, SamplerConfig(), grid.settings, progress=False)
-    assert best.setting == sg.SamplerSetting(1.0, 0.5) and best.heldout is grid.results["heldout"][1]
-
     seen = []
 
-    def fake_run_grid(model, sets, sampler, settings, progress):
+    def fake_cached_grid(spec, model, sets, sampler, settings, progress):
         seen.append(set(sets))
         return sg.SamplerGrid(list(settings), {"train": grid.results["train"]}, {"train": [1.0] * 4})
 
@@ -73,9 +69,20 @@ def test_base_at_best_takes_the_held_out_score_at_the_setting_chosen_on_training
         seen.append((s.split, sampler.guidance_scale, sampler.temperature))
         return grid.results["heldout"][0]
 
-    monkeypatch.setattr(baselines, "run_grid", fake_run_grid)
+    monkeypatch.setattr(baselines, "cached_grid", fake_cached_grid)
     monkeypatch.setattr(baselines, "evaluate_set", fake_evaluate_set)
     sel, held = EvalSet("train", ("p",), 1), EvalSet("heldout", ("q",), 2)
+    best = baselines.base_at_best("shipped:x", None, sel, held, SamplerConfig(), grid.settings, progress=False)
+    assert seen == [{"train"}, ("heldout", 1.0, 0.5)]  # the base's grid never samples held-out prompts either
+    assert best.setting == sg.SamplerSetting(1.0, 0.5) and best.heldout is grid.results["heldout"][0]
+
+    seen.clear()
+
+    def fake_run_grid(model, sets, sampler, settings, progress):
+        seen.append(set(sets))
+        return sg.SamplerGrid(list(settings), {"train": grid.results["train"]}, {"train": [1.0] * 4})
+
+    monkeypatch.setattr(baselines, "run_grid", fake_run_grid)
     trained = baselines.trained_at_best(None, sel, held, SamplerConfig(), grid.settings, progress=False)
     assert seen == [{"train"}, ("heldout", 1.0, 0.5)]  # the trained grid never samples held-out prompts
     assert trained.setting == sg.SamplerSetting(1.0, 0.5)

@@ -174,8 +174,8 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
           f"{best_section(base_best, after_best, len(selection.prompts))}\n\n"
           f"{gain_line(same, best, sampler)}\n\n{in_dist}\n\n"
           f"Sampler grids: the base's {base_best.grid.source()}; the trained model's {after_best.seconds:.0f}s. "
-          f"The base's grid ({len(selection.prompts)} training-prompt and {len(prompts)} held-out images per "
-          f"setting):\n\n{base_best.grid.table()}\n\n"
+          f"The base's grid ({len(selection.prompts)} training-prompt images per setting; the held-out prompts are "
+          f"sampled at the chosen setting only):\n\n{base_best.grid.table()}\n\n"
           "Reward-hacking monitors (docs/failures.md), the held-out images before and after; drift in standard "
           f"deviations of the base's images:\n\n{drift_table(drifts)}\n")
     if cfg.eval.every > 0:

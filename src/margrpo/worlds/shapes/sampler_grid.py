@@ -131,9 +131,10 @@ class SamplerGrid:
 
     def source(self) -> str:
         """Where the figures come from: the cache entry, or how long computing them took."""
+        # the entry's file name, not its folder: the path is one machine's, and the text goes into shared documents
         if self.from_cache:
-            return f"read from the cache {self.cache_path}"
-        where = f", cached in {self.cache_path}" if self.cache_path is not None else ""
+            return f"read from the result cache (entry {self.cache_path.name})"
+        where = f", cached as result-cache entry {self.cache_path.name}" if self.cache_path is not None else ""
         return f"computed in {self.total_seconds():.0f}s ({self.cpu_seconds:.0f}s of CPU){where}"
 
     def report(self) -> str:
