@@ -53,7 +53,9 @@ class AlgorithmSection:
         "consistency": "set algorithm.policy_tokens: consistent (true) or unknown (false)",
         "advantage_clip": "advantages are not clipped (clipping them at 2 learned no better: docs/findings/"
                           "2026-12-01-noise-dominated-head-steps.md)",
-        "dual_clip": "PPO's clip is the only bound (dual-clip PPO was never used or measured here)",
+        "dual_clip": "PPO's clip is the only bound: dual-clip PPO (ratio capped at 3 for negative advantages) removed "
+                     "the 1e5 policy-loss spikes of the long demo run after step 800 but did not slow its drift "
+                     "(docs/findings/2026-12-07-verifier-signal.md, section 6)",
     }
 
     group_size: int = option(8, "images per prompt (G); advantages are relative within a group (GRPO, Shao et al. "
