@@ -7,7 +7,7 @@ prompts by a guidance x temperature grid (`margrpo.worlds.shapes.sampler_grid`) 
 both models are scored on at the demo's settings (same prompts and image seeds: the change is paired by prompt).
 
 Both grids run on the selection split only, then one held-out evaluation at the chosen setting: sampling the
-held-out prompts at all nine settings would cost twice the grid itself and choose nothing (`margrpo eval --grid`
+held-out prompts at all nine settings cost about twice the grid itself and choose nothing (`margrpo eval --grid`
 still shows them). The base's grid is the same every run on one machine and is read from the result cache after
 the first (`~/.cache/margrpo/sampler-grid/`, or `$MARGRPO_CACHE_DIR`).
 """
