@@ -1,13 +1,13 @@
 """Positive control: on an easy dense reward the trainer must raise the reward well beyond its noise.
 
 If this fails the estimator is wrong, and no other RL result counts. It runs on the shipped shapes base with one
-fixed prompt and the share-of-red-pixels reward, in compare's CONTROL setting (`compare.yaml`: temperature 1; one
-group of 64 images, every AR step and scored head step, Adam 1e-4, no ptx). Measured: grpo 0.066 -> 0.158 in 10
-steps (seed 0), the paper's mar-grpo 0.066 -> 0.145; with the noise-dominated head steps scored too the red share
-does not move (0.072 -> 0.077 in 15 steps). The noise is the standard deviation of all step-to-step differences of
-the run.
+fixed prompt and the share-of-red-pixels reward, in compare's CONTROL setting (temperature 1 whatever compare.yaml
+says; one group of 64 images, every AR step and scored head step, Adam 1e-4, no ptx). Measured: grpo 0.066 ->
+0.158 in 10 steps (seed 0), the paper's mar-grpo 0.066 -> 0.145; with the noise-dominated head steps scored too
+the red share does not move (0.072 -> 0.077 in 15 steps). The noise is the standard deviation of all step-to-step
+differences of the run.
 
-CI runs grpo and the paper's mar-grpo on one seed and the demo's preset (mar-grpo-matching) on two; `make test-all`
+CI runs grpo and the paper's mar-grpo on one seed and the demo's preset (mar-grpo-matching) on one; `make test-all`
 runs every shipped preset on three.
 """
 

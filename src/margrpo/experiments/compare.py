@@ -40,13 +40,15 @@ from margrpo.worlds.shapes.evaluate import EvalResult, eval_sets, evaluate_set, 
 from margrpo.worlds.shapes.sampler_grid import GUIDANCES, TEMPERATURES, grid_settings
 
 # The positive control: one prompt, one group of 64 images, every AR step and every scored head step, Adam 1e-4
-# (scale-free, so every estimator gets the same step whatever the size of its loss), no ptx term: it tests the
-# estimator alone. Measured on the shipped base (docs/findings/2026-12-01-noise-dominated-head-steps.md): the red
-# share rises 0.066 -> 0.197 in 15 grpo steps and 0.066 -> 0.178 with the paper's mar-grpo preset; scoring the
-# noise-dominated head steps too (head_step_max_gain 1e4) leaves it at 0.077.
+# (scale-free, so every estimator gets the same step whatever the size of its loss), no ptx term, and
+# temperature 1 whatever the compared settings (the setting of the measurements below, so that a control's
+# figures compare across configs): it tests the estimator alone. Measured on the shipped base
+# (docs/findings/2026-12-01-noise-dominated-head-steps.md): the red share rises 0.066 -> 0.197 in 15 grpo steps
+# and 0.066 -> 0.178 with the paper's mar-grpo preset; scoring the noise-dominated head steps too
+# (head_step_max_gain 1e4) leaves it at 0.077.
 CONTROL = ["rewards={colour_fraction: 1.0}", "prompts.fixed=[a red square]", "algorithm.prompts_per_step=1",
            "algorithm.group_size=64", "algorithm.ar_step_fraction=1.0", "algorithm.head_steps_per_ar_step=8",
-           "optim.name=adamw", "optim.lr=1e-4", "algorithm.ptx_weight=0", "eval.every=0"]
+           "optim.name=adamw", "optim.lr=1e-4", "algorithm.ptx_weight=0", "eval.every=0", "sampling.temperature=1.0"]
 METHODS = ("grpo", "mar-grpo", "mar-grpo-matching", "nft")
 RESULTS_START, RESULTS_END = "<!-- compare-results:start -->", "<!-- compare-results:end -->"
 PLOTS = ("reward/mean", "loss/kl", "grad_norm")
