@@ -228,6 +228,27 @@ def test_compare_writes_a_table_per_method_with_control(model_dir, tmp_path, cap
     assert rc == 0 and "removing the previous comparison" in capsys.readouterr().out  # `make compare` reruns
 
 
+def test_compare_runs_the_demo_settings_and_its_positive_control_at_temperature_1(tmp_path):
+    """compare.yaml is the demo's settings; the main and null runs keep them, the positive control pins
+    temperature 1 (the setting of its measured figures) over the config and the user's overrides."""
+    from margrpo.configs import config_path
+    from margrpo.experiments.compare import Job, _job_config
+    from margrpo.rl.config import TrainConfig
+    from margrpo.utils.config import load_config
+
+    demo = load_config(TrainConfig, [config_path("demo.yaml")], [])
+    temps = {}
+    for kind in ("main", "null", "control"):
+        job = Job("mar-grpo-matching", 0, kind, str(config_path("compare.yaml")), ("sampling.temperature=0.7",),
+                  str(tmp_path), 3)
+        cfg = _job_config(job)
+        temps[kind] = cfg.sampling.temperature
+        assert cfg.algorithm.policy_tokens == "unknown" and cfg.algorithm.estimator == "matching"
+    assert temps == {"main": 0.7, "null": 0.7, "control": 1.0}
+    main_cfg = _job_config(Job("mar-grpo-matching", 0, "main", str(config_path("compare.yaml")), (), str(tmp_path), 3))
+    assert main_cfg.sampling.temperature == demo.sampling.temperature == 0.5 and main_cfg.steps == demo.steps
+
+
 def test_results_are_written_into_docs_results_md_and_the_readme_stays_short():
     """`make demo`, `demo-long`, `compare` and `bench` write between docs/results.md's markers; the README keeps
     one summary table and stays a user's document under 10 KB."""

@@ -257,7 +257,7 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="the presets side by side with the same seeds and budget, plus null and "
                                        "positive controls")
     p.add_argument("config", nargs="?", default=None,
-                   help="YAML config (default: compare.yaml, the demo's at temperature 1)")
+                   help="YAML config (default: compare.yaml, the demo's settings)")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     p.add_argument("--methods", nargs="+", default=None,
                    help="presets to compare (configs/presets/NAME.yaml; default grpo mar-grpo mar-grpo-matching nft)")
