@@ -169,8 +169,8 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False, overrides: lis
         "trained_grid": after_best.grid.to_json(), "base_grid_seconds": base_best.seconds,
         "trained_grid_seconds": after_best.seconds, "train_seconds": train_s, "total_seconds": total_s}, indent=2))
     md = (f"Held-out strict accuracy, {len(prompts)} prompts, same seeds before and after "
-          f"({cfg.steps} steps, {method}, {cfg.threads} threads; {train_s / 60:.1f} min training, "
-          f"{total_s / 60:.1f} min total):\n\n{table}\n\n"
+          f"({cfg.steps} steps, {method}, {cfg.threads} thread{'s' if cfg.threads != 1 else ''}; "
+          f"{train_s / 60:.1f} min training, {total_s / 60:.1f} min total):\n\n{table}\n\n"
           f"{best_section(base_best, after_best, len(selection.prompts))}\n\n"
           f"{gain_line(same, best, sampler)}\n\n{in_dist}\n\n"
           f"Sampler grids: the base's {base_best.grid.source()}; the trained model's {after_best.seconds:.0f}s. "
