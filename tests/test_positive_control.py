@@ -15,10 +15,8 @@ import numpy as np
 import pytest
 
 from margrpo.configs import config_path
-from margrpo.experiments.compare import CONTROL, control_trend
-from margrpo.rl.config import TrainConfig
+from margrpo.experiments.compare import Job, _job_config, control_trend
 from margrpo.rl.trainer import Trainer
-from margrpo.utils.config import load_config
 
 PRESETS = ["grpo", "mar-grpo", "mar-grpo-matching", "nft", "mar-grpo-nft"]
 CI = [("grpo", 0), ("mar-grpo", 0), ("mar-grpo-matching", 0)]  # one run per estimator family; the rest: slow
@@ -27,10 +25,10 @@ SLOW = [pytest.param(p, s, marks=pytest.mark.slow) for p in PRESETS for s in (0,
 
 @pytest.mark.parametrize("preset,seed", CI + SLOW)
 def test_trainer_raises_an_easy_dense_reward(preset, seed, tmp_path):
-    files = [config_path("compare.yaml")] + ([] if preset == "demo" else [config_path(f"presets/{preset}.yaml")])
-    cfg = load_config(TrainConfig, files, [
-        f"out_dir={tmp_path / preset}", "steps=10", f"seed={seed}", *CONTROL, "log.sample_every=1000",
-        "log.checkpoint_every=1000", "log.tensorboard=false", "threads=1"])
+    # compare's own control job (compare.yaml, the preset, CONTROL), 10 steps
+    cfg = _job_config(Job(preset, seed, "control", str(config_path("compare.yaml")),
+                          ("log.sample_every=1000", "log.checkpoint_every=1000", "log.tensorboard=false"),
+                          str(tmp_path), 10))
     metrics = Trainer(cfg, progress=False).run()
     reward = np.array([m["reward/mean"] for m in metrics])
     trend = control_trend(list(reward))
